@@ -1,0 +1,133 @@
+"""Drive a ZoomR backend directly with SGLang's real CPU pools, without an engine.
+
+The shape is the one NOTES-sglang.md part B section 4 verified for ``torch_native``: a
+``ReqToTokenPool`` and an ``MHATokenToKVPool`` on the CPU, a stand-in runner holding them, a
+``RadixAttention`` per layer and a stand-in decode ``ForwardBatch``. Keys, values and queries are
+random; token ids come from a script that writes thoughts, blank lines and summaries.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+
+from zoomr_sglang.attention_backend.controller import ZoomRController
+from zoomr_sglang.attention_backend.torch_backend import ZoomRTorchBackend
+from zoomr_sglang.config import ZoomRConfig
+
+VOCAB = ["a", "b", "c", " d", ".", "\n", "\n\n", "<|begin_of_summary|>", "<|end_of_summary|>", "<|", "begin_of_summary|>", " e"]
+TOKEN = {text: i for i, text in enumerate(VOCAB)}
+
+
+def scripted_tokens(rng: random.Random, n: int, *, summaries: bool) -> List[int]:
+    """Thoughts of 3-25 words closed by '.' and a blank line; with ``summaries``, most thoughts are
+    followed by a summary, sometimes with the begin marker split over two tokens."""
+    out: List[int] = []
+    while len(out) < n:
+        out += [TOKEN[rng.choice(["a", "b", "c", " d", " e"])] for _ in range(rng.randint(3, 25))]
+        out += [TOKEN["."], TOKEN["\n\n"]] if rng.random() < 0.8 else [TOKEN["."], TOKEN["\n"], TOKEN["\n"]]
+        if summaries and rng.random() < 0.7:
+            out += [TOKEN["<|begin_of_summary|>"]] if rng.random() < 0.5 else [TOKEN["<|"], TOKEN["begin_of_summary|>"]]
+            out += [TOKEN[rng.choice(["a", "b", " d"])] for _ in range(rng.randint(1, 4))]
+            out += [TOKEN["<|end_of_summary|>"], TOKEN["\n\n"]]
+    return out[:n]
+
+
+@dataclass
+class Harness:
+    config: ZoomRConfig
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    pool_rows: int = 8
+    pool_tokens: int = 8192
+    max_context: int = 4096
+    seed: int = 0
+    next_slot: int = 1  # slot 0 is SGLang's padding slot
+    rows: List[int] = field(default_factory=list)
+    seq_lens: List[int] = field(default_factory=list)
+    query_override: Optional[torch.Tensor] = None  # [num_heads, head_dim] used for every request when set
+    last_batch: Optional[SimpleNamespace] = None
+
+    def __post_init__(self):
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+        torch.manual_seed(self.seed)
+        self.req_to_token_pool = ReqToTokenPool(self.pool_rows, self.max_context, device="cpu", enable_memory_saver=False)
+        self.kv_pool = MHATokenToKVPool(
+            self.pool_tokens, page_size=1, dtype=torch.float32, head_num=self.num_kv_heads,
+            head_dim=self.head_dim, layer_num=self.num_layers, device="cpu", enable_memory_saver=False,
+        )
+        runner = self.backend_runner()
+        self.controller = ZoomRController(
+            config=self.config, token_texts=VOCAB, req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.kv_pool, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, device="cpu",
+        )
+        self.backend = ZoomRTorchBackend(runner, self.controller)
+        self.layers = [
+            RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
+            for layer_id in range(self.num_layers)
+        ]
+
+    def backend_runner(self) -> SimpleNamespace:
+        return SimpleNamespace(device="cpu", req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.kv_pool)
+
+    def add_request(self, prompt_len: int) -> None:
+        """Allocate a row and slots for the prompt and fill the prompt's KV with random values."""
+        (row,) = self.req_to_token_pool.alloc_rows(1)
+        slots = self._take_slots(prompt_len)
+        self.req_to_token_pool.req_to_token[row, :prompt_len] = slots.to(torch.int32)
+        for layer in range(self.num_layers):
+            self.kv_pool.get_key_buffer(layer)[slots] = torch.randn(prompt_len, self.num_kv_heads, self.head_dim)
+            self.kv_pool.get_value_buffer(layer)[slots] = torch.randn(prompt_len, self.num_kv_heads, self.head_dim)
+        self.rows.append(row)
+        self.seq_lens.append(prompt_len)
+
+    def release_all(self) -> None:
+        self.req_to_token_pool.free_rows(self.rows)
+        for row in self.rows:
+            self.controller.release_row(row)
+        self.rows, self.seq_lens = [], []
+
+    def _take_slots(self, n: int) -> torch.Tensor:
+        slots = torch.arange(self.next_slot, self.next_slot + n, dtype=torch.int64)
+        self.next_slot += n
+        return slots
+
+    def decode_step(self, tokens: List[int], backend=None):
+        """One decode step of every request: returns (batch, per-layer queries, k, v, outputs)."""
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        backend = backend or self.backend
+        bs = len(self.rows)
+        out_cache_loc = self._take_slots(bs)
+        for i, row in enumerate(self.rows):
+            self.req_to_token_pool.req_to_token[row, self.seq_lens[i]] = int(out_cache_loc[i])
+            self.seq_lens[i] += 1
+        batch = SimpleNamespace(
+            forward_mode=ForwardMode.DECODE, batch_size=bs,
+            req_pool_indices=torch.tensor(self.rows, dtype=torch.int64),
+            seq_lens=torch.tensor(self.seq_lens, dtype=torch.int64),
+            seq_lens_cpu=torch.tensor(self.seq_lens, dtype=torch.int64),
+            input_ids=torch.tensor(tokens, dtype=torch.int64), out_cache_loc=out_cache_loc,
+            rids=[f"req-{row}" for row in self.rows], encoder_lens=None, out_cache_loc_is_physical=False,
+        )
+        backend.init_forward_metadata(batch)
+        self.last_batch = batch
+        steps = []
+        for layer in self.layers:
+            q = torch.randn(bs, self.num_heads * self.head_dim)
+            if self.query_override is not None:
+                q[:] = self.query_override.reshape(-1)
+            k = torch.randn(bs, self.num_kv_heads, self.head_dim)
+            v = torch.randn(bs, self.num_kv_heads, self.head_dim)
+            o = backend.forward_decode(q, k, v, layer, batch)
+            steps.append((q, k, v, o))
+        return batch, steps

@@ -1,0 +1,22 @@
+"""Test setup: on a machine without a GPU, run SGLang's CPU engine with the sgl_kernel stand-in.
+
+``./dev test`` sets the same variables; setting them here too keeps a bare ``pytest`` working.
+Spawned SGLang processes inherit both the environment and ``sys.path``.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    shim = str(REPO / "cpu_shim")
+    if shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
+    if shim not in sys.path:
+        sys.path.insert(0, shim)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # backend_harness and friends

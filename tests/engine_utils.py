@@ -1,0 +1,102 @@
+"""Start SGLang engines and servers on the tiny local model for the end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, Iterator, List, Optional
+
+import requests
+
+ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, mem_fraction_static=0.05,
+                   skip_server_warmup=True)
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def prompts() -> List[List[int]]:
+    """Four prompts of odd lengths; the last two share a 40-token prefix (radix-cache hits)."""
+    shared = [0] + [(7 * i) % 500 + 2 for i in range(39)]
+    return [
+        [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+        [0, 20, 21, 22, 23, 24],
+        shared + [300, 301, 302],
+        shared + [(11 * i) % 480 + 3 for i in range(57)],
+    ]
+
+
+@contextlib.contextmanager
+def zoomr_env(**variables: object) -> Iterator[None]:
+    """Set ZOOMR_* variables for engines started inside the block (spawned processes inherit them)."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update({k: str(v) for k, v in variables.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def engine(model_path: str, attention_backend: str, **kwargs) -> Iterator[object]:
+    import sglang
+
+    eng = sglang.Engine(model_path=model_path, attention_backend=attention_backend, **{**ENGINE_ARGS, **kwargs})
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
+def generate(eng, input_ids: List[List[int]], max_new_tokens: int) -> List[dict]:
+    return eng.generate(input_ids=input_ids, sampling_params={**GREEDY, "max_new_tokens": max_new_tokens})
+
+
+def zoomr_state(eng) -> dict:
+    """The backend's counters and SGLang's pool counts, read through SGLang's server info."""
+    return eng.get_server_info()["internal_states"][0]["zoomr"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command(model_path: str, port: int, *extra: str) -> List[str]:
+    return [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
+        "--port", str(port), "--attention-backend", "zoomr", "--device", "cpu", "--dtype", "float32",
+        "--max-total-tokens", "4096", "--mem-fraction-static", "0.05", "--skip-server-warmup", *extra,
+    ]
+
+
+@contextlib.contextmanager
+def server(model_path: str, env: Optional[Dict[str, str]] = None, timeout: float = 240) -> Iterator[str]:
+    """A launch_server process on a free loopback port; yields its base URL."""
+    from sglang.srt.utils import kill_process_tree
+
+    port = free_port()
+    proc = subprocess.Popen(server_command(model_path, port), env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise TimeoutError("server did not become healthy")
+            time.sleep(1)
+        yield url
+    finally:
+        kill_process_tree(proc.pid)

@@ -1,0 +1,138 @@
+"""The CPU backend against SGLang's real pools: sparse decode equals the reference over the planned
+set, a full budget equals ``torch_native``, the working set stays bounded, selections move, and
+index entries come back when requests leave."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from backend_harness import TOKEN, Harness, scripted_tokens
+from zoomr_sglang.algo.reference import masked_decode_reference
+from zoomr_sglang.config import ZoomRConfig
+
+SMALL = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=32, refresh_interval=16)
+
+
+def _keep_mask(ranges, seq_len):
+    keep = torch.zeros(seq_len, dtype=torch.bool)
+    for start, end in ranges:
+        keep[start:end] = True
+    return keep
+
+
+@pytest.mark.parametrize("summaries", [False, True])
+def test_sparse_decode_matches_reference_over_planned_set(summaries):
+    harness = Harness(SMALL)
+    prompt_lens = [5, 17, 40]
+    for n in prompt_lens:
+        harness.add_request(n)
+    rng = random.Random(1)
+    scripts = [scripted_tokens(rng, 400, summaries=summaries) for _ in prompt_lens]
+    rids = {f"req-{row}" for row in harness.rows}
+    selections, sparse_steps = set(), 0
+    for step in range(400):
+        batch, layers = harness.decode_step([s[step] for s in scripts])
+        plan = harness.backend.decode_plan
+        checked_layers = layers if step % 4 == 0 else []  # the reference is slow; every 4th step
+        for (q, _, _, out), layer in zip(checked_layers, harness.layers):
+            for i, row in enumerate(harness.rows):
+                seq_len = harness.seq_lens[i]
+                slots = harness.req_to_token_pool.req_to_token[row, :seq_len].long()
+                keep = _keep_mask(plan.ranges[i], seq_len)
+                expected = masked_decode_reference(
+                    q[i].view(harness.num_heads, harness.head_dim),
+                    harness.kv_pool.get_key_buffer(layer.layer_id)[slots],
+                    harness.kv_pool.get_value_buffer(layer.layer_id)[slots],
+                    keep, layer.scaling,
+                )
+                got = out[i].view(harness.num_heads, harness.head_dim).double()
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                sparse_steps += int(keep.sum()) < seq_len
+        for state in harness.controller.states.values():
+            selections.add(tuple(sorted(state.zoomed)))
+    stats = [s.stats for s in harness.controller.states.values()]
+    assert all(s.over_bound_steps == 0 for s in stats)
+    assert all(s.attended_max <= s.bound_last for s in stats)
+    assert sparse_steps > 0, "the budget never bit: nothing was dropped"
+    assert len(selections) > 3, f"the zoomed-in selection never moved: {selections}"
+    assert all(s.selection_changes > 2 and s.votes_held > 0 for s in stats)
+    if summaries:
+        assert all(s.summaries > 3 for s in stats)
+    harness.release_all()
+    assert harness.controller.index_keys.num_live == 0
+    assert set(harness.controller.finished) == rids
+
+
+def test_full_budget_is_bit_identical_to_torch_native():
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    whole = ZoomRConfig(sink=0, window=4096, max_thought_tokens=16)
+    harness = Harness(whole, seed=3)
+    for n in (3, 11):
+        harness.add_request(n)
+    native = TorchNativeAttnBackend(harness.backend_runner())
+    rng = random.Random(2)
+    scripts = [scripted_tokens(rng, 120, summaries=True) for _ in range(2)]
+    for step in range(120):
+        _, layers = harness.decode_step([s[step] for s in scripts])
+        batch = harness.last_batch
+        for (q, k, v, out), layer in zip(layers, harness.layers):
+            expected = native.forward_decode(q, k, v, layer, batch, save_kv_cache=False)
+            assert torch.equal(out, expected)
+
+
+def test_votes_take_effect_one_step_later_and_pick_the_aligned_thought():
+    """Make one closed thought's keys equal to the query direction: after the refresh step that
+    votes, it is zoomed in at the next step and not before."""
+    config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000)
+    harness = Harness(config, num_layers=1, seed=5)
+    harness.add_request(2)
+    words = [TOKEN["a"]] * 5 + [TOKEN["."], TOKEN["\n\n"]]
+    script = words * 4 + [TOKEN["b"]] * 3
+    for token in script:
+        harness.decode_step([token])
+    state = next(iter(harness.controller.states.values()))
+    assert state.candidates == [0, 1, 2, 3]  # the word after the last blank line closed thought 3
+    target_index = next(i for i in state.candidates if i not in state.zoomed)
+    target = state.segmenter.thoughts[target_index]
+    row = harness.rows[0]
+    direction = torch.zeros(harness.num_kv_heads, harness.head_dim)
+    direction[:, 0] = 1.0
+    slots = harness.req_to_token_pool.req_to_token[row, target.start:target.span_end()].long()
+    # Rewrite the target's keys and its index entry so that it is the best match for every head.
+    key_buffer = harness.kv_pool.get_key_buffer(0)
+    key_buffer[slots] = direction * 10
+    store = harness.controller.index_keys
+    entry = next(e for (t, _), e in state.entries.items() if t == target_index)
+    store.sums[0, entry] = direction * 10 * store.counts[0, entry]
+    harness.query_override = torch.zeros(harness.num_heads, harness.head_dim)
+    harness.query_override[:, 0] = 1.0
+    harness.decode_step([TOKEN["."]])  # sentence end: this step's queries vote
+    assert state.zoomed != [target_index]
+    harness.query_override = None
+    harness.decode_step([TOKEN["b"]])
+    assert state.zoomed == [target_index]
+    attended = harness.backend.decode_plan.ranges[0]
+    assert all(any(a <= p < b for a, b in attended) for p in range(target.start, target.span_end()))
+
+
+def test_self_check_records_the_error_against_the_dense_reference():
+    """ZOOMR_SELF_CHECK_INTERVAL is what the engine tests read: it must report ~0 for the real
+    output and a large error for a wrong one."""
+    config = ZoomRConfig(sink=2, window=6, max_thought_tokens=12, self_check_interval=3)
+    harness = Harness(config, seed=7)
+    harness.add_request(9)
+    script = scripted_tokens(random.Random(3), 90, summaries=True)
+    for token in script:
+        harness.decode_step([token])
+    stats = next(iter(harness.controller.states.values())).stats
+    assert stats.self_checks == (90 // 3) * harness.num_layers
+    assert stats.self_check_max_error < 1e-5
+    plan = harness.backend.decode_plan
+    plan.self_check = True
+    query = torch.randn(1, harness.num_heads, harness.head_dim)
+    harness.controller.self_check(0, query, torch.zeros(1, harness.num_heads, harness.head_dim), 0.25, plan)
+    assert stats.self_check_max_error > 1e-2

@@ -1,0 +1,59 @@
+"""ZOOMR_* parsing: defaults, every knob, and a clear error for every kind of bad value."""
+
+import pytest
+
+from zoomr_sglang.config import MIN_WINDOW, ZoomRConfig, load_config
+
+
+def test_defaults_without_variables():
+    assert load_config({}) == ZoomRConfig()
+
+
+def test_every_variable_is_read():
+    config = load_config({
+        "ZOOMR_TOPK": "3", "ZOOMR_NUM_THOUGHTS": "4", "ZOOMR_SINK": "0", "ZOOMR_WINDOW": "64",
+        "ZOOMR_MAX_THOUGHT_TOKENS": "100", "ZOOMR_BOUNDARIES": '["\\n\\n", "###"]',
+        "ZOOMR_SUMMARY_BEGIN": "<s>", "ZOOMR_SUMMARY_END": "</s>", "ZOOMR_SENTENCE_ENDS": '["."]',
+        "ZOOMR_REFRESH_INTERVAL": "8", "ZOOMR_STATS_HISTORY": "5",
+    })
+    assert config == ZoomRConfig(
+        topk=3, num_thoughts=4, sink=0, window=64, max_thought_tokens=100, boundaries=("\n\n", "###"),
+        summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
+    )
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("ZOOMR_TOPK", "-1", ">= 1"),
+    ("ZOOMR_TOPK", "0", ">= 1"),
+    ("ZOOMR_TOPK", "two", "not an integer"),
+    ("ZOOMR_NUM_THOUGHTS", "1.5", "not an integer"),
+    ("ZOOMR_SINK", "-3", ">= 0"),
+    ("ZOOMR_WINDOW", str(MIN_WINDOW - 1), f">= {MIN_WINDOW}"),
+    ("ZOOMR_MAX_THOUGHT_TOKENS", "0", ">= 1"),
+    ("ZOOMR_BOUNDARIES", "\\n\\n", "not valid JSON"),
+    ("ZOOMR_BOUNDARIES", '[""]', "non-empty strings"),
+    ("ZOOMR_BOUNDARIES", "[]", "non-empty strings"),
+    ("ZOOMR_SUMMARY_BEGIN", "", "non-empty"),
+    ("ZOOMR_REFRESH_INTERVAL", "", "not an integer"),
+])
+def test_bad_value_names_variable_value_and_allowed(name, value, words):
+    with pytest.raises(ValueError) as error:
+        load_config({name: value})
+    message = str(error.value)
+    assert name in message and repr(value) in message and words in message
+
+
+def test_unknown_variable_is_refused():
+    with pytest.raises(ValueError, match="unknown variable ZOOMR_TOP_K"):
+        load_config({"ZOOMR_TOP_K": "2"})
+
+
+def test_equal_summary_markers_are_refused():
+    with pytest.raises(ValueError, match="ZOOMR_SUMMARY_BEGIN and ZOOMR_SUMMARY_END"):
+        load_config({"ZOOMR_SUMMARY_BEGIN": "@@", "ZOOMR_SUMMARY_END": "@@"})
+
+
+def test_working_set_bound_counts_each_part():
+    config = ZoomRConfig(num_thoughts=2, sink=4, window=16, max_thought_tokens=10)
+    # sinks + prompt + summaries + 2 zoomed bodies + open region (body and summary) + window
+    assert config.working_set_bound(prompt_len=7, summary_tokens=5) == 4 + 7 + 5 + 20 + 20 + 16

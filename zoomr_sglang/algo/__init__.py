@@ -1,0 +1,1 @@
+"""Pure-torch ZoomR algorithms: segmentation, index keys, voting, working sets."""

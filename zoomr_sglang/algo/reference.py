@@ -1,0 +1,85 @@
+"""Decode attention over a sparse set of KV slots: the CPU path and its independent reference.
+
+``gather_decode_attention`` is what the CPU backend runs. It issues exactly the same
+``scaled_dot_product_attention`` call per request as SGLang's ``torch_native`` decode, so when the
+slot list of a request is its whole sequence in position order the output is bit-identical to
+``torch_native``. ``masked_decode_reference`` computes the same quantity a different way (dense
+float64 softmax with a keep-mask) and is what tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+
+def gather_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """One decode query per request attends to its listed KV slots.
+
+    Args:
+        query: ``[bs, num_heads, head_dim]``.
+        k_cache: ``[num_slots, num_kv_heads, head_dim]``; v_cache ``[num_slots, num_kv_heads, v_head_dim]``.
+        kv_indptr: ``[bs + 1]`` int, on the CPU; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
+        kv_indices: ``[nnz]`` int KV slot ids, on the cache's device.
+        scaling: softmax scale.
+
+    Returns:
+        ``[bs, num_heads, v_head_dim]`` in the query's dtype.
+    """
+    bs, num_heads, _ = query.shape
+    out = query.new_empty((bs, num_heads, v_cache.shape[-1]))
+    enable_gqa = num_heads != k_cache.shape[1]
+    bounds = kv_indptr.tolist()
+    # [bs, num_heads, head_dim] -> [num_heads, bs, head_dim], the layout torch_native feeds SDPA.
+    heads_first = query.movedim(0, 1)
+    for i in range(bs):
+        slots = kv_indices[bounds[i] : bounds[i + 1]]
+        keys = k_cache[slots].movedim(0, 1)
+        values = v_cache[slots].movedim(0, 1)
+        if keys.dtype != query.dtype:
+            keys, values = keys.to(query.dtype), values.to(query.dtype)
+        per_req = scaled_dot_product_attention(
+            heads_first[:, i : i + 1, :].unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            enable_gqa=enable_gqa,
+            scale=scaling,
+        )
+        out[i] = per_req.squeeze(0).movedim(1, 0)[0]
+    return out
+
+
+def masked_decode_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Dense float64 attention of one query over a whole sequence with dropped positions masked.
+
+    Args:
+        query: ``[num_heads, head_dim]``.
+        keys: ``[seq_len, num_kv_heads, head_dim]``; values ``[seq_len, num_kv_heads, v_head_dim]``,
+            in position order.
+        keep: ``[seq_len]`` bool, True where the position is attended.
+        scaling: softmax scale.
+
+    Returns:
+        ``[num_heads, v_head_dim]`` float64.
+    """
+    num_heads = query.shape[0]
+    group = num_heads // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    v = values.double().repeat_interleave(group, dim=1)
+    logits = torch.einsum("hd,shd->hs", query.double(), k) * scaling
+    logits = logits.masked_fill(~keep.to(logits.device)[None, :], float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    return torch.einsum("hs,shd->hd", weights, v)

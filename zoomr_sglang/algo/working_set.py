@@ -1,0 +1,58 @@
+"""The positions a decode step attends to, as sorted disjoint [start, end) ranges."""
+
+from typing import Iterable, Sequence
+
+import torch
+
+Range = tuple[int, int]  # [start, end) positions
+
+
+def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
+    """Sorted, disjoint ranges; overlapping or adjacent ones are merged, empty ones dropped."""
+    merged: list[Range] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def working_set_ranges(
+    *,
+    seq_len: int,
+    prompt_len: int,
+    n_sink: int,
+    n_window: int,
+    open_from: int,
+    summary_spans: Sequence[Range],
+    zoomed_spans: Sequence[Range],
+) -> list[Range]:
+    """Union, clipped to [0, seq_len), of: sinks [0, n_sink), prompt [0, prompt_len), every summary
+    span, every zoomed-in thought span, the open region [open_from, seq_len) and the recent window
+    [seq_len - n_window, seq_len)."""
+    for name, value in (("seq_len", seq_len), ("prompt_len", prompt_len), ("n_sink", n_sink),
+                        ("n_window", n_window), ("open_from", open_from)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    parts = [
+        (0, n_sink),
+        (0, prompt_len),
+        *summary_spans,
+        *zoomed_spans,
+        (open_from, seq_len),
+        (seq_len - n_window, seq_len),
+    ]
+    return merge_ranges((max(start, 0), min(end, seq_len)) for start, end in parts)
+
+
+def ranges_size(ranges: Sequence[Range]) -> int:
+    """Total length of the ranges (pass disjoint ranges, as merge_ranges returns)."""
+    return sum(end - start for start, end in ranges)
+
+
+def ranges_to_positions(ranges: Sequence[Range]) -> torch.Tensor:
+    """Positions int64 [ranges_size(ranges)] in range order (ascending for merged ranges)."""
+    if not ranges:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat([torch.arange(start, end, dtype=torch.int64) for start, end in ranges])

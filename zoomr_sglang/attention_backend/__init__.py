@@ -1,0 +1,1 @@
+"""The SGLang attention backend: thin glue around :mod:`zoomr_sglang.algo`."""

@@ -1,0 +1,196 @@
+"""ZoomR's per-step decode planning, shared by the CPU (torch) and CUDA (FlashInfer) backends.
+
+Plan/run split, as in FlashInfer: :meth:`ZoomRController.plan_decode` runs once per decode step on
+the host (segmentation, applying the last vote, building every request's working set as a sparse
+KV-slot list); :meth:`ZoomRController.after_attention` runs per layer on the device (adds the keys
+of newly segmented tokens to their thought's index key, and casts this layer's votes at refresh
+points). The backends only add the attention kernel.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.algo.reference import masked_decode_reference
+from zoomr_sglang.algo.segmentation import ThoughtSegmenter
+from zoomr_sglang.algo.voting import head_votes, score_thoughts
+from zoomr_sglang.algo.working_set import Range, ranges_size, ranges_to_positions
+from zoomr_sglang.attention_backend.request_state import RequestState
+from zoomr_sglang.config import ZoomRConfig
+
+
+@dataclass
+class DecodePlan:
+    """One decode step's sparse attention layout and index work.
+
+    kv_indptr ``[bs + 1]`` int32 on the CPU; kv_indices ``[nnz]`` int32 KV slots on the device,
+    each request's slots in position order. commit_entries / commit_slots ``[m]`` int64 on the
+    device: the key stored in ``commit_slots[j]`` is added to index entry ``commit_entries[j]``.
+    voters: ``(batch index, state)`` of requests whose query votes in this step.
+    states, seq_lens, ranges: per batch index, the request's state, its length and its working set
+    as position ranges. self_check: compare this step's outputs with the dense reference.
+    """
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    commit_entries: Optional[torch.Tensor]
+    commit_slots: Optional[torch.Tensor]
+    voters: List[Tuple[int, RequestState]]
+    states: List[RequestState]
+    seq_lens: List[int]
+    ranges: List[List[Range]]
+    self_check: bool = False
+
+
+class ZoomRController:
+    """Owns every request's :class:`RequestState` and the index-key store of one backend."""
+
+    def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool,
+                 token_to_kv_pool, num_layers: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device) -> None:
+        self.config = config
+        self.token_texts = token_texts
+        self.req_to_token_pool = req_to_token_pool
+        self.token_to_kv_pool = token_to_kv_pool
+        self.device = torch.device(device)
+        self.index_keys = IndexKeyStore(num_layers, num_kv_heads, head_dim, self.device)
+        self.states: Dict[int, RequestState] = {}  # pool row -> state
+        self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
+        self.decode_steps = 0
+
+    # -- per step (host) ------------------------------------------------------------------------
+    def plan_decode(self, forward_batch) -> DecodePlan:
+        """Feed each request's new token, apply last step's votes and build the sparse KV list."""
+        rows = forward_batch.req_pool_indices.tolist()
+        tokens = forward_batch.input_ids.tolist()
+        seq_lens_src = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+        seq_lens = seq_lens_src.tolist()
+        rids = forward_batch.rids or [None] * len(rows)
+
+        commit_entries: List[int] = []
+        commit_rows: List[int] = []
+        commit_positions: List[int] = []
+        voters: List[Tuple[int, RequestState]] = []
+        states: List[RequestState] = []
+        all_ranges: List[List[Range]] = []
+        for i, (row, token, seq_len) in enumerate(zip(rows, tokens, seq_lens)):
+            state = self._state_for(row, rids[i], seq_len)
+            state.apply_votes(self.config.num_thoughts)
+            events = state.segmenter.feed(token, seq_len - 1)
+            for thought, role, positions in events.commits:
+                entry = state.entry(thought, role, self.index_keys)
+                commit_entries += [entry] * len(positions)
+                commit_rows += [row] * len(positions)
+                commit_positions += positions
+            state.close_thoughts(events.finalized, self.index_keys)
+            if state.refresh(events, self.config):
+                voters.append((i, state))
+            ranges = state.working_set(seq_len, self.config)
+            state.record_step(ranges_size(ranges), seq_len, self.config)
+            states.append(state)
+            all_ranges.append(ranges)
+
+        lengths = torch.tensor([ranges_size(r) for r in all_ranges], dtype=torch.int64)
+        kv_indptr = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        kv_indptr[1:] = torch.cumsum(lengths, 0)
+        positions = torch.cat([ranges_to_positions(r) for r in all_ranges]) if all_ranges else torch.zeros(0, dtype=torch.int64)
+        row_of_position = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lengths)
+        kv_indices = self._slots(row_of_position, positions).to(torch.int32)
+
+        commit_slots = commit_entries_t = None
+        if commit_entries:
+            commit_slots = self._slots(torch.tensor(commit_rows), torch.tensor(commit_positions)).long()
+            commit_entries_t = torch.tensor(commit_entries, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.decode_steps += 1
+        interval = self.config.self_check_interval
+        self_check = interval > 0 and self.decode_steps % interval == 0
+        return DecodePlan(kv_indptr, kv_indices, commit_entries_t, commit_slots, voters, states, seq_lens,
+                          all_ranges, self_check)
+
+    def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """KV slot ids of ``(row, position)`` pairs, gathered on the device from ``req_to_token``."""
+        req_to_token = self.req_to_token_pool.req_to_token
+        return req_to_token[rows.to(req_to_token.device, non_blocking=True),
+                            positions.to(req_to_token.device, non_blocking=True)]
+
+    def _state_for(self, row: int, rid: Optional[str], seq_len: int) -> RequestState:
+        generation = int(self.req_to_token_pool.req_generation[row])
+        state = self.states.get(row)
+        if state is not None and state.generation == generation:
+            return state
+        if state is not None:
+            self.release_row(row)
+        # The token fed in a request's first decode step is its first generated token.
+        first_position = seq_len - 1
+        segmenter = ThoughtSegmenter(
+            self.token_texts, boundaries=self.config.boundaries, summary_begin=self.config.summary_begin,
+            summary_end=self.config.summary_end, sentence_ends=self.config.sentence_ends,
+            max_thought_tokens=self.config.max_thought_tokens, first_position=first_position,
+        )
+        state = RequestState(row=row, generation=generation, rid=rid, prompt_len=first_position, segmenter=segmenter)
+        self.states[row] = state
+        return state
+
+    # -- per layer (device) ---------------------------------------------------------------------
+    def after_attention(self, layer_id: int, query: torch.Tensor, plan: DecodePlan) -> None:
+        """Index the keys committed this step and cast this layer's votes.
+
+        Runs after the layer's KV write, so the key of the token decoded now is in the pool.
+        query: ``[bs, num_heads, head_dim]``, post-RoPE like the cached keys.
+        """
+        if plan.commit_entries is not None:
+            keys = self.token_to_kv_pool.get_key_buffer(layer_id)[plan.commit_slots]
+            self.index_keys.add(layer_id, plan.commit_entries, keys)
+        for batch_index, state in plan.voters:
+            index_keys = self.index_keys.means(layer_id, state.candidate_entries)
+            scores = score_thoughts(query[batch_index].float(), index_keys)
+            state.add_votes(*head_votes(scores, self.config.topk))
+
+    def self_check(self, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float,
+                   plan: DecodePlan) -> None:
+        """On self-check steps, record how far ``output`` [bs, num_heads, v_head_dim] is from the
+        dense masked reference over the same working set (``ZOOMR_SELF_CHECK_INTERVAL``)."""
+        if not plan.self_check:
+            return
+        keys = self.token_to_kv_pool.get_key_buffer(layer_id)
+        values = self.token_to_kv_pool.get_value_buffer(layer_id)
+        for i, (state, seq_len) in enumerate(zip(plan.states, plan.seq_lens)):
+            slots = self.req_to_token_pool.req_to_token[state.row, :seq_len].long()
+            keep = torch.zeros(seq_len, dtype=torch.bool, device=keys.device)
+            for start, end in plan.ranges[i]:
+                keep[start:end] = True
+            expected = masked_decode_reference(query[i], keys[slots], values[slots], keep, scaling)
+            error = float((output[i].double() - expected).abs().max())
+            state.stats.self_checks += 1
+            state.stats.self_check_max_error = max(state.stats.self_check_max_error, error)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def release_row(self, row: int) -> None:
+        """The request in ``row`` left the pool (finished, aborted or retracted)."""
+        state = self.states.pop(row, None)
+        if state is None:
+            return
+        state.release(self.index_keys)
+        if state.stats.rid is not None and self.config.stats_history > 0:
+            self.finished[state.stats.rid] = state.stats.as_dict()
+            self.finished.move_to_end(state.stats.rid)
+            while len(self.finished) > self.config.stats_history:
+                self.finished.popitem(last=False)
+
+    def release_all(self) -> None:
+        for row in list(self.states):
+            self.release_row(row)
+
+    def stats(self) -> dict:
+        """Counters for SGLang's server info: running and recently finished requests."""
+        return {
+            "running": {str(s.stats.rid): s.stats.as_dict() for s in self.states.values()},
+            "finished": dict(self.finished),
+            "index_entries_live": self.index_keys.num_live,
+            "config": dict(self.config.__dict__),
+        }

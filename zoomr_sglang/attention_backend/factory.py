@@ -1,0 +1,96 @@
+"""Build the ZoomR backend for a ``ModelRunner``: check the model, read the tokenizer, pick the device path."""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional
+
+from zoomr_sglang.attention_backend.controller import ZoomRController
+from zoomr_sglang.config import ZoomRConfig, load_config
+
+# ReqToTokenPool -> the controller of the backend that reads it. The plug-in's pool hooks
+# (row freed, pool cleared) and its server-info hook find the controller through here.
+_CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def controller_for_pool(req_to_token_pool) -> Optional[ZoomRController]:
+    return _CONTROLLERS.get(req_to_token_pool)
+
+
+def create_zoomr_backend(model_runner):
+    """The factory registered as ``--attention-backend zoomr``."""
+    config = load_config()
+    check_model_supported(model_runner)
+    token_texts = load_token_texts(model_runner, config)
+    model_config = model_runner.model_config
+    from sglang.srt.runtime_context import get_parallel
+
+    controller = ZoomRController(
+        config=config,
+        token_texts=token_texts,
+        req_to_token_pool=model_runner.req_to_token_pool,
+        token_to_kv_pool=model_runner.token_to_kv_pool,
+        num_layers=model_config.num_hidden_layers,
+        num_kv_heads=model_config.get_num_kv_heads(get_parallel().attn_tp_size),
+        head_dim=model_config.head_dim,
+        device=model_runner.device,
+    )
+    if str(model_runner.device).startswith("cuda"):
+        from zoomr_sglang.attention_backend.flashinfer_backend import ZoomRFlashInferBackend as backend_class
+    else:
+        from zoomr_sglang.attention_backend.torch_backend import ZoomRTorchBackend as backend_class
+    backend = backend_class(model_runner, controller)
+    _CONTROLLERS[model_runner.req_to_token_pool] = controller
+    return backend
+
+
+def check_model_supported(model_runner) -> None:
+    """Refuse models whose attention ZoomR's decode would compute wrongly."""
+    model_config = model_runner.model_config
+    problems = []
+    if model_runner.use_mla_backend:
+        problems.append("MLA attention (ZoomR indexes per-KV-head keys; use an MHA/GQA model)")
+    if model_runner.sliding_window_size not in (None, -1, 0):
+        problems.append(f"sliding-window attention (window {model_runner.sliding_window_size})")
+    if model_config.is_encoder_decoder:
+        problems.append("cross attention (encoder-decoder model)")
+    if model_runner.is_draft_worker:
+        problems.append("a speculative-decoding draft model")
+    if model_runner.kv_cache_dtype != model_runner.dtype:
+        problems.append(
+            f"a KV cache dtype {model_runner.kv_cache_dtype} different from the model dtype "
+            f"{model_runner.dtype} (drop --kv-cache-dtype)"
+        )
+    if problems:
+        raise ValueError(
+            f"--attention-backend zoomr cannot serve {model_config.model_path}: "
+            + "; ".join(problems) + ". Choose another --attention-backend for this model."
+        )
+
+
+def load_token_texts(model_runner, config: ZoomRConfig) -> List[str]:
+    """Each token id's decoded text, so that markers are found in text, whatever the tokenization.
+
+    Also checks that the tokenizer can write every configured marker: the texts of the tokens it
+    encodes the marker into, joined, must contain the marker (that is what segmentation sees).
+    """
+    from sglang.srt.utils.hf_transformers.tokenizer import get_tokenizer
+
+    server_args = model_runner.server_args
+    tokenizer = get_tokenizer(
+        server_args.tokenizer_path or server_args.model_path,
+        tokenizer_mode=server_args.tokenizer_mode,
+        trust_remote_code=server_args.trust_remote_code,
+    )
+    vocab_size = max(len(tokenizer), model_runner.model_config.vocab_size)
+    texts = [tokenizer.decode([i]) if i < len(tokenizer) else "" for i in range(vocab_size)]
+    for variable, markers in config.markers().items():
+        for marker in markers:
+            ids = tokenizer.encode(marker, add_special_tokens=False)
+            if marker not in "".join(texts[i] for i in ids):
+                raise ValueError(
+                    f"{variable}: the tokenizer of {server_args.model_path} cannot encode {marker!r} "
+                    f"(it becomes tokens {ids}); allowed: strings this tokenizer round-trips"
+                )
+    return texts
+

@@ -1,0 +1,160 @@
+"""What the backend remembers about one running request: its thoughts, index keys and selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.algo.segmentation import SegmentEvents, ThoughtSegmenter, TokenRole, key_role
+from zoomr_sglang.algo.voting import agreement, select_thoughts
+from zoomr_sglang.algo.working_set import Range, working_set_ranges
+from zoomr_sglang.config import ZoomRConfig
+
+
+@dataclass
+class RequestStats:
+    """Counters of one request, readable through SGLang's server info (``internal_states``)."""
+
+    rid: Optional[str]
+    prompt_len: int
+    steps: int = 0
+    attended_last: int = 0
+    attended_max: int = 0
+    attended_total: int = 0
+    dense_last: int = 0
+    dense_total: int = 0
+    bound_last: int = 0
+    over_bound_steps: int = 0  # steps whose working set exceeded the bound: must stay 0
+    refreshes: int = 0
+    votes_held: int = 0
+    selection_changes: int = 0
+    thoughts_closed: int = 0
+    summaries: int = 0
+    agreement_sum: float = 0.0
+    self_checks: int = 0  # (step, layer) outputs compared with the dense masked reference
+    self_check_max_error: float = 0.0
+    zoomed: List[int] = field(default_factory=list)
+    zoom_history: List[List[int]] = field(default_factory=list)  # each distinct selection, in order
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["agreement_mean"] = self.agreement_sum / self.votes_held if self.votes_held else None
+        return out
+
+
+class RequestState:
+    """Thought table, index-key entries and zoom-in selection of the request in one pool row.
+
+    ``generation`` is the row's ``ReqToTokenPool.req_generation`` when the state was made, so a
+    reused row is never mistaken for the request that held it before.
+    """
+
+    def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
+                 segmenter: ThoughtSegmenter) -> None:
+        self.row = row
+        self.generation = generation
+        self.prompt_len = prompt_len
+        self.segmenter = segmenter
+        self.entries: Dict[Tuple[int, TokenRole], int] = {}
+        self.candidates: List[int] = []  # final thoughts, in closing order
+        self.candidate_entries: Optional[torch.Tensor] = None  # [n_candidates] int64, index-key entry ids
+        self.zoomed: List[int] = []
+        self.votes: Optional[torch.Tensor] = None  # [n_candidates] int64 while a vote is open
+        self.score_sums: Optional[torch.Tensor] = None  # [n_candidates] float32
+        self.tokens_since_refresh = 0
+        self.summary_tokens = 0
+        self.stats = RequestStats(rid=rid, prompt_len=prompt_len)
+
+    # -- index keys ---------------------------------------------------------------------------
+    def entry(self, thought: int, role: TokenRole, store: IndexKeyStore) -> int:
+        key = (thought, role)
+        if key not in self.entries:
+            self.entries[key] = store.alloc()
+        return self.entries[key]
+
+    def close_thoughts(self, finalized: List[int], store: IndexKeyStore) -> None:
+        """Make finalized thoughts vote candidates; free the key they will not use."""
+        for index in finalized:
+            thought = self.segmenter.thoughts[index]
+            role = key_role(thought)
+            other = TokenRole.BODY if role is TokenRole.SUMMARY else TokenRole.SUMMARY
+            if (index, other) in self.entries:
+                store.free([self.entries.pop((index, other))])
+            if (index, role) not in self.entries:
+                continue  # nothing was ever committed: no key, cannot be voted for
+            self.candidates.append(index)
+            if thought.summary_start is not None:
+                self.summary_tokens += thought.summary_end - thought.summary_start
+                self.stats.summaries += 1
+            self.stats.thoughts_closed += 1
+        if finalized:
+            ids = [self.entries[(i, key_role(self.segmenter.thoughts[i]))] for i in self.candidates]
+            self.candidate_entries = torch.tensor(ids, dtype=torch.int64, device=store.device)
+
+    def release(self, store: IndexKeyStore) -> None:
+        store.free(self.entries.values())
+        self.entries.clear()
+
+    # -- selection ----------------------------------------------------------------------------
+    def refresh(self, events: SegmentEvents, config: ZoomRConfig) -> bool:
+        """Start a vote at a refresh point; returns True when this step's queries must vote."""
+        self.tokens_since_refresh += 1
+        due = events.sentence_end or events.finalized or self.tokens_since_refresh >= config.refresh_interval
+        if not due:
+            return False
+        self.tokens_since_refresh = 0
+        self.stats.refreshes += 1
+        if len(self.candidates) <= config.num_thoughts:
+            self._set_zoomed(list(self.candidates))
+            return False
+        n = len(self.candidates)
+        self.votes = torch.zeros(n, dtype=torch.int64, device=self.candidate_entries.device)
+        self.score_sums = torch.zeros(n, dtype=torch.float32, device=self.candidate_entries.device)
+        return True
+
+    def add_votes(self, votes: torch.Tensor, score_sums: torch.Tensor) -> None:
+        self.votes += votes
+        self.score_sums += score_sums
+
+    def apply_votes(self, num_thoughts: int) -> None:
+        """Votes of refresh step t take effect at step t+1 (DESIGN.md section 2)."""
+        if self.votes is None:
+            return
+        chosen = select_thoughts(self.votes, self.score_sums, num_thoughts)
+        self.stats.agreement_sum += agreement(self.votes, chosen)
+        self.stats.votes_held += 1
+        self._set_zoomed([self.candidates[j] for j in chosen])
+        self.votes = self.score_sums = None
+
+    def _set_zoomed(self, zoomed: List[int]) -> None:
+        if sorted(zoomed) != sorted(self.zoomed):
+            self.stats.selection_changes += 1
+            self.stats.zoom_history.append(sorted(zoomed))
+        self.zoomed = zoomed
+        self.stats.zoomed = sorted(zoomed)
+
+    # -- working set --------------------------------------------------------------------------
+    def working_set(self, seq_len: int, config: ZoomRConfig) -> List[Range]:
+        thoughts = self.segmenter.thoughts
+        summary_spans = [
+            (t.summary_start, t.summary_end) for t in (thoughts[i] for i in self.candidates)
+            if t.summary_start is not None
+        ]
+        zoomed_spans = [(thoughts[i].start, thoughts[i].span_end()) for i in self.zoomed]
+        return working_set_ranges(
+            seq_len=seq_len, prompt_len=self.prompt_len, n_sink=config.sink, n_window=config.window,
+            open_from=self.segmenter.open_from(), summary_spans=summary_spans, zoomed_spans=zoomed_spans,
+        )
+
+    def record_step(self, attended: int, seq_len: int, config: ZoomRConfig) -> None:
+        stats = self.stats
+        bound = config.working_set_bound(self.prompt_len, self.summary_tokens)
+        stats.steps += 1
+        stats.attended_last, stats.dense_last, stats.bound_last = attended, seq_len, bound
+        stats.attended_max = max(stats.attended_max, attended)
+        stats.attended_total += attended
+        stats.dense_total += seq_len
+        stats.over_bound_steps += attended > bound

@@ -1,0 +1,124 @@
+"""ZoomR settings: read once from ``ZOOMR_*`` environment variables into one frozen object.
+
+SGLang has no channel for plug-in arguments, and its scheduler runs in spawned processes that
+inherit the environment, so the environment is the input. Nothing else in the package reads it.
+Every bad value raises ``ValueError`` naming the variable, the value and what is allowed; the
+plug-in's resolution hook calls :func:`load_config` while the server arguments are resolved, so
+a bad value stops the server at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Tuple
+
+# The overlap scheduler's host view of a request lags up to two steps behind the device; the
+# recent window must cover that lag plus the token being decoded so that no token is ever
+# outside both the window and the selection while its thought is still being indexed.
+SCHEDULER_LAG_TOKENS = 2
+MIN_WINDOW = SCHEDULER_LAG_TOKENS + 1
+
+
+@dataclass(frozen=True)
+class ZoomRConfig:
+    """Hyper-parameters of DESIGN.md sections 1-2; token counts are per request."""
+
+    topk: int = 2  # k: thoughts each (layer, query head) votes for
+    num_thoughts: int = 2  # c: thoughts zoomed in after the vote
+    sink: int = 32  # first tokens always attended
+    window: int = 256  # last tokens always attended
+    max_thought_tokens: int = 512  # forced thought boundary
+    boundaries: Tuple[str, ...] = ("\n\n",)
+    summary_begin: str = "<|begin_of_summary|>"
+    summary_end: str = "<|end_of_summary|>"
+    sentence_ends: Tuple[str, ...] = (".", "?", "!", "\n")
+    refresh_interval: int = 64  # at most this many tokens between two refreshes
+    stats_history: int = 1024  # finished requests whose counters stay readable
+    # Every this many decode steps, recompute each request's attention output with the dense
+    # masked reference over the same working set and record the error (0: off; for tests/debug).
+    self_check_interval: int = 0
+
+    def markers(self) -> Mapping[str, Tuple[str, ...]]:
+        """Every configured marker string under its variable name (for tokenizer checks)."""
+        return {
+            "ZOOMR_BOUNDARIES": self.boundaries,
+            "ZOOMR_SUMMARY_BEGIN": (self.summary_begin,),
+            "ZOOMR_SUMMARY_END": (self.summary_end,),
+        }
+
+    def working_set_bound(self, prompt_len: int, summary_tokens: int) -> int:
+        """Most KV tokens one decode step may attend: sinks + prompt + summaries + c zoomed-in
+        thoughts' bodies + the open region (at most one thought body and one summary, each capped
+        at ``max_thought_tokens``) + window."""
+        open_tokens = 2 * self.max_thought_tokens
+        zoomed_tokens = self.num_thoughts * self.max_thought_tokens
+        return self.sink + prompt_len + summary_tokens + zoomed_tokens + open_tokens + self.window
+
+
+def _int(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer; allowed: an integer >= {minimum}") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} is too small; allowed: an integer >= {minimum}")
+    return value
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw:
+        raise ValueError(f"{name}={raw!r} is empty; allowed: a non-empty string")
+    return raw
+
+
+def _text_list(name: str, raw: str) -> Tuple[str, ...]:
+    allowed = 'a JSON list of non-empty strings, e.g. ["\\n\\n"]'
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{name}={raw!r} is not valid JSON; allowed: {allowed}") from None
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s for s in value):
+        raise ValueError(f"{name}={raw!r} is not allowed; allowed: {allowed}")
+    return tuple(value)
+
+
+_FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
+    "ZOOMR_TOPK": ("topk", lambda n, r: _int(n, r, 1)),
+    "ZOOMR_NUM_THOUGHTS": ("num_thoughts", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_SINK": ("sink", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_WINDOW": ("window", lambda n, r: _int(n, r, MIN_WINDOW)),
+    "ZOOMR_MAX_THOUGHT_TOKENS": ("max_thought_tokens", lambda n, r: _int(n, r, 1)),
+    "ZOOMR_BOUNDARIES": ("boundaries", _text_list),
+    "ZOOMR_SUMMARY_BEGIN": ("summary_begin", _text),
+    "ZOOMR_SUMMARY_END": ("summary_end", _text),
+    "ZOOMR_SENTENCE_ENDS": ("sentence_ends", _text_list),
+    "ZOOMR_REFRESH_INTERVAL": ("refresh_interval", lambda n, r: _int(n, r, 1)),
+    "ZOOMR_STATS_HISTORY": ("stats_history", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_SELF_CHECK_INTERVAL": ("self_check_interval", lambda n, r: _int(n, r, 0)),
+}
+
+ENV_VARS = tuple(_FIELDS)
+
+
+def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
+    """Parse every ``ZOOMR_*`` variable of ``environ`` (default ``os.environ``).
+
+    An unknown ``ZOOMR_*`` name is an error too: a typo must not silently fall back to a default.
+    """
+    environ = os.environ if environ is None else environ
+    unknown = sorted(k for k in environ if k.startswith("ZOOMR_") and k not in _FIELDS and k not in _PASSIVE)
+    if unknown:
+        raise ValueError(f"unknown variable {unknown[0]}; allowed ZOOMR_* variables: {', '.join(ENV_VARS)}")
+    values = {}
+    for name, (field, parse) in _FIELDS.items():
+        if name in environ:
+            values[field] = parse(name, environ[name])
+    if values.get("summary_begin", ZoomRConfig.summary_begin) == values.get("summary_end", ZoomRConfig.summary_end):
+        raise ValueError("ZOOMR_SUMMARY_BEGIN and ZOOMR_SUMMARY_END are equal; allowed: two different strings")
+    return ZoomRConfig(**values)
+
+
+# Variables with the prefix that belong to tooling, not to the backend.
+_PASSIVE = frozenset({"ZOOMR_CACHE_DIR"})

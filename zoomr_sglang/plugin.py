@@ -1,0 +1,108 @@
+"""Entry point of the ``sglang.srt.plugins`` group: registers ``--attention-backend zoomr``.
+
+``register()`` only registers; the backend module is imported lazily by its factory. It uses
+SGLang's extension points: the attention registry and its CLI choices, a resolution hook (checks
+the ``ZOOMR_*`` settings and the server arguments at start, disables decode CUDA graphs), and
+``HookRegistry`` AFTER hooks that tell the backend when a request's pool row is freed and that
+add ZoomR's counters to the scheduler's internal state (``/server_info``, ``Engine.get_server_info``).
+"""
+
+from __future__ import annotations
+
+BACKEND_NAME = "zoomr"
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:  # load_plugins() is idempotent per process; keep a direct second call harmless
+        return
+    _registered = True
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])  # takes an iterable of names
+    register_attention_backend(BACKEND_NAME)(_create_backend)
+    register_resolution_hook("handle_attention_backend_compatibility")(_resolve_server_args)
+    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, HookType.AFTER)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+        _add_internal_state,
+        HookType.AFTER,
+    )
+
+
+def _create_backend(model_runner):
+    from zoomr_sglang.attention_backend.factory import create_zoomr_backend
+
+    return create_zoomr_backend(model_runner)
+
+
+def _resolve_server_args(server_args, previous) -> None:
+    """Validate what can be validated before any model loads, so bad input stops the server at start."""
+    previous(server_args)
+    from sglang.srt.arg_groups.overrides import attention_backends_of, declare_resolution, resolved_view, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    view = resolved_view(server_args)
+    if BACKEND_NAME not in attention_backends_of(view):
+        return
+    from zoomr_sglang.config import load_config
+
+    load_config()  # raises ValueError naming the bad ZOOMR_* variable
+    if view.speculative_algorithm is not None:
+        raise ValueError(
+            f"--attention-backend zoomr does not support speculative decoding "
+            f"(--speculative-algorithm {view.speculative_algorithm}); drop it or choose another backend"
+        )
+    if view.enable_mixed_chunk:
+        raise ValueError("--attention-backend zoomr does not support --enable-mixed-chunk; drop that flag")
+    cfg = resolving_view(server_args)
+    # The decode page table changes length every step; CUDA graphs come back with fixed budgets.
+    graphs = with_phase(cfg.cuda_graph_config, Phase.DECODE, backend=Backend.DISABLED)
+    if view.device == "cpu":
+        graphs = with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED)
+    declare_resolution(server_args, "zoomr_plugin", cuda_graph_config=graphs)
+
+
+def _controller_of(req_to_token_pool):
+    from zoomr_sglang.attention_backend.factory import controller_for_pool
+
+    return controller_for_pool(req_to_token_pool)
+
+
+def _after_free_rows(result, pool, indices, *args, **kwargs):
+    controller = _controller_of(pool)
+    if controller is not None:
+        for row in indices:
+            controller.release_row(row)
+    return result
+
+
+def _after_pool_clear(result, pool, *args, **kwargs):
+    controller = _controller_of(pool)
+    if controller is not None:
+        controller.release_all()
+    return result
+
+
+def _add_internal_state(result, state_controller, *args, **kwargs):
+    scheduler = state_controller.scheduler
+    controller = _controller_of(scheduler.req_to_token_pool)
+    if controller is not None:
+        stats = controller.stats()
+        # SGLang's own pool counts, so that clients can check that nothing leaks.
+        stats["pools"] = {
+            "kv_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
+            "kv_evictable": int(scheduler.tree_cache.evictable_size()),
+            "kv_protected": int(scheduler.tree_cache.protected_size()),
+            "kv_capacity": int(scheduler.max_total_num_tokens),
+            "req_rows_available": int(scheduler.req_to_token_pool.available_size()),
+        }
+        result.internal_state[BACKEND_NAME] = stats
+    return result
