@@ -1,0 +1,79 @@
+"""The HTTP server path: ``python -m sglang.launch_server --attention-backend zoomr`` on loopback,
+bad settings refused at start, and proof that the entry point is what registers ``zoomr``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import requests
+
+from engine_utils import free_port, server, server_command
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    from zoomr_sglang.tiny_model import tiny_model_dir
+
+    return str(tiny_model_dir())
+
+
+def _run_until_exit(command, env, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def test_server_answers_generate_and_openai_completions(model_path):
+    with server(model_path, env={"ZOOMR_WINDOW": "16", "ZOOMR_SINK": "2", "ZOOMR_MAX_THOUGHT_TOKENS": "24"}) as url:
+        greedy = {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}
+        native = requests.post(f"{url}/generate", json={"input_ids": [0, 5, 6, 7], "sampling_params": greedy}, timeout=120)
+        native.raise_for_status()
+        body = native.json()
+        assert len(body["output_ids"]) == 200 and isinstance(body["text"], str)
+
+        model = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        completion = requests.post(f"{url}/v1/completions", json={
+            "model": model, "prompt": "The sum of the first numbers is", "max_tokens": 64, "temperature": 0,
+        }, timeout=120)
+        completion.raise_for_status()
+        choice = completion.json()["choices"][0]
+        assert choice["text"] and completion.json()["usage"]["completion_tokens"] > 0
+
+        with requests.post(f"{url}/v1/completions", stream=True, timeout=120, json={
+            "model": model, "prompt": "Step one.", "max_tokens": 32, "temperature": 0, "stream": True,
+        }) as stream:
+            chunks = [line for line in stream.iter_lines() if line.startswith(b"data: ") and line != b"data: [DONE]"]
+        assert len(chunks) > 1
+
+        info = requests.get(f"{url}/server_info", timeout=30).json()
+        zoomr = info["internal_states"][0]["zoomr"]
+        stats = zoomr["finished"][body["meta_info"]["id"]]
+        assert stats["steps"] == 199 and stats["over_bound_steps"] == 0
+        assert stats["attended_last"] < stats["dense_last"]  # the small window really bit
+        assert zoomr["config"]["window"] == 16
+
+
+@pytest.mark.parametrize("variable, value, allowed", [
+    ("ZOOMR_TOPK", "-1", "an integer >= 1"),
+    ("ZOOMR_WINDOW", "1", "an integer >= 3"),
+    ("ZOOMR_BOUNDARIES", "not json", "a JSON list of non-empty strings"),
+])
+def test_bad_setting_stops_the_server_at_start(model_path, variable, value, allowed):
+    result = _run_until_exit(server_command(model_path, free_port()), {variable: value})
+    assert result.returncode != 0
+    assert f"{variable}={value!r}" in result.stderr and allowed in result.stderr
+
+
+def test_unsupported_server_flag_is_refused_at_start(model_path):
+    result = _run_until_exit(server_command(model_path, free_port(), "--enable-mixed-chunk"), {})
+    assert result.returncode != 0
+    assert "zoomr does not support --enable-mixed-chunk" in result.stderr
+
+
+def test_zoomr_is_refused_when_the_plugin_is_filtered_out(model_path):
+    """With SGLANG_PLUGINS naming something else, our entry point is not loaded: no zoomr."""
+    result = _run_until_exit(server_command(model_path, free_port()), {"SGLANG_PLUGINS": "some_other_plugin"}, timeout=120)
+    assert result.returncode != 0
+    assert "invalid choice: 'zoomr'" in result.stderr
