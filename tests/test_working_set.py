@@ -68,3 +68,13 @@ def test_negative_arguments_raise():
     with pytest.raises(ValueError, match="n_window"):
         working_set_ranges(seq_len=10, prompt_len=0, n_sink=0, n_window=-1, open_from=0,
                            summary_spans=[], zoomed_spans=[])
+
+
+def test_subtract_ranges_cuts_holes_out_in_order():
+    from zoomr_sglang.algo.working_set import subtract_ranges
+
+    assert subtract_ranges([(0, 100)], [(10, 20), (40, 60)]) == [(0, 10), (20, 40), (60, 100)]
+    assert subtract_ranges([(0, 30), (50, 80)], [(20, 60)]) == [(0, 20), (60, 80)]
+    assert subtract_ranges([(16, 32)], [(0, 16), (32, 48)]) == [(16, 32)]  # adjacent holes touch nothing
+    assert subtract_ranges([(16, 32)], [(0, 64)]) == []
+    assert subtract_ranges([(5, 9)], []) == [(5, 9)]

@@ -39,6 +39,10 @@ class ZoomRConfig:
     # Every this many decode steps, recompute each request's attention output with the dense
     # masked reference over the same working set and record the error (0: off; for tests/debug).
     self_check_interval: int = 0
+    # Host tier for cold thoughts' KV, in GiB of host memory; None: twice the device KV pool;
+    # 0: off (all KV stays in SGLang's pool).
+    host_pool_gb: Optional[float] = None
+    zoom_cache: int = 2  # zoomed-in thoughts kept on the device after they leave the selection
 
     def markers(self) -> Mapping[str, Tuple[str, ...]]:
         """Every configured marker string under its variable name (for tokenizer checks)."""
@@ -64,6 +68,16 @@ def _int(name: str, raw: str, minimum: int) -> int:
         raise ValueError(f"{name}={raw!r} is not an integer; allowed: an integer >= {minimum}") from None
     if value < minimum:
         raise ValueError(f"{name}={raw!r} is too small; allowed: an integer >= {minimum}")
+    return value
+
+
+def _gigabytes(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number; allowed: a number of GiB >= 0 (0 turns the host tier off)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r} is not allowed; allowed: a number of GiB >= 0 (0 turns the host tier off)")
     return value
 
 
@@ -97,6 +111,8 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_REFRESH_INTERVAL": ("refresh_interval", lambda n, r: _int(n, r, 1)),
     "ZOOMR_STATS_HISTORY": ("stats_history", lambda n, r: _int(n, r, 0)),
     "ZOOMR_SELF_CHECK_INTERVAL": ("self_check_interval", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_HOST_POOL_GB": ("host_pool_gb", _gigabytes),
+    "ZOOMR_ZOOM_CACHE": ("zoom_cache", lambda n, r: _int(n, r, 0)),
 }
 
 ENV_VARS = tuple(_FIELDS)

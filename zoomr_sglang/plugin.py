@@ -35,6 +35,12 @@ def register() -> None:
         _add_internal_state,
         HookType.AFTER,
     )
+    # The host tier leaves holes in running requests' rows; SGLang's release path and admission
+    # learn about them here (zoomr_sglang/host_tier_hooks.py).
+    from zoomr_sglang import host_tier_hooks
+
+    for target, hook, kind in host_tier_hooks.HOOKS:
+        HookRegistry.register(target, hook, getattr(HookType, kind))
 
 
 def _create_backend(model_runner):

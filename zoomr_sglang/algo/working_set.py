@@ -56,3 +56,20 @@ def ranges_to_positions(ranges: Sequence[Range]) -> torch.Tensor:
     if not ranges:
         return torch.empty(0, dtype=torch.int64)
     return torch.cat([torch.arange(start, end, dtype=torch.int64) for start, end in ranges])
+
+
+def subtract_ranges(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:
+    """Parts of ascending disjoint ``ranges`` outside every hole (holes ascending, disjoint),
+    in order; empty parts are dropped."""
+    out: list[Range] = []
+    for start, end in ranges:
+        cursor = start
+        for hole_start, hole_end in holes:
+            if hole_end <= cursor or hole_start >= end:
+                continue
+            if hole_start > cursor:
+                out.append((cursor, hole_start))
+            cursor = max(cursor, hole_end)
+        if cursor < end:
+            out.append((cursor, end))
+    return out

@@ -6,6 +6,8 @@ import weakref
 from typing import List, Optional
 
 from zoomr_sglang.attention_backend.controller import ZoomRController
+from zoomr_sglang.attention_backend.host_tier import HostKVTier
+from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig, load_config
 
 # ReqToTokenPool -> the controller of the backend that reads it. The plug-in's pool hooks
@@ -25,15 +27,17 @@ def create_zoomr_backend(model_runner):
     model_config = model_runner.model_config
     from sglang.srt.runtime_context import get_parallel
 
+    num_kv_heads = model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     controller = ZoomRController(
         config=config,
         token_texts=token_texts,
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool=model_runner.token_to_kv_pool,
         num_layers=model_config.num_hidden_layers,
-        num_kv_heads=model_config.get_num_kv_heads(get_parallel().attn_tp_size),
+        num_kv_heads=num_kv_heads,
         head_dim=model_config.head_dim,
         device=model_runner.device,
+        tiering=build_tiering(model_runner, config, num_kv_heads, get_parallel().attn_tp_size),
     )
     if str(model_runner.device).startswith("cuda"):
         from zoomr_sglang.attention_backend.flashinfer_backend import ZoomRFlashInferBackend as backend_class
@@ -42,6 +46,40 @@ def create_zoomr_backend(model_runner):
     backend = backend_class(model_runner, controller)
     _CONTROLLERS[model_runner.req_to_token_pool] = controller
     return backend
+
+
+def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_size: int) -> Optional[ThoughtTiering]:
+    """The host tier for cold thoughts, sized by ``ZOOMR_HOST_POOL_GB`` (default: twice the device
+    KV pool), or None when it is 0."""
+    if config.host_pool_gb == 0:
+        return None
+    if attn_tp_size > 1:
+        raise ValueError(
+            f"ZOOMR_HOST_POOL_GB: the host tier needs every tensor-parallel rank to move the same "
+            f"thoughts, which is not implemented yet (attention TP size {attn_tp_size}); "
+            f"allowed with TP > 1: ZOOMR_HOST_POOL_GB=0"
+        )
+    if model_runner.server_args.disaggregation_mode != "null":
+        raise ValueError("ZOOMR_HOST_POOL_GB: the host tier does not support PD disaggregation; allowed there: 0")
+    model_config = model_runner.model_config
+    allocator = model_runner.token_to_kv_pool_allocator
+    bytes_per_token = HostKVTier.bytes_per_token(
+        model_config.num_hidden_layers, num_kv_heads, model_config.head_dim, model_config.v_head_dim,
+        model_runner.kv_cache_dtype,
+    )
+    if config.host_pool_gb is None:
+        capacity = 2 * allocator.size
+    else:
+        capacity = int(config.host_pool_gb * (1 << 30)) // bytes_per_token
+    host_tier = HostKVTier(
+        num_layers=model_config.num_hidden_layers, num_kv_heads=num_kv_heads, head_dim=model_config.head_dim,
+        v_head_dim=model_config.v_head_dim, dtype=model_runner.kv_cache_dtype, capacity_tokens=capacity,
+        pin_memory=str(model_runner.device).startswith("cuda"),
+    )
+    return ThoughtTiering(
+        config=config, host_tier=host_tier, allocator=allocator, req_to_token_pool=model_runner.req_to_token_pool,
+        kv_pool=model_runner.token_to_kv_pool, page_size=model_runner.page_size,
+    )
 
 
 def check_model_supported(model_runner) -> None:

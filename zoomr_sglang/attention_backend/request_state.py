@@ -34,6 +34,9 @@ class RequestStats:
     thoughts_closed: int = 0
     summaries: int = 0
     agreement_sum: float = 0.0
+    resident_last: int = 0  # device-resident KV tokens of the request at its last step
+    resident_max: int = 0
+    offloaded_last: int = 0  # its tokens whose device slots were given back (in the host tier only)
     self_checks: int = 0  # (step, layer) outputs compared with the dense masked reference
     self_check_max_error: float = 0.0
     zoomed: List[int] = field(default_factory=list)
@@ -62,6 +65,7 @@ class RequestState:
         self.candidates: List[int] = []  # final thoughts, in closing order
         self.candidate_entries: Optional[torch.Tensor] = None  # [n_candidates] int64, index-key entry ids
         self.zoomed: List[int] = []
+        self.pending_eviction: List[int] = []  # closed thoughts the host tier has not taken yet
         self.votes: Optional[torch.Tensor] = None  # [n_candidates] int64 while a vote is open
         self.score_sums: Optional[torch.Tensor] = None  # [n_candidates] float32
         self.tokens_since_refresh = 0
@@ -86,6 +90,7 @@ class RequestState:
             if (index, role) not in self.entries:
                 continue  # nothing was ever committed: no key, cannot be voted for
             self.candidates.append(index)
+            self.pending_eviction.append(index)
             if thought.summary_start is not None:
                 self.summary_tokens += thought.summary_end - thought.summary_start
                 self.stats.summaries += 1
@@ -137,20 +142,26 @@ class RequestState:
         self.stats.zoomed = sorted(zoomed)
 
     # -- working set --------------------------------------------------------------------------
-    def working_set(self, seq_len: int, config: ZoomRConfig) -> List[Range]:
+    def working_set(self, seq_len: int, config: ZoomRConfig, zoomed: Optional[List[int]] = None) -> List[Range]:
+        """Position ranges attended this step; ``zoomed`` overrides the selection (a thought the
+        host tier could not bring back this step is left out)."""
         thoughts = self.segmenter.thoughts
         summary_spans = [
             (t.summary_start, t.summary_end) for t in (thoughts[i] for i in self.candidates)
             if t.summary_start is not None
         ]
-        zoomed_spans = [(thoughts[i].start, thoughts[i].span_end()) for i in self.zoomed]
+        zoomed = self.zoomed if zoomed is None else zoomed
+        zoomed_spans = [(thoughts[i].start, thoughts[i].span_end()) for i in zoomed]
         return working_set_ranges(
             seq_len=seq_len, prompt_len=self.prompt_len, n_sink=config.sink, n_window=config.window,
             open_from=self.segmenter.open_from(), summary_spans=summary_spans, zoomed_spans=zoomed_spans,
         )
 
-    def record_step(self, attended: int, seq_len: int, config: ZoomRConfig) -> None:
+    def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> None:
         stats = self.stats
+        stats.resident_last = seq_len - offloaded
+        stats.resident_max = max(stats.resident_max, stats.resident_last)
+        stats.offloaded_last = offloaded
         bound = config.working_set_bound(self.prompt_len, self.summary_tokens)
         stats.steps += 1
         stats.attended_last, stats.dense_last, stats.bound_last = attended, seq_len, bound

@@ -1,0 +1,100 @@
+"""SGLang hooks that make the host tier's row holes safe and turn freed slots into admissions.
+
+See NOTES-host-tier.md. Every hook is a no-op unless the pool belongs to a ZoomR backend whose
+host tier is on.
+- Release: a finished request's tree insert stops at its first hole (the tree must never own a
+  hole's padding slot), and the ranges SGLang frees skip the holes (their slots were freed when
+  the thought left the device).
+- Decode memory check: the next step's possible zoom-ins count as required tokens, so SGLang
+  evicts its tree or retracts before a zoom-in could find the pool empty.
+- Admission: a ZoomR request's future device footprint is bounded by its working set, not by its
+  output length; the scheduler's reservation says so, and the "batch is full" latch reopens when
+  the tier frees slots.
+"""
+
+from __future__ import annotations
+
+from zoomr_sglang.algo.working_set import subtract_ranges
+
+
+def _tiering_of(req_to_token_pool):
+    from zoomr_sglang.attention_backend.factory import controller_for_pool
+
+    controller = controller_for_pool(req_to_token_pool)
+    return None if controller is None else controller.tiering
+
+
+def _controller_with_tiering(req_to_token_pool):
+    from zoomr_sglang.attention_backend.factory import controller_for_pool
+
+    controller = controller_for_pool(req_to_token_pool)
+    return controller if controller is not None and controller.tiering is not None else None
+
+
+def around_checkpoint(original, cache, req, *args, up_to, **kwargs):
+    tiering = _tiering_of(cache.req_to_token_pool)
+    if tiering is not None and req.kv.req_pool_idx is not None:
+        holes = tiering.holes(req.kv.req_pool_idx)
+        if holes:
+            up_to = min(up_to, holes[0][0])
+    return original(cache, req, *args, up_to=up_to, **kwargs)
+
+
+def around_free_kv_row(original, cache, kv, ranges, *args, **kwargs):
+    tiering = _tiering_of(cache.req_to_token_pool)
+    if tiering is not None and kv.req_pool_idx is not None:
+        holes = tiering.holes(kv.req_pool_idx)
+        if holes:
+            ranges = subtract_ranges(ranges, holes)
+    return original(cache, kv, ranges, *args, **kwargs)
+
+
+def after_new_tokens_required(result, batch, selected_indices=None, *args, **kwargs):
+    tiering = _tiering_of(batch.req_to_token_pool)
+    if tiering is None:
+        return result
+    reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
+    return result + sum(tiering.zoom_headroom(r.kv.req_pool_idx) for r in reqs if r.kv.req_pool_idx is not None)
+
+
+def after_running_offset(result, adder, req, *args, **kwargs):
+    controller = _controller_with_tiering(adder.tree_cache.req_to_token_pool)
+    if controller is None or req.kv.req_pool_idx is None:
+        return result
+    state = controller.states.get(req.kv.req_pool_idx)
+    if state is None:
+        return result
+    remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
+    return min(result, controller.future_device_tokens(state, remaining))
+
+
+def before_update_prefill_budget(adder, *args, **kwargs):
+    """Cap a newly admitted request's reservation (``max_new_tokens``, third argument)."""
+    controller = _controller_with_tiering(adder.tree_cache.req_to_token_pool)
+    if controller is None:
+        return None
+    if "max_new_tokens" in kwargs:
+        kwargs["max_new_tokens"] = controller.reservation_for_new_request(kwargs["max_new_tokens"])
+    elif len(args) >= 3:
+        args = (*args[:2], controller.reservation_for_new_request(args[2]), *args[3:])
+    return (adder, *args), kwargs
+
+
+def before_prefill_admission(scheduler, *args, **kwargs):
+    tiering = _tiering_of(scheduler.req_to_token_pool)
+    if tiering is not None and tiering.freed_since_admission > 0:
+        tiering.freed_since_admission = 0
+        running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
+        if running_batch is not None:
+            running_batch.batch_is_full = False
+    return None
+
+
+HOOKS = (
+    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.checkpoint", around_checkpoint, "AROUND"),
+    ("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", around_free_kv_row, "AROUND"),
+    ("sglang.srt.managers.schedule_batch.ScheduleBatch.new_tokens_required_next_decode", after_new_tokens_required, "AFTER"),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset", after_running_offset, "AFTER"),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder._update_prefill_budget", before_update_prefill_budget, "BEFORE"),
+    ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", before_prefill_admission, "BEFORE"),
+)
