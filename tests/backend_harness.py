@@ -48,7 +48,7 @@ class Harness:
     pool_tokens: int = 8192
     max_context: int = 4096
     seed: int = 0
-    next_slot: int = 1  # slot 0 is SGLang's padding slot
+    host_tier_tokens: int = 0  # > 0: attach a host tier of this many tokens (ZoomR's tiering)
     rows: List[int] = field(default_factory=list)
     seq_lens: List[int] = field(default_factory=list)
     query_override: Optional[torch.Tensor] = None  # [num_heads, head_dim] used for every request when set
@@ -58,17 +58,30 @@ class Harness:
         from sglang.srt.layers.radix_attention import RadixAttention
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
+        from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+        from zoomr_sglang.attention_backend.host_tier import HostKVTier
+        from zoomr_sglang.attention_backend.tiering import ThoughtTiering
+
         torch.manual_seed(self.seed)
         self.req_to_token_pool = ReqToTokenPool(self.pool_rows, self.max_context, device="cpu", enable_memory_saver=False)
         self.kv_pool = MHATokenToKVPool(
             self.pool_tokens, page_size=1, dtype=torch.float32, head_num=self.num_kv_heads,
             head_dim=self.head_dim, layer_num=self.num_layers, device="cpu", enable_memory_saver=False,
         )
+        self.allocator = TokenToKVPoolAllocator(self.pool_tokens, torch.float32, "cpu", self.kv_pool, need_sort=False)
+        tiering = None
+        if self.host_tier_tokens:
+            host = HostKVTier(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                              v_head_dim=self.head_dim, dtype=torch.float32, capacity_tokens=self.host_tier_tokens,
+                              pin_memory=False)
+            tiering = ThoughtTiering(config=self.config, host_tier=host, allocator=self.allocator,
+                                     req_to_token_pool=self.req_to_token_pool, kv_pool=self.kv_pool, page_size=1)
         runner = self.backend_runner()
         self.controller = ZoomRController(
             config=self.config, token_texts=VOCAB, req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.kv_pool, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, device="cpu",
+            head_dim=self.head_dim, device="cpu", tiering=tiering,
         )
         self.backend = ZoomRTorchBackend(runner, self.controller)
         self.layers = [
@@ -91,15 +104,24 @@ class Harness:
         self.seq_lens.append(prompt_len)
 
     def release_all(self) -> None:
+        """What SGLang's release path does with the plug-in's hooks: free each row's slots except
+        its holes, then the row (which releases the request's ZoomR state)."""
+        from zoomr_sglang.algo.working_set import subtract_ranges
+
+        tiering = self.controller.tiering
+        for row, seq_len in zip(self.rows, self.seq_lens):
+            holes = tiering.holes(row) if tiering is not None else []
+            for start, end in subtract_ranges([(0, seq_len)], holes):
+                self.allocator.free(self.req_to_token_pool.req_to_token[row, start:end].long())
         self.req_to_token_pool.free_rows(self.rows)
         for row in self.rows:
             self.controller.release_row(row)
         self.rows, self.seq_lens = [], []
 
     def _take_slots(self, n: int) -> torch.Tensor:
-        slots = torch.arange(self.next_slot, self.next_slot + n, dtype=torch.int64)
-        self.next_slot += n
-        return slots
+        slots = self.allocator.alloc(n)
+        assert slots is not None, "the test's KV pool is too small"
+        return slots.to(torch.int64)
 
     def decode_step(self, tokens: List[int], backend=None):
         """One decode step of every request: returns (batch, per-layer queries, k, v, outputs)."""

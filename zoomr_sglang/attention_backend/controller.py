@@ -19,9 +19,15 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.reference import masked_decode_reference
 from zoomr_sglang.algo.segmentation import ThoughtSegmenter
 from zoomr_sglang.algo.voting import head_votes, score_thoughts
-from zoomr_sglang.algo.working_set import Range, ranges_size, ranges_to_positions
+from zoomr_sglang.algo.working_set import Range, ranges_size
 from zoomr_sglang.attention_backend.request_state import RequestState
+from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig
+from zoomr_sglang.kernels.kv_indices import flatten_ranges, ranges_to_kv_indices
+
+
+# Share of output tokens assumed to be summaries before a request has shown its own.
+SUMMARY_SHARE_PRIOR = 0.1
 
 
 @dataclass
@@ -52,7 +58,7 @@ class ZoomRController:
 
     def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool,
                  token_to_kv_pool, num_layers: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device) -> None:
+                 device: torch.device, tiering: Optional[ThoughtTiering] = None) -> None:
         self.config = config
         self.token_texts = token_texts
         self.req_to_token_pool = req_to_token_pool
@@ -62,6 +68,7 @@ class ZoomRController:
         self.states: Dict[int, RequestState] = {}  # pool row -> state
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
         self.decode_steps = 0
+        self.tiering = tiering  # None: the host tier is off, all KV stays in SGLang's pool
 
     # -- per step (host) ------------------------------------------------------------------------
     def plan_decode(self, forward_batch) -> DecodePlan:
@@ -77,7 +84,6 @@ class ZoomRController:
         commit_positions: List[int] = []
         voters: List[Tuple[int, RequestState]] = []
         states: List[RequestState] = []
-        all_ranges: List[List[Range]] = []
         for i, (row, token, seq_len) in enumerate(zip(rows, tokens, seq_lens)):
             state = self._state_for(row, rids[i], seq_len)
             state.apply_votes(self.config.num_thoughts)
@@ -90,27 +96,38 @@ class ZoomRController:
             state.close_thoughts(events.finalized, self.index_keys)
             if state.refresh(events, self.config):
                 voters.append((i, state))
-            ranges = state.working_set(seq_len, self.config)
-            state.record_step(ranges_size(ranges), seq_len, self.config)
             states.append(state)
-            all_ranges.append(ranges)
 
-        lengths = torch.tensor([ranges_size(r) for r in all_ranges], dtype=torch.int64)
-        kv_indptr = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        kv_indptr[1:] = torch.cumsum(lengths, 0)
-        positions = torch.cat([ranges_to_positions(r) for r in all_ranges]) if all_ranges else torch.zeros(0, dtype=torch.int64)
-        row_of_position = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lengths)
-        kv_indices = self._slots(row_of_position, positions).to(torch.int32)
-
+        # Slots of the keys to index are read before the host tier moves anything this step.
         commit_slots = commit_entries_t = None
         if commit_entries:
             commit_slots = self._slots(torch.tensor(commit_rows), torch.tensor(commit_positions)).long()
             commit_entries_t = torch.tensor(commit_entries, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        all_ranges: List[List[Range]] = []
+        for state, seq_len in zip(states, seq_lens):
+            zoomed = None if self.tiering is None else self.tiering.prepare(state, seq_len)
+            ranges = state.working_set(seq_len, self.config, zoomed)
+            offloaded = 0 if self.tiering is None else self.tiering.offloaded_tokens(state.row)
+            state.record_step(ranges_size(ranges), seq_len, self.config, offloaded)
+            all_ranges.append(ranges)
+        kv_indptr, kv_indices = self._kv_indices(rows, all_ranges)
         self.decode_steps += 1
         interval = self.config.self_check_interval
         self_check = interval > 0 and self.decode_steps % interval == 0
         return DecodePlan(kv_indptr, kv_indices, commit_entries_t, commit_slots, voters, states, seq_lens,
                           all_ranges, self_check)
+
+    def _kv_indices(self, rows: List[int], all_ranges: List[List[Range]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """kv_indptr ``[bs + 1]`` int32 on the CPU and kv_indices ``[nnz]`` int32 on the device: each
+        range is one contiguous copy out of its ``req_to_token`` row (Triton on CUDA, no host sync)."""
+        req_to_token = self.req_to_token_pool.req_to_token
+        range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges(rows, all_ranges)
+        # One host-to-device copy for the four small range tensors.
+        packed = torch.stack([range_rows, range_starts, range_lens, out_offsets])
+        packed = packed.to(req_to_token.device, non_blocking=True)
+        kv_indices = ranges_to_kv_indices(req_to_token, packed[0], packed[1], packed[2], packed[3], int(kv_indptr[-1]))
+        return kv_indptr, kv_indices
 
     def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """KV slot ids of ``(row, position)`` pairs, gathered on the device from ``req_to_token``."""
@@ -169,10 +186,31 @@ class ZoomRController:
             state.stats.self_checks += 1
             state.stats.self_check_max_error = max(state.stats.self_check_max_error, error)
 
+    # -- admission (host tier on) ----------------------------------------------------------------
+    def device_tokens_per_request(self) -> int:
+        """Output tokens a request keeps on the device besides its summaries: sinks, window, the
+        open region, the selection and the zoom cache, plus headroom for one round of zoom-ins."""
+        config = self.config
+        thoughts = 2 + 2 * config.num_thoughts + config.zoom_cache
+        return config.sink + config.window + thoughts * config.max_thought_tokens
+
+    def future_device_tokens(self, state: RequestState, remaining: int) -> int:
+        """Device tokens a running request may still add: up to the per-request bound, plus its
+        summaries at the share they took so far (a prior of 10% until it has written 512 tokens)."""
+        written = state.stats.steps
+        summary_share = state.summary_tokens / written if written >= 512 else SUMMARY_SHARE_PRIOR
+        resident_output = state.stats.resident_last - state.prompt_len
+        return max(0, self.device_tokens_per_request() - resident_output) + int(remaining * summary_share)
+
+    def reservation_for_new_request(self, max_new_tokens: int) -> int:
+        return min(max_new_tokens, self.device_tokens_per_request() + int(max_new_tokens * SUMMARY_SHARE_PRIOR))
+
     # -- lifetime -------------------------------------------------------------------------------
     def release_row(self, row: int) -> None:
         """The request in ``row`` left the pool (finished, aborted or retracted)."""
         state = self.states.pop(row, None)
+        if self.tiering is not None:
+            self.tiering.release_row(row)
         if state is None:
             return
         state.release(self.index_keys)
@@ -192,5 +230,10 @@ class ZoomRController:
             "running": {str(s.stats.rid): s.stats.as_dict() for s in self.states.values()},
             "finished": dict(self.finished),
             "index_entries_live": self.index_keys.num_live,
+            "host_tier": None if self.tiering is None else {
+                "capacity_tokens": self.tiering.host.capacity,
+                "used_tokens": self.tiering.host.num_used,
+                **self.tiering.counters.as_dict(),
+            },
             "config": dict(self.config.__dict__),
         }

@@ -1,0 +1,351 @@
+"""Kernels: ``ranges_to_kv_indices`` (Triton) against its torch reference, and the pure ZoomR
+algorithm on CUDA tensors.
+
+CPU suite: the torch reference against a plain Python loop, ``flatten_ranges``, the dispatcher, the
+Triton kernel in Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess: Triton reads the
+variable when the kernel is defined, i.e. at import) and an ahead-of-time compile of the kernel for
+sm_90 (no GPU needed). ``cuda`` suite: the compiled kernel on CUDA tensors (and that the dispatcher
+never syncs), ``IndexKeyStore``, ``score_thoughts``/``head_votes`` and ``gather_decode_attention``
+on ``device="cuda"``; their CPU twins are in test_index_keys.py, test_voting.py and
+test_backend_cpu.py. Nothing here imports SGLang, so the ``cuda`` tests run on a bare torch+triton
+GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoomr_sglang.kernels import kv_indices as kvi
+from zoomr_sglang.kernels.kv_indices import (
+    flatten_ranges,
+    ranges_to_kv_indices,
+    ranges_to_kv_indices_torch,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+# 3 requests over a [5, 300] table (rows 4, 1, 2 are used; rows 0 and 3 are other requests):
+# ranges of length 1, 97 and 0, adjacent ranges (5..102 then 102..110), a range ending at
+# max_context, and a whole row.
+MAX_CONTEXT = 300
+ODD_ROWS = [4, 1, 2]
+ODD_RANGES = [
+    [(0, 1), (5, 102), (102, 110), (299, 300)],
+    [(7, 7), (200, 300)],
+    [(0, 300)],
+]
+
+
+def _table(rows: int, max_context: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**31 - 1, (rows, max_context), generator=gen, dtype=torch.int32).to(device)
+
+
+def _loop_reference(req_to_token, rows, ranges_per_request) -> torch.Tensor:
+    """The obvious Python loop: each request's ranges, in order."""
+    parts = [req_to_token[row, start:end] for row, ranges in zip(rows, ranges_per_request) for start, end in ranges]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
+
+def _run(fn, req_to_token, rows, ranges_per_request):
+    range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges(rows, ranges_per_request)
+    device = req_to_token.device
+    return fn(req_to_token, range_rows.to(device), range_starts.to(device), range_lens.to(device),
+              out_offsets.to(device), int(kv_indptr[-1]))
+
+
+def _random_case(gen: torch.Generator, bs: int, max_context: int, max_ranges: int):
+    """bs requests with random lengths and up to max_ranges random sorted disjoint ranges each."""
+    rows = torch.randperm(2 * bs, generator=gen)[:bs].tolist()
+    ranges_per_request = []
+    for _ in range(bs):
+        seq_len = int(torch.randint(1, max_context + 1, (1,), generator=gen))
+        cuts = sorted(set(torch.randint(0, seq_len + 1, (2 * max_ranges,), generator=gen).tolist()))
+        ranges_per_request.append([(a, b) for a, b in zip(cuts[::2], cuts[1::2])])
+    return rows, ranges_per_request
+
+
+# -- CPU: reference, host helper, dispatcher -----------------------------------------------------
+def test_flatten_ranges_layout():
+    range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges(ODD_ROWS, ODD_RANGES)
+    assert [t.dtype for t in (range_rows, range_starts, range_lens, out_offsets)] == [torch.int64] * 4
+    assert kv_indptr.dtype == torch.int32 and kv_indptr.device.type == "cpu"
+    assert range_rows.tolist() == [4, 4, 4, 4, 1, 1, 2]
+    assert range_starts.tolist() == [0, 5, 102, 299, 7, 200, 0]
+    assert range_lens.tolist() == [1, 97, 8, 1, 0, 100, 300]
+    assert out_offsets.tolist() == [0, 1, 98, 106, 107, 107, 207]
+    assert kv_indptr.tolist() == [0, 107, 207, 507]
+
+    empty = flatten_ranges([], [])
+    assert [tuple(t.shape) for t in empty] == [(0,), (0,), (0,), (0,), (1,)]
+    no_ranges = flatten_ranges([3, 5], [[], []])
+    assert no_ranges[0].shape == (0,) and no_ranges[4].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="bad range"):
+        flatten_ranges([0], [[(5, 4)]])
+    with pytest.raises(ValueError, match="ranges_per_request"):
+        flatten_ranges([0, 1], [[(0, 1)]])
+
+
+def test_torch_reference_matches_python_loop():
+    table = _table(5, MAX_CONTEXT)
+    got = _run(ranges_to_kv_indices_torch, table, ODD_ROWS, ODD_RANGES)
+    assert got.dtype == torch.int32 and got.shape == (507,)
+    assert torch.equal(got, _loop_reference(table, ODD_ROWS, ODD_RANGES))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        rows, ranges = _random_case(gen, bs=5, max_context=MAX_CONTEXT, max_ranges=6)
+        table = _table(10, MAX_CONTEXT, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+        assert torch.equal(_run(ranges_to_kv_indices_torch, table, rows, ranges), _loop_reference(table, rows, ranges))
+
+
+def test_torch_reference_honours_out_offsets_and_strides():
+    # A column slice of a wider table (row stride 512) and ranges written out of order.
+    wide = _table(3, 512, seed=5)
+    table = wide[:, :MAX_CONTEXT]
+    rows = torch.tensor([2, 0, 1])
+    starts = torch.tensor([10, 0, 250])
+    lens = torch.tensor([3, 4, 50])
+    offsets = torch.tensor([54, 50, 0])
+    out = ranges_to_kv_indices_torch(table, rows, starts, lens, offsets, 57)
+    expected = torch.cat([table[1, 250:300], table[0, 0:4], table[2, 10:13]])
+    assert torch.equal(out, expected)
+
+
+def test_empty_inputs_and_bad_arguments():
+    table = _table(2, 16)
+    none = torch.zeros(0, dtype=torch.int64)
+    for fn in (ranges_to_kv_indices_torch, ranges_to_kv_indices):
+        out = fn(table, none, none, none, none, 0)
+        assert out.shape == (0,) and out.dtype == torch.int32
+        zero_len = torch.tensor([1])
+        assert fn(table, zero_len, torch.tensor([3]), torch.tensor([0]), torch.tensor([0]), 0).shape == (0,)
+    with pytest.raises(ValueError, match="int64"):
+        ranges_to_kv_indices(table, none.int(), none, none, none, 0)
+    with pytest.raises(ValueError, match="shape"):
+        ranges_to_kv_indices(table, torch.zeros(2, dtype=torch.int64), none, none, none, 0)
+    with pytest.raises(ValueError, match="req_to_token"):
+        ranges_to_kv_indices(table[0], none, none, none, none, 0)
+    with pytest.raises(ValueError, match="total"):
+        ranges_to_kv_indices(table, none, none, none, none, -1)
+
+
+def test_dispatcher_uses_torch_on_cpu_without_interpreter(monkeypatch):
+    if kvi.triton_interpreted():
+        pytest.skip("this process imported the kernel under TRITON_INTERPRET=1")
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton path ran on CPU tensors")
+
+    monkeypatch.setattr(kvi, "ranges_to_kv_indices_triton", no_triton)
+    table = _table(5, MAX_CONTEXT)
+    assert torch.equal(_run(ranges_to_kv_indices, table, ODD_ROWS, ODD_RANGES), _loop_reference(table, ODD_ROWS, ODD_RANGES))
+
+
+# -- CPU: the Triton kernel itself ----------------------------------------------------------------
+INTERPRETER_SCRIPT = r"""
+import json, torch
+from zoomr_sglang.kernels import kv_indices as kvi
+from test_kernels import ODD_RANGES, ODD_ROWS, MAX_CONTEXT, _table, _run, _random_case, _loop_reference
+
+assert kvi.triton_interpreted(), "TRITON_INTERPRET=1 did not reach the kernel definition"
+results = []
+table = _table(5, MAX_CONTEXT)
+cases = [(table, ODD_ROWS, ODD_RANGES)]
+# Long ranges: several splits per range and several blocks per split.
+cases.append((_table(3, 5000, seed=2), [0, 2], [[(0, 4100), (4100, 4101)], [(13, 2613)]]))
+# A column slice (row stride 512 != max_context) and random cases.
+cases.append((_table(5, 512, seed=3)[:, :MAX_CONTEXT], ODD_ROWS, ODD_RANGES))
+gen = torch.Generator().manual_seed(7)
+for _ in range(4):
+    rows, ranges = _random_case(gen, bs=3, max_context=MAX_CONTEXT, max_ranges=5)
+    cases.append((_table(6, MAX_CONTEXT, seed=len(cases)), rows, ranges))
+for table, rows, ranges in cases:
+    triton_out = _run(kvi.ranges_to_kv_indices_triton, table, rows, ranges)
+    dispatched = _run(kvi.ranges_to_kv_indices, table, rows, ranges)
+    torch_out = _run(kvi.ranges_to_kv_indices_torch, table, rows, ranges)
+    results.append(dict(
+        total=int(torch_out.numel()),
+        dtype=str(triton_out.dtype),
+        triton_equal=bool(torch.equal(triton_out, torch_out)),
+        dispatch_equal=bool(torch.equal(dispatched, torch_out)),
+        loop_equal=bool(torch.equal(torch_out, _loop_reference(table, rows, ranges))),
+    ))
+print(json.dumps(results))
+"""
+
+
+def test_triton_kernel_in_interpreter_matches_torch():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 7 and results[0]["total"] == 507 and results[1]["total"] == 6701
+    for result in results:
+        assert result == dict(result, dtype="torch.int32", triton_equal=True, dispatch_equal=True, loop_equal=True)
+
+
+def test_triton_kernel_compiles_for_sm90_without_a_gpu():
+    """Ahead-of-time compile to a cubin for H100/H200 (sm_90): catches typing errors the
+    interpreter lets through, on a machine without a GPU."""
+    if not kvi.triton_available() or kvi.triton_interpreted():
+        pytest.skip("needs the compiled (not interpreted) Triton kernel")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the cuda tests compile the kernel for it")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = kvi._ranges_to_kv_indices_kernel
+    signature = {"req_to_token": "*i32", "stride_row": "i32", "stride_col": "constexpr", "range_rows": "*i64",
+                 "range_starts": "*i64", "range_lens": "*i64", "out_offsets": "*i64", "out": "*i32",
+                 "num_splits": "i32", "BLOCK": "constexpr"}
+    constexprs = {(kernel.arg_names.index("stride_col"),): 1, (kernel.arg_names.index("BLOCK"),): kvi.BLOCK}
+    try:  # ASTSource is internal; its arguments changed across Triton releases (written for 3.8)
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+    except TypeError as exc:
+        pytest.skip(f"triton {triton.__version__}: ASTSource takes other arguments ({exc})")
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert len(compiled.asm["cubin"]) > 0
+
+
+# -- CUDA: the compiled kernel --------------------------------------------------------------------
+@pytest.mark.cuda
+@needs_cuda
+def test_triton_kernel_on_cuda_matches_torch():
+    assert not kvi.triton_interpreted()
+    cases = [(_table(5, MAX_CONTEXT, device="cuda"), ODD_ROWS, ODD_RANGES),
+             (_table(5, 512, seed=3, device="cuda")[:, :MAX_CONTEXT], ODD_ROWS, ODD_RANGES),
+             (_table(3, 40_000, seed=2, device="cuda"), [0, 2], [[(0, 32_768), (32_768, 32_769)], [(13, 2613)]])]
+    gen = torch.Generator().manual_seed(11)
+    for bs, max_context in ((3, MAX_CONTEXT), (16, 4096), (64, 32_768)):
+        rows, ranges = _random_case(gen, bs=bs, max_context=max_context, max_ranges=12)
+        cases.append((_table(2 * bs, max_context, seed=bs, device="cuda"), rows, ranges))
+    for table, rows, ranges in cases:
+        got = _run(kvi.ranges_to_kv_indices_triton, table, rows, ranges)
+        dispatched = _run(ranges_to_kv_indices, table, rows, ranges)
+        expected = _run(ranges_to_kv_indices_torch, table, rows, ranges)
+        assert got.is_cuda and got.dtype == torch.int32
+        assert torch.equal(got, expected) and torch.equal(dispatched, expected)
+        assert torch.equal(expected.cpu(), _loop_reference(table.cpu(), rows, ranges))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_dispatcher_on_cuda_never_syncs():
+    table = _table(8, 4096, device="cuda")
+    range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges([1, 5], [[(0, 100), (900, 3000)], [(4, 4000)]])
+    args = [t.cuda() for t in (range_rows, range_starts, range_lens, out_offsets)]
+    total = int(kv_indptr[-1])
+    ranges_to_kv_indices(table, *args, total)  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ranges_to_kv_indices(table, *args, total)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out.cpu(), torch.cat([table[1, 0:100], table[1, 900:3000], table[5, 4:4000]]).cpu())
+
+
+# -- CUDA: the pure algorithm on device="cuda" (CPU twins: test_index_keys, test_voting, test_backend_cpu)
+@pytest.mark.cuda
+@needs_cuda
+def test_index_key_store_on_cuda_matches_cpu():
+    from zoomr_sglang.algo.index_keys import IndexKeyStore
+
+    gen = torch.Generator().manual_seed(0)
+    stores = {dev: IndexKeyStore(3, 2, 64, dev, initial_capacity=2) for dev in ("cpu", "cuda")}
+    entries = {dev: [store.alloc() for _ in range(9)] for dev, store in stores.items()}  # grows 3 times
+    assert entries["cpu"] == entries["cuda"] and stores["cuda"].capacity == 16
+    for layer in range(3):
+        for _ in range(10):
+            n = int(torch.randint(1, 40, (1,), generator=gen))
+            ids = torch.tensor(entries["cpu"])[torch.randint(0, 9, (n,), generator=gen)]
+            keys = torch.randn(n, 2, 64, generator=gen).to(torch.bfloat16)
+            for dev, store in stores.items():
+                store.add(layer, ids.to(dev), keys.to(dev))
+    ids = torch.tensor(entries["cpu"])
+    for layer in range(3):
+        torch.testing.assert_close(stores["cuda"].means(layer, ids.cuda()).cpu(), stores["cpu"].means(layer, ids),
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stores["cuda"].means_all_layers(ids.cuda()).cpu(), stores["cpu"].means_all_layers(ids),
+                               rtol=1e-5, atol=1e-6)
+    for store in stores.values():
+        store.free(entries["cpu"][3:])
+    again = [stores["cuda"].alloc() for _ in range(2)]
+    assert torch.equal(stores["cuda"].means_all_layers(torch.tensor(again, device="cuda")).cpu(),
+                       torch.zeros(3, 2, 2, 64))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_scoring_and_votes_on_cuda():
+    from zoomr_sglang.algo.voting import head_votes, score_thoughts, select_thoughts
+
+    # The hand-computed case of test_voting.py, on the GPU.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]], device="cuda")
+    index_keys = torch.tensor([[[1.0, 2.0], [0.0, 1.0]], [[3.0, 0.0], [2.0, 2.0]], [[0.0, -1.0], [-1.0, 1.0]]],
+                              device="cuda")
+    scores = score_thoughts(query.to(torch.bfloat16), index_keys)
+    assert scores.is_cuda and scores.dtype == torch.float32
+    assert scores.cpu().tolist() == [[1.0, 3.0, 0.0], [2.0, 0.0, -1.0], [1.0, 4.0, 0.0], [-1.0, 2.0, -3.0]]
+    votes, sums = head_votes(scores, k=2)
+    assert votes.is_cuda and votes.cpu().tolist() == [4, 4, 0] and sums.cpu().tolist() == [3.0, 9.0, -4.0]
+    assert select_thoughts(votes, sums, c=2) == [1, 0]
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 5.0, 5.0, 5.0], [2.0, 2.0, 2.0, 2.0]], device="cuda")
+    assert head_votes(tied, k=2)[0].cpu().tolist() == [2, 3, 1, 0]  # ties go to the lower index
+
+    # Model-sized: 32 heads over 8 KV heads, head_dim 128, 300 thoughts.
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(32, 128, generator=gen).to(torch.bfloat16)
+    index_keys = torch.randn(300, 8, 128, generator=gen)
+    gpu_scores = score_thoughts(query.cuda(), index_keys.cuda())
+    torch.testing.assert_close(gpu_scores.cpu(), score_thoughts(query, index_keys), rtol=1e-3, atol=2e-2)
+    # Same scores in, same votes out (sort and bincount on the GPU vs the CPU).
+    gpu_votes, gpu_sums = head_votes(gpu_scores, k=8)
+    cpu_votes, cpu_sums = head_votes(gpu_scores.cpu(), k=8)
+    assert torch.equal(gpu_votes.cpu(), cpu_votes) and int(gpu_votes.sum()) == 32 * 8
+    torch.testing.assert_close(gpu_sums.cpu(), cpu_sums, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
+    from zoomr_sglang.algo.reference import gather_decode_attention, masked_decode_reference
+
+    gen = torch.Generator().manual_seed(4)
+    num_heads, num_kv_heads, head_dim, num_slots = 32, 8, 128, 20_000
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).cuda()
+    v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).cuda()
+    seq_lens = [1, 777, 5000]
+    table = torch.zeros(3, 8192, dtype=torch.int32)
+    for i, n in enumerate(seq_lens):  # every request's slots are a random permutation of the pool
+        table[i, :n] = (torch.randperm(num_slots - 1, generator=gen)[:n] + 1).to(torch.int32)
+    table = table.cuda()
+    ranges = [[(0, 1)], [(0, 4), (100, 197), (197, 240), (700, 777)], [(0, 64), (1000, 1800), (4872, 5000)]]
+    range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges([0, 1, 2], ranges)
+    kv_indices = ranges_to_kv_indices(table, range_rows.cuda(), range_starts.cuda(), range_lens.cuda(),
+                                      out_offsets.cuda(), int(kv_indptr[-1]))
+    query = torch.randn(3, num_heads, head_dim, generator=gen).to(dtype).cuda()
+    scaling = head_dim**-0.5
+    out = gather_decode_attention(query, k_cache, v_cache, kv_indptr, kv_indices, scaling)
+    assert out.is_cuda and out.dtype == dtype and out.shape == (3, num_heads, head_dim)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for i, n in enumerate(seq_lens):
+        slots = table[i, :n].long()
+        keep = torch.zeros(n, dtype=torch.bool, device="cuda")
+        for start, end in ranges[i]:
+            keep[start:end] = True
+        expected = masked_decode_reference(query[i], k_cache[slots], v_cache[slots], keep, scaling)
+        torch.testing.assert_close(out[i].double(), expected, rtol=tol, atol=tol)
