@@ -44,12 +44,21 @@ def test_full_budget_is_token_identical_to_torch_native(model_path, dense_output
         assert stats["attended_total"] == stats["dense_total"]
 
 
-def test_small_budget_long_generation_stays_bounded_and_exact(model_path):
+@pytest.mark.parametrize("engine_kwargs", [{}, dict(page_size=16, chunked_prefill_size=64)], ids=["page1", "page16-chunk64"])
+def test_small_budget_long_generation_stays_bounded_and_exact(model_path, engine_kwargs):
+    """Host tier off and on (the default): the same tokens; on, most KV leaves SGLang's pool.
+    The radix cache is on: the second round of the same prompts hits the tree that the first
+    round's finished requests (with holes) were inserted into."""
     budget = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_SELF_CHECK_INTERVAL=97)
-    with zoomr_env(**budget), engine(model_path, "zoomr") as eng:
+    with zoomr_env(**budget, ZOOMR_HOST_POOL_GB=0), engine(model_path, "zoomr", **engine_kwargs) as eng:
+        all_on_device = [out["output_ids"] for out in generate(eng, prompts()[:3], 1600)]
+    with zoomr_env(**budget), engine(model_path, "zoomr", **engine_kwargs) as eng:
         start = zoomr_state(eng)["pools"]
         outputs = generate(eng, prompts()[:3], 1600)
+        again = generate(eng, prompts()[:3], 400)
         state = zoomr_state(eng)
+    assert [out["output_ids"] for out in outputs] == all_on_device
+    assert [out["output_ids"] for out in again] == [ids[:400] for ids in all_on_device]
     for out in outputs:
         assert len(out["output_ids"]) == 1600
         stats = state["finished"][out["meta_info"]["id"]]
@@ -58,6 +67,8 @@ def test_small_budget_long_generation_stays_bounded_and_exact(model_path):
         assert stats["attended_max"] <= stats["bound_last"]
         # The budget bites: late in the output a step attends a small part of the sequence.
         assert stats["attended_last"] < stats["dense_last"] / 4
+        # ... and most of the request's KV is off the device.
+        assert stats["resident_last"] < stats["dense_last"] / 4 and stats["offloaded_last"] > 0
         assert stats["thoughts_closed"] >= 20
         assert stats["selection_changes"] >= 10 and len(stats["zoom_history"]) == stats["selection_changes"]
         assert len({tuple(s) for s in stats["zoom_history"]}) >= 5
@@ -65,6 +76,10 @@ def test_small_budget_long_generation_stays_bounded_and_exact(model_path):
         # Sparse decode equals the dense masked reference over exactly the planned set.
         assert stats["self_checks"] >= 2 * 16
         assert stats["self_check_max_error"] < 1e-4
+    tier = state["host_tier"]
+    assert tier["evicted_tokens"] > 3000 and tier["zoomed_in_tokens"] > 0
+    assert tier["zoom_in_failures"] == 0 and tier["host_full"] == 0
+    assert tier["used_tokens"] == 0  # every host slot came back
     assert state["running"] == {} and state["index_entries_live"] == 0
     end = state["pools"]
     assert end["req_rows_available"] == start["req_rows_available"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 import requests
@@ -77,3 +78,46 @@ def test_zoomr_is_refused_when_the_plugin_is_filtered_out(model_path):
     result = _run_until_exit(server_command(model_path, free_port()), {"SGLANG_PLUGINS": "some_other_plugin"}, timeout=120)
     assert result.returncode != 0
     assert "invalid choice: 'zoomr'" in result.stderr
+
+
+def test_abort_mid_thought_returns_every_pool_count(model_path):
+    """Abort requests while their thoughts sit in the host tier: SGLang's pool, its request rows, the
+    host tier and the index all come back (SGLang's strict idle leak check stays on)."""
+    env = {"ZOOMR_WINDOW": "16", "ZOOMR_SINK": "2", "ZOOMR_MAX_THOUGHT_TOKENS": "24"}
+    with server(model_path, env=env) as url:
+        start = requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0]["zoomr"]["pools"]
+        greedy = {"temperature": 0, "max_new_tokens": 4000, "ignore_eos": True}
+        streams = []
+        for n, prompt in enumerate(([0, 5, 6, 7], [0, 9, 8, 7, 6])):
+            stream = requests.post(f"{url}/generate", stream=True, timeout=120, json={
+                "input_ids": prompt, "sampling_params": greedy, "stream": True, "rid": f"abort-me-{n}",
+            })
+            streams.append(stream)
+        for stream in streams:
+            seen = 0
+            for line in stream.iter_lines():
+                seen += line.startswith(b"data: ")
+                if seen >= 300:
+                    break
+        busy = requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0]["zoomr"]
+        assert busy["host_tier"]["used_tokens"] > 0  # thoughts really were in the host tier
+        for n in range(2):
+            requests.post(f"{url}/abort_request", json={"rid": f"abort-me-{n}"}, timeout=30).raise_for_status()
+        for stream in streams:
+            stream.close()
+        deadline = time.time() + 60
+        while True:
+            state = requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0]["zoomr"]
+            if not state["running"] or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert state["running"] == {} and state["index_entries_live"] == 0
+        assert state["host_tier"]["used_tokens"] == 0
+        end = state["pools"]
+        assert end["req_rows_available"] == start["req_rows_available"] and end["kv_protected"] == 0
+        assert end["kv_available"] + end["kv_evictable"] == start["kv_available"] + start["kv_evictable"]
+        assert {"abort-me-0", "abort-me-1"} <= set(state["finished"])
+        # The server is still healthy and serves a new request.
+        again = requests.post(f"{url}/generate", json={"input_ids": [0, 5, 6, 7], "sampling_params": {
+            "temperature": 0, "max_new_tokens": 50, "ignore_eos": True}}, timeout=120)
+        assert len(again.json()["output_ids"]) == 50
