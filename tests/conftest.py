@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 if not torch.cuda.is_available():
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # see ./dev: avoids oversubscribing a small CPU
     shim = str(REPO / "cpu_shim")
     if shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
