@@ -1,18 +1,18 @@
 """Test setup: on a machine without a GPU, run SGLang's CPU engine with the sgl_kernel stand-in.
 
 ``./dev test`` sets the same variables; setting them here too keeps a bare ``pytest`` working.
-Spawned SGLang processes inherit both the environment and ``sys.path``.
+They are set before torch is imported (it reads OMP_NUM_THREADS once); spawned SGLang processes
+inherit both the environment and ``sys.path``.
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 
-if not torch.cuda.is_available():
+if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # see ./dev: avoids oversubscribing a small CPU
     shim = str(REPO / "cpu_shim")
