@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 
 TEST_FILES=(tests/test_kernels.py tests/test_index_keys.py tests/test_voting.py tests/test_working_set.py
-            tests/test_segmentation.py tests/test_gpu_bench_smoke.py)  # none of these imports SGLang
+            tests/test_segmentation.py tests/test_gpu_bench_smoke.py tests/test_host_tier_cuda.py)  # none of these imports SGLang
 
 run() {
   local started=$SECONDS

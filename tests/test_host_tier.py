@@ -100,3 +100,44 @@ def test_holes_are_never_attended():
         harness.decode_step([s[step] for s in scripts])
         assert not bool((harness.backend.decode_plan.kv_indices == 0).any())
     assert harness.controller.tiering.counters.evicted_tokens > 0
+
+
+class _SlowEvent:
+    """Stands in for a CUDA event: the copy 'finishes' only after a few polls."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def query(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def synchronize(self) -> None:
+        self.polls = -1
+
+
+def test_copies_that_finish_late_free_slots_late_and_stay_exact(monkeypatch):
+    """The CUDA path's state machine on CPU: a copy out that is still running keeps the thought's
+    slots allocated (not a hole), they are freed once it is done, and release drains it first."""
+    from zoomr_sglang.attention_backend.host_tier import Transfer
+
+    original_store = HostKVTier.store
+    def slow_store(self, kv_pool, device_slots, host_slots):
+        original_store(self, kv_pool, device_slots, host_slots)  # the data lands now; the 'event' lies
+        return Transfer(_SlowEvent(polls=30), lambda: None)
+
+    dense_outputs, _, _ = _run(0, summaries=True)
+    monkeypatch.setattr(HostKVTier, "store", slow_store)
+    tiered_outputs, tiered, _ = _run(4096, summaries=True)
+    assert all(torch.equal(a, b) for a, b in zip(dense_outputs, tiered_outputs))
+    tiering = tiered.controller.tiering
+    assert tiering.counters.evicted_tokens > 300
+    in_flight = [copy for copies in tiering.in_flight.values() for copy in copies]
+    assert in_flight, "the last steps' copies should still be running"
+    for copy in in_flight:
+        row = next(r for r, copies in tiering.in_flight.items() if copy in copies)
+        assert (copy.start, copy.end) not in tiering.holes(row)  # slots still owned, not a hole
+        assert bool((tiered.req_to_token_pool.req_to_token[row, copy.start:copy.end] != 0).all())
+    tiered.release_all()
+    assert tiered.allocator.available_size() == tiered.pool_tokens
+    assert tiering.host.num_used == 0 and tiering.in_flight == {}

@@ -43,6 +43,7 @@ def around_checkpoint(original, cache, req, *args, up_to, **kwargs):
 def around_free_kv_row(original, cache, kv, ranges, *args, **kwargs):
     tiering = _tiering_of(cache.req_to_token_pool)
     if tiering is not None and kv.req_pool_idx is not None:
+        tiering.drain_row(kv.req_pool_idx)  # no copy out may still read a slot SGLang frees now
         holes = tiering.holes(kv.req_pool_idx)
         if holes:
             ranges = subtract_ranges(ranges, holes)

@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from zoomr_sglang.attention_backend.host_tier import HostKVTier
+from zoomr_sglang.attention_backend.host_tier import HostKVTier, Transfer
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.config import ZoomRConfig
 
@@ -32,6 +32,17 @@ class ColdThought:
     host_slots: torch.Tensor  # [end - start] int64 host-tier slots
     on_device: bool = False  # zoomed in: the row points at live device slots again
     last_used: int = 0  # step of the last use while on the device (zoom cache order)
+
+
+@dataclass
+class InFlight:
+    """A thought whose copy to the host tier may still be running; its slots stay allocated."""
+
+    index: int
+    start: int
+    end: int
+    host_slots: torch.Tensor
+    transfer: Transfer
 
 
 @dataclass
@@ -58,6 +69,7 @@ class ThoughtTiering:
         self.kv_pool = kv_pool
         self.page_size = page_size
         self.cold: Dict[int, Dict[int, ColdThought]] = {}  # row -> thought index -> cold thought
+        self.in_flight: Dict[int, List[InFlight]] = {}  # row -> copies out not yet known finished
         self.counters = TieringCounters()
         self.freed_since_admission = 0  # read and reset by the admission hook
         self.step = 0
@@ -70,6 +82,7 @@ class ThoughtTiering:
         """
         self.step += 1
         cold = self.cold.setdefault(state.row, {})
+        self._finish_copies(state, cold)
         available = []
         for index in state.zoomed:
             thought = cold.get(index)
@@ -115,12 +128,26 @@ class ThoughtTiering:
             if host_slots is None:
                 self.counters.host_full += 1
                 continue
-            device_slots = self.req_to_token[state.row, start:end].long()
-            self.host.store(self.kv_pool, device_slots, host_slots)
-            self._free_device(state.row, start, end)
-            cold[index] = ColdThought(start, end, host_slots)
-            self.counters.evicted_tokens += end - start
+            transfer = self.host.store(self.kv_pool, self.req_to_token[state.row, start:end].long(), host_slots)
+            self.in_flight.setdefault(state.row, []).append(InFlight(index, start, end, host_slots, transfer))
         state.pending_eviction = waiting
+        self._finish_copies(state, cold)
+
+    def _finish_copies(self, state: RequestState, cold: Dict[int, ColdThought]) -> None:
+        """Free the device slots of thoughts whose copy out has finished (a thought selected in the
+        meantime keeps its slots and becomes a zoomed-in cold thought)."""
+        still_running = []
+        for copy in self.in_flight.get(state.row, []):
+            if not copy.transfer.done():
+                still_running.append(copy)
+                continue
+            thought = ColdThought(copy.start, copy.end, copy.host_slots, on_device=copy.index in state.zoomed,
+                                  last_used=self.step)
+            if not thought.on_device:
+                self._free_device(state.row, copy.start, copy.end)
+                self.counters.evicted_tokens += copy.end - copy.start
+            cold[copy.index] = thought
+        self.in_flight[state.row] = still_running
 
     def _trim_zoom_cache(self, state: RequestState, cold: Dict[int, ColdThought]) -> None:
         """Keep at most ``zoom_cache`` unselected zoomed-in thoughts on the device (least recent go)."""
@@ -152,7 +179,16 @@ class ThoughtTiering:
         sizes = sorted((t.end - t.start for t in self.cold.get(row, {}).values() if not t.on_device), reverse=True)
         return sum(sizes[: self.config.num_thoughts])
 
+    def drain_row(self, row: int) -> None:
+        """Wait for the row's copies out before SGLang frees its slots; those thoughts keep their
+        device slots (SGLang frees them with the row) and their host copies (freed on release)."""
+        cold = self.cold.setdefault(row, {})
+        for copy in self.in_flight.pop(row, []):
+            copy.transfer.wait()
+            cold[copy.index] = ColdThought(copy.start, copy.end, copy.host_slots, on_device=True)
+
     def release_row(self, row: int) -> None:
         """Free the host copies of a row SGLang has released (its device slots are SGLang's to free)."""
+        self.drain_row(row)
         for thought in self.cold.pop(row, {}).values():
             self.host.free(thought.host_slots)
