@@ -80,7 +80,8 @@ def test_small_budget_long_generation_stays_bounded_and_exact(model_path, engine
         assert stats["self_checks"] >= 2 * 16
         assert stats["self_check_max_error"] < 1e-4
     tier = state["host_tier"]
-    assert tier["evicted_tokens"] > 3000 and tier["zoomed_in_tokens"] > 0
+    offloaded_at_end = sum(state["finished"][out["meta_info"]["id"]]["offloaded_last"] for out in outputs)
+    assert tier["evicted_tokens"] >= offloaded_at_end > 1000 and tier["zoomed_in_tokens"] > 0
     assert tier["zoom_in_failures"] == 0 and tier["host_full"] == 0
     assert tier["used_tokens"] == 0  # every host slot came back
     assert state["running"] == {} and state["index_entries_live"] == 0
