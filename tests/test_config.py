@@ -14,11 +14,13 @@ def test_every_variable_is_read():
         "ZOOMR_TOPK": "3", "ZOOMR_NUM_THOUGHTS": "4", "ZOOMR_SINK": "0", "ZOOMR_WINDOW": "64",
         "ZOOMR_MAX_THOUGHT_TOKENS": "100", "ZOOMR_BOUNDARIES": '["\\n\\n", "###"]',
         "ZOOMR_SUMMARY_BEGIN": "<s>", "ZOOMR_SUMMARY_END": "</s>", "ZOOMR_SENTENCE_ENDS": '["."]',
-        "ZOOMR_REFRESH_INTERVAL": "8", "ZOOMR_STATS_HISTORY": "5",
+        "ZOOMR_REFRESH_INTERVAL": "8", "ZOOMR_STATS_HISTORY": "5", "ZOOMR_SELF_CHECK_INTERVAL": "9",
+        "ZOOMR_HOST_POOL_GB": "1.5", "ZOOMR_ZOOM_CACHE": "0",
     })
     assert config == ZoomRConfig(
         topk=3, num_thoughts=4, sink=0, window=64, max_thought_tokens=100, boundaries=("\n\n", "###"),
         summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
+        self_check_interval=9, host_pool_gb=1.5, zoom_cache=0,
     )
 
 
@@ -35,6 +37,11 @@ def test_every_variable_is_read():
     ("ZOOMR_BOUNDARIES", "[]", "non-empty strings"),
     ("ZOOMR_SUMMARY_BEGIN", "", "non-empty"),
     ("ZOOMR_REFRESH_INTERVAL", "", "not an integer"),
+    ("ZOOMR_HOST_POOL_GB", "-1", "a number of GiB >= 0"),
+    ("ZOOMR_HOST_POOL_GB", "lots", "not a number"),
+    ("ZOOMR_HOST_POOL_GB", "inf", "a number of GiB >= 0"),
+    ("ZOOMR_ZOOM_CACHE", "-2", ">= 0"),
+    ("ZOOMR_SELF_CHECK_INTERVAL", "x", "not an integer"),
 ])
 def test_bad_value_names_variable_value_and_allowed(name, value, words):
     with pytest.raises(ValueError) as error:
