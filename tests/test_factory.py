@@ -72,3 +72,11 @@ def test_marker_the_tokenizer_cannot_write_is_refused(monkeypatch):
     with pytest.raises(ValueError) as error:
         _load_texts(monkeypatch, _CharTokenizer("\n<>ab"), config)
     assert "ZOOMR_SUMMARY_END" in str(error.value) and "'##'" in str(error.value)
+
+
+def test_host_tier_is_refused_with_tensor_parallelism_and_off_at_zero():
+    runner = _runner()
+    assert factory.build_tiering(runner, ZoomRConfig(host_pool_gb=0), num_kv_heads=2, attn_tp_size=4) is None
+    with pytest.raises(ValueError) as error:
+        factory.build_tiering(runner, ZoomRConfig(), num_kv_heads=2, attn_tp_size=4)
+    assert "ZOOMR_HOST_POOL_GB" in str(error.value) and "ZOOMR_HOST_POOL_GB=0" in str(error.value)
