@@ -92,9 +92,11 @@ class Harness:
     def backend_runner(self) -> SimpleNamespace:
         return SimpleNamespace(device="cpu", req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.kv_pool)
 
-    def add_request(self, prompt_len: int) -> None:
-        """Allocate a row and slots for the prompt and fill the prompt's KV with random values."""
+    def add_request(self, prompt_len: int, custom_params: Optional[dict] = None) -> None:
+        """Allocate a row and slots for the prompt and fill the prompt's KV with random values;
+        ``custom_params`` reach the controller as SGLang's row-allocation hook passes them."""
         (row,) = self.req_to_token_pool.alloc_rows(1)
+        self.controller.note_request(row, custom_params)
         slots = self._take_slots(prompt_len)
         self.req_to_token_pool.req_to_token[row, :prompt_len] = slots.to(torch.int32)
         for layer in range(self.num_layers):

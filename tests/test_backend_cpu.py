@@ -134,5 +134,5 @@ def test_self_check_records_the_error_against_the_dense_reference():
     plan = harness.backend.decode_plan
     plan.self_check = True
     query = torch.randn(1, harness.num_heads, harness.head_dim)
-    harness.controller.self_check(0, query, torch.zeros(1, harness.num_heads, harness.head_dim), 0.25, plan)
+    harness.controller.check_outputs(0, query, torch.zeros(1, harness.num_heads, harness.head_dim), 0.25, plan)
     assert stats.self_check_max_error > 1e-2

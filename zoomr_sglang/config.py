@@ -43,6 +43,10 @@ class ZoomRConfig:
     # 0: off (all KV stays in SGLang's pool).
     host_pool_gb: Optional[float] = None
     zoom_cache: int = 2  # zoomed-in thoughts kept on the device after they leave the selection
+    # Working-set policy and per-request budget of attended KV tokens (0: unbounded); a request
+    # may override both (see RequestSettings).
+    policy: str = "zoomr"
+    budget: int = 0
 
     def markers(self) -> Mapping[str, Tuple[str, ...]]:
         """Every configured marker string under its variable name (for tokenizer checks)."""
@@ -81,6 +85,21 @@ def _gigabytes(name: str, raw: str) -> float:
     return value
 
 
+def _policy(name: str, raw: object) -> str:
+    from zoomr_sglang.algo.policies import POLICY_NAMES
+
+    if raw not in POLICY_NAMES:
+        raise ValueError(f"{name}={raw!r} is not a policy; allowed: {', '.join(POLICY_NAMES)}")
+    return raw
+
+
+def _check_budget(name: str, budget: int, config: "ZoomRConfig") -> None:
+    least = config.sink + MIN_WINDOW
+    if budget and budget < least:
+        raise ValueError(f"{name}={budget!r} is too small; allowed: 0 (unbounded) or an integer >= {least}"
+                         f" (ZOOMR_SINK + {MIN_WINDOW} recent tokens)")
+
+
 def _text(name: str, raw: str) -> str:
     if not raw:
         raise ValueError(f"{name}={raw!r} is empty; allowed: a non-empty string")
@@ -113,6 +132,8 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_SELF_CHECK_INTERVAL": ("self_check_interval", lambda n, r: _int(n, r, 0)),
     "ZOOMR_HOST_POOL_GB": ("host_pool_gb", _gigabytes),
     "ZOOMR_ZOOM_CACHE": ("zoom_cache", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_POLICY": ("policy", lambda n, r: _policy(n, r)),
+    "ZOOMR_BUDGET": ("budget", lambda n, r: _int(n, r, 0)),
 }
 
 ENV_VARS = tuple(_FIELDS)
@@ -133,7 +154,57 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
             values[field] = parse(name, environ[name])
     if values.get("summary_begin", ZoomRConfig.summary_begin) == values.get("summary_end", ZoomRConfig.summary_end):
         raise ValueError("ZOOMR_SUMMARY_BEGIN and ZOOMR_SUMMARY_END are equal; allowed: two different strings")
-    return ZoomRConfig(**values)
+    config = ZoomRConfig(**values)
+    _check_budget("ZOOMR_BUDGET", config.budget, config)
+    if config.policy == "oracle":
+        raise ValueError("ZOOMR_POLICY='oracle' needs each request's task dependencies; allowed as a server"
+                         " default: every other policy (a request selects oracle with custom_params)")
+    return config
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """One request's policy, budget and measurement switches: the server's defaults, overridden by
+    the request's ``sampling_params.custom_params`` keys ``zoomr_policy``, ``zoomr_budget``,
+    ``zoomr_oracle`` (oracle policy: per thought, the earlier thoughts it reads) and
+    ``zoomr_fidelity`` (measure attention-mass coverage and output error against dense attention
+    at every step; keeps the request's KV out of the host tier)."""
+
+    policy: str
+    budget: int
+    oracle: Optional[Tuple[Tuple[int, ...], ...]] = None
+    fidelity: bool = False
+
+
+REQUEST_KEYS = ("zoomr_policy", "zoomr_budget", "zoomr_oracle", "zoomr_fidelity")
+
+
+def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, object]]) -> RequestSettings:
+    """Resolve a request's settings; raises ValueError naming the bad key and value."""
+    params = {k: v for k, v in (custom_params or {}).items() if k.startswith("zoomr_")}
+    unknown = sorted(set(params) - set(REQUEST_KEYS))
+    if unknown:
+        raise ValueError(f"unknown custom_params key {unknown[0]!r}; allowed zoomr keys: {', '.join(REQUEST_KEYS)}")
+    policy = _policy("zoomr_policy", params.get("zoomr_policy", config.policy))
+    budget = params.get("zoomr_budget", config.budget)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"zoomr_budget={budget!r} is not allowed; allowed: an integer >= 0 (0: unbounded)")
+    _check_budget("zoomr_budget", budget, config)
+    fidelity = params.get("zoomr_fidelity", False)
+    if not isinstance(fidelity, bool):
+        raise ValueError(f"zoomr_fidelity={fidelity!r} is not allowed; allowed: true or false")
+    oracle = params.get("zoomr_oracle")
+    if (oracle is None) != (policy != "oracle"):
+        raise ValueError(f"zoomr_oracle is {'missing' if oracle is None else 'given'} with zoomr_policy={policy!r};"
+                         " allowed: zoomr_oracle exactly when the policy is 'oracle'")
+    if oracle is not None:
+        if not isinstance(oracle, list) or not all(
+                isinstance(d, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)
+                for d in oracle):
+            raise ValueError("zoomr_oracle is not allowed; allowed: a list (one entry per thought) of lists of"
+                             " earlier thought indices >= 0")
+        oracle = tuple(tuple(d) for d in oracle)
+    return RequestSettings(policy=policy, budget=budget, oracle=oracle, fidelity=fidelity)
 
 
 # Variables with the prefix that belong to tooling, not to the backend.

@@ -30,6 +30,13 @@ def register() -> None:
     register_resolution_hook("handle_attention_backend_compatibility")(_resolve_server_args)
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, HookType.AFTER)
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, HookType.AFTER)
+    # Per-request policy settings: checked where the request enters (a bad value is the client's
+    # error), handed to the backend when the request takes its pool row.
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _before_validate_request,
+        HookType.BEFORE,
+    )
+    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.alloc", _after_alloc_rows, HookType.AFTER)
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
         _add_internal_state,
@@ -87,6 +94,26 @@ def _after_free_rows(result, pool, indices, *args, **kwargs):
     if controller is not None:
         for row in indices:
             controller.release_row(row)
+    return result
+
+
+def _before_validate_request(manager, obj, *args, **kwargs):
+    """Refuse a request whose ``custom_params`` carry a bad ``zoomr_*`` setting (ValueError: the
+    client gets the message)."""
+    sampling_params = getattr(obj, "sampling_params", None)
+    custom_params = sampling_params.get("custom_params") if isinstance(sampling_params, dict) else None
+    if isinstance(custom_params, dict) and any(str(k).startswith("zoomr_") for k in custom_params):
+        from zoomr_sglang.config import load_config, request_settings
+
+        request_settings(load_config(), custom_params)
+    return None
+
+
+def _after_alloc_rows(result, pool, reqs, *args, **kwargs):
+    controller = _controller_of(pool)
+    if controller is not None and result is not None:
+        for req, row in zip(reqs, result):
+            controller.note_request(row, req.sampling_params.custom_params)
     return result
 
 

@@ -75,11 +75,18 @@ def masked_decode_reference(
     Returns:
         ``[num_heads, v_head_dim]`` float64.
     """
-    num_heads = query.shape[0]
-    group = num_heads // keys.shape[1]
-    k = keys.double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
-    v = values.double().repeat_interleave(group, dim=1)
-    logits = torch.einsum("hd,shd->hs", query.double(), k) * scaling
-    logits = logits.masked_fill(~keep.to(logits.device)[None, :], float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
+    weights = dense_attention_weights(query, keys, scaling, keep)
+    v = values.double().repeat_interleave(query.shape[0] // keys.shape[1], dim=1)
     return torch.einsum("hs,shd->hd", weights, v)
+
+
+def dense_attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                            keep: "torch.Tensor | None" = None) -> torch.Tensor:
+    """Float64 softmax weights ``[num_heads, seq_len]`` of query ``[num_heads, head_dim]`` over keys
+    ``[seq_len, num_kv_heads, head_dim]`` (GQA), positions outside ``keep`` masked out."""
+    group = query.shape[0] // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    logits = torch.einsum("hd,shd->hs", query.double(), k) * scaling
+    if keep is not None:
+        logits = logits.masked_fill(~keep.to(logits.device)[None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)

@@ -16,13 +16,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
-from zoomr_sglang.algo.reference import masked_decode_reference
+from zoomr_sglang.algo.reference import dense_attention_weights, masked_decode_reference
 from zoomr_sglang.algo.segmentation import ThoughtSegmenter
 from zoomr_sglang.algo.voting import head_votes, score_thoughts
-from zoomr_sglang.algo.working_set import Range, ranges_size
+from zoomr_sglang.algo.working_set import Range, ranges_size, ranges_to_positions
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
-from zoomr_sglang.config import ZoomRConfig
+from zoomr_sglang.config import RequestSettings, ZoomRConfig, request_settings
 from zoomr_sglang.kernels.kv_indices import flatten_ranges, ranges_to_kv_indices
 
 
@@ -38,6 +38,8 @@ class DecodePlan:
     each request's slots in position order. commit_entries / commit_slots ``[m]`` int64 on the
     device: the key stored in ``commit_slots[j]`` is added to index entry ``commit_entries[j]``.
     voters: ``(batch index, state)`` of requests whose query votes in this step.
+    observers: ``(batch index, state, positions [n] int64 on the CPU, slots [n] int64 on the device)``
+    of requests whose policy learns from this step's queries and those positions' keys.
     states, seq_lens, ranges: per batch index, the request's state, its length and its working set
     as position ranges. self_check: compare this step's outputs with the dense reference.
     """
@@ -50,6 +52,7 @@ class DecodePlan:
     states: List[RequestState]
     seq_lens: List[int]
     ranges: List[List[Range]]
+    observers: List[Tuple[int, RequestState, torch.Tensor, torch.Tensor]]
     self_check: bool = False
 
 
@@ -69,6 +72,23 @@ class ZoomRController:
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
         self.decode_steps = 0
         self.tiering = tiering  # None: the host tier is off, all KV stays in SGLang's pool
+        self.default_settings = request_settings(config, None)
+        # row -> (row generation, settings) of requests admitted but not yet decoding
+        self.pending_settings: Dict[int, Tuple[int, RequestSettings]] = {}
+
+    def note_request(self, row: int, custom_params) -> None:
+        """A request took ``row``: remember its settings (validated by the tokenizer manager
+        already; a bad value here falls back to the server's defaults rather than failing the batch)."""
+        try:
+            settings = request_settings(self.config, custom_params)
+        except ValueError:
+            settings = self.default_settings
+        self.pending_settings[row] = (int(self.req_to_token_pool.req_generation[row]), settings)
+
+    def _tiered(self, state: RequestState) -> bool:
+        """Whether the host tier may move this request's KV: only for policies that attend whole
+        thoughts, and not while fidelity is measured against the full sequence."""
+        return self.tiering is not None and state.policy.thought_level and not state.settings.fidelity
 
     # -- per step (host) ------------------------------------------------------------------------
     def plan_decode(self, forward_batch) -> DecodePlan:
@@ -86,7 +106,7 @@ class ZoomRController:
         states: List[RequestState] = []
         for i, (row, token, seq_len) in enumerate(zip(rows, tokens, seq_lens)):
             state = self._state_for(row, rids[i], seq_len)
-            state.apply_votes(self.config.num_thoughts)
+            state.apply_votes(self.config.num_thoughts)  # no-op unless a vote is open
             events = state.segmenter.feed(token, seq_len - 1)
             for thought, role, positions in events.commits:
                 entry = state.entry(thought, role, self.index_keys)
@@ -94,7 +114,7 @@ class ZoomRController:
                 commit_rows += [row] * len(positions)
                 commit_positions += positions
             state.close_thoughts(events.finalized, self.index_keys)
-            if state.refresh(events, self.config):
+            if state.refresh(events, self.config, seq_len):
                 voters.append((i, state))
             states.append(state)
 
@@ -105,18 +125,25 @@ class ZoomRController:
             commit_entries_t = torch.tensor(commit_entries, dtype=torch.int64).to(self.device, non_blocking=True)
 
         all_ranges: List[List[Range]] = []
-        for state, seq_len in zip(states, seq_lens):
-            zoomed = None if self.tiering is None else self.tiering.prepare(state, seq_len)
-            ranges = state.working_set(seq_len, self.config, zoomed)
-            offloaded = 0 if self.tiering is None else self.tiering.offloaded_tokens(state.row)
+        observers = []
+        for i, (state, seq_len) in enumerate(zip(states, seq_lens)):
+            tiered = self._tiered(state)
+            zoomed = self.tiering.prepare(state, seq_len) if tiered else None
+            ranges = state.working_set(seq_len, self.config, zoomed, self.config.window if tiered else None)
+            offloaded = self.tiering.offloaded_tokens(state.row) if tiered else 0
             state.record_step(ranges_size(ranges), seq_len, self.config, offloaded)
             all_ranges.append(ranges)
+            watched = state.policy.observe_positions(state.view(seq_len, self.config), ranges)
+            if watched is not None:
+                positions = ranges_to_positions(watched)
+                slots = self._slots(torch.full_like(positions, state.row), positions).long()
+                observers.append((i, state, positions, slots))
         kv_indptr, kv_indices = self._kv_indices(rows, all_ranges)
         self.decode_steps += 1
         interval = self.config.self_check_interval
         self_check = interval > 0 and self.decode_steps % interval == 0
         return DecodePlan(kv_indptr, kv_indices, commit_entries_t, commit_slots, voters, states, seq_lens,
-                          all_ranges, self_check)
+                          all_ranges, observers, self_check)
 
     def _kv_indices(self, rows: List[int], all_ranges: List[List[Range]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """kv_indptr ``[bs + 1]`` int32 on the CPU and kv_indices ``[nnz]`` int32 on the device: each
@@ -149,16 +176,20 @@ class ZoomRController:
             summary_end=self.config.summary_end, sentence_ends=self.config.sentence_ends,
             max_thought_tokens=self.config.max_thought_tokens, first_position=first_position,
         )
-        state = RequestState(row=row, generation=generation, rid=rid, prompt_len=first_position, segmenter=segmenter)
+        noted = self.pending_settings.pop(row, None)
+        settings = noted[1] if noted is not None and noted[0] == generation else self.default_settings
+        state = RequestState(row=row, generation=generation, rid=rid, prompt_len=first_position,
+                             segmenter=segmenter, settings=settings, num_thoughts=self.config.num_thoughts)
         self.states[row] = state
         return state
 
     # -- per layer (device) ---------------------------------------------------------------------
-    def after_attention(self, layer_id: int, query: torch.Tensor, plan: DecodePlan) -> None:
+    def after_attention(self, layer_id: int, query: torch.Tensor, plan: DecodePlan, scaling: float) -> None:
         """Index the keys committed this step and cast this layer's votes.
 
         Runs after the layer's KV write, so the key of the token decoded now is in the pool.
-        query: ``[bs, num_heads, head_dim]``, post-RoPE like the cached keys.
+        query: ``[bs, num_heads, head_dim]``, post-RoPE like the cached keys; scaling: the softmax
+        scale (H2O accumulates softmax weights).
         """
         if plan.commit_entries is not None:
             keys = self.token_to_kv_pool.get_key_buffer(layer_id)[plan.commit_slots]
@@ -167,24 +198,44 @@ class ZoomRController:
             index_keys = self.index_keys.means(layer_id, state.candidate_entries)
             scores = score_thoughts(query[batch_index].float(), index_keys)
             state.add_votes(*head_votes(scores, self.config.topk))
+        if plan.observers:
+            key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
+            for batch_index, state, positions, slots in plan.observers:
+                state.policy.observe(layer_id, query[batch_index].float(), key_buffer[slots].float(),
+                                     positions, scaling)
 
-    def self_check(self, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float,
-                   plan: DecodePlan) -> None:
-        """On self-check steps, record how far ``output`` [bs, num_heads, v_head_dim] is from the
-        dense masked reference over the same working set (``ZOOMR_SELF_CHECK_INTERVAL``)."""
-        if not plan.self_check:
+    def check_outputs(self, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float,
+                      plan: DecodePlan) -> None:
+        """Compare ``output`` [bs, num_heads, v_head_dim] with dense references.
+
+        Self-check steps (``ZOOMR_SELF_CHECK_INTERVAL``): the largest error against the masked
+        reference over the same working set. Requests with ``zoomr_fidelity``: the share of the
+        dense (whole sequence) attention mass inside the working set, averaged over heads, and
+        ``||output - dense|| / ||dense||``.
+        """
+        fidelity = [i for i, state in enumerate(plan.states) if state.settings.fidelity]
+        if not plan.self_check and not fidelity:
             return
         keys = self.token_to_kv_pool.get_key_buffer(layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer_id)
-        for i, (state, seq_len) in enumerate(zip(plan.states, plan.seq_lens)):
+        for i in range(len(plan.states)) if plan.self_check else fidelity:
+            state, seq_len = plan.states[i], plan.seq_lens[i]
             slots = self.req_to_token_pool.req_to_token[state.row, :seq_len].long()
             keep = torch.zeros(seq_len, dtype=torch.bool, device=keys.device)
             for start, end in plan.ranges[i]:
                 keep[start:end] = True
-            expected = masked_decode_reference(query[i], keys[slots], values[slots], keep, scaling)
-            error = float((output[i].double() - expected).abs().max())
-            state.stats.self_checks += 1
-            state.stats.self_check_max_error = max(state.stats.self_check_max_error, error)
+            if plan.self_check:
+                expected = masked_decode_reference(query[i], keys[slots], values[slots], keep, scaling)
+                error = float((output[i].double() - expected).abs().max())
+                state.stats.self_checks += 1
+                state.stats.self_check_max_error = max(state.stats.self_check_max_error, error)
+            if state.settings.fidelity:
+                weights = dense_attention_weights(query[i], keys[slots], scaling)  # [num_heads, seq_len]
+                dense = torch.einsum("hs,shd->hd", weights,
+                                     values[slots].double().repeat_interleave(weights.shape[0] // values.shape[1], dim=1))
+                mass = float(weights[:, keep].sum(dim=1).mean())
+                rel_error = float((output[i].double() - dense).norm() / dense.norm().clamp_min(1e-30))
+                state.stats.add_fidelity(layer_id, mass, rel_error)
 
     # -- admission (host tier on) ----------------------------------------------------------------
     def device_tokens_per_request(self) -> int:

@@ -50,7 +50,7 @@ class ZoomRFlashInferBackend(FlashInferAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         query = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
-        self.zoomr.after_attention(layer.layer_id, query, self.decode_plan)
-        self.zoomr.self_check(layer.layer_id, query, out.view(query.shape[0], layer.tp_q_head_num, -1),
+        self.zoomr.after_attention(layer.layer_id, query, self.decode_plan, layer.scaling)
+        self.zoomr.check_outputs(layer.layer_id, query, out.view(query.shape[0], layer.tp_q_head_num, -1),
                               layer.scaling, self.decode_plan)
         return out

@@ -8,10 +8,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
 from zoomr_sglang.algo.segmentation import SegmentEvents, ThoughtSegmenter, TokenRole, key_role
 from zoomr_sglang.algo.voting import agreement, select_thoughts
-from zoomr_sglang.algo.working_set import Range, working_set_ranges
-from zoomr_sglang.config import ZoomRConfig
+from zoomr_sglang.algo.working_set import Range
+from zoomr_sglang.config import RequestSettings, ZoomRConfig
 
 
 @dataclass
@@ -20,6 +21,8 @@ class RequestStats:
 
     rid: Optional[str]
     prompt_len: int
+    policy: str = "zoomr"
+    budget: int = 0
     steps: int = 0
     attended_last: int = 0
     attended_max: int = 0
@@ -27,7 +30,7 @@ class RequestStats:
     dense_last: int = 0
     dense_total: int = 0
     bound_last: int = 0
-    over_bound_steps: int = 0  # steps whose working set exceeded the bound: must stay 0
+    over_bound_steps: int = 0  # steps over the bound: ZoomR's (must stay 0) or the budget's
     refreshes: int = 0
     votes_held: int = 0
     selection_changes: int = 0
@@ -41,10 +44,30 @@ class RequestStats:
     self_check_max_error: float = 0.0
     zoomed: List[int] = field(default_factory=list)
     zoom_history: List[List[int]] = field(default_factory=list)  # each distinct selection, in order
+    # zoomr_fidelity: per layer, sums over steps of the share of dense attention probability mass
+    # inside the working set and of the relative error of the output against dense attention.
+    fidelity_steps: int = 0
+    fidelity_mass_sum: List[float] = field(default_factory=list)
+    fidelity_error_sum: List[float] = field(default_factory=list)
+
+    def add_fidelity(self, layer_id: int, mass: float, rel_error: float) -> None:
+        while len(self.fidelity_mass_sum) <= layer_id:
+            self.fidelity_mass_sum.append(0.0)
+            self.fidelity_error_sum.append(0.0)
+        self.fidelity_mass_sum[layer_id] += mass
+        self.fidelity_error_sum[layer_id] += rel_error
+        self.fidelity_steps += layer_id == 0
 
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
         out["agreement_mean"] = self.agreement_sum / self.votes_held if self.votes_held else None
+        out["resident_fraction"] = self.attended_total / self.dense_total if self.dense_total else None
+        if self.fidelity_steps:
+            out["fidelity"] = {
+                "steps": self.fidelity_steps,
+                "mass": [m / self.fidelity_steps for m in self.fidelity_mass_sum],
+                "rel_error": [e / self.fidelity_steps for e in self.fidelity_error_sum],
+            }
         return out
 
 
@@ -56,8 +79,11 @@ class RequestState:
     """
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
-                 segmenter: ThoughtSegmenter) -> None:
+                 segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int) -> None:
         self.row = row
+        self.settings = settings
+        self.policy: Policy = POLICIES[settings.policy](
+            num_thoughts=num_thoughts, seed=hash_seed(rid, row, generation), oracle=settings.oracle)
         self.generation = generation
         self.prompt_len = prompt_len
         self.segmenter = segmenter
@@ -70,7 +96,7 @@ class RequestState:
         self.score_sums: Optional[torch.Tensor] = None  # [n_candidates] float32
         self.tokens_since_refresh = 0
         self.summary_tokens = 0
-        self.stats = RequestStats(rid=rid, prompt_len=prompt_len)
+        self.stats = RequestStats(rid=rid, prompt_len=prompt_len, policy=settings.policy, budget=settings.budget)
 
     # -- index keys ---------------------------------------------------------------------------
     def entry(self, thought: int, role: TokenRole, store: IndexKeyStore) -> int:
@@ -104,14 +130,20 @@ class RequestState:
         self.entries.clear()
 
     # -- selection ----------------------------------------------------------------------------
-    def refresh(self, events: SegmentEvents, config: ZoomRConfig) -> bool:
-        """Start a vote at a refresh point; returns True when this step's queries must vote."""
+    def refresh(self, events: SegmentEvents, config: ZoomRConfig, seq_len: int) -> bool:
+        """At a refresh point, let the policy choose thoughts or start a vote; returns True when
+        this step's queries must vote (ZoomR)."""
         self.tokens_since_refresh += 1
         due = events.sentence_end or events.finalized or self.tokens_since_refresh >= config.refresh_interval
-        if not due:
+        if not due or not self.policy.thought_level:
             return False
         self.tokens_since_refresh = 0
         self.stats.refreshes += 1
+        if not self.policy.votes:
+            chosen = self.policy.choose_thoughts(self.view(seq_len, config))
+            if chosen is not None:
+                self._set_zoomed(chosen)
+            return False
         if len(self.candidates) <= config.num_thoughts:
             self._set_zoomed(list(self.candidates))
             return False
@@ -142,30 +174,42 @@ class RequestState:
         self.stats.zoomed = sorted(zoomed)
 
     # -- working set --------------------------------------------------------------------------
-    def working_set(self, seq_len: int, config: ZoomRConfig, zoomed: Optional[List[int]] = None) -> List[Range]:
-        """Position ranges attended this step; ``zoomed`` overrides the selection (a thought the
-        host tier could not bring back this step is left out)."""
-        thoughts = self.segmenter.thoughts
-        summary_spans = [
-            (t.summary_start, t.summary_end) for t in (thoughts[i] for i in self.candidates)
-            if t.summary_start is not None
-        ]
-        zoomed = self.zoomed if zoomed is None else zoomed
-        zoomed_spans = [(thoughts[i].start, thoughts[i].span_end()) for i in zoomed]
-        return working_set_ranges(
-            seq_len=seq_len, prompt_len=self.prompt_len, n_sink=config.sink, n_window=config.window,
-            open_from=self.segmenter.open_from(), summary_spans=summary_spans, zoomed_spans=zoomed_spans,
+    def view(self, seq_len: int, config: ZoomRConfig, zoomed: Optional[List[int]] = None,
+             window_cap: Optional[int] = None) -> StepView:
+        return StepView(
+            seq_len=seq_len, prompt_len=self.prompt_len, sink=config.sink, window=config.window,
+            budget=self.settings.budget, thoughts=self.segmenter.thoughts, candidates=self.candidates,
+            zoomed=self.zoomed if zoomed is None else zoomed, open_from=self.segmenter.open_from(),
+            window_cap=window_cap,
         )
+
+    def working_set(self, seq_len: int, config: ZoomRConfig, zoomed: Optional[List[int]] = None,
+                    window_cap: Optional[int] = None) -> List[Range]:
+        """Position ranges attended this step, as the request's policy chooses them; ``zoomed``
+        overrides the selection (a thought the host tier could not bring back this step is left
+        out) and ``window_cap`` limits how far back the window reaches (the host tier's window)."""
+        return self.policy.working_set(self.view(seq_len, config, zoomed, window_cap))
 
     def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> None:
         stats = self.stats
         stats.resident_last = seq_len - offloaded
         stats.resident_max = max(stats.resident_max, stats.resident_last)
         stats.offloaded_last = offloaded
-        bound = config.working_set_bound(self.prompt_len, self.summary_tokens)
+        if self.settings.budget:
+            bound = self.settings.budget
+        elif self.policy.votes:
+            bound = config.working_set_bound(self.prompt_len, self.summary_tokens)
+        else:
+            bound = seq_len
         stats.steps += 1
         stats.attended_last, stats.dense_last, stats.bound_last = attended, seq_len, bound
         stats.attended_max = max(stats.attended_max, attended)
         stats.attended_total += attended
         stats.dense_total += seq_len
-        stats.over_bound_steps += attended > bound
+        stats.over_bound_steps += attended > bound  # with a budget: the skeleton alone exceeded it
+
+
+def hash_seed(rid: Optional[str], row: int, generation: int) -> int:
+    """A per-request seed that does not depend on Python's salted str hash."""
+    text = f"{rid}:{row}:{generation}" if rid is None else str(rid)
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(text)) % (2 ** 31)

@@ -42,6 +42,6 @@ class ZoomRTorchBackend(TorchNativeAttnBackend):
             self.decode_plan.kv_indices,
             layer.scaling,
         )
-        self.zoomr.after_attention(layer.layer_id, query, self.decode_plan)
-        self.zoomr.self_check(layer.layer_id, query, out, layer.scaling, self.decode_plan)
+        self.zoomr.after_attention(layer.layer_id, query, self.decode_plan, layer.scaling)
+        self.zoomr.check_outputs(layer.layer_id, query, out, layer.scaling, self.decode_plan)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

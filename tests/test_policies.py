@@ -1,0 +1,225 @@
+"""Each working-set policy on hand-built cases, then every policy through the CPU backend."""
+
+import random
+
+import pytest
+import torch
+
+from backend_harness import Harness, scripted_tokens
+from zoomr_sglang.algo.policies import (
+    POLICY_NAMES, H2OPolicy, OraclePolicy, QuestPolicy, RandomPolicy, StepView, StreamingPolicy,
+    SummaryOnlyPolicy, ZoomRPolicy, FullPolicy, QUEST_PAGE_SIZE, add_within_budget, current_thought,
+    mask_to_ranges, quest_upper_bound, recent_fill,
+)
+from zoomr_sglang.algo.segmentation import Thought
+from zoomr_sglang.algo.working_set import ranges_size
+from zoomr_sglang.config import ZoomRConfig, load_config, request_settings
+
+
+def thoughts_fixture():
+    """Prompt [0, 10); thought 0 body [10, 26) summary [26, 30); thought 1 body [30, 46) summary
+    [46, 50); thought 2 open from 50."""
+    return [
+        Thought(index=0, start=10, body_end=26, summary_start=26, summary_end=30, has_summary_content=True, final=True),
+        Thought(index=1, start=30, body_end=46, summary_start=46, summary_end=50, has_summary_content=True, final=True),
+        Thought(index=2, start=50, body_end=70),
+    ]
+
+
+def view(**overrides):
+    base = dict(seq_len=70, prompt_len=10, sink=4, window=10, budget=0, thoughts=thoughts_fixture(),
+                candidates=[0, 1], zoomed=[], open_from=50)
+    base.update(overrides)
+    return StepView(**base)
+
+
+def test_recent_fill_walks_back_over_fixed_positions_for_free():
+    assert recent_fill([(0, 4), (10, 20)], 30, 20, 100) == [(0, 4), (10, 20), (24, 30)]
+    assert recent_fill([(0, 4), (10, 20)], 30, 25, 100) == [(0, 4), (9, 30)]
+    assert recent_fill([(0, 4)], 30, 100, 8) == [(0, 4), (22, 30)]  # max_window caps it
+    assert recent_fill([(0, 4)], 30, 5, 100) == [(0, 4), (27, 30)]  # never under 3 recent tokens
+
+
+def test_add_within_budget_takes_whole_extras_in_order():
+    assert add_within_budget([(0, 10)], [(20, 30), (40, 45), (50, 52)], 17) == [(0, 10), (40, 45), (50, 52)]
+    assert mask_to_ranges(torch.tensor([1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)) == [(0, 2), (3, 4), (6, 7)]
+
+
+def test_full_and_streaming():
+    assert FullPolicy(num_thoughts=2).working_set(view()) == [(0, 70)]
+    streaming = StreamingPolicy(num_thoughts=2)
+    assert streaming.working_set(view()) == [(0, 4), (60, 70)]
+    assert streaming.working_set(view(budget=20)) == [(0, 4), (54, 70)]
+
+
+def test_thought_policies_keep_prompt_and_summaries_and_fill_the_budget_in_order():
+    # Unbounded zoomr: the paper's layout, the open thought attended whole.
+    assert ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0])) == [(0, 30), (46, 70)]
+    assert SummaryOnlyPolicy(num_thoughts=2).working_set(view()) == [(0, 10), (26, 30), (46, 70)]
+    # Budget 40: skeleton (prompt + 2 summaries) 18, window 10 -> 28; thought 0 (20 tokens, 16 new)
+    # does not fit; the window grows over summary 1 for free and fills the remaining 12.
+    ws = ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0], budget=40))
+    assert ws == [(0, 10), (26, 30), (44, 70)] and ranges_size(ws) == 40
+    # Budget 50: thought 0 fits (28 + 16 = 44), then the window grows by 6.
+    ws = ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0], budget=50))
+    assert ws == [(0, 30), (46, 50), (54, 70)] and ranges_size(ws) == 50
+    # Summary-only at the same budget spends it on the window instead.
+    ws = SummaryOnlyPolicy(num_thoughts=2).working_set(view(budget=50))
+    assert ws == [(0, 10), (26, 30), (34, 70)] and ranges_size(ws) == 50
+    # With the host tier's window cap the window never reaches further back than 10 tokens.
+    ws = SummaryOnlyPolicy(num_thoughts=2).working_set(view(budget=50, window_cap=10))
+    assert ws == [(0, 10), (26, 30), (46, 50), (60, 70)]
+
+
+def test_oracle_zooms_into_the_current_thoughts_dependencies_that_are_closed():
+    oracle = OraclePolicy(num_thoughts=2, oracle=[[], [0], [1, 0, 5], [2]])
+    assert current_thought(thoughts_fixture()) == 2
+    assert oracle.choose_thoughts(view()) == [1, 0]
+    assert OraclePolicy(num_thoughts=1, oracle=[[], [0], [1, 0]]).choose_thoughts(view()) == [1]
+    closed = thoughts_fixture()[:2]
+    assert current_thought(closed) == 2
+    with pytest.raises(ValueError, match="zoomr_oracle"):
+        OraclePolicy(num_thoughts=2)
+
+
+def test_random_draws_closed_thoughts_reproducibly():
+    draws = [RandomPolicy(num_thoughts=1, seed=5).choose_thoughts(view(candidates=list(range(2)))) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2] and draws[0][0] in (0, 1)
+    many = {tuple(RandomPolicy(num_thoughts=1, seed=s).choose_thoughts(view())) for s in range(20)}
+    assert many == {(0,), (1,)}
+
+
+def test_h2o_keeps_heavy_hitters_and_never_brings_an_evicted_token_back():
+    h2o = H2OPolicy(num_thoughts=2)
+    v = view(seq_len=20, budget=10, sink=2, window=4, thoughts=[], candidates=[])
+    assert h2o.working_set(v) == [(0, 2), (12, 20)]  # nothing observed yet: the oldest go first
+    # A query that attends only position 12 makes it a heavy hitter.
+    keys = torch.zeros(20, 1, 4)
+    keys[12, 0, 0] = 50.0
+    query = torch.zeros(2, 4)
+    query[:, 0] = 1.0
+    h2o.observe(0, query, keys, torch.arange(20), 1.0)
+    v = view(seq_len=22, budget=10, sink=2, window=4, thoughts=[], candidates=[])
+    ws = h2o.working_set(v)
+    assert ws == [(0, 2), (12, 13), (15, 22)]  # the two lowest-scored non-recent tokens went
+    # Position 2 was evicted at the first step; a later high score cannot bring it back.
+    keys2 = torch.zeros(22, 1, 4)
+    keys2[2, 0, 0] = 50.0
+    h2o.observe(0, query, keys2, torch.arange(22), 1.0)
+    ws = h2o.working_set(view(seq_len=23, budget=10, sink=2, window=4, thoughts=[], candidates=[]))
+    assert not any(a <= 2 < b for a, b in ws) and any(a <= 12 < b for a, b in ws)
+
+
+def test_quest_upper_bound_bounds_every_key_in_the_page():
+    torch.manual_seed(0)
+    keys = torch.randn(3, QUEST_PAGE_SIZE, 2, 8)
+    query = torch.randn(4, 8)
+    bound = quest_upper_bound(query, keys.amin(dim=1), keys.amax(dim=1))  # [4, 3]
+    group = query.reshape(2, 2, 8)
+    actual = torch.einsum("kgd,pskd->kgps", group, keys).amax(dim=-1).reshape(4, 3)
+    assert torch.all(bound >= actual - 1e-5)
+
+
+def test_quest_attends_the_page_whose_keys_match_the_query_at_the_next_step():
+    quest = QuestPolicy(num_thoughts=2)
+    v = view(seq_len=96, budget=48, sink=4, window=8, thoughts=[], candidates=[])
+    quest.working_set(v)
+    keys = torch.zeros(96, 1, 4)
+    keys[40:48, 0, 0] = 9.0  # page 2 holds the matching keys
+    query = torch.zeros(2, 4)
+    query[:, 0] = 1.0
+    positions = [(a, b) for a, b in quest.observe_positions(v, [])]
+    assert positions == [(0, 96)]
+    quest.observe(0, query, keys[0:96], torch.arange(96), 1.0)
+    ws = quest.working_set(view(seq_len=97, budget=48, sink=4, window=8, thoughts=[], candidates=[]))
+    assert any(a <= 32 and 48 <= b for a, b in ws) and ranges_size(ws) <= 48
+
+
+def test_request_settings_validate_and_name_the_bad_value():
+    config = ZoomRConfig()
+    assert request_settings(config, None).policy == "zoomr"
+    s = request_settings(config, {"zoomr_policy": "h2o", "zoomr_budget": 64, "zoomr_fidelity": True, "other": 1})
+    assert (s.policy, s.budget, s.fidelity) == ("h2o", 64, True)
+    for params, message in [
+        ({"zoomr_policy": "lru"}, "zoomr_policy='lru'"),
+        ({"zoomr_budget": -1}, "zoomr_budget=-1"),
+        ({"zoomr_budget": 10}, "zoomr_budget=10 is too small"),
+        ({"zoomr_budgte": 10}, "unknown custom_params key 'zoomr_budgte'"),
+        ({"zoomr_policy": "oracle"}, "zoomr_oracle is missing"),
+        ({"zoomr_policy": "zoomr", "zoomr_oracle": [[0]]}, "zoomr_oracle is given"),
+        ({"zoomr_policy": "oracle", "zoomr_oracle": [[-1]]}, "zoomr_oracle is not allowed"),
+        ({"zoomr_fidelity": "yes"}, "zoomr_fidelity='yes'"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+            request_settings(config, params)
+    with pytest.raises(ValueError, match="ZOOMR_POLICY='sparse'"):
+        load_config({"ZOOMR_POLICY": "sparse"})
+    with pytest.raises(ValueError, match="ZOOMR_POLICY='oracle'"):
+        load_config({"ZOOMR_POLICY": "oracle"})
+    assert load_config({"ZOOMR_POLICY": "quest", "ZOOMR_BUDGET": "256"}).budget == 256
+
+
+def _params(policy, budget, fidelity=False):
+    params = {"zoomr_policy": policy, "zoomr_budget": budget, "zoomr_fidelity": fidelity}
+    if policy == "oracle":
+        params["zoomr_oracle"] = [[i - 1, i - 3] if i >= 3 else [] for i in range(200)]
+    return params
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_every_policy_through_the_backend_stays_within_budget_and_matches_the_reference(policy):
+    """Four requests of one policy, 160 steps: each step's output equals the masked dense reference
+    over the policy's working set, the working set holds the budget once the prompt and summaries
+    fit, fidelity counters are sane, and every KV slot comes back."""
+    budget = 48
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16, self_check_interval=1)
+    harness = Harness(config, seed=3)
+    free_at_start = harness.allocator.available_size()
+    for prompt_len in (6, 8, 10, 12):
+        harness.add_request(prompt_len, _params(policy, budget if policy != "full" else 0, fidelity=True))
+    scripts = [scripted_tokens(random.Random(seed), 160, summaries=True) for seed in range(4)]
+    for step in range(160):
+        harness.decode_step([script[step] for script in scripts])
+        plan = harness.backend.decode_plan
+        for state, ranges in zip(plan.states, plan.ranges):
+            # Thought policies keep the prompt and every summary even past the budget.
+            skeleton = state.prompt_len + state.summary_tokens + 3 if state.policy.thought_level else 0
+            assert policy == "full" or ranges_size(ranges) <= max(budget, skeleton)
+    for state in harness.controller.states.values():
+        stats = state.stats
+        assert stats.policy == policy and stats.self_check_max_error < 1e-5
+        fidelity = stats.as_dict()["fidelity"]
+        assert fidelity["steps"] == 160 and len(fidelity["mass"]) == harness.num_layers
+        if policy == "full":
+            assert all(abs(m - 1) < 1e-9 for m in fidelity["mass"]) and max(fidelity["rel_error"]) < 1e-5
+        else:
+            assert all(0 < m < 1 for m in fidelity["mass"]) and min(fidelity["rel_error"]) > 0
+            assert stats.attended_total < stats.dense_total
+        if policy in ("sumr", "zoomr", "oracle", "random"):
+            assert stats.over_bound_steps < stats.steps  # only while summaries outgrow the budget
+        if policy in ("oracle", "random", "zoomr"):
+            assert stats.selection_changes > 0
+    harness.release_all()
+    assert harness.allocator.available_size() == free_at_start
+    assert harness.controller.index_keys.num_live == 0
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "quest", "sumr", "zoomr"])
+def test_host_tier_moves_only_whole_thoughts_the_policy_will_not_attend(policy):
+    """With the host tier on, token-level policies keep all KV on the device, and thought policies
+    never attend a hole even when the budget grows their window."""
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16, self_check_interval=0)
+    harness = Harness(config, seed=5, host_tier_tokens=4096)
+    free_at_start = harness.allocator.available_size()
+    harness.add_request(8, _params(policy, 96))
+    script = scripted_tokens(random.Random(11), 300, summaries=True)
+    tiering = harness.controller.tiering
+    for token in script:
+        harness.decode_step([token])
+        holes = tiering.holes(harness.rows[0])
+        for start, end in harness.backend.decode_plan.ranges[0]:
+            assert all(e <= start or s >= end for s, e in holes)
+    evicted = tiering.counters.evicted_tokens
+    assert (evicted > 0) == (policy in ("sumr", "zoomr"))
+    harness.release_all()
+    assert harness.allocator.available_size() == free_at_start
