@@ -209,8 +209,9 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
     kernel = kvi._ranges_to_kv_indices_kernel
     signature = {"req_to_token": "*i32", "stride_row": "i32", "stride_col": "constexpr", "range_rows": "*i64",
                  "range_starts": "*i64", "range_lens": "*i64", "out_offsets": "*i64", "out": "*i32",
-                 "num_splits": "i32", "BLOCK": "constexpr"}
-    constexprs = {(kernel.arg_names.index("stride_col"),): 1, (kernel.arg_names.index("BLOCK"),): kvi.BLOCK}
+                 "num_splits": "i32", "host_bound": "i32", "BLOCK": "constexpr", "BOUND_ON_HOST": "constexpr"}
+    constexprs = {(kernel.arg_names.index("stride_col"),): 1, (kernel.arg_names.index("BLOCK"),): kvi.BLOCK,
+                  (kernel.arg_names.index("BOUND_ON_HOST"),): False}
     try:  # ASTSource is internal; its arguments changed across Triton releases (written for 3.8)
         source = ASTSource(kernel, signature, constexprs=constexprs)
     except TypeError as exc:

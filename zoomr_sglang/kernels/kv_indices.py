@@ -148,7 +148,9 @@ if triton is not None:
         out_offsets,  # [n_ranges] int64
         out,  # [total] int32
         num_splits,
+        host_bound,  # an upper bound of every range length, a host int (used when BOUND_ON_HOST)
         BLOCK: tl.constexpr,
+        BOUND_ON_HOST: tl.constexpr,
     ):
         r = tl.program_id(0)
         split = tl.program_id(1).to(tl.int64)
@@ -158,7 +160,13 @@ if triton is not None:
         dst = tl.load(out_offsets + r)
         src = req_to_token + row * stride_row + start * stride_col
         offs = tl.arange(0, BLOCK).to(tl.int64)
-        for block_start in range(split * BLOCK, length, num_splits * BLOCK):
+        # Older Triton interpreters (3.6) cannot take a loaded value as a loop bound; compiled
+        # kernels loop to the range's own length, interpreted ones to a host bound, masked.
+        if BOUND_ON_HOST:
+            loop_end = host_bound
+        else:
+            loop_end = length
+        for block_start in range(split * BLOCK, loop_end, num_splits * BLOCK):
             idx = block_start + offs
             mask = idx < length
             slots = tl.load(src + idx * stride_col, mask=mask)
@@ -220,7 +228,9 @@ def ranges_to_kv_indices_triton(
         out_offsets,
         out,
         splits,
+        total,
         BLOCK=BLOCK,
+        BOUND_ON_HOST=triton_interpreted(),
         num_warps=4,
     )
     return out
