@@ -19,8 +19,9 @@ policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``,
    so every policy attends over the same trace, with ``zoomr_fidelity`` on: per layer, the share of
    dense attention probability mass the working set covers (``mass_coverage``) and the relative
    error of the attention output against dense (``rel_error``), means over decode steps, prompts
-   and layers (per-layer lists in the JSON file). ``resident_fraction`` is measured on this run: KV
-   tokens attended over sequence length, summed over every decode step of every prompt.
+   and layers (per-layer lists in the JSON file). ``resident_fraction`` is measured on this run, as in
+   ``benchmarks/accuracy.py``: each request's largest working set over its final sequence length,
+   summed over prompts.
 
 Progress goes to stderr; a table and, last, one JSON line go to stdout:
 ``{"model": "SmolLM2-135M-Instruct", "n_prompts": int, "avg_output_tokens": float, "results":
@@ -181,10 +182,11 @@ def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
         # Per layer, the mean over prompts of each request's mean over its decode steps.
         mass_layers = [_mean([f["mass"][i] for f in fid]) for i in range(layers)]
         error_layers = [_mean([f["rel_error"][i] for f in fid]) for i in range(layers)]
-        dense = sum(r["counters"]["dense_total"] for r in forced_runs)
+        # Peak working set over the final length (forced: the same trace as full), as accuracy.py.
+        dense = sum(r["counters"]["dense_last"] for r in forced_runs)
         rows.append({
             "policy": spec[0], "budget_fraction": spec[1], "budget_tokens": spec[2],
-            "resident_fraction": sum(r["counters"]["attended_total"] for r in forced_runs) / dense,
+            "resident_fraction": sum(r["counters"]["attended_max"] for r in forced_runs) / dense,
             "agreement": _mean([p / n for p, n in prefixes]),
             "equal_prefix_tokens": _mean([p for p, _ in prefixes]),
             "mass_coverage": _mean(mass_layers), "rel_error": _mean(error_layers),

@@ -84,10 +84,12 @@ def test_full_budget_is_bit_identical_to_torch_native():
             assert torch.equal(out, expected)
 
 
-def test_votes_take_effect_one_step_later_and_pick_the_aligned_thought():
+@pytest.mark.parametrize("vote", ["mass", "count"])
+def test_votes_take_effect_one_step_later_and_pick_the_aligned_thought(vote):
     """Make one closed thought's keys equal to the query direction: after the refresh step that
-    votes, it is zoomed in at the next step and not before."""
-    config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000)
+    votes, it is zoomed in at the next step and not before (both vote modes)."""
+    config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000,
+                         vote=vote)
     harness = Harness(config, num_layers=1, seed=5)
     harness.add_request(2)
     words = [TOKEN["a"]] * 5 + [TOKEN["."], TOKEN["\n\n"]]

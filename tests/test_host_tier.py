@@ -11,7 +11,10 @@ from backend_harness import Harness, scripted_tokens
 from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.config import ZoomRConfig
 
-CONFIG = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=32, refresh_interval=16, zoom_cache=1)
+# Count votes: the late-copy test needs evictions in the last steps of this script, which the
+# paper's top-k votes give here (mass votes keep the last thoughts selected by chance).
+CONFIG = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=32, refresh_interval=16, zoom_cache=1,
+                     vote="count")
 STEPS = 300
 
 

@@ -149,6 +149,7 @@ def test_request_settings_validate_and_name_the_bad_value():
         ({"zoomr_policy": "zoomr", "zoomr_oracle": [[0]]}, "zoomr_oracle is given"),
         ({"zoomr_policy": "oracle", "zoomr_oracle": [[-1]]}, "zoomr_oracle is not allowed"),
         ({"zoomr_fidelity": "yes"}, "zoomr_fidelity='yes'"),
+        ({"zoomr_vote": "max"}, "zoomr_vote='max'"),
     ]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[")):
             request_settings(config, params)
@@ -157,6 +158,10 @@ def test_request_settings_validate_and_name_the_bad_value():
     with pytest.raises(ValueError, match="ZOOMR_POLICY='oracle'"):
         load_config({"ZOOMR_POLICY": "oracle"})
     assert load_config({"ZOOMR_POLICY": "quest", "ZOOMR_BUDGET": "256"}).budget == 256
+    assert request_settings(load_config({"ZOOMR_VOTE": "count"}), None).vote == "count"
+    assert request_settings(config, {"zoomr_vote": "count"}).vote == "count" and config.vote == "mass"
+    with pytest.raises(ValueError, match="ZOOMR_VOTE='top'"):
+        load_config({"ZOOMR_VOTE": "top"})
 
 
 def _params(policy, budget, fidelity=False):

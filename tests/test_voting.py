@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zoomr_sglang.algo.voting import agreement, head_votes, score_thoughts, select_thoughts
+from zoomr_sglang.algo.voting import attention_mass, agreement, head_votes, score_thoughts, select_thoughts
 
 # 4 query heads over 2 KV heads: heads 0, 1 read KV head 0; heads 2, 3 read KV head 1.
 QUERY = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
@@ -85,3 +85,26 @@ def test_agreement_values_and_bad_arguments():
         head_votes(torch.zeros(2, 2), k=0)
     with pytest.raises(ValueError, match="c"):
         select_thoughts(votes, votes.float(), c=-1)
+
+
+def test_attention_mass_is_the_softmax_share_a_thought_would_get():
+    """One-token index keys: the estimate equals the exact softmax probability of that key within
+    the attended keys; a head that attends elsewhere gives every thought almost nothing."""
+    torch.manual_seed(0)
+    keys = torch.randn(12, 1, 8)  # attended keys, one KV head
+    query = torch.randn(2, 8)
+    scaling = 0.5
+    attended = score_thoughts(query, keys) * scaling  # [2, 12]
+    index_keys = keys[[3, 7]]  # thoughts whose summaries are keys 3 and 7
+    mass = attention_mass(score_thoughts(query, index_keys), torch.ones(2), torch.logsumexp(attended, dim=1), scaling)
+    exact = torch.softmax(attended, dim=1)[:, [3, 7]]
+    assert torch.allclose(mass, exact, atol=1e-6)
+    # A head focused on a recent key (not a summary) casts almost no mass, whatever its ranking.
+    focused = torch.zeros(1, 8)
+    focused[0, 0] = 1.0
+    recent = torch.zeros(5, 1, 8)
+    recent[4, 0, 0] = 20.0
+    summaries = torch.zeros(2, 1, 8)
+    summaries[0, 0, 0] = 1.0
+    lse = torch.logsumexp(score_thoughts(focused, torch.cat([recent, summaries])), dim=1)
+    assert attention_mass(score_thoughts(focused, summaries), torch.ones(2), lse, 1.0).sum() < 1e-6

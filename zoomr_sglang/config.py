@@ -47,6 +47,9 @@ class ZoomRConfig:
     # may override both (see RequestSettings).
     policy: str = "zoomr"
     budget: int = 0
+    # How (layer, head) queries choose thoughts: "count" (the paper: each votes for its top-k by
+    # q . index_key) or "mass" (each adds the attention mass it would give each thought).
+    vote: str = "mass"
 
     def markers(self) -> Mapping[str, Tuple[str, ...]]:
         """Every configured marker string under its variable name (for tokenizer checks)."""
@@ -83,6 +86,15 @@ def _gigabytes(name: str, raw: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name}={raw!r} is not allowed; allowed: a number of GiB >= 0 (0 turns the host tier off)")
     return value
+
+
+VOTE_MODES = ("mass", "count")
+
+
+def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
+    if raw not in allowed:
+        raise ValueError(f"{name}={raw!r} is not allowed; allowed: {', '.join(allowed)}")
+    return raw
 
 
 def _policy(name: str, raw: object) -> str:
@@ -134,6 +146,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_ZOOM_CACHE": ("zoom_cache", lambda n, r: _int(n, r, 0)),
     "ZOOMR_POLICY": ("policy", lambda n, r: _policy(n, r)),
     "ZOOMR_BUDGET": ("budget", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_MODES)),
 }
 
 ENV_VARS = tuple(_FIELDS)
@@ -166,17 +179,18 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
 class RequestSettings:
     """One request's policy, budget and measurement switches: the server's defaults, overridden by
     the request's ``sampling_params.custom_params`` keys ``zoomr_policy``, ``zoomr_budget``,
-    ``zoomr_oracle`` (oracle policy: per thought, the earlier thoughts it reads) and
+    ``zoomr_vote``, ``zoomr_oracle`` (oracle policy: per thought, the earlier thoughts it reads) and
     ``zoomr_fidelity`` (measure attention-mass coverage and output error against dense attention
     at every step; keeps the request's KV out of the host tier)."""
 
     policy: str
     budget: int
+    vote: str = "mass"
     oracle: Optional[Tuple[Tuple[int, ...], ...]] = None
     fidelity: bool = False
 
 
-REQUEST_KEYS = ("zoomr_policy", "zoomr_budget", "zoomr_oracle", "zoomr_fidelity")
+REQUEST_KEYS = ("zoomr_policy", "zoomr_budget", "zoomr_vote", "zoomr_oracle", "zoomr_fidelity")
 
 
 def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, object]]) -> RequestSettings:
@@ -190,6 +204,7 @@ def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, o
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
         raise ValueError(f"zoomr_budget={budget!r} is not allowed; allowed: an integer >= 0 (0: unbounded)")
     _check_budget("zoomr_budget", budget, config)
+    vote = _choice("zoomr_vote", params.get("zoomr_vote", config.vote), VOTE_MODES)
     fidelity = params.get("zoomr_fidelity", False)
     if not isinstance(fidelity, bool):
         raise ValueError(f"zoomr_fidelity={fidelity!r} is not allowed; allowed: true or false")
@@ -204,7 +219,7 @@ def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, o
             raise ValueError("zoomr_oracle is not allowed; allowed: a list (one entry per thought) of lists of"
                              " earlier thought indices >= 0")
         oracle = tuple(tuple(d) for d in oracle)
-    return RequestSettings(policy=policy, budget=budget, oracle=oracle, fidelity=fidelity)
+    return RequestSettings(policy=policy, budget=budget, vote=vote, oracle=oracle, fidelity=fidelity)
 
 
 # Variables with the prefix that belong to tooling, not to the backend.

@@ -48,6 +48,20 @@ def head_votes(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return votes, scores.sum(dim=0)
 
 
+def attention_mass(scores: torch.Tensor, counts: torch.Tensor, log_normalizer: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """Estimated attention probability mass [num_heads, n_thoughts] each head would give each thought.
+
+    scores: ``q . index_key`` [num_heads, n_thoughts] (:func:`score_thoughts`); counts: tokens behind
+    each index key [n_thoughts]; log_normalizer: per head, the log of the softmax denominator over
+    the keys this step attends [num_heads]. A thought of n tokens whose keys average the index key
+    gets about ``n * exp(scaling * score) / denominator``. Unlike a top-k vote, a head that looks at
+    its recent window rather than at any summary contributes almost nothing.
+    """
+    logits = scores.to(torch.float32) * scaling + torch.log(counts.to(torch.float32).clamp(min=1.0))[None, :]
+    return torch.exp(logits - log_normalizer.to(torch.float32)[:, None])
+
+
 def select_thoughts(votes: torch.Tensor, score_sums: torch.Tensor, c: int) -> list[int]:
     """The min(c, n_thoughts) most-voted thought indices in rank order; vote ties go to the larger
     score sum, then to the lower index."""

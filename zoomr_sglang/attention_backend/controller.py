@@ -18,7 +18,7 @@ import torch
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.reference import dense_attention_weights, masked_decode_reference
 from zoomr_sglang.algo.segmentation import ThoughtSegmenter
-from zoomr_sglang.algo.voting import head_votes, score_thoughts
+from zoomr_sglang.algo.voting import attention_mass, head_votes, score_thoughts
 from zoomr_sglang.algo.working_set import Range, ranges_size, ranges_to_positions
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
@@ -194,10 +194,20 @@ class ZoomRController:
         if plan.commit_entries is not None:
             keys = self.token_to_kv_pool.get_key_buffer(layer_id)[plan.commit_slots]
             self.index_keys.add(layer_id, plan.commit_entries, keys)
+        key_buffer = None
         for batch_index, state in plan.voters:
             index_keys = self.index_keys.means(layer_id, state.candidate_entries)
             scores = score_thoughts(query[batch_index].float(), index_keys)
-            state.add_votes(*head_votes(scores, self.config.topk))
+            if state.settings.vote == "count":
+                state.add_votes(*head_votes(scores, self.config.topk))
+                continue
+            # Mass votes: normalise by this step's softmax denominator over the working set.
+            key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id) if key_buffer is None else key_buffer
+            lo, hi = int(plan.kv_indptr[batch_index]), int(plan.kv_indptr[batch_index + 1])
+            attended = score_thoughts(query[batch_index].float(), key_buffer[plan.kv_indices[lo:hi].long()].float())
+            counts = self.index_keys.counts[layer_id, state.candidate_entries]
+            mass = attention_mass(scores, counts, torch.logsumexp(attended * scaling, dim=1), scaling)
+            state.add_votes(torch.zeros(mass.shape[1], dtype=torch.int64, device=mass.device), mass.sum(dim=0))
         if plan.observers:
             key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
             for batch_index, state, positions, slots in plan.observers:

@@ -44,6 +44,7 @@ class RequestStats:
     self_check_max_error: float = 0.0
     zoomed: List[int] = field(default_factory=list)
     zoom_history: List[List[int]] = field(default_factory=list)  # each distinct selection, in order
+    zoom_steps: List[int] = field(default_factory=list)  # the decode step each of them took effect at
     # zoomr_fidelity: per layer, sums over steps of the share of dense attention probability mass
     # inside the working set and of the relative error of the output against dense attention.
     fidelity_steps: int = 0
@@ -170,6 +171,7 @@ class RequestState:
         if sorted(zoomed) != sorted(self.zoomed):
             self.stats.selection_changes += 1
             self.stats.zoom_history.append(sorted(zoomed))
+            self.stats.zoom_steps.append(self.stats.steps)
         self.zoomed = zoomed
         self.stats.zoomed = sorted(zoomed)
 

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Greedy answer accuracy of every working-set policy at several resident budgets, through SGLang.
+
+    python benchmarks/accuracy.py --seed 0 --n-problems 40
+
+Problems come from the seeded program-trace generator (``zoomr_sglang/evaluation/program_trace.py``,
+sizes from ``--min-steps/--max-steps/--p-detail``) and are solved by the committed tiny reasoner
+(``zoomr_sglang/evaluation/reasoner/``, trained by ``benchmarks/train_reasoner.py``), served by one
+``sglang.Engine(attention_backend="zoomr")``. Each request picks its policy and budget through
+``custom_params`` (``zoomr_policy``, ``zoomr_budget``), so every policy runs through the same engine,
+model and budget accounting:
+
+1. ``full`` (dense) solves every problem; its average sequence length (prompt + output) sets the
+   budgets: ``--budgets`` fractions of it, in tokens.
+2. Every other policy at every budget, all requests at once: ``streaming``, ``h2o``, ``sumr``,
+   ``quest``, ``zoomr``, plus ``oracle`` (zooms into the thoughts the step really reads: the ceiling
+   of any thought selection) and ``random`` (random thoughts: the floor).
+
+``resident_fraction`` is measured from SGLang's per-request counters, not configured: the largest
+working set any decode step of the request attended (the KV it needs resident) over the final
+sequence length of ``full`` on the same problem (what dense attention keeps resident), summed over
+problems. The table also shows
+``per step``: KV read per step over sequence length, over every step (a compute proxy; early steps
+of a request fit the budget whole, so it is higher than the peak ratio's budget share suggests). The host tier is off here (``ZOOMR_HOST_POOL_GB=0``): what a step attends, and so the
+answer, does not depend on where the KV of unattended thoughts lives (token-identical on and off,
+see tests/test_engine.py); the budget bounds what must be on the device.
+
+Prints a table, writes a PNG (accuracy vs measured resident fraction, one line per policy) and a
+JSON file with the per-problem outcomes; the last stdout line is one JSON object:
+``{"n_problems": int, "avg_output_tokens": float, "results": [{"policy": str, "budget_fraction":
+float, "resident_fraction": float, "accuracy": float}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # SGLang's CPU engine, before sglang is imported anywhere
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _shim = str(REPO / "cpu_shim")
+    if _shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_shim, os.environ.get("PYTHONPATH")) if p)
+        sys.path.insert(0, _shim)
+
+from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
+from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
+    TASK_ENV, ProgressBar, RunSpec, attended_per_step, budget_specs, run_specs, start_engine, summarize,
+)
+from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
+
+POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "oracle", "random")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-problems", type=int, default=40)
+    parser.add_argument("--min-steps", type=int, default=pt.DEFAULT_N_STEPS[0])
+    parser.add_argument("--max-steps", type=int, default=pt.DEFAULT_N_STEPS[1])
+    parser.add_argument("--p-detail", type=float, default=pt.DEFAULT_P_DETAIL)
+    parser.add_argument("--budgets", default="0.1,0.2,0.4",
+                        help="comma-separated fractions of the average sequence length (default %(default)s)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
+    parser.add_argument("--model", default=str(reasoner_dir()))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "accuracy"),
+                        help="writes <out>.png and <out>.json")
+    args = parser.parse_args(argv)
+    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
+    args.policy_list = [p for p in args.policies.split(",") if p]
+    from zoomr_sglang.algo.policies import POLICY_NAMES
+
+    for name in args.policy_list:
+        if name not in POLICY_NAMES or name == "full":
+            parser.error(f"--policies: {name!r} is not allowed; allowed: {', '.join(POLICIES)}")
+    if not all(0 < f <= 1 for f in args.budget_fractions):
+        parser.error(f"--budgets={args.budgets!r}: each fraction must be in (0, 1]")
+    if args.n_problems < 1:
+        parser.error(f"--n-problems={args.n_problems}: must be >= 1")
+    return args
+
+
+def table(rows, per_step) -> str:
+    lines = [f"{'policy':<10} {'budget':>7} {'resident':>9} {'per step':>9} {'accuracy':>9}"]
+    for r, step in zip(rows, per_step):
+        lines.append(f"{r['policy']:<10} {r['budget_fraction']:>7.2f} {r['resident_fraction']:>9.3f} {step:>9.3f}"
+                     f" {r['accuracy']:>9.3f}")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = next(r for r in rows if r["policy"] == "full")
+    ax.axhline(full["accuracy"], color="black", linestyle="--", label="full (dense)")
+    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
+        points = sorted((r["resident_fraction"], r["accuracy"]) for r in rows if r["policy"] == policy)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    ax.set_xlabel("measured resident fraction (peak KV attended / final sequence length)")
+    ax.set_ylabel("answer accuracy (greedy)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.time()
+    problems = pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
+                                    p_detail=args.p_detail)
+    tokenizer = load_tokenizer(args.model)
+    target_lens = [len(tokenizer.encode(p.target, add_special_tokens=False)) for p in problems]
+    max_new = [n + 32 for n in target_lens]
+    engine = start_engine(args.model)
+    try:
+        print(f"engine ready in {time.time() - started:.0f} s", file=sys.stderr)
+        full = run_specs(engine, tokenizer, problems, [RunSpec("full", 1.0, 0)], max_new_tokens=max_new,
+                         progress=ProgressBar(len(problems), "full"))
+        prompt_lens = [len(tokenizer.encode(p.prompt)) for p in problems]
+        avg_output = sum(len(r.output_ids) for r in full) / len(full)
+        avg_seq = sum(pl + len(r.output_ids) for pl, r in zip(prompt_lens, full)) / len(full)
+        specs = budget_specs(args.policy_list, args.budget_fractions, avg_seq)
+        runs = run_specs(engine, tokenizer, problems, specs, max_new_tokens=max_new,
+                         progress=ProgressBar(len(specs) * len(problems), "policies"))
+    finally:
+        engine.shutdown()
+    dense_lengths = {r.problem_index: r.dense_last for r in full}
+    rows = summarize(full) + summarize(runs, dense_lengths)
+    per_step = [attended_per_step(full)] + [attended_per_step([r for r in runs if r.spec == spec]) for spec in specs]
+    elapsed = time.time() - started
+    print(table(rows, per_step))
+    print(f"{len(problems)} problems, avg prompt {sum(prompt_lens) / len(problems):.0f} tokens, avg output "
+          f"{avg_output:.0f} tokens (full), budgets in tokens: "
+          f"{sorted({s.budget for s in specs})}, {elapsed:.0f} s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (f"program trace, {len(problems)} problems, seed {args.seed}, avg output {avg_output:.0f} tokens")
+    plot(rows, out.with_suffix(".png"), title)
+    details = {
+        "date": datetime.date.today().isoformat(), "machine": platform.machine(), "seconds": round(elapsed, 1),
+        "args": {k: v for k, v in vars(args).items()}, "task_env": {k: os.environ[k] for k in TASK_ENV},
+        "avg_prompt_tokens": sum(prompt_lens) / len(problems), "avg_sequence_tokens": avg_seq,
+        "budgets_tokens": {f"{s.policy}@{s.budget_fraction}": s.budget for s in specs},
+        "rows": [{**row, "attended_per_step": step} for row, step in zip(rows, per_step)],
+        "per_problem": [{"policy": r.spec.policy, "budget_fraction": r.spec.budget_fraction, "problem": r.problem_index,
+                         "correct": r.correct, "output_tokens": len(r.output_ids)} for r in full + runs],
+    }
+    out.with_suffix(".json").write_text(json.dumps(details, indent=1) + "\n")
+    result = {"n_problems": len(problems), "avg_output_tokens": avg_output, "results": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Attention fidelity of every working-set policy on the tiny reasoner's traces, teacher-forced.
+
+    python benchmarks/fidelity.py --seed 0 --n-problems 8
+
+Same model, problems, engine and budgets as ``benchmarks/accuracy.py``, but every request is
+teacher-forced to the problem's reference reasoning (a custom logit processor,
+``zoomr_sglang/evaluation/forcing.py``), so every policy decodes the same trace step for step. At
+every decode step and layer the backend compares the policy's attention with dense attention over
+the whole sequence (``zoomr_fidelity``): the share of the dense attention probability mass that the
+working set covers (mean over query heads), and ``||out - dense|| / ||dense||`` of the attention
+output. Reported per layer, averaged over steps and problems.
+
+Prints a table; writes ``<out>.json`` and ``<out>.png`` (mass coverage vs measured resident
+fraction, one line per policy); the last stdout line is one JSON object: ``{"n_problems": int,
+"avg_output_tokens": float, "results": [{"policy", "budget_fraction", "resident_fraction",
+"mass_coverage": [per layer], "rel_error": [per layer]}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import accuracy  # noqa: E402  (sets up SGLang's CPU engine on a CPU machine)
+from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
+from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
+    ProgressBar, RunSpec, budget_specs, resident_fraction, run_specs, start_engine,
+)
+from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-problems", type=int, default=8)
+    parser.add_argument("--min-steps", type=int, default=pt.DEFAULT_N_STEPS[0])
+    parser.add_argument("--max-steps", type=int, default=pt.DEFAULT_N_STEPS[1])
+    parser.add_argument("--p-detail", type=float, default=pt.DEFAULT_P_DETAIL)
+    parser.add_argument("--budgets", default="0.1,0.2,0.4")
+    parser.add_argument("--policies", default=",".join(accuracy.POLICIES))
+    parser.add_argument("--model", default=str(reasoner_dir()))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fidelity"))
+    args = parser.parse_args(argv)
+    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
+    args.policy_list = [p for p in args.policies.split(",") if p]
+    return args
+
+
+def aggregate(results):
+    """Per spec: measured resident fraction and per-layer coverage / error, step-weighted."""
+    by_spec = {}
+    for r in results:
+        by_spec.setdefault(r.spec, []).append(r)
+    rows = []
+    for spec, runs in by_spec.items():
+        steps = sum(r.fidelity["steps"] for r in runs)
+        layers = len(runs[0].fidelity["mass"])
+        mass = [sum(r.fidelity["mass"][l] * r.fidelity["steps"] for r in runs) / steps for l in range(layers)]
+        error = [sum(r.fidelity["rel_error"][l] * r.fidelity["steps"] for r in runs) / steps for l in range(layers)]
+        rows.append({"policy": spec.policy, "budget_fraction": spec.budget_fraction,
+                     "resident_fraction": resident_fraction(runs),
+                     "mass_coverage": mass, "rel_error": error})
+    return rows
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
+        points = sorted((r["resident_fraction"], sum(r["mass_coverage"]) / len(r["mass_coverage"]))
+                        for r in rows if r["policy"] == policy)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    ax.set_xlabel("measured resident fraction")
+    ax.set_ylabel("dense attention mass covered (mean over layers)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    problems = pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
+                                    p_detail=args.p_detail)
+    tokenizer = load_tokenizer(args.model)
+    forced = [tokenizer.encode(p.target, add_special_tokens=False) + [tokenizer.eos_token_id] for p in problems]
+    prompt_lens = [len(tokenizer.encode(p.prompt)) for p in problems]
+    avg_seq = sum(pl + len(f) for pl, f in zip(prompt_lens, forced)) / len(problems)
+    specs = [RunSpec("full", 1.0, 0)] + budget_specs(args.policy_list, args.budget_fractions, avg_seq)
+    engine = start_engine(args.model, enable_custom_logit_processor=True)
+    try:
+        runs = run_specs(engine, tokenizer, problems, specs, max_new_tokens=[len(f) for f in forced],
+                         forced_ids=forced, progress=ProgressBar(len(specs) * len(problems), "forced"))
+    finally:
+        engine.shutdown()
+    for r in runs:
+        if r.output_ids != forced[r.problem_index]:
+            raise RuntimeError(f"{r.spec} problem {r.problem_index}: the forced trace was not followed")
+    rows = aggregate(runs)
+    print(f"{'policy':<10} {'budget':>6} {'resident':>8}  mass covered per layer / rel. error per layer")
+    for r in rows:
+        print(f"{r['policy']:<10} {r['budget_fraction']:>6.2f} {r['resident_fraction']:>8.3f}  "
+              + " ".join(f"{m:.3f}" for m in r["mass_coverage"]) + "  /  "
+              + " ".join(f"{e:.3f}" for e in r["rel_error"]))
+    avg_output = sum(len(f) for f in forced) / len(forced)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, out.with_suffix(".png"),
+         f"teacher-forced program traces, {len(problems)} problems, avg output {avg_output:.0f} tokens")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"date": datetime.date.today().isoformat(), "args": vars(args), "rows": rows}, indent=1) + "\n")
+    result = {"n_problems": len(problems), "avg_output_tokens": avg_output, "results": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

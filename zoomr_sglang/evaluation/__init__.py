@@ -1,0 +1,1 @@
+"""Accuracy evaluation: the synthetic program-trace reasoning task and its tiny trained reasoner."""

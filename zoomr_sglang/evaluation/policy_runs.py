@@ -1,0 +1,186 @@
+"""Run program-trace problems through one SGLang engine under several working-set policies.
+
+Every run is an ordinary greedy request to a ``--attention-backend zoomr`` engine whose
+``custom_params`` pick the policy and its budget (``zoomr_policy``, ``zoomr_budget``; the oracle also
+gets ``zoomr_oracle``, the task's dependencies). So every policy is served by the same model, the
+same engine and the same budget accounting, and each request's counters (tokens attended vs
+sequence length, summed over its decode steps) come back through SGLang's server info.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from zoomr_sglang.evaluation import program_trace as pt
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One policy at one budget; budget 0 is unbounded."""
+
+    policy: str
+    budget_fraction: float
+    budget: int
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    problem_index: int
+    output_ids: List[int]
+    text: str
+    correct: bool
+    attended_total: int  # KV tokens attended, summed over decode steps
+    dense_total: int  # sequence lengths, summed over decode steps
+    attended_max: int  # largest working set of any step: the KV the request needs resident
+    dense_last: int  # sequence length at the last step: what dense attention keeps resident
+    fidelity: Optional[dict] = None  # teacher-forced runs: {"steps", "mass": [layer], "rel_error": [layer]}
+
+
+def oracle_lists(problem: pt.Problem) -> List[List[int]]:
+    """Per thought, the thoughts the oracle zooms into, most needed first: the one whose body holds
+    a detail the step reads, then the rest of what it reads."""
+    return [detail + [d for d in deps if d not in detail]
+            for deps, detail in zip(problem.dependencies, problem.detail_dependencies)]
+
+
+def custom_params(spec: RunSpec, problem: pt.Problem) -> Dict[str, object]:
+    params: Dict[str, object] = {"zoomr_policy": spec.policy, "zoomr_budget": spec.budget}
+    if spec.policy == "oracle":
+        params["zoomr_oracle"] = oracle_lists(problem)
+    return params
+
+
+def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence[RunSpec], *,
+              max_new_tokens: Sequence[int], progress: Optional[Callable[[int], None]] = None,
+              forced_ids: Optional[Sequence[Sequence[int]]] = None, concurrency: int = 128) -> List[RunResult]:
+    """Every (spec, problem) pair as one greedy request, at most ``concurrency`` in flight (larger
+    decode batches made each token slower on a 2-core CPU); ``progress(1)`` per finished one.
+
+    ``forced_ids[i]``: teacher-force problem i's output to these ids (the engine needs
+    ``enable_custom_logit_processor=True``) and measure attention fidelity at every step.
+    """
+    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    jobs = [(spec, i) for spec in specs for i in range(len(problems))]
+    processor = None
+    if forced_ids is not None:
+        from zoomr_sglang.evaluation.forcing import ForceTokens
+
+        processor = ForceTokens.to_str()
+
+    async def one(spec: RunSpec, i: int, gate: asyncio.Semaphore):
+        params = custom_params(spec, problems[i])
+        if forced_ids is not None:
+            params.update(force_ids=list(forced_ids[i]), zoomr_fidelity=True)
+        sampling = {"temperature": 0, "max_new_tokens": max_new_tokens[i], "custom_params": params}
+        async with gate:
+            out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling,
+                                              custom_logit_processor=processor)
+        if progress is not None:
+            progress(1)
+        return out
+
+    async def all_jobs():
+        gate = asyncio.Semaphore(concurrency)
+        return await asyncio.gather(*(one(spec, i, gate) for spec, i in jobs))
+
+    outputs = asyncio.get_event_loop().run_until_complete(all_jobs())
+    finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+    results = []
+    for (spec, i), out in zip(jobs, outputs):
+        ids = list(out["output_ids"])
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        counters = finished.get(out["meta_info"]["id"])
+        if counters is None:
+            raise RuntimeError("a request's counters are missing from the server info; raise ZOOMR_STATS_HISTORY")
+        if counters["policy"] != spec.policy or counters["budget"] != spec.budget:
+            raise RuntimeError(f"request ran {counters['policy']}/{counters['budget']}, asked {spec}")
+        results.append(RunResult(spec, i, ids, text, pt.score(problems[i], text),
+                                 counters["attended_total"], counters["dense_total"], counters["attended_max"],
+                                 counters["dense_last"], counters.get("fidelity")))
+    return results
+
+
+# ZoomR settings for the program-trace task: thoughts are ~45 tokens and summaries 3; the base window
+# holds the open thought's recent lines. Every policy gets the same sink and base window. The host
+# tier is off: what a step attends, hence the answer, does not depend on where unattended KV lives.
+# Refresh points are the task's pointer tokens (``v5<v2'``: "step 5 reads v2's intermediate"): the
+# query right after one looks up what the step needs, while the query at a line break copies the
+# previous line (measured: mass votes picked the needed thought at 35 of 35 detail reads with
+# pointer refreshes, 9 of 35 with line-break refreshes).
+TASK_ENV = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "48", "ZOOMR_MAX_THOUGHT_TOKENS": "128", "ZOOMR_TOPK": "1",
+            "ZOOMR_NUM_THOUGHTS": "1", "ZOOMR_SENTENCE_ENDS": '["<"]', "ZOOMR_REFRESH_INTERVAL": "128",
+            "ZOOMR_HOST_POOL_GB": "0", "ZOOMR_STATS_HISTORY": "100000"}
+
+
+def start_engine(model: str, **kwargs):
+    """One zoomr engine for every policy (TASK_ENV unless the environment says otherwise)."""
+    import os
+
+    import sglang
+    import torch
+
+    for key, value in TASK_ENV.items():
+        os.environ.setdefault(key, value)
+    args = dict(device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32", max_total_tokens=400_000,
+                mem_fraction_static=0.05, skip_server_warmup=True, max_running_requests=1024,
+                disable_radix_cache=True)
+    return sglang.Engine(model_path=model, attention_backend="zoomr", **{**args, **kwargs})
+
+
+def budget_specs(policies: Sequence[str], fractions: Sequence[float], avg_sequence: float) -> List[RunSpec]:
+    """Every policy at every fraction of the average sequence length, in tokens."""
+    return [RunSpec(policy, f, max(int(round(f * avg_sequence)), 8)) for f in fractions for policy in policies]
+
+
+def resident_fraction(runs: Sequence[RunResult], dense_lengths: Optional[Dict[int, int]] = None) -> float:
+    """Peak KV a policy needs resident over what dense attention keeps: the sum over problems of
+    each request's largest working set over the sum of the dense final sequence lengths
+    (``dense_lengths[problem]``, from the ``full`` runs; default: the request's own, which a policy
+    that stops early would flatter)."""
+    dense = sum(r.dense_last if dense_lengths is None else dense_lengths[r.problem_index] for r in runs)
+    return sum(r.attended_max for r in runs) / dense if dense else 1.0
+
+
+def attended_per_step(runs: Sequence[RunResult]) -> float:
+    """KV read per decode step over the sequence length, summed over every step of every problem."""
+    dense = sum(r.dense_total for r in runs)
+    return sum(r.attended_total for r in runs) / dense if dense else 1.0
+
+
+def summarize(results: Sequence[RunResult], dense_lengths: Optional[Dict[int, int]] = None) -> List[dict]:
+    """Per spec, in the order the specs first appear: accuracy and the measured
+    :func:`resident_fraction`."""
+    rows: Dict[RunSpec, List[RunResult]] = {}
+    for r in results:
+        rows.setdefault(r.spec, []).append(r)
+    out = []
+    for spec, runs in rows.items():
+        out.append({
+            "policy": spec.policy,
+            "budget_fraction": spec.budget_fraction,
+            "resident_fraction": resident_fraction(runs, dense_lengths),
+            "accuracy": sum(r.correct for r in runs) / len(runs),
+        })
+    return out
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (no dependency; redraws at most every 1%)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done, self.shown = max(total, 1), label, 0, -1
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        percent = 100 * self.done // self.total
+        if percent != self.shown:
+            self.shown = percent
+            filled = percent // 4
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (25 - filled)}] {self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
