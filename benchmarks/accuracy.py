@@ -42,18 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():  # SGLang's CPU engine, before sglang is imported anywhere
-    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _shim = str(REPO / "cpu_shim")
-    if _shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_shim, os.environ.get("PYTHONPATH")) if p)
-        sys.path.insert(0, _shim)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import REPO, plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
 
 from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
 from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
@@ -75,6 +65,8 @@ def parse_args(argv=None):
                         help="comma-separated fractions of the average sequence length (default %(default)s)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
     parser.add_argument("--model", default=str(reasoner_dir()))
+    parser.add_argument("--concurrency", type=int, default=128,
+                        help="requests in flight at once (default %(default)s; larger batches were slower per token on 2 CPU cores)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "accuracy"),
                         help="writes <out>.png and <out>.json")
     args = parser.parse_args(argv)
@@ -100,27 +92,6 @@ def table(rows, per_step) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    full = next(r for r in rows if r["policy"] == "full")
-    ax.axhline(full["accuracy"], color="black", linestyle="--", label="full (dense)")
-    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
-        points = sorted((r["resident_fraction"], r["accuracy"]) for r in rows if r["policy"] == policy)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
-    ax.set_xlabel("measured resident fraction (peak KV attended / final sequence length)")
-    ax.set_ylabel("answer accuracy (greedy)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
@@ -138,7 +109,7 @@ def main(argv=None) -> dict:
         avg_output = sum(len(r.output_ids) for r in full) / len(full)
         avg_seq = sum(pl + len(r.output_ids) for pl, r in zip(prompt_lens, full)) / len(full)
         specs = budget_specs(args.policy_list, args.budget_fractions, avg_seq)
-        runs = run_specs(engine, tokenizer, problems, specs, max_new_tokens=max_new,
+        runs = run_specs(engine, tokenizer, problems, specs, max_new_tokens=max_new, concurrency=args.concurrency,
                          progress=ProgressBar(len(specs) * len(problems), "policies"))
     finally:
         engine.shutdown()
@@ -153,7 +124,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = (f"program trace, {len(problems)} problems, seed {args.seed}, avg output {avg_output:.0f} tokens")
-    plot(rows, out.with_suffix(".png"), title)
+    full_accuracy = next(r["accuracy"] for r in rows if r["policy"] == "full")
+    plot_policies(rows, out.with_suffix(".png"), y=lambda r: r["accuracy"], reference=full_accuracy, title=title,
+                  xlabel="measured resident fraction (peak KV attended / final sequence length)",
+                  ylabel="answer accuracy (greedy)")
     details = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "seconds": round(elapsed, 1),
         "args": {k: v for k, v in vars(args).items()}, "task_env": {k: os.environ[k] for k in TASK_ENV},

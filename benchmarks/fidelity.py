@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import accuracy  # noqa: E402  (sets up SGLang's CPU engine on a CPU machine)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
+import accuracy  # noqa: E402
 from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
 from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
     ProgressBar, RunSpec, budget_specs, resident_fraction, run_specs, start_engine,
@@ -70,25 +70,6 @@ def aggregate(results):
     return rows
 
 
-def plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
-        points = sorted((r["resident_fraction"], sum(r["mass_coverage"]) / len(r["mass_coverage"]))
-                        for r in rows if r["policy"] == policy)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
-    ax.set_xlabel("measured resident fraction")
-    ax.set_ylabel("dense attention mass covered (mean over layers)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     problems = pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
@@ -116,8 +97,9 @@ def main(argv=None) -> dict:
     avg_output = sum(len(f) for f in forced) / len(forced)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, out.with_suffix(".png"),
-         f"teacher-forced program traces, {len(problems)} problems, avg output {avg_output:.0f} tokens")
+    plot_policies(rows, out.with_suffix(".png"), y=lambda r: sum(r["mass_coverage"]) / len(r["mass_coverage"]),
+                  xlabel="measured resident fraction", ylabel="dense attention mass covered (mean over layers)",
+                  title=f"teacher-forced program traces, {len(problems)} problems, avg output {avg_output:.0f} tokens")
     out.with_suffix(".json").write_text(json.dumps(
         {"date": datetime.date.today().isoformat(), "args": vars(args), "rows": rows}, indent=1) + "\n")
     result = {"n_problems": len(problems), "avg_output_tokens": avg_output, "results": rows}

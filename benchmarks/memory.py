@@ -48,20 +48,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a bare checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import ON_CUDA, REPO  # noqa: E402  (before sglang: CPU engine set-up)
 
 import torch  # noqa: E402
-
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:  # before sglang is imported here or in any process started from here
-    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _shim = str(REPO / "cpu_shim")
-    if _shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_shim, os.environ.get("PYTHONPATH")) if p)
-    if _shim not in sys.path:
-        sys.path.insert(0, _shim)
 
 DEFAULT_LENGTHS = "1024,4096,16384,32768" if ON_CUDA else "1024,2048,4096,8192"
 TINY_MODEL_SETTINGS = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "48"}

@@ -46,20 +46,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_setup  # noqa: E402,F401  (before sglang: CPU engine set-up)
 
 import torch  # noqa: E402
-
-if not torch.cuda.is_available():  # SGLang's CPU engine, before sglang is imported anywhere
-    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _shim = str(REPO / "cpu_shim")
-    if _shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_shim, os.environ.get("PYTHONPATH")) if p)
-        sys.path.insert(0, _shim)
 
 MODEL = "SmolLM2-135M-Instruct"
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "random")

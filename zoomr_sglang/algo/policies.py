@@ -37,7 +37,7 @@ import torch
 
 from zoomr_sglang.algo.segmentation import Thought
 from zoomr_sglang.algo.voting import head_votes, score_thoughts, select_thoughts
-from zoomr_sglang.algo.working_set import Range, merge_ranges, ranges_size, working_set_ranges
+from zoomr_sglang.algo.working_set import Range, merge_ranges, ranges_size
 
 from zoomr_sglang.config import MIN_WINDOW  # the newest tokens stay attended whatever the budget
 
