@@ -37,7 +37,7 @@ import torch
 
 from zoomr_sglang.algo.segmentation import Thought
 from zoomr_sglang.algo.voting import head_votes, score_thoughts, select_thoughts
-from zoomr_sglang.algo.working_set import Range, merge_ranges, ranges_size
+from zoomr_sglang.algo.working_set import Range, merge_ranges, ranges_size, working_set_ranges
 
 from zoomr_sglang.config import MIN_WINDOW  # the newest tokens stay attended whatever the budget
 
@@ -165,13 +165,16 @@ class StreamingPolicy(Policy):
         return recent_fill(sinks, view.seq_len, view.budget, view.seq_len)
 
 
-def _thought_skeleton(view: StepView) -> List[Range]:
-    """Sinks, the prompt and every closed thought's summary: what thought policies always keep."""
-    summaries = [
+def _summary_spans(view: StepView) -> List[Range]:
+    return [
         (view.thoughts[i].summary_start, view.thoughts[i].summary_end) for i in view.candidates
         if view.thoughts[i].summary_start is not None
     ]
-    return merge_ranges([(0, min(view.sink, view.seq_len)), (0, view.prompt_len), *summaries])
+
+
+def _thought_skeleton(view: StepView) -> List[Range]:
+    """Sinks, the prompt and every closed thought's summary: what thought policies always keep."""
+    return merge_ranges([(0, min(view.sink, view.seq_len)), (0, view.prompt_len), *_summary_spans(view)])
 
 
 class SummaryOnlyPolicy(Policy):
@@ -193,10 +196,10 @@ def _zoomed_working_set(view: StepView, zoomed: Sequence[int]) -> List[Range]:
     """
     spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in zoomed]
     if not view.budget:
-        return merge_ranges([
-            *_thought_skeleton(view), *spans, (view.open_from, view.seq_len),
-            (max(0, view.seq_len - view.window), view.seq_len),
-        ])
+        return working_set_ranges(
+            seq_len=view.seq_len, prompt_len=view.prompt_len, n_sink=view.sink, n_window=view.window,
+            open_from=view.open_from, summary_spans=_summary_spans(view), zoomed_spans=spans,
+        )
     cap = view.seq_len if view.window_cap is None else view.window_cap
     base = recent_fill(_thought_skeleton(view), view.seq_len, view.budget, min(view.window, cap))
     with_thoughts = add_within_budget(base, spans, view.budget)

@@ -75,8 +75,13 @@ def masked_decode_reference(
     Returns:
         ``[num_heads, v_head_dim]`` float64.
     """
-    weights = dense_attention_weights(query, keys, scaling, keep)
-    v = values.double().repeat_interleave(query.shape[0] // keys.shape[1], dim=1)
+    return weighted_values(dense_attention_weights(query, keys, scaling, keep), values)
+
+
+def weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Float64 ``[num_heads, v_head_dim]``: weights ``[num_heads, seq_len]`` applied to values
+    ``[seq_len, num_kv_heads, v_head_dim]`` (GQA: consecutive query heads share a KV head)."""
+    v = values.double().repeat_interleave(weights.shape[0] // values.shape[1], dim=1)
     return torch.einsum("hs,shd->hd", weights, v)
 
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
-from zoomr_sglang.algo.reference import dense_attention_weights, masked_decode_reference
+from zoomr_sglang.algo.reference import dense_attention_weights, masked_decode_reference, weighted_values
 from zoomr_sglang.algo.segmentation import ThoughtSegmenter
 from zoomr_sglang.algo.voting import attention_mass, head_votes, score_thoughts
 from zoomr_sglang.algo.working_set import Range, ranges_size, ranges_to_positions
@@ -241,8 +241,7 @@ class ZoomRController:
                 state.stats.self_check_max_error = max(state.stats.self_check_max_error, error)
             if state.settings.fidelity:
                 weights = dense_attention_weights(query[i], keys[slots], scaling)  # [num_heads, seq_len]
-                dense = torch.einsum("hs,shd->hd", weights,
-                                     values[slots].double().repeat_interleave(weights.shape[0] // values.shape[1], dim=1))
+                dense = weighted_values(weights, values[slots])
                 mass = float(weights[:, keep].sum(dim=1).mean())
                 rel_error = float((output[i].double() - dense).norm() / dense.norm().clamp_min(1e-30))
                 state.stats.add_fidelity(layer_id, mass, rel_error)
