@@ -54,10 +54,11 @@ from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir 
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "oracle", "random")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def task_parser(description: str, *, n_problems: int, out: str) -> argparse.ArgumentParser:
+    """The arguments this benchmark and ``fidelity.py`` share: problems, budgets, policies, model."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-problems", type=int, default=40)
+    parser.add_argument("--n-problems", type=int, default=n_problems)
     parser.add_argument("--min-steps", type=int, default=pt.DEFAULT_N_STEPS[0])
     parser.add_argument("--max-steps", type=int, default=pt.DEFAULT_N_STEPS[1])
     parser.add_argument("--p-detail", type=float, default=pt.DEFAULT_P_DETAIL)
@@ -65,10 +66,13 @@ def parse_args(argv=None):
                         help="comma-separated fractions of the average sequence length (default %(default)s)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
     parser.add_argument("--model", default=str(reasoner_dir()))
-    parser.add_argument("--concurrency", type=int, default=128,
-                        help="requests in flight at once (default %(default)s; larger batches were slower per token on 2 CPU cores)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "accuracy"),
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out),
                         help="writes <out>.png and <out>.json")
+    return parser
+
+
+def parse_task_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, split the lists into ``budget_fractions`` and ``policy_list``, refuse bad values."""
     args = parser.parse_args(argv)
     args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
     args.policy_list = [p for p in args.policies.split(",") if p]
@@ -82,6 +86,13 @@ def parse_args(argv=None):
     if args.n_problems < 1:
         parser.error(f"--n-problems={args.n_problems}: must be >= 1")
     return args
+
+
+def parse_args(argv=None):
+    parser = task_parser(__doc__.split("\n\n")[0], n_problems=40, out="accuracy")
+    parser.add_argument("--concurrency", type=int, default=128,
+                        help="requests in flight at once (default %(default)s; larger batches were slower per token on 2 CPU cores)")
+    return parse_task_args(parser, argv)
 
 
 def table(rows, per_step) -> str:

@@ -19,13 +19,11 @@ fraction, one line per policy); the last stdout line is one JSON object: ``{"n_p
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
 import accuracy  # noqa: E402
@@ -33,24 +31,12 @@ from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
 from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
     ProgressBar, RunSpec, budget_specs, resident_fraction, run_specs, start_engine,
 )
-from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
+from zoomr_sglang.evaluation.reasoner_model import load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-problems", type=int, default=8)
-    parser.add_argument("--min-steps", type=int, default=pt.DEFAULT_N_STEPS[0])
-    parser.add_argument("--max-steps", type=int, default=pt.DEFAULT_N_STEPS[1])
-    parser.add_argument("--p-detail", type=float, default=pt.DEFAULT_P_DETAIL)
-    parser.add_argument("--budgets", default="0.1,0.2,0.4")
-    parser.add_argument("--policies", default=",".join(accuracy.POLICIES))
-    parser.add_argument("--model", default=str(reasoner_dir()))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fidelity"))
-    args = parser.parse_args(argv)
-    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
-    args.policy_list = [p for p in args.policies.split(",") if p]
-    return args
+    parser = accuracy.task_parser(__doc__.split("\n\n")[0], n_problems=8, out="fidelity")
+    return accuracy.parse_task_args(parser, argv)
 
 
 def aggregate(results):
