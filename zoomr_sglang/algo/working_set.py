@@ -55,7 +55,11 @@ def ranges_to_positions(ranges: Sequence[Range]) -> torch.Tensor:
     """Positions int64 [ranges_size(ranges)] in range order (ascending for merged ranges)."""
     if not ranges:
         return torch.empty(0, dtype=torch.int64)
-    return torch.cat([torch.arange(start, end, dtype=torch.int64) for start, end in ranges])
+    bounds = torch.tensor(ranges, dtype=torch.int64)  # [n_ranges, 2]
+    lengths = bounds[:, 1] - bounds[:, 0]
+    # Position j of range r is start_r + (j - first output index of r): one arange, no Python loop.
+    shift = torch.repeat_interleave(bounds[:, 0] - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return torch.arange(int(lengths.sum()), dtype=torch.int64) + shift
 
 
 def subtract_ranges(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:

@@ -204,15 +204,16 @@ class ZoomRController:
             # Mass votes: normalise by this step's softmax denominator over the working set.
             key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id) if key_buffer is None else key_buffer
             lo, hi = int(plan.kv_indptr[batch_index]), int(plan.kv_indptr[batch_index + 1])
-            attended = score_thoughts(query[batch_index].float(), key_buffer[plan.kv_indices[lo:hi].long()].float())
+            attended_keys = key_buffer.index_select(0, plan.kv_indices[lo:hi]).float()
+            attended = score_thoughts(query[batch_index].float(), attended_keys)
             counts = self.index_keys.counts[layer_id, state.candidate_entries]
             mass = attention_mass(scores, counts, torch.logsumexp(attended * scaling, dim=1), scaling)
             state.add_votes(torch.zeros(mass.shape[1], dtype=torch.int64, device=mass.device), mass.sum(dim=0))
         if plan.observers:
             key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
             for batch_index, state, positions, slots in plan.observers:
-                state.policy.observe(layer_id, query[batch_index].float(), key_buffer[slots].float(),
-                                     positions, scaling)
+                keys = key_buffer.index_select(0, slots).float()
+                state.policy.observe(layer_id, query[batch_index].float(), keys, positions, scaling)
 
     def check_outputs(self, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float,
                       plan: DecodePlan) -> None:

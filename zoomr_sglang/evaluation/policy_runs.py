@@ -76,8 +76,10 @@ def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence
         if forced_ids is not None:
             params.update(force_ids=list(forced_ids[i]), zoomr_fidelity=True)
         sampling = {"temperature": 0, "max_new_tokens": max_new_tokens[i], "custom_params": params}
+        # A rid of the job alone: the random policy seeds from it, so its draws repeat run to run.
+        rid = f"{spec.policy}@{spec.budget_fraction:g}:{spec.budget}#{i}"
         async with gate:
-            out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling,
+            out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling, rid=rid,
                                               custom_logit_processor=processor)
         if progress is not None:
             progress(1)
