@@ -40,7 +40,6 @@ batch, so the defaults (4 x 1024 tokens, 6 policies, 2 budgets) take hours there
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -52,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_setup  # noqa: E402,F401  (before sglang: CPU engine set-up)
 
 import torch  # noqa: E402
+
+from zoomr_sglang.evaluation.policy_runs import generate_all  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "random")
@@ -112,36 +113,21 @@ def run_batch(engine, prompts: Sequence[List[int]], jobs: Sequence[dict], max_ne
     per job its output ids and its counters from the server info."""
     from zoomr_sglang.evaluation.forcing import ForceTokens
 
-    processor = ForceTokens.to_str() if force else None
-    done = [0]
     started = time.time()
+    done = [0]
 
-    async def one(job: dict) -> dict:
-        params = dict(job["params"])
-        if force:
-            params["force_ids"] = force[job["prompt"]]
-        out = await engine.async_generate(
-            input_ids=prompts[job["prompt"]], custom_logit_processor=processor,
-            sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": max_new_tokens,
-                             "custom_params": params})
-        done[0] += 1
+    def progress(n: int) -> None:
+        done[0] += n
         log(f"  {label}: {done[0]}/{len(jobs)} requests done, {time.time() - started:.0f} s")
-        return out
 
-    async def all_jobs():
-        return await asyncio.gather(*(one(job) for job in jobs))
-
-    outputs = asyncio.get_event_loop().run_until_complete(all_jobs())
-    finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
-    results = []
-    for job, out in zip(jobs, outputs):
-        counters = finished.get(out["meta_info"]["id"])
-        if counters is None:
-            raise RuntimeError("a request's counters are missing from the server info; raise ZOOMR_STATS_HISTORY")
-        want = job["params"]
-        if counters.get("policy") != want["zoomr_policy"] or counters.get("budget") != want["zoomr_budget"]:
-            raise RuntimeError(f"request ran {counters.get('policy')}/{counters.get('budget')}, asked {want}")
-        results.append({"output_ids": list(out["output_ids"]), "counters": counters})
+    requests = []
+    for job in jobs:
+        params = {**job["params"], "force_ids": force[job["prompt"]]} if force else job["params"]
+        requests.append({"input_ids": prompts[job["prompt"]], "sampling_params": {
+            "temperature": 0, "ignore_eos": True, "max_new_tokens": max_new_tokens, "custom_params": params}})
+    outputs = generate_all(engine, requests, custom_logit_processor=ForceTokens.to_str() if force else None,
+                           concurrency=max(1, len(requests)), progress=progress)
+    results = [{"output_ids": ids, "counters": counters} for ids, counters in outputs]
     tokens = sum(len(r["output_ids"]) for r in results)
     log(f"  {label}: {tokens} tokens in {time.time() - started:.0f} s ({tokens / (time.time() - started):.1f} tokens/s)")
     return results

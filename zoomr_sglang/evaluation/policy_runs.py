@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from zoomr_sglang.evaluation import program_trace as pt
 
@@ -54,6 +54,40 @@ def custom_params(spec: RunSpec, problem: pt.Problem) -> Dict[str, object]:
     return params
 
 
+def generate_all(engine, requests: Sequence[Dict[str, object]], *, custom_logit_processor: Optional[str] = None,
+                 concurrency: int = 128,
+                 progress: Optional[Callable[[int], None]] = None) -> List[Tuple[List[int], dict]]:
+    """Every request (``engine.async_generate`` keyword arguments; ``sampling_params.custom_params``
+    names its ``zoomr_policy`` and ``zoomr_budget``) concurrently, at most ``concurrency`` in flight;
+    ``progress(1)`` per finished one. Returns per request its output ids and its counters from the
+    server info, checked to be those of the policy and budget it asked for."""
+
+    async def one(request: Dict[str, object], gate: asyncio.Semaphore):
+        async with gate:
+            out = await engine.async_generate(custom_logit_processor=custom_logit_processor, **request)
+        if progress is not None:
+            progress(1)
+        return out
+
+    async def all_requests():
+        gate = asyncio.Semaphore(concurrency)
+        return await asyncio.gather(*(one(request, gate) for request in requests))
+
+    outputs = asyncio.get_event_loop().run_until_complete(all_requests())
+    finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+    results = []
+    for request, out in zip(requests, outputs):
+        counters = finished.get(out["meta_info"]["id"])
+        if counters is None:
+            raise RuntimeError("a request's counters are missing from the server info; raise ZOOMR_STATS_HISTORY")
+        asked = request["sampling_params"]["custom_params"]
+        if counters["policy"] != asked["zoomr_policy"] or counters["budget"] != asked["zoomr_budget"]:
+            raise RuntimeError(f"request ran {counters['policy']}/{counters['budget']}, "
+                               f"asked {asked['zoomr_policy']}/{asked['zoomr_budget']}")
+        results.append((list(out["output_ids"]), counters))
+    return results
+
+
 def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence[RunSpec], *,
               max_new_tokens: Sequence[int], progress: Optional[Callable[[int], None]] = None,
               forced_ids: Optional[Sequence[Sequence[int]]] = None, concurrency: int = 128) -> List[RunResult]:
@@ -70,39 +104,25 @@ def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence
         from zoomr_sglang.evaluation.forcing import ForceTokens
 
         processor = ForceTokens.to_str()
-
-    async def one(spec: RunSpec, i: int, gate: asyncio.Semaphore):
+    requests = []
+    for spec, i in jobs:
         params = custom_params(spec, problems[i])
         if forced_ids is not None:
             params.update(force_ids=list(forced_ids[i]), zoomr_fidelity=True)
-        sampling = {"temperature": 0, "max_new_tokens": max_new_tokens[i], "custom_params": params}
-        # A rid of the job alone: the random policy seeds from it, so its draws repeat run to run.
-        rid = f"{spec.policy}@{spec.budget_fraction:g}:{spec.budget}#{i}"
-        async with gate:
-            out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling, rid=rid,
-                                              custom_logit_processor=processor)
-        if progress is not None:
-            progress(1)
-        return out
-
-    async def all_jobs():
-        gate = asyncio.Semaphore(concurrency)
-        return await asyncio.gather(*(one(spec, i, gate) for spec, i in jobs))
-
-    outputs = asyncio.get_event_loop().run_until_complete(all_jobs())
-    finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+        requests.append({
+            "input_ids": prompts[i],
+            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens[i], "custom_params": params},
+            # A rid of the job alone: the random policy seeds from it, so its draws repeat run to run.
+            "rid": f"{spec.policy}@{spec.budget_fraction:g}:{spec.budget}#{i}",
+        })
+    outputs = generate_all(engine, requests, custom_logit_processor=processor, concurrency=concurrency,
+                           progress=progress)
     results = []
-    for (spec, i), out in zip(jobs, outputs):
-        ids = list(out["output_ids"])
+    for (spec, i), (ids, counters) in zip(jobs, outputs):
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        counters = finished.get(out["meta_info"]["id"])
-        if counters is None:
-            raise RuntimeError("a request's counters are missing from the server info; raise ZOOMR_STATS_HISTORY")
-        if counters["policy"] != spec.policy or counters["budget"] != spec.budget:
-            raise RuntimeError(f"request ran {counters['policy']}/{counters['budget']}, asked {spec}")
-        results.append(RunResult(spec, i, ids, text, pt.score(problems[i], text),
-                                 counters["attended_total"], counters["dense_total"], counters["attended_max"],
-                                 counters["dense_last"], counters.get("fidelity")))
+        results.append(RunResult(spec, i, ids, text, pt.score(problems[i], text), counters["attended_total"],
+                                 counters["dense_total"], counters["attended_max"], counters["dense_last"],
+                                 counters.get("fidelity")))
     return results
 
 
