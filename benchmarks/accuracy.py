@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import REPO, plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
+from bench_setup import REPO, add_policy_arguments, parse_policy_lists, plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
 
 from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
 from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
@@ -62,9 +62,7 @@ def task_parser(description: str, *, n_problems: int, out: str) -> argparse.Argu
     parser.add_argument("--min-steps", type=int, default=pt.DEFAULT_N_STEPS[0])
     parser.add_argument("--max-steps", type=int, default=pt.DEFAULT_N_STEPS[1])
     parser.add_argument("--p-detail", type=float, default=pt.DEFAULT_P_DETAIL)
-    parser.add_argument("--budgets", default="0.1,0.2,0.4",
-                        help="comma-separated fractions of the average sequence length (default %(default)s)")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
+    add_policy_arguments(parser, policies=POLICIES, budgets="0.1,0.2,0.4")
     parser.add_argument("--model", default=str(reasoner_dir()))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out),
                         help="writes <out>.png and <out>.json")
@@ -74,18 +72,16 @@ def task_parser(description: str, *, n_problems: int, out: str) -> argparse.Argu
 def parse_task_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, split the lists into ``budget_fractions`` and ``policy_list``, refuse bad values."""
     args = parser.parse_args(argv)
-    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
-    args.policy_list = [p for p in args.policies.split(",") if p]
-    from zoomr_sglang.algo.policies import POLICY_NAMES
-
-    for name in args.policy_list:
-        if name not in POLICY_NAMES or name == "full":
-            parser.error(f"--policies: {name!r} is not allowed; allowed: {', '.join(POLICIES)}")
-    if not all(0 < f <= 1 for f in args.budget_fractions):
-        parser.error(f"--budgets={args.budgets!r}: each fraction must be in (0, 1]")
+    parse_policy_lists(parser, args, POLICIES)
     if args.n_problems < 1:
         parser.error(f"--n-problems={args.n_problems}: must be >= 1")
     return args
+
+
+def task_problems(args: argparse.Namespace):
+    """The problems the task arguments describe."""
+    return pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
+                                p_detail=args.p_detail)
 
 
 def parse_args(argv=None):
@@ -106,8 +102,7 @@ def table(rows, per_step) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    problems = pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
-                                    p_detail=args.p_detail)
+    problems = task_problems(args)
     tokenizer = load_tokenizer(args.model)
     target_lens = [len(tokenizer.encode(p.target, add_special_tokens=False)) for p in problems]
     max_new = [n + 32 for n in target_lens]
@@ -141,7 +136,7 @@ def main(argv=None) -> dict:
                   ylabel="answer accuracy (greedy)")
     details = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "seconds": round(elapsed, 1),
-        "args": {k: v for k, v in vars(args).items()}, "task_env": {k: os.environ[k] for k in TASK_ENV},
+        "args": vars(args), "task_env": {k: os.environ[k] for k in TASK_ENV},
         "avg_prompt_tokens": sum(prompt_lens) / len(problems), "avg_sequence_tokens": avg_seq,
         "budgets_tokens": {f"{s.policy}@{s.budget_fraction}": s.budget for s in specs},
         "rows": [{**row, "attended_per_step": step} for row, step in zip(rows, per_step)],

@@ -26,6 +26,25 @@ if not ON_CUDA:
         sys.path.insert(0, _shim)
 
 
+def add_policy_arguments(parser, *, policies, budgets: str) -> None:
+    """``--budgets`` (fractions of the average sequence length) and ``--policies`` (comma-separated)."""
+    parser.add_argument("--budgets", default=budgets,
+                        help="comma-separated fractions of the average sequence length (default %(default)s)")
+    parser.add_argument("--policies", default=",".join(policies), help="default: %(default)s")
+
+
+def parse_policy_lists(parser, args, allowed) -> None:
+    """Set ``args.budget_fractions`` and ``args.policy_list``; a policy outside ``allowed`` or a
+    fraction outside (0, 1] (or none) stops with an error naming it."""
+    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
+    args.policy_list = [p for p in args.policies.split(",") if p]
+    for name in args.policy_list:
+        if name not in allowed:
+            parser.error(f"--policies: {name!r} is not allowed; allowed: {', '.join(allowed)}")
+    if not args.budget_fractions or not all(0 < f <= 1 for f in args.budget_fractions):
+        parser.error(f"--budgets={args.budgets!r}: each fraction must be in (0, 1]")
+
+
 def plot_policies(rows, path: Path, *, y, xlabel: str, ylabel: str, title: str, reference=None) -> None:
     """One line per policy (``full`` excluded) of ``y(row)`` against the measured resident fraction,
     and ``reference`` (full's value) as a dashed line."""

@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
 import accuracy  # noqa: E402
-from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
 from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
     ProgressBar, RunSpec, budget_specs, resident_fraction, run_specs, start_engine,
 )
@@ -58,8 +57,7 @@ def aggregate(results):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    problems = pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
-                                    p_detail=args.p_detail)
+    problems = accuracy.task_problems(args)
     tokenizer = load_tokenizer(args.model)
     forced = [tokenizer.encode(p.target, add_special_tokens=False) + [tokenizer.eos_token_id] for p in problems]
     prompt_lens = [len(tokenizer.encode(p.prompt)) for p in problems]

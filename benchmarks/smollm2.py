@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_setup  # noqa: E402,F401  (before sglang: CPU engine set-up)
+import bench_setup  # noqa: E402  (before sglang: CPU engine set-up)
 
 import torch  # noqa: E402
 
@@ -80,22 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-prompts", type=int, default=4, help=f"1..{len(QUESTIONS)} (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--budgets", default="0.25,0.5",
-                        help="comma-separated fractions of the average sequence length (default %(default)s)")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="default: %(default)s")
+    bench_setup.add_policy_arguments(parser, policies=POLICIES, budgets="0.25,0.5")
     parser.add_argument("--model", default=None, help="a converted model folder (default: prepare_smollm2())")
     parser.add_argument("--out", default=None, help="write the details as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; start no engine")
     args = parser.parse_args(argv)
-    args.budget_fractions = [float(x) for x in args.budgets.split(",") if x]
-    args.policy_list = [p for p in args.policies.split(",") if p]
-    from zoomr_sglang.algo.policies import POLICY_NAMES
-
-    for name in args.policy_list:
-        if name not in POLICY_NAMES or name in ("full", "oracle"):
-            parser.error(f"--policies: {name!r} is not allowed; allowed: {', '.join(POLICIES)}")
-    if not args.budget_fractions or not all(0 < f <= 1 for f in args.budget_fractions):
-        parser.error(f"--budgets={args.budgets!r}: each fraction must be in (0, 1]")
+    bench_setup.parse_policy_lists(parser, args, POLICIES)
     if not 1 <= args.n_prompts <= len(QUESTIONS):
         parser.error(f"--n-prompts={args.n_prompts}: allowed 1..{len(QUESTIONS)}")
     if args.max_new_tokens < 2:
