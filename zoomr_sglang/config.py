@@ -100,9 +100,7 @@ def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
 def _policy(name: str, raw: object) -> str:
     from zoomr_sglang.algo.policies import POLICY_NAMES
 
-    if raw not in POLICY_NAMES:
-        raise ValueError(f"{name}={raw!r} is not a policy; allowed: {', '.join(POLICY_NAMES)}")
-    return raw
+    return _choice(name, raw, POLICY_NAMES)
 
 
 def _check_budget(name: str, budget: int, config: "ZoomRConfig") -> None:
