@@ -12,7 +12,7 @@ import pytest
 
 from engine_utils import zoomr_env
 from zoomr_sglang.evaluation import program_trace as pt
-from zoomr_sglang.evaluation.policy_runs import TASK_ENV, RunSpec, run_specs, start_engine, summarize
+from zoomr_sglang.evaluation.policy_runs import TASK_ENV, RunSpec, job_rid, run_specs, start_engine, summarize
 from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir
 
 pytestmark = pytest.mark.engine
@@ -29,12 +29,21 @@ def test_full_solves_and_sparse_policies_match_it_exactly():
     # tokens (its answer stays right): this tiny model is sensitive to any missing context.
     budget = int(0.85 * avg_seq)
     specs = [RunSpec("full", 1.0, 0), RunSpec("zoomr", 0.85, budget), RunSpec("oracle", 0.85, budget)]
+    random_spec = RunSpec("random", 0.5, int(0.5 * avg_seq))
+    random_histories = []
     with zoomr_env(**TASK_ENV):
         engine = start_engine(str(reasoner_dir()), max_total_tokens=40_000)
         try:
             runs = run_specs(engine, tokenizer, problems, specs, max_new_tokens=max_new)
+            for _ in range(2):  # the random policy draws the same thoughts in a second run
+                run_specs(engine, tokenizer, problems, [random_spec], max_new_tokens=max_new)
+                finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+                random_histories.append([finished[job_rid(random_spec, i)]["zoom_history"]
+                                         for i in range(len(problems))])
         finally:
             engine.shutdown()
+    assert random_histories[0] == random_histories[1]
+    assert all(len(history) > 1 for history in random_histories[0])  # it really drew, again and again
     by_policy = {}
     for r in runs:
         by_policy.setdefault(r.spec.policy, []).append(r)

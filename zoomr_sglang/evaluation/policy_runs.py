@@ -54,6 +54,12 @@ def custom_params(spec: RunSpec, problem: pt.Problem) -> Dict[str, object]:
     return params
 
 
+def job_rid(spec: RunSpec, problem_index: int) -> str:
+    """The request id of one (spec, problem) job: a function of the job alone, so the random
+    policy, which seeds from it, draws the same thoughts run after run."""
+    return f"{spec.policy}@{spec.budget_fraction:g}:{spec.budget}#{problem_index}"
+
+
 def generate_all(engine, requests: Sequence[Dict[str, object]], *, custom_logit_processor: Optional[str] = None,
                  concurrency: int = 128,
                  progress: Optional[Callable[[int], None]] = None) -> List[Tuple[List[int], dict]]:
@@ -112,8 +118,7 @@ def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence
         requests.append({
             "input_ids": prompts[i],
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens[i], "custom_params": params},
-            # A rid of the job alone: the random policy seeds from it, so its draws repeat run to run.
-            "rid": f"{spec.policy}@{spec.budget_fraction:g}:{spec.budget}#{i}",
+            "rid": job_rid(spec, i),
         })
     outputs = generate_all(engine, requests, custom_logit_processor=processor, concurrency=concurrency,
                            progress=progress)
