@@ -3,9 +3,9 @@
 
     python benchmarks/accuracy.py --seed 0 --n-problems 40
 
-Problems come from the seeded program-trace generator (``zoomr_sglang/evaluation/program_trace.py``,
+Problems come from the seeded program-trace generator (``testbed/program_trace.py``,
 sizes from ``--min-steps/--max-steps/--p-detail``) and are solved by the committed tiny reasoner
-(``zoomr_sglang/evaluation/reasoner/``, trained by ``benchmarks/train_reasoner.py``), served by one
+(``testbed/reasoner/``, trained by ``testbed/train_reasoner.py``), served by one
 ``sglang.Engine(attention_backend="zoomr")``. Each request picks its policy and budget through
 ``custom_params`` (``zoomr_policy``, ``zoomr_budget``), so every policy runs through the same engine,
 model and budget accounting:
@@ -45,11 +45,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import REPO, add_policy_arguments, parse_policy_lists, plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
 
-from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
-from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
+from testbed import program_trace as pt  # noqa: E402
+from testbed.policy_runs import (  # noqa: E402
     TASK_ENV, ProgressBar, RunSpec, attended_per_step, budget_specs, run_specs, start_engine, summarize,
 )
-from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
+from testbed.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
 
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "oracle", "random")
 

@@ -1,29 +1,21 @@
-"""What every benchmark script does first: find the repo, and on a machine without a GPU set up
-SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``, ``cpu_shim/`` on ``PYTHONPATH`` for the spawned
-processes too, one OpenMP thread: spinning threads made each decode step over ten times slower on
-a small shared machine). Import it before anything imports sglang."""
+"""What every benchmark script does first: the checkout's process environment
+(``testbed/process_env.py``: the repo on the path, and on a machine without a GPU SGLang's CPU
+engine with the ``sgl_kernel`` stand-in and one OpenMP thread). Import it before anything imports
+torch or sglang."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a bare checkout
+sys.path.insert(0, str(REPO))  # run from a bare checkout
+from testbed.process_env import prepare_process_env  # noqa: E402
 
+prepare_process_env()
 import torch  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _shim = str(REPO / "cpu_shim")
-    if _shim not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_shim, os.environ.get("PYTHONPATH")) if p)
-    if _shim not in sys.path:
-        sys.path.insert(0, _shim)
 
 
 def add_policy_arguments(parser, *, policies, budgets: str) -> None:

@@ -5,7 +5,7 @@
 
 Same model, problems, engine and budgets as ``benchmarks/accuracy.py``, but every request is
 teacher-forced to the problem's reference reasoning (a custom logit processor,
-``zoomr_sglang/evaluation/forcing.py``), so every policy decodes the same trace step for step. At
+``testbed/forcing.py``), so every policy decodes the same trace step for step. At
 every decode step and layer the backend compares the policy's attention with dense attention over
 the whole sequence (``zoomr_fidelity``): the share of the dense attention probability mass that the
 working set covers (mean over query heads), and ``||out - dense|| / ||dense||`` of the attention
@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
 import accuracy  # noqa: E402
-from zoomr_sglang.evaluation.policy_runs import (  # noqa: E402
+from testbed.policy_runs import (  # noqa: E402
     ProgressBar, RunSpec, budget_specs, resident_fraction, run_specs, start_engine,
 )
-from zoomr_sglang.evaluation.reasoner_model import load_tokenizer  # noqa: E402
+from testbed.reasoner_model import load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):

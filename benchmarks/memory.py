@@ -391,7 +391,7 @@ def main(argv=None) -> None:
     began = time.time()
     settings = apply_zoomr_settings(args)
     if args.model_path is None:
-        from zoomr_sglang.tiny_model import tiny_model_dir
+        from testbed.tiny_model import tiny_model_dir
 
         model_path, model_name = str(tiny_model_dir()), "tiny random-weight model"
     else:

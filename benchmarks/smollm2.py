@@ -15,7 +15,7 @@ policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``,
 2. Every policy at every budget, all requests at once, **free** greedy decoding: ``agreement`` is
    the share of full's output tokens reproduced before the first divergence (mean over prompts;
    ``equal_prefix_tokens`` is that prefix in tokens).
-3. The same, **teacher-forced** on full's output (``zoomr_sglang.evaluation.forcing.ForceTokens``),
+3. The same, **teacher-forced** on full's output (``testbed.forcing.ForceTokens``),
    so every policy attends over the same trace, with ``zoomr_fidelity`` on: per layer, the share of
    dense attention probability mass the working set covers (``mass_coverage``) and the relative
    error of the attention output against dense (``rel_error``), means over decode steps, prompts
@@ -52,7 +52,7 @@ import bench_setup  # noqa: E402  (before sglang: CPU engine set-up)
 
 import torch  # noqa: E402
 
-from zoomr_sglang.evaluation.policy_runs import generate_all  # noqa: E402
+from testbed.policy_runs import generate_all  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "random")
@@ -101,7 +101,7 @@ def run_batch(engine, prompts: Sequence[List[int]], jobs: Sequence[dict], max_ne
               force: Sequence[List[int]] = ()) -> List[dict]:
     """Every job (``custom_params`` + ``prompt`` index) as one concurrent greedy request; returns
     per job its output ids and its counters from the server info."""
-    from zoomr_sglang.evaluation.forcing import ForceTokens
+    from testbed.forcing import ForceTokens
 
     started = time.time()
     done = [0]
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
     started = time.time()
     from transformers import AutoTokenizer
 
-    from zoomr_sglang.evaluation.smollm2 import prepare_smollm2
+    from testbed.smollm2 import prepare_smollm2
 
     model = args.model or str(prepare_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -190,7 +190,8 @@ def main(argv=None) -> dict:
                for q in QUESTIONS[:args.n_prompts]]
     for key, value in BENCH_ENV.items():
         os.environ.setdefault(key, value)
-    from zoomr_sglang.config import MIN_WINDOW, load_config
+    from zoomr_sglang.algo.working_set import MIN_WINDOW
+    from zoomr_sglang.config import load_config
 
     load_config()  # a bad ZOOMR_* value stops here, not in a scheduler process
     n_requests = len(args.policy_list) * len(args.budget_fractions) * len(prompts)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from engine_utils import zoomr_env
-from zoomr_sglang.evaluation import program_trace as pt
-from zoomr_sglang.evaluation.policy_runs import TASK_ENV, RunSpec, job_rid, run_specs, start_engine, summarize
-from zoomr_sglang.evaluation.reasoner_model import load_tokenizer, reasoner_dir
+from testbed import program_trace as pt
+from testbed.policy_runs import TASK_ENV, RunSpec, job_rid, run_specs, start_engine, summarize
+from testbed.reasoner_model import load_tokenizer, reasoner_dir
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,8 @@
 
 import pytest
 
-from zoomr_sglang.config import MIN_WINDOW, ZoomRConfig, load_config
+from zoomr_sglang.algo.working_set import MIN_WINDOW
+from zoomr_sglang.config import ZoomRConfig, load_config
 
 
 def test_defaults_without_variables():

@@ -15,7 +15,7 @@ FULL_BUDGET = dict(ZOOMR_SINK=0, ZOOMR_WINDOW=100_000)
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    from zoomr_sglang.tiny_model import tiny_model_dir
+    from testbed.tiny_model import tiny_model_dir
 
     return str(tiny_model_dir())
 

@@ -1,4 +1,4 @@
-"""Teacher forcing (``zoomr_sglang.evaluation.forcing.ForceTokens``) through a real SGLang engine."""
+"""Teacher forcing (``testbed.forcing.ForceTokens``) through a real SGLang engine."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ N = 48
 @pytest.mark.parametrize("engine_kwargs", [{}, dict(disable_overlap_schedule=True, chunked_prefill_size=16)],
                          ids=["overlap", "no-overlap-chunked"])
 def test_forced_output_is_the_forced_ids(engine_kwargs):
-    from zoomr_sglang.evaluation.forcing import ForceTokens
-    from zoomr_sglang.tiny_model import tiny_model_dir
+    from testbed.forcing import ForceTokens
+    from testbed.tiny_model import tiny_model_dir
 
     batch = prompts()[:3]
     rng = random.Random(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zoomr_sglang.model_cache import build_into_place, cache_root
+from testbed.model_cache import build_into_place, cache_root
 
 
 def _complete(folder):

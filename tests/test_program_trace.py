@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zoomr_sglang.evaluation import program_trace as pt
+from testbed import program_trace as pt
 
 
 def test_seed_determinism_and_prefix_stability():
@@ -144,7 +144,7 @@ def test_score():
 
 
 def test_import_is_pure_python():
-    code = "import sys; import zoomr_sglang.evaluation.program_trace; print('torch' in sys.modules)"
+    code = "import sys; import testbed.program_trace; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -193,7 +193,7 @@ def test_dependencies_match_an_independent_reading_of_the_text():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from zoomr_sglang.evaluation.reasoner_model import load_tokenizer
+    from testbed.reasoner_model import load_tokenizer
 
     return load_tokenizer()
 
@@ -264,7 +264,7 @@ def test_sglang_token_texts_hold_the_markers(tokenizer):
 
     from zoomr_sglang.attention_backend.factory import load_token_texts
     from zoomr_sglang.config import ZoomRConfig
-    from zoomr_sglang.evaluation.reasoner_model import reasoner_dir
+    from testbed.reasoner_model import reasoner_dir
 
     runner = SimpleNamespace(
         server_args=SimpleNamespace(tokenizer_path=None, model_path=str(reasoner_dir()), tokenizer_mode="auto",
@@ -283,7 +283,7 @@ def test_sglang_token_texts_hold_the_markers(tokenizer):
 def test_checkpoint_files_and_eos():
     import json
 
-    from zoomr_sglang.evaluation.reasoner_model import reasoner_dir
+    from testbed.reasoner_model import reasoner_dir
 
     folder = reasoner_dir()
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -304,7 +304,7 @@ def test_checkpoint_files_and_eos():
 def test_checkpoint_solves_short_problems(tokenizer):
     import torch
 
-    from zoomr_sglang.evaluation.reasoner_model import load_model
+    from testbed.reasoner_model import load_model
 
     torch.set_num_threads(2)
     model = load_model()

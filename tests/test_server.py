@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    from zoomr_sglang.tiny_model import tiny_model_dir
+    from testbed.tiny_model import tiny_model_dir
 
     return str(tiny_model_dir())
 

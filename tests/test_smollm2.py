@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from zoomr_sglang.evaluation import smollm2
+from testbed import smollm2
 
 
 def _require_smollm2():

@@ -14,11 +14,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Tuple
 
-# The overlap scheduler's host view of a request lags up to two steps behind the device; the
-# recent window must cover that lag plus the token being decoded so that no token is ever
-# outside both the window and the selection while its thought is still being indexed.
-SCHEDULER_LAG_TOKENS = 2
-MIN_WINDOW = SCHEDULER_LAG_TOKENS + 1
+from zoomr_sglang.algo.policies import POLICY_NAMES
+from zoomr_sglang.algo.working_set import MIN_WINDOW
+
 
 
 @dataclass(frozen=True)
@@ -98,8 +96,6 @@ def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
 
 
 def _policy(name: str, raw: object) -> str:
-    from zoomr_sglang.algo.policies import POLICY_NAMES
-
     return _choice(name, raw, POLICY_NAMES)
 
 

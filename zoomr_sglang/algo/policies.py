@@ -37,9 +37,7 @@ import torch
 
 from zoomr_sglang.algo.segmentation import Thought
 from zoomr_sglang.algo.voting import head_votes, score_thoughts, select_thoughts
-from zoomr_sglang.algo.working_set import Range, merge_ranges, ranges_size, working_set_ranges
-
-from zoomr_sglang.config import MIN_WINDOW  # the newest tokens stay attended whatever the budget
+from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, merge_ranges, ranges_size, working_set_ranges
 
 QUEST_PAGE_SIZE = 16  # Quest's default page size
 

@@ -6,6 +6,12 @@ import torch
 
 Range = tuple[int, int]  # [start, end) positions
 
+# The host's view of a request's tokens lags up to two steps behind the device (the overlap
+# scheduler); the recent window covers that lag plus the token being decoded, so no token is ever
+# outside both the window and the selection while its thought is still being indexed.
+SCHEDULER_LAG_TOKENS = 2
+MIN_WINDOW = SCHEDULER_LAG_TOKENS + 1
+
 
 def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
     """Sorted, disjoint ranges; overlapping or adjacent ones are merged, empty ones dropped."""

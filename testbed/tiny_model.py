@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from zoomr_sglang.model_cache import build_into_place, cache_root
+from testbed.model_cache import build_into_place, cache_root
 
 __all__ = [
     "BOS_TOKEN",

@@ -1,8 +1,8 @@
 """Train the tiny reasoner that writes ZoomR-format program traces (thoughts + summaries), on CPU.
 
-    python benchmarks/train_reasoner.py --seed 0 --out zoomr_sglang/evaluation/reasoner
+    python testbed/train_reasoner.py --seed 0 --out testbed/reasoner
 
-Builds a word-level tokenizer for the task of ``zoomr_sglang.evaluation.program_trace`` and a small
+Builds a word-level tokenizer for the task of ``testbed.program_trace`` and a small
 ``LlamaForCausalLM`` (hidden 128, 4 layers, 4 query / 2 KV heads of 32, tied embeddings, about 1.2M
 parameters), trains it on freshly generated problems (loss on the reasoning and answer only; a
 length curriculum: small problems first, then sizes up to ``--n-steps-max``, short ones always
@@ -56,8 +56,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from zoomr_sglang.evaluation import program_trace as pt  # noqa: E402
-from zoomr_sglang.evaluation.reasoner_model import BOS, EOS, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
+from testbed import program_trace as pt  # noqa: E402
+from testbed.reasoner_model import BOS, EOS, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
 
 SPECIAL = list(SPECIAL_TOKENS)  # ids 0..3, the Llama convention for unk/bos/eos
 
@@ -471,7 +471,7 @@ def run_evaluations(model, tokenizer, args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / "zoomr_sglang" / "evaluation" / "reasoner")
+    parser.add_argument("--out", type=Path, default=REPO / "testbed" / "reasoner")
     parser.add_argument("--steps", type=int, default=2100, help="optimizer steps (sets the LR schedule)")
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-time cap for training")
     parser.add_argument("--threads", type=int, default=2)
@@ -507,7 +507,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     if args.eval_only:
-        from zoomr_sglang.evaluation.reasoner_model import load_model, load_tokenizer
+        from testbed.reasoner_model import load_model, load_tokenizer
 
         path = args.out / "training.json"
         report = json.loads(path.read_text()) if path.exists() else {}

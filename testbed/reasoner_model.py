@@ -1,8 +1,8 @@
 """The committed tiny reasoner for the program-trace task, and its word-level tokenizer.
 
-The checkpoint in ``zoomr_sglang/evaluation/reasoner/`` is a plain ``LlamaForCausalLM`` saved with
+The checkpoint in ``testbed/reasoner/`` is a plain ``LlamaForCausalLM`` saved with
 ``save_pretrained`` (fp32 safetensors, tokenizer files, ``training.json``); it is written by
-``benchmarks/train_reasoner.py`` and SGLang serves the folder as is::
+``testbed/train_reasoner.py`` and SGLang serves the folder as is::
 
     sglang.Engine(model_path=str(reasoner_dir()), ...)
 

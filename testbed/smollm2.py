@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from zoomr_sglang.model_cache import build_into_place, cache_root
+from testbed.model_cache import build_into_place, cache_root
 
 __all__ = ["GGUF_NAME", "INSTALL_HINT", "MODEL_NAME", "gguf_path", "load_gguf_model", "prepare_smollm2"]
 

@@ -1,4 +1,4 @@
-"""``python -m zoomr_sglang.demo``: serve a tiny local model through SGLang with ``--attention-backend
+"""``python -m testbed.demo``: serve a tiny local model through SGLang with ``--attention-backend
 zoomr`` and show, per request, how much KV each decode step attended compared with dense attention.
 
 The model is built here (random weights, its own tokenizer), so the text it writes is noise; what the
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     import sglang
     import torch
 
-    from zoomr_sglang.tiny_model import tiny_model_dir
+    from testbed.tiny_model import tiny_model_dir
 
     model_path = str(tiny_model_dir())
     device = "cuda" if torch.cuda.is_available() else "cpu"

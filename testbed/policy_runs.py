@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from zoomr_sglang.evaluation import program_trace as pt
+from testbed import program_trace as pt
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence
     jobs = [(spec, i) for spec in specs for i in range(len(problems))]
     processor = None
     if forced_ids is not None:
-        from zoomr_sglang.evaluation.forcing import ForceTokens
+        from testbed.forcing import ForceTokens
 
         processor = ForceTokens.to_str()
     requests = []

@@ -1,0 +1,9 @@
+"""What the demo, the tests and the benchmarks run on; not part of the installed plug-in.
+
+- ``tiny_model``: a random-weight Llama with its own BPE tokenizer, built offline (engine tests).
+- ``program_trace`` + ``reasoner/``: a seeded reasoning task and the small model trained on it
+  (``train_reasoner.py``), so that accuracy can be measured without downloading weights.
+- ``policy_runs``, ``forcing``: the engine driver of the accuracy and fidelity benchmarks.
+- ``smollm2``: the optional real pretrained model (SmolLM2-135M-Instruct from a local GGUF).
+- ``demo``: ``./dev demo``.
+"""

@@ -1,1 +1,0 @@
-"""Accuracy evaluation: the synthetic program-trace reasoning task and its tiny trained reasoner."""
