@@ -1,9 +1,12 @@
 """Drive a ZoomR backend directly with SGLang's real CPU pools, without an engine.
 
-The shape is the one NOTES-sglang.md part B section 4 verified for ``torch_native``: a
-``ReqToTokenPool`` and an ``MHATokenToKVPool`` on the CPU, a stand-in runner holding them, a
-``RadixAttention`` per layer and a stand-in decode ``ForwardBatch``. Keys, values and queries are
-random; token ids come from a script that writes thoughts, blank lines and summaries.
+A ``ReqToTokenPool`` and an ``MHATokenToKVPool`` on the CPU, a stand-in runner holding them, a
+``RadixAttention`` per layer, a stand-in decode ``ForwardBatch`` and, per request, a stand-in for
+SGLang's ``Req`` (its rid, prompt and output ids, custom params). Each step does what SGLang and the
+plug-in's hooks do: the new token joins the request's output, the controller plans the step
+(``begin_decode``, the ``ModelRunner.forward`` hook), then the backend builds its metadata and runs
+every layer. Keys, values and queries are random; token ids come from a script that writes
+thoughts, blank lines and summaries.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Harness:
     max_context: int = 4096
     seed: int = 0
     host_tier_tokens: int = 0  # > 0: attach a host tier of this many tokens (ZoomR's tiering)
+    index_capacity: int = 1024
     rows: List[int] = field(default_factory=list)
     seq_lens: List[int] = field(default_factory=list)
     query_override: Optional[torch.Tensor] = None  # [num_heads, head_dim] used for every request when set
@@ -80,14 +84,26 @@ class Harness:
         runner = self.backend_runner()
         self.controller = ZoomRController(
             config=self.config, token_texts=VOCAB, req_to_token_pool=self.req_to_token_pool,
-            token_to_kv_pool=self.kv_pool, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, device="cpu", tiering=tiering,
+            token_to_kv_pool=self.kv_pool, num_layers=self.num_layers, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, device="cpu",
+            index_capacity=self.index_capacity, max_voters=self.pool_rows, tiering=tiering,
         )
+        self.reqs: List[SimpleNamespace] = []
         self.backend = ZoomRTorchBackend(runner, self.controller)
         self.layers = [
             RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
             for layer_id in range(self.num_layers)
         ]
+
+    @property
+    def states(self):
+        """Pool row -> RequestState of every request that has decoded."""
+        return self.controller.planner.states
+
+    @property
+    def plan(self):
+        """The last decode step's HostPlan."""
+        return self.controller.step
 
     def backend_runner(self) -> SimpleNamespace:
         return SimpleNamespace(device="cpu", req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.kv_pool)
@@ -96,7 +112,10 @@ class Harness:
         """Allocate a row and slots for the prompt and fill the prompt's KV with random values;
         ``custom_params`` reach the controller as SGLang's row-allocation hook passes them."""
         (row,) = self.req_to_token_pool.alloc_rows(1)
-        self.controller.note_request(row, custom_params)
+        req = SimpleNamespace(rid=f"req-{row}", origin_input_ids=[0] * prompt_len, output_ids=[],
+                              sampling_params=SimpleNamespace(custom_params=custom_params))
+        self.controller.note_request(row, req)
+        self.reqs.append(req)
         slots = self._take_slots(prompt_len)
         self.req_to_token_pool.req_to_token[row, :prompt_len] = slots.to(torch.int32)
         for layer in range(self.num_layers):
@@ -118,7 +137,7 @@ class Harness:
         self.req_to_token_pool.free_rows(self.rows)
         for row in self.rows:
             self.controller.release_row(row)
-        self.rows, self.seq_lens = [], []
+        self.rows, self.seq_lens, self.reqs = [], [], []
 
     def _take_slots(self, n: int) -> torch.Tensor:
         slots = self.allocator.alloc(n)
@@ -135,13 +154,16 @@ class Harness:
         for i, row in enumerate(self.rows):
             self.req_to_token_pool.req_to_token[row, self.seq_lens[i]] = int(out_cache_loc[i])
             self.seq_lens[i] += 1
+            self.reqs[i].output_ids.append(tokens[i])
+        rids = [req.rid for req in self.reqs]
+        self.controller.begin_decode(rids, self.seq_lens)
         batch = SimpleNamespace(
             forward_mode=ForwardMode.DECODE, batch_size=bs,
             req_pool_indices=torch.tensor(self.rows, dtype=torch.int64),
             seq_lens=torch.tensor(self.seq_lens, dtype=torch.int64),
             seq_lens_cpu=torch.tensor(self.seq_lens, dtype=torch.int64),
             input_ids=torch.tensor(tokens, dtype=torch.int64), out_cache_loc=out_cache_loc,
-            rids=[f"req-{row}" for row in self.rows], encoder_lens=None, out_cache_loc_is_physical=False,
+            rids=rids, encoder_lens=None, out_cache_loc_is_physical=False,
         )
         backend.init_forward_metadata(batch)
         self.last_batch = batch

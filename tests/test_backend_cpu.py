@@ -35,13 +35,13 @@ def test_sparse_decode_matches_reference_over_planned_set(summaries):
     selections, sparse_steps = set(), 0
     for step in range(400):
         batch, layers = harness.decode_step([s[step] for s in scripts])
-        plan = harness.backend.decode_plan
+        plan = harness.plan
         checked_layers = layers if step % 4 == 0 else []  # the reference is slow; every 4th step
         for (q, _, _, out), layer in zip(checked_layers, harness.layers):
             for i, row in enumerate(harness.rows):
                 seq_len = harness.seq_lens[i]
                 slots = harness.req_to_token_pool.req_to_token[row, :seq_len].long()
-                keep = _keep_mask(plan.ranges[i], seq_len)
+                keep = _keep_mask(plan.working_sets[i].tolist(), seq_len)
                 expected = masked_decode_reference(
                     q[i].view(harness.num_heads, harness.head_dim),
                     harness.kv_pool.get_key_buffer(layer.layer_id)[slots],
@@ -51,9 +51,9 @@ def test_sparse_decode_matches_reference_over_planned_set(summaries):
                 got = out[i].view(harness.num_heads, harness.head_dim).double()
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
                 sparse_steps += int(keep.sum()) < seq_len
-        for state in harness.controller.states.values():
+        for state in harness.states.values():
             selections.add(tuple(sorted(state.zoomed)))
-    stats = [s.stats for s in harness.controller.states.values()]
+    stats = [s.stats for s in harness.states.values()]
     assert all(s.over_bound_steps == 0 for s in stats)
     assert all(s.attended_max <= s.bound_last for s in stats)
     assert sparse_steps > 0, "the budget never bit: nothing was dropped"
@@ -85,9 +85,11 @@ def test_full_budget_is_bit_identical_to_torch_native():
 
 
 @pytest.mark.parametrize("vote", ["mass", "count"])
-def test_votes_take_effect_one_step_later_and_pick_the_aligned_thought(vote):
-    """Make one closed thought's keys equal to the query direction: after the refresh step that
-    votes, it is zoomed in at the next step and not before (both vote modes)."""
+def test_a_vote_takes_effect_two_steps_later_and_picks_the_aligned_thought(vote):
+    """Make one closed thought's keys equal to the query direction. The host learns of a sentence
+    end one step after it is decoded (the overlap scheduler's lag, kept in every mode), that step's
+    queries vote on the device, and the choice reaches the host and the working set two steps
+    after the vote, not before (both vote modes)."""
     config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000,
                          vote=vote)
     harness = Harness(config, num_layers=1, seed=5)
@@ -96,7 +98,7 @@ def test_votes_take_effect_one_step_later_and_pick_the_aligned_thought(vote):
     script = words * 4 + [TOKEN["b"]] * 3
     for token in script:
         harness.decode_step([token])
-    state = next(iter(harness.controller.states.values()))
+    state = next(iter(harness.states.values()))
     assert state.candidates == [0, 1, 2, 3]  # the word after the last blank line closed thought 3
     target_index = next(i for i in state.candidates if i not in state.zoomed)
     target = state.segmenter.thoughts[target_index]
@@ -110,14 +112,17 @@ def test_votes_take_effect_one_step_later_and_pick_the_aligned_thought(vote):
     store = harness.controller.index_keys
     entry = next(e for (t, _), e in state.entries.items() if t == target_index)
     store.sums[0, entry] = direction * 10 * store.counts[0, entry]
+    harness.decode_step([TOKEN["."]])  # the sentence end is decoded; the host sees it next step
     harness.query_override = torch.zeros(harness.num_heads, harness.head_dim)
     harness.query_override[:, 0] = 1.0
-    harness.decode_step([TOKEN["."]])  # sentence end: this step's queries vote
-    assert state.zoomed != [target_index]
+    harness.decode_step([TOKEN["b"]])  # this step's queries vote
+    assert harness.plan.voters[:, 0].tolist() == [row]
     harness.query_override = None
     harness.decode_step([TOKEN["b"]])
-    assert state.zoomed == [target_index]
-    attended = harness.backend.decode_plan.ranges[0]
+    assert state.zoomed != [target_index]
+    harness.decode_step([TOKEN["b"]])
+    assert state.zoomed == [target_index] and state.stats.votes_held >= 1
+    attended = harness.plan.working_sets[0].tolist()
     assert all(any(a <= p < b for a, b in attended) for p in range(target.start, target.span_end()))
 
 
@@ -130,11 +135,30 @@ def test_self_check_records_the_error_against_the_dense_reference():
     script = scripted_tokens(random.Random(3), 90, summaries=True)
     for token in script:
         harness.decode_step([token])
-    stats = next(iter(harness.controller.states.values())).stats
+    stats = next(iter(harness.states.values())).stats
     assert stats.self_checks == (90 // 3) * harness.num_layers
     assert stats.self_check_max_error < 1e-5
-    plan = harness.backend.decode_plan
-    plan.self_check = True
+    harness.plan.self_check = True
     query = torch.randn(1, harness.num_heads, harness.head_dim)
-    harness.controller.check_outputs(0, query, torch.zeros(1, harness.num_heads, harness.head_dim), 0.25, plan)
+    harness.controller.check_outputs(0, query, torch.zeros(1, harness.num_heads, harness.head_dim), 0.25)
     assert stats.self_check_max_error > 1e-2
+
+
+def test_gather_decode_attention_returns_the_asked_softmax_denominators():
+    """Mass votes read each head's log softmax denominator over the working set; the CPU path
+    computes it from the keys it gathered for the attention (CUDA twin: test_kernels.py)."""
+    from zoomr_sglang.algo.reference import dense_attention_weights, gather_decode_attention
+
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(64, 2, 8, generator=gen), torch.randn(64, 2, 8, generator=gen)
+    query = torch.randn(3, 4, 8, generator=gen)
+    kv_indptr = torch.tensor([0, 5, 5 + 17, 5 + 17 + 9], dtype=torch.int32)
+    kv_indices = torch.randperm(64, generator=gen)[:31]
+    out, lse = gather_decode_attention(query, keys, values, kv_indptr, kv_indices, 0.5, lse_rows=[0, 2])
+    assert out.shape == (3, 4, 8) and lse.shape == (3, 4) and lse.dtype == torch.float32
+    assert torch.equal(lse[1], torch.zeros(4))  # not asked for
+    for i in (0, 2):
+        slots = kv_indices[int(kv_indptr[i]): int(kv_indptr[i + 1])]
+        logits = torch.log(dense_attention_weights(query[i], keys[slots], 0.5))  # log softmax
+        raw = torch.einsum("hd,nhd->hn", query[i].double(), keys[slots].double().repeat_interleave(2, dim=1)) * 0.5
+        torch.testing.assert_close(lse[i].double(), (raw - logits)[:, 0], rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import random
 import torch
 
 from backend_harness import Harness, scripted_tokens
+from zoomr_sglang.attention_backend.admission import device_tokens_per_request
 from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.config import ZoomRConfig
 
@@ -70,9 +71,9 @@ def test_offloading_is_lossless_frees_device_slots_and_returns_every_count():
         assert pool - tiered_free[-1] < 0.5 * (pool - dense_free[-1])
         # What admission assumes: a request's device-resident output stays within the per-request
         # bound plus its summaries.
-        for state in tiered.controller.states.values():
+        for state in tiered.states.values():
             resident_output = state.stats.resident_max - state.prompt_len
-            assert resident_output <= tiered.controller.device_tokens_per_request() + state.summary_tokens
+            assert resident_output <= device_tokens_per_request(tiered.config) + state.summary_tokens
             assert state.stats.over_bound_steps == 0
         for harness in (dense, tiered):
             harness.release_all()
@@ -101,7 +102,7 @@ def test_holes_are_never_attended():
     scripts = [scripted_tokens(rng, 200, summaries=True) for _ in range(2)]
     for step in range(200):
         harness.decode_step([s[step] for s in scripts])
-        assert not bool((harness.backend.decode_plan.kv_indices == 0).any())
+        assert not bool((harness.backend.kv_indices == 0).any())
     assert harness.controller.tiering.counters.evicted_tokens > 0
 
 

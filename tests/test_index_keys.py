@@ -1,4 +1,4 @@
-"""IndexKeyStore: incremental means equal from-scratch means; entry lifecycle."""
+"""IndexKeyStore: incremental means equal from-scratch means; entry lifecycle at a fixed capacity."""
 
 import pytest
 import torch
@@ -8,15 +8,14 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 3, 2, 4
 
 
-def make(initial_capacity: int = 2) -> IndexKeyStore:
-    return IndexKeyStore(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, "cpu", initial_capacity=initial_capacity)
+def make(capacity: int = 8) -> IndexKeyStore:
+    return IndexKeyStore(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, "cpu", capacity=capacity)
 
 
 def test_incremental_means_equal_from_scratch_means():
     gen = torch.Generator().manual_seed(0)
-    store = make(initial_capacity=2)
-    entries = [store.alloc() for _ in range(5)]  # more than the initial capacity: grows twice
-    assert store.capacity == 8
+    store = make(capacity=5)
+    entries = [store.alloc() for _ in range(5)]
     # Each (layer, entry) gets its own number of keys, including an entry left empty in layer 0.
     keys = {
         (layer, e): torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(torch.float16)
@@ -45,23 +44,23 @@ def test_incremental_means_equal_from_scratch_means():
         got = store.means(layer, ids)
         assert got.dtype == torch.float32 and got.shape == (5, NUM_KV_HEADS, HEAD_DIM)
         assert torch.allclose(got, expected[layer], rtol=1e-5, atol=1e-6)
-    assert torch.allclose(store.means_all_layers(ids), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(store.means(0, ids[4:]), torch.zeros(1, NUM_KV_HEADS, HEAD_DIM))
 
 
-def test_growth_keeps_values():
-    store = make(initial_capacity=2)
+def test_full_store_refuses_then_serves_again_and_scratch_is_never_handed_out():
+    store = make(capacity=2)
     a, b = store.alloc(), store.alloc()
-    store.add(1, torch.tensor([a, b, b]), torch.tensor([1.0, 2.0, 4.0]).view(3, 1, 1).expand(3, NUM_KV_HEADS, HEAD_DIM))
-    c = store.alloc()
-    assert store.capacity == 4 and c not in (a, b)
-    means = store.means(1, torch.tensor([a, b, c]))
-    assert torch.equal(means[:, 0, 0], torch.tensor([1.0, 3.0, 0.0]))
-    assert torch.equal(store.counts[1, [a, b, c]], torch.tensor([1.0, 2.0, 0.0]))
+    assert store.alloc() is None and store.exhausted == 1 and store.num_live == 2
+    assert store.scratch == 2 and store.sums.shape[1] == 3  # the padding entry lies past the capacity
+    # Padded commits land in the scratch entry and change no live entry.
+    store.add(0, torch.tensor([a, store.scratch, store.scratch]), torch.ones(3, NUM_KV_HEADS, HEAD_DIM))
+    assert store.counts[0, a] == 1 and store.counts[0, b] == 0
+    store.free([b])
+    assert store.alloc() == b and store.exhausted == 1
 
 
 def test_free_then_realloc_starts_at_zero_and_num_live_returns():
-    store = make(initial_capacity=4)
+    store = make(capacity=4)
     start_live = store.num_live
     entries = [store.alloc() for _ in range(3)]
     assert store.num_live == start_live + 3
@@ -72,7 +71,9 @@ def test_free_then_realloc_starts_at_zero_and_num_live_returns():
     again = [store.alloc(), store.alloc()]
     assert sorted(again) == sorted(entries[1:])  # the freed ids are reused
     ids = torch.tensor(again)
-    assert torch.equal(store.means_all_layers(ids), torch.zeros(NUM_LAYERS, 2, NUM_KV_HEADS, HEAD_DIM))
+    assert torch.equal(store.counts[:, ids], torch.ones(NUM_LAYERS, 2))  # values stay until zeroed ...
+    store.zero(ids)  # ... which the engine does on the device at the start of the step that uses them
+    assert torch.equal(store.sums[:, ids], torch.zeros(NUM_LAYERS, 2, NUM_KV_HEADS, HEAD_DIM))
     assert torch.equal(store.counts[:, ids], torch.zeros(NUM_LAYERS, 2))
     # The entry that stayed live is untouched.
     assert torch.equal(store.means(2, torch.tensor(entries[:1])), torch.ones(1, NUM_KV_HEADS, HEAD_DIM))
@@ -81,7 +82,7 @@ def test_free_then_realloc_starts_at_zero_and_num_live_returns():
 
 
 def test_bad_free_raises_and_changes_nothing():
-    store = make(initial_capacity=4)
+    store = make(capacity=4)
     a = store.alloc()
     store.add(0, torch.tensor([a]), torch.ones(1, NUM_KV_HEADS, HEAD_DIM))
     with pytest.raises(ValueError, match="entries"):
@@ -99,9 +100,9 @@ def test_bad_free_raises_and_changes_nothing():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_kv_heads"):
-        IndexKeyStore(1, 0, 4, "cpu")
-    with pytest.raises(ValueError, match="initial_capacity"):
-        IndexKeyStore(1, 1, 4, "cpu", initial_capacity=0)
+        IndexKeyStore(1, 0, 4, "cpu", capacity=4)
+    with pytest.raises(ValueError, match="capacity"):
+        IndexKeyStore(1, 1, 4, "cpu", capacity=0)
     store = make()
     a = store.alloc()
     with pytest.raises(ValueError, match="layer"):

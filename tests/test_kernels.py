@@ -7,7 +7,7 @@ variable when the kernel is defined, i.e. at import) and an ahead-of-time compil
 sm_90 (no GPU needed). ``cuda`` suite: the compiled kernel on CUDA tensors (and that the dispatcher
 never syncs), ``IndexKeyStore``, ``score_thoughts``/``head_votes`` and ``gather_decode_attention``
 on ``device="cuda"``; their CPU twins are in test_index_keys.py, test_voting.py and
-test_backend_cpu.py. Nothing here imports SGLang, so the ``cuda`` tests run on a bare torch+triton
+test_backend_cpu.py. The vote and commit kernels are tested in test_batched_votes.py. Nothing here imports SGLang, so the ``cuda`` tests run on a bare torch+triton
 GPU machine.
 """
 
@@ -265,9 +265,9 @@ def test_index_key_store_on_cuda_matches_cpu():
     from zoomr_sglang.algo.index_keys import IndexKeyStore
 
     gen = torch.Generator().manual_seed(0)
-    stores = {dev: IndexKeyStore(3, 2, 64, dev, initial_capacity=2) for dev in ("cpu", "cuda")}
-    entries = {dev: [store.alloc() for _ in range(9)] for dev, store in stores.items()}  # grows 3 times
-    assert entries["cpu"] == entries["cuda"] and stores["cuda"].capacity == 16
+    stores = {dev: IndexKeyStore(3, 2, 64, dev, capacity=16) for dev in ("cpu", "cuda")}
+    entries = {dev: [store.alloc() for _ in range(9)] for dev, store in stores.items()}
+    assert entries["cpu"] == entries["cuda"]
     for layer in range(3):
         for _ in range(10):
             n = int(torch.randint(1, 40, (1,), generator=gen))
@@ -279,13 +279,11 @@ def test_index_key_store_on_cuda_matches_cpu():
     for layer in range(3):
         torch.testing.assert_close(stores["cuda"].means(layer, ids.cuda()).cpu(), stores["cpu"].means(layer, ids),
                                    rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stores["cuda"].means_all_layers(ids.cuda()).cpu(), stores["cpu"].means_all_layers(ids),
-                               rtol=1e-5, atol=1e-6)
     for store in stores.values():
         store.free(entries["cpu"][3:])
-    again = [stores["cuda"].alloc() for _ in range(2)]
-    assert torch.equal(stores["cuda"].means_all_layers(torch.tensor(again, device="cuda")).cpu(),
-                       torch.zeros(3, 2, 2, 64))
+    again = torch.tensor([stores["cuda"].alloc() for _ in range(2)], device="cuda")
+    stores["cuda"].zero(again)
+    assert torch.equal(stores["cuda"].means(0, again).cpu(), torch.zeros(2, 2, 64))
 
 
 @pytest.mark.cuda
@@ -340,7 +338,7 @@ def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
                                       out_offsets.cuda(), int(kv_indptr[-1]))
     query = torch.randn(3, num_heads, head_dim, generator=gen).to(dtype).cuda()
     scaling = head_dim**-0.5
-    out = gather_decode_attention(query, k_cache, v_cache, kv_indptr, kv_indices, scaling)
+    out, lse = gather_decode_attention(query, k_cache, v_cache, kv_indptr, kv_indices, scaling, lse_rows=[1])
     assert out.is_cuda and out.dtype == dtype and out.shape == (3, num_heads, head_dim)
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     for i, n in enumerate(seq_lens):
@@ -350,3 +348,6 @@ def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
             keep[start:end] = True
         expected = masked_decode_reference(query[i], k_cache[slots], v_cache[slots], keep, scaling)
         torch.testing.assert_close(out[i].double(), expected, rtol=tol, atol=tol)
+    kept = k_cache[table[1, :777].long()][torch.cat([torch.arange(a, b) for a, b in ranges[1]]).cuda()]
+    logits = torch.einsum("hd,nhd->hn", query[1].double(), kept.double().repeat_interleave(4, dim=1)) * scaling
+    torch.testing.assert_close(lse[1].double(), torch.logsumexp(logits, dim=1), rtol=tol, atol=tol)

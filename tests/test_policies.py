@@ -16,6 +16,11 @@ from zoomr_sglang.algo.working_set import ranges_size
 from zoomr_sglang.config import ZoomRConfig, load_config, request_settings
 
 
+def pairs(ranges):
+    """A working set (``[n, 2]`` array) as a list of ``(start, end)`` tuples."""
+    return [tuple(r) for r in ranges.tolist()]
+
+
 def thoughts_fixture():
     """Prompt [0, 10); thought 0 body [10, 26) summary [26, 30); thought 1 body [30, 46) summary
     [46, 50); thought 2 open from 50."""
@@ -46,28 +51,28 @@ def test_add_within_budget_takes_whole_extras_in_order():
 
 
 def test_full_and_streaming():
-    assert FullPolicy(num_thoughts=2).working_set(view()) == [(0, 70)]
+    assert pairs(FullPolicy(num_thoughts=2).working_set(view())) == [(0, 70)]
     streaming = StreamingPolicy(num_thoughts=2)
-    assert streaming.working_set(view()) == [(0, 4), (60, 70)]
-    assert streaming.working_set(view(budget=20)) == [(0, 4), (54, 70)]
+    assert pairs(streaming.working_set(view())) == [(0, 4), (60, 70)]
+    assert pairs(streaming.working_set(view(budget=20))) == [(0, 4), (54, 70)]
 
 
 def test_thought_policies_keep_prompt_and_summaries_and_fill_the_budget_in_order():
     # Unbounded zoomr: the paper's layout, the open thought attended whole.
-    assert ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0])) == [(0, 30), (46, 70)]
-    assert SummaryOnlyPolicy(num_thoughts=2).working_set(view()) == [(0, 10), (26, 30), (46, 70)]
+    assert pairs(ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0]))) == [(0, 30), (46, 70)]
+    assert pairs(SummaryOnlyPolicy(num_thoughts=2).working_set(view())) == [(0, 10), (26, 30), (46, 70)]
     # Budget 40: skeleton (prompt + 2 summaries) 18, window 10 -> 28; thought 0 (20 tokens, 16 new)
     # does not fit; the window grows over summary 1 for free and fills the remaining 12.
-    ws = ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0], budget=40))
+    ws = pairs(ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0], budget=40)))
     assert ws == [(0, 10), (26, 30), (44, 70)] and ranges_size(ws) == 40
     # Budget 50: thought 0 fits (28 + 16 = 44), then the window grows by 6.
-    ws = ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0], budget=50))
+    ws = pairs(ZoomRPolicy(num_thoughts=2).working_set(view(zoomed=[0], budget=50)))
     assert ws == [(0, 30), (46, 50), (54, 70)] and ranges_size(ws) == 50
     # Summary-only at the same budget spends it on the window instead.
-    ws = SummaryOnlyPolicy(num_thoughts=2).working_set(view(budget=50))
+    ws = pairs(SummaryOnlyPolicy(num_thoughts=2).working_set(view(budget=50)))
     assert ws == [(0, 10), (26, 30), (34, 70)] and ranges_size(ws) == 50
     # With the host tier's window cap the window never reaches further back than 10 tokens.
-    ws = SummaryOnlyPolicy(num_thoughts=2).working_set(view(budget=50, window_cap=10))
+    ws = pairs(SummaryOnlyPolicy(num_thoughts=2).working_set(view(budget=50, window_cap=10)))
     assert ws == [(0, 10), (26, 30), (46, 50), (60, 70)]
 
 
@@ -92,7 +97,7 @@ def test_random_draws_closed_thoughts_reproducibly():
 def test_h2o_keeps_heavy_hitters_and_never_brings_an_evicted_token_back():
     h2o = H2OPolicy(num_thoughts=2)
     v = view(seq_len=20, budget=10, sink=2, window=4, thoughts=[], candidates=[])
-    assert h2o.working_set(v) == [(0, 2), (12, 20)]  # nothing observed yet: the oldest go first
+    assert pairs(h2o.working_set(v)) == [(0, 2), (12, 20)]  # nothing observed yet: the oldest go first
     # A query that attends only position 12 makes it a heavy hitter.
     keys = torch.zeros(20, 1, 4)
     keys[12, 0, 0] = 50.0
@@ -100,13 +105,13 @@ def test_h2o_keeps_heavy_hitters_and_never_brings_an_evicted_token_back():
     query[:, 0] = 1.0
     h2o.observe(0, query, keys, torch.arange(20), 1.0)
     v = view(seq_len=22, budget=10, sink=2, window=4, thoughts=[], candidates=[])
-    ws = h2o.working_set(v)
+    ws = pairs(h2o.working_set(v))
     assert ws == [(0, 2), (12, 13), (15, 22)]  # the two lowest-scored non-recent tokens went
     # Position 2 was evicted at the first step; a later high score cannot bring it back.
     keys2 = torch.zeros(22, 1, 4)
     keys2[2, 0, 0] = 50.0
     h2o.observe(0, query, keys2, torch.arange(22), 1.0)
-    ws = h2o.working_set(view(seq_len=23, budget=10, sink=2, window=4, thoughts=[], candidates=[]))
+    ws = pairs(h2o.working_set(view(seq_len=23, budget=10, sink=2, window=4, thoughts=[], candidates=[])))
     assert not any(a <= 2 < b for a, b in ws) and any(a <= 12 < b for a, b in ws)
 
 
@@ -123,7 +128,7 @@ def test_quest_upper_bound_bounds_every_key_in_the_page():
 def test_quest_attends_the_page_whose_keys_match_the_query_at_the_next_step():
     quest = QuestPolicy(num_thoughts=2)
     v = view(seq_len=96, budget=48, sink=4, window=8, thoughts=[], candidates=[])
-    quest.working_set(v)
+    pairs(quest.working_set(v))
     keys = torch.zeros(96, 1, 4)
     keys[40:48, 0, 0] = 9.0  # page 2 holds the matching keys
     query = torch.zeros(2, 4)
@@ -131,7 +136,7 @@ def test_quest_attends_the_page_whose_keys_match_the_query_at_the_next_step():
     positions = [(a, b) for a, b in quest.observe_positions(v, [])]
     assert positions == [(0, 96)]
     quest.observe(0, query, keys[0:96], torch.arange(96), 1.0)
-    ws = quest.working_set(view(seq_len=97, budget=48, sink=4, window=8, thoughts=[], candidates=[]))
+    ws = pairs(quest.working_set(view(seq_len=97, budget=48, sink=4, window=8, thoughts=[], candidates=[])))
     assert any(a <= 32 and 48 <= b for a, b in ws) and ranges_size(ws) <= 48
 
 
@@ -185,12 +190,12 @@ def test_every_policy_through_the_backend_stays_within_budget_and_matches_the_re
     scripts = [scripted_tokens(random.Random(seed), 160, summaries=True) for seed in range(4)]
     for step in range(160):
         harness.decode_step([script[step] for script in scripts])
-        plan = harness.backend.decode_plan
-        for state, ranges in zip(plan.states, plan.ranges):
+        plan = harness.plan
+        for state, ranges in zip(plan.states, plan.working_sets):
             # Thought policies keep the prompt and every summary even past the budget.
             skeleton = state.prompt_len + state.summary_tokens + 3 if state.policy.thought_level else 0
             assert policy == "full" or ranges_size(ranges) <= max(budget, skeleton)
-    for state in harness.controller.states.values():
+    for state in harness.states.values():
         stats = state.stats
         assert stats.policy == policy and stats.self_check_max_error < 1e-5
         fidelity = stats.as_dict()["fidelity"]
@@ -222,9 +227,41 @@ def test_host_tier_moves_only_whole_thoughts_the_policy_will_not_attend(policy):
     for token in script:
         harness.decode_step([token])
         holes = tiering.holes(harness.rows[0])
-        for start, end in harness.backend.decode_plan.ranges[0]:
+        for start, end in harness.plan.working_sets[0].tolist():
             assert all(e <= start or s >= end for s, e in holes)
     evicted = tiering.counters.evicted_tokens
     assert (evicted > 0) == (policy in ("sumr", "zoomr"))
     harness.release_all()
     assert harness.allocator.available_size() == free_at_start
+
+
+def test_cached_unbounded_working_set_equals_the_from_scratch_union():
+    """Thought policies cache their skeleton and selection; step after step, as thoughts close
+    (with and without summaries) and selections change, the result equals the union computed from
+    scratch (sinks, prompt, summaries, zoomed thoughts, open region, window)."""
+    from zoomr_sglang.algo.working_set import working_set_ranges
+
+    rng = random.Random(0)
+    for trial in range(20):
+        prompt_len, sink, window = rng.randint(0, 12), rng.choice([0, 4, 20]), rng.choice([3, 8, 40])
+        policy = ZoomRPolicy(num_thoughts=2)
+        thoughts, position = [], prompt_len
+        for step in range(60):
+            if rng.random() < 0.3:  # a thought closes, maybe with a summary
+                body = rng.randint(1, 9)
+                summary = rng.choice([0, 0, 2, 3])
+                thoughts.append(Thought(index=len(thoughts), start=position, body_end=position + body,
+                                        summary_start=position + body if summary else None,
+                                        summary_end=position + body + summary if summary else None,
+                                        has_summary_content=bool(summary), final=True))
+                position += body + summary
+            position += 1
+            closed = [t.index for t in thoughts]
+            zoomed = rng.sample(closed, min(2, len(closed))) if closed and rng.random() < 0.4 else closed[:1]
+            v = view(seq_len=position, prompt_len=prompt_len, sink=sink, window=window, thoughts=thoughts,
+                     candidates=closed, zoomed=zoomed, open_from=thoughts[-1].span_end() if thoughts else prompt_len)
+            expected = working_set_ranges(
+                seq_len=position, prompt_len=prompt_len, n_sink=sink, n_window=window, open_from=v.open_from,
+                summary_spans=[(t.summary_start, t.summary_end) for t in thoughts if t.summary_start is not None],
+                zoomed_spans=[(thoughts[i].start, thoughts[i].span_end()) for i in zoomed])
+            assert pairs(policy.working_set(v)) == expected, (trial, step)

@@ -21,7 +21,7 @@ from zoomr_sglang.algo.working_set import MIN_WINDOW
 
 @dataclass(frozen=True)
 class ZoomRConfig:
-    """Hyper-parameters of DESIGN.md sections 1-2; token counts are per request."""
+    """Hyper-parameters of the method (docs/design.md); token counts are per request."""
 
     topk: int = 2  # k: thoughts each (layer, query head) votes for
     num_thoughts: int = 2  # c: thoughts zoomed in after the vote
@@ -48,6 +48,12 @@ class ZoomRConfig:
     # How (layer, head) queries choose thoughts: "count" (the paper: each votes for its top-k by
     # q . index_key) or "mass" (each adds the attention mass it would give each thought).
     vote: str = "mass"
+    # Closed thoughts per request that can be zoomed back into; later ones are attended through
+    # their summaries only. Sizes the device's candidate table and vote buffers.
+    max_candidates: int = 1024
+    # Index-key entries on the device (each as large as one token's K and V); 0: one per 32 tokens
+    # of SGLang's KV pool, at least 1024. When they run out, new thoughts are summary-only.
+    index_entries: int = 0
 
     def markers(self) -> Mapping[str, Tuple[str, ...]]:
         """Every configured marker string under its variable name (for tokenizer checks)."""
@@ -141,6 +147,8 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_POLICY": ("policy", lambda n, r: _policy(n, r)),
     "ZOOMR_BUDGET": ("budget", lambda n, r: _int(n, r, 0)),
     "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_MODES)),
+    "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
+    "ZOOMR_INDEX_ENTRIES": ("index_entries", lambda n, r: _int(n, r, 0)),
 }
 
 ENV_VARS = tuple(_FIELDS)

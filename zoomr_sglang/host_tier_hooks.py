@@ -1,6 +1,6 @@
 """SGLang hooks that make the host tier's row holes safe and turn freed slots into admissions.
 
-See NOTES-host-tier.md. Every hook is a no-op unless the pool belongs to a ZoomR backend whose
+See docs/host-tier.md. Every hook is a no-op unless the pool belongs to a ZoomR backend whose
 host tier is on.
 - Release: a finished request's tree insert stops at its first hole (the tree must never own a
   hole's padding slot), and the ranges SGLang frees skip the holes (their slots were freed when
@@ -15,6 +15,7 @@ host tier is on.
 from __future__ import annotations
 
 from zoomr_sglang.algo.working_set import subtract_ranges
+from zoomr_sglang.attention_backend.admission import future_device_tokens, reservation_for_new_request
 
 
 def _tiering_of(req_to_token_pool):
@@ -62,11 +63,11 @@ def after_running_offset(result, adder, req, *args, **kwargs):
     controller = _controller_with_tiering(adder.tree_cache.req_to_token_pool)
     if controller is None or req.kv.req_pool_idx is None:
         return result
-    state = controller.states.get(req.kv.req_pool_idx)
+    state = controller.planner.states.get(req.kv.req_pool_idx)
     if state is None:
         return result
     remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
-    return min(result, controller.future_device_tokens(state, remaining))
+    return min(result, future_device_tokens(controller.config, state, remaining))
 
 
 def before_update_prefill_budget(adder, *args, **kwargs):
@@ -75,9 +76,9 @@ def before_update_prefill_budget(adder, *args, **kwargs):
     if controller is None:
         return None
     if "max_new_tokens" in kwargs:
-        kwargs["max_new_tokens"] = controller.reservation_for_new_request(kwargs["max_new_tokens"])
+        kwargs["max_new_tokens"] = reservation_for_new_request(controller.config, kwargs["max_new_tokens"])
     elif len(args) >= 3:
-        args = (*args[:2], controller.reservation_for_new_request(args[2]), *args[3:])
+        args = (*args[:2], reservation_for_new_request(controller.config, args[2]), *args[3:])
     return (adder, *args), kwargs
 
 

@@ -2,9 +2,14 @@
 
 ``register()`` only registers; the backend module is imported lazily by its factory. It uses
 SGLang's extension points: the attention registry and its CLI choices, a resolution hook (checks
-the ``ZOOMR_*`` settings and the server arguments at start, disables decode CUDA graphs), and
-``HookRegistry`` AFTER hooks that tell the backend when a request's pool row is freed and that
-add ZoomR's counters to the scheduler's internal state (``/server_info``, ``Engine.get_server_info``).
+the ``ZOOMR_*`` settings and the server arguments at start), and ``HookRegistry`` hooks:
+
+- a request took or left a pool row (``ReqToTokenPool.alloc`` / ``free_rows`` / ``clear``);
+- a decode step is about to run (``ModelRunner.forward``): ZoomR plans it on the host from the
+  batch's request ids and host sequence lengths, before any attention metadata is built;
+- a decode step may replay a CUDA graph (``DecodeCudaGraphRunner.can_run_graph``) unless it has
+  per-layer host work (baseline observers, self-checks, fidelity);
+- ZoomR's counters join the scheduler's internal state (``/server_info``, ``Engine.get_server_info``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ def register() -> None:
         HookType.BEFORE,
     )
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.alloc", _after_alloc_rows, HookType.AFTER)
+    HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", _before_forward, HookType.BEFORE)
+    HookRegistry.register(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+        _around_can_run_graph, HookType.AROUND,
+    )
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
         _add_internal_state,
@@ -75,12 +85,17 @@ def _resolve_server_args(server_args, previous) -> None:
         )
     if view.enable_mixed_chunk:
         raise ValueError("--attention-backend zoomr does not support --enable-mixed-chunk; drop that flag")
-    cfg = resolving_view(server_args)
-    # The decode page table changes length every step; CUDA graphs come back with fixed budgets.
-    graphs = with_phase(cfg.cuda_graph_config, Phase.DECODE, backend=Backend.DISABLED)
-    if view.device == "cpu":
+    from sglang.srt.environ import envs
+
+    for flag in ("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "SGLANG_ENABLE_OVERLAP_PLAN_STREAM"):
+        if getattr(envs, flag).get():
+            # Both would replay or move ZoomR's host-planned metadata without its planning.
+            raise ValueError(f"--attention-backend zoomr does not support {flag}=1; unset it")
+    if view.device == "cpu":  # SGLang's CPU graph runner compiles the forward: not ZoomR's host plan
+        cfg = resolving_view(server_args)
+        graphs = with_phase(cfg.cuda_graph_config, Phase.DECODE, backend=Backend.DISABLED)
         graphs = with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED)
-    declare_resolution(server_args, "zoomr_plugin", cuda_graph_config=graphs)
+        declare_resolution(server_args, "zoomr_plugin", cuda_graph_config=graphs)
 
 
 def _controller_of(req_to_token_pool):
@@ -113,8 +128,24 @@ def _after_alloc_rows(result, pool, reqs, *args, **kwargs):
     controller = _controller_of(pool)
     if controller is not None and result is not None:
         for req, row in zip(reqs, result):
-            controller.note_request(row, req.sampling_params.custom_params)
+            controller.note_request(row, req)
     return result
+
+
+def _before_forward(model_runner, forward_batch, *args, **kwargs):
+    """Plan a decode step on the host before its metadata is built (eager or graph replay alike)."""
+    if forward_batch.forward_mode.is_decode():
+        controller = _controller_of(model_runner.req_to_token_pool)
+        if controller is not None:
+            controller.begin_decode(forward_batch.rids, forward_batch.seq_lens_cpu.tolist())
+    return None
+
+
+def _around_can_run_graph(original, graph_runner, forward_batch, *args, **kwargs):
+    controller = _controller_of(graph_runner.model_runner.req_to_token_pool)
+    if controller is not None and controller.needs_eager():
+        return False
+    return original(graph_runner, forward_batch, *args, **kwargs)
 
 
 def _after_pool_clear(result, pool, *args, **kwargs):

@@ -9,6 +9,8 @@ float64 softmax with a keep-mask) and is what tests compare against.
 
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -20,7 +22,8 @@ def gather_decode_attention(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     scaling: float,
-) -> torch.Tensor:
+    lse_rows: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decode query per request attends to its listed KV slots.
 
     Args:
@@ -29,13 +32,16 @@ def gather_decode_attention(
         kv_indptr: ``[bs + 1]`` int, on the CPU; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
         kv_indices: ``[nnz]`` int KV slot ids, on the cache's device.
         scaling: softmax scale.
+        lse_rows: requests whose log-sum-exp is wanted (computed from the same gathered keys).
 
     Returns:
-        ``[bs, num_heads, v_head_dim]`` in the query's dtype.
+        ``[bs, num_heads, v_head_dim]`` in the query's dtype, and ``[bs, num_heads]`` float32: the
+        natural log of each head's softmax denominator for ``lse_rows`` (0 elsewhere).
     """
+    lse = torch.zeros(query.shape[0], query.shape[1], dtype=torch.float32, device=query.device)
     if query.shape[0] == 0:
-        return query.new_empty((0, query.shape[1], v_cache.shape[-1]))
-    enable_gqa = query.shape[1] != k_cache.shape[1]
+        return query.new_empty((0, query.shape[1], v_cache.shape[-1])), lse
+    group = query.shape[1] // k_cache.shape[1]
     bounds = kv_indptr.tolist()
     # One gather for the whole batch (index_select: ~8x faster on CPU than advanced indexing). Every
     # per-request slice below has the values, strides and offsets torch_native's per-request gather
@@ -47,11 +53,15 @@ def gather_decode_attention(
     queries = query.movedim(0, 1).unsqueeze(0)  # [1, num_heads, bs, head_dim]
     per_request = [
         scaled_dot_product_attention(
-            queries[:, :, i : i + 1], keys[:, :, lo:hi], values[:, :, lo:hi], enable_gqa=enable_gqa, scale=scaling
+            queries[:, :, i : i + 1], keys[:, :, lo:hi], values[:, :, lo:hi], enable_gqa=group > 1, scale=scaling
         )[0, :, 0]
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]
-    return torch.stack(per_request)
+    for i in lse_rows:
+        request_keys = all_keys[bounds[i]: bounds[i + 1]].float().repeat_interleave(group, dim=1)  # [n, heads, dim]
+        logits = torch.einsum("hd,nhd->hn", query[i].float(), request_keys) * scaling
+        lse[i] = torch.logsumexp(logits, dim=1)
+    return torch.stack(per_request), lse
 
 
 def masked_decode_reference(

@@ -2,6 +2,7 @@
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 Range = tuple[int, int]  # [start, end) positions
@@ -52,9 +53,30 @@ def working_set_ranges(
     return merge_ranges((max(start, 0), min(end, seq_len)) for start, end in parts)
 
 
-def ranges_size(ranges: Sequence[Range]) -> int:
-    """Total length of the ranges (pass disjoint ranges, as merge_ranges returns)."""
+def ranges_size(ranges) -> int:
+    """Total length of disjoint ranges: a sequence of pairs or an ``[n, 2]`` array."""
+    if isinstance(ranges, np.ndarray):
+        return int((ranges[:, 1] - ranges[:, 0]).sum())
     return sum(end - start for start, end in ranges)
+
+
+def as_range_array(ranges: Sequence[Range]) -> np.ndarray:
+    """``[n, 2]`` int64 array of ``[start, end)`` pairs (the working-set contract)."""
+    return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+
+
+def merge_range_array(ranges: np.ndarray) -> np.ndarray:
+    """:func:`merge_ranges` on an ``[n, 2]`` array: sorted, overlapping or adjacent ranges joined,
+    empty ones dropped (vectorized)."""
+    ranges = ranges[ranges[:, 1] > ranges[:, 0]]
+    if len(ranges) == 0:
+        return ranges.reshape(0, 2)
+    ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
+    reach = np.maximum.accumulate(ranges[:, 1])
+    starts_group = np.ones(len(ranges), dtype=bool)
+    starts_group[1:] = ranges[1:, 0] > reach[:-1]
+    firsts = np.flatnonzero(starts_group)
+    return np.stack([ranges[firsts, 0], np.maximum.reduceat(ranges[:, 1], firsts)], axis=1)
 
 
 def ranges_to_positions(ranges: Sequence[Range]) -> torch.Tensor:

@@ -10,6 +10,14 @@ from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig, load_config
 
+# Default index size: one entry (as large as one token's K and V in fp32 sums) per 32 pool tokens,
+# i.e. about 3% of the KV pool's memory; thoughts are rarely shorter.
+TOKENS_PER_INDEX_ENTRY = 32
+MIN_INDEX_ENTRIES = 1024
+# Requests that can vote in one step; more wait a step (votes_deferred). Refresh points come every
+# few tokens per request, so this serves decode batches of a few thousand requests.
+MAX_VOTERS = 256
+
 # ReqToTokenPool -> the controller of the backend that reads it. The plug-in's pool hooks
 # (row freed, pool cleared) and its server-info hook find the controller through here.
 _CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -27,17 +35,22 @@ def create_zoomr_backend(model_runner):
     model_config = model_runner.model_config
     from sglang.srt.runtime_context import get_parallel
 
-    num_kv_heads = model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    attn_tp_size = get_parallel().attn_tp_size
+    num_kv_heads = model_config.get_num_kv_heads(attn_tp_size)
+    pool_tokens = model_runner.token_to_kv_pool_allocator.size
     controller = ZoomRController(
         config=config,
         token_texts=token_texts,
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool=model_runner.token_to_kv_pool,
         num_layers=model_config.num_hidden_layers,
+        num_heads=model_config.get_max_num_attention_heads() // attn_tp_size,
         num_kv_heads=num_kv_heads,
         head_dim=model_config.head_dim,
         device=model_runner.device,
-        tiering=build_tiering(model_runner, config, num_kv_heads, get_parallel().attn_tp_size),
+        index_capacity=config.index_entries or max(MIN_INDEX_ENTRIES, pool_tokens // TOKENS_PER_INDEX_ENTRY),
+        max_voters=min(model_runner.req_to_token_pool.size, MAX_VOTERS),
+        tiering=build_tiering(model_runner, config, num_kv_heads, attn_tp_size),
     )
     if str(model_runner.device).startswith("cuda"):
         from zoomr_sglang.attention_backend.flashinfer_backend import ZoomRFlashInferBackend as backend_class

@@ -1,17 +1,19 @@
-"""What the backend remembers about one running request: its thoughts, index keys and selection."""
+"""What the host remembers about one running request: its thoughts, index entries and selection.
+
+Everything here is host bookkeeping, fed from SGLang's own host view of the request's tokens; the
+device holds the index-key sums and the vote (``selection.py``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
+import numpy as np
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
 from zoomr_sglang.algo.segmentation import SegmentEvents, ThoughtSegmenter, TokenRole, key_role
-from zoomr_sglang.algo.voting import agreement, select_thoughts
-from zoomr_sglang.algo.working_set import Range
 from zoomr_sglang.config import RequestSettings, ZoomRConfig
 
 
@@ -36,7 +38,8 @@ class RequestStats:
     selection_changes: int = 0
     thoughts_closed: int = 0
     summaries: int = 0
-    agreement_sum: float = 0.0
+    agreement_sum: float = 0.0  # count votes only: share of votes that landed in the chosen thoughts
+    agreement_votes: int = 0
     resident_last: int = 0  # device-resident KV tokens of the request at its last step
     resident_max: int = 0
     offloaded_last: int = 0  # its tokens whose device slots were given back (in the host tier only)
@@ -61,7 +64,7 @@ class RequestStats:
 
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
-        out["agreement_mean"] = self.agreement_sum / self.votes_held if self.votes_held else None
+        out["agreement_mean"] = self.agreement_sum / self.agreement_votes if self.agreement_votes else None
         out["resident_fraction"] = self.attended_total / self.dense_total if self.dense_total else None
         if self.fidelity_steps:
             out["fidelity"] = {
@@ -73,58 +76,66 @@ class RequestStats:
 
 
 class RequestState:
-    """Thought table, index-key entries and zoom-in selection of the request in one pool row.
+    """Thought table, index entries and zoom-in selection of the request in one pool row.
 
     ``generation`` is the row's ``ReqToTokenPool.req_generation`` when the state was made, so a
-    reused row is never mistaken for the request that held it before.
+    reused row is never mistaken for the request that held it before. ``fed_until`` is the next
+    position the segmenter has not seen.
     """
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
-                 segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int) -> None:
+                 segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int) -> None:
         self.row = row
-        self.settings = settings
-        self.policy: Policy = POLICIES[settings.policy](
-            num_thoughts=num_thoughts, seed=hash_seed(rid, row, generation), oracle=settings.oracle)
         self.generation = generation
+        self.settings = settings
+        self.policy: Policy = POLICIES[settings.policy](num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
         self.prompt_len = prompt_len
         self.segmenter = segmenter
+        self.fed_until = prompt_len
         self.entries: Dict[Tuple[int, TokenRole], int] = {}
-        self.candidates: List[int] = []  # final thoughts, in closing order
-        self.candidate_entries: Optional[torch.Tensor] = None  # [n_candidates] int64, index-key entry ids
+        self.candidates: List[int] = []  # closed thoughts with an index key, in closing order
         self.zoomed: List[int] = []
         self.pending_eviction: List[int] = []  # closed thoughts the host tier has not taken yet
-        self.votes: Optional[torch.Tensor] = None  # [n_candidates] int64 while a vote is open
-        self.score_sums: Optional[torch.Tensor] = None  # [n_candidates] float32
         self.tokens_since_refresh = 0
         self.summary_tokens = 0
         self.stats = RequestStats(rid=rid, prompt_len=prompt_len, policy=settings.policy, budget=settings.budget)
 
-    # -- index keys ---------------------------------------------------------------------------
-    def entry(self, thought: int, role: TokenRole, store: IndexKeyStore) -> int:
+    # -- index entries ------------------------------------------------------------------------
+    def entry(self, thought: int, role: TokenRole, store: IndexKeyStore, fresh: List[int]) -> Optional[int]:
+        """The entry of one key of a thought; a new one is appended to ``fresh`` (to be zeroed on the
+        device); None when the store is full (the thought then cannot be zoomed into)."""
         key = (thought, role)
         if key not in self.entries:
-            self.entries[key] = store.alloc()
+            entry = store.alloc()
+            if entry is None:
+                return None
+            self.entries[key] = entry
+            fresh.append(entry)
         return self.entries[key]
 
-    def close_thoughts(self, finalized: List[int], store: IndexKeyStore) -> None:
-        """Make finalized thoughts vote candidates; free the key they will not use."""
+    def close_thoughts(self, finalized: List[int], store: IndexKeyStore, max_candidates: int) -> List[Tuple[int, int]]:
+        """Make finalized thoughts vote candidates; returns their ``(column, entry)`` in the row's
+        candidate table. The key a thought will not use goes back to the store."""
+        added = []
         for index in finalized:
             thought = self.segmenter.thoughts[index]
             role = key_role(thought)
             other = TokenRole.BODY if role is TokenRole.SUMMARY else TokenRole.SUMMARY
             if (index, other) in self.entries:
                 store.free([self.entries.pop((index, other))])
-            if (index, role) not in self.entries:
-                continue  # nothing was ever committed: no key, cannot be voted for
-            self.candidates.append(index)
             self.pending_eviction.append(index)
+            self.stats.thoughts_closed += 1
             if thought.summary_start is not None:
                 self.summary_tokens += thought.summary_end - thought.summary_start
                 self.stats.summaries += 1
-            self.stats.thoughts_closed += 1
-        if finalized:
-            ids = [self.entries[(i, key_role(self.segmenter.thoughts[i]))] for i in self.candidates]
-            self.candidate_entries = torch.tensor(ids, dtype=torch.int64, device=store.device)
+            if (index, role) not in self.entries:
+                continue  # no key (nothing committed, or the store was full): summaries only
+            if len(self.candidates) >= max_candidates:
+                store.free([self.entries.pop((index, role))])
+                continue
+            added.append((len(self.candidates), self.entries[(index, role)]))
+            self.candidates.append(index)
+        return added
 
     def release(self, store: IndexKeyStore) -> None:
         store.free(self.entries.values())
@@ -132,8 +143,8 @@ class RequestState:
 
     # -- selection ----------------------------------------------------------------------------
     def refresh(self, events: SegmentEvents, config: ZoomRConfig, seq_len: int) -> bool:
-        """At a refresh point, let the policy choose thoughts or start a vote; returns True when
-        this step's queries must vote (ZoomR)."""
+        """At a refresh point, let the policy choose thoughts; returns True when the device must
+        vote for this request in this step (ZoomR with more candidates than it zooms into)."""
         self.tokens_since_refresh += 1
         due = events.sentence_end or events.finalized or self.tokens_since_refresh >= config.refresh_interval
         if not due or not self.policy.thought_level:
@@ -143,31 +154,22 @@ class RequestState:
         if not self.policy.votes:
             chosen = self.policy.choose_thoughts(self.view(seq_len, config))
             if chosen is not None:
-                self._set_zoomed(chosen)
+                self.set_zoomed(chosen)
             return False
         if len(self.candidates) <= config.num_thoughts:
-            self._set_zoomed(list(self.candidates))
+            self.set_zoomed(list(self.candidates))
             return False
-        n = len(self.candidates)
-        self.votes = torch.zeros(n, dtype=torch.int64, device=self.candidate_entries.device)
-        self.score_sums = torch.zeros(n, dtype=torch.float32, device=self.candidate_entries.device)
         return True
 
-    def add_votes(self, votes: torch.Tensor, score_sums: torch.Tensor) -> None:
-        self.votes += votes
-        self.score_sums += score_sums
-
-    def apply_votes(self, num_thoughts: int) -> None:
-        """Votes of refresh step t take effect at step t+1 (DESIGN.md section 2)."""
-        if self.votes is None:
-            return
-        chosen = select_thoughts(self.votes, self.score_sums, num_thoughts)
-        self.stats.agreement_sum += agreement(self.votes, chosen)
+    def apply_vote(self, chosen_columns: np.ndarray, agreement: float) -> None:
+        """The device's choice for a vote this request cast (candidate columns, -1 for none)."""
         self.stats.votes_held += 1
-        self._set_zoomed([self.candidates[j] for j in chosen])
-        self.votes = self.score_sums = None
+        if self.settings.vote == "count":
+            self.stats.agreement_sum += agreement
+            self.stats.agreement_votes += 1
+        self.set_zoomed([self.candidates[c] for c in chosen_columns.tolist() if 0 <= c < len(self.candidates)])
 
-    def _set_zoomed(self, zoomed: List[int]) -> None:
+    def set_zoomed(self, zoomed: List[int]) -> None:
         if sorted(zoomed) != sorted(self.zoomed):
             self.stats.selection_changes += 1
             self.stats.zoom_history.append(sorted(zoomed))
@@ -184,13 +186,6 @@ class RequestState:
             zoomed=self.zoomed if zoomed is None else zoomed, open_from=self.segmenter.open_from(),
             window_cap=window_cap,
         )
-
-    def working_set(self, seq_len: int, config: ZoomRConfig, zoomed: Optional[List[int]] = None,
-                    window_cap: Optional[int] = None) -> List[Range]:
-        """Position ranges attended this step, as the request's policy chooses them; ``zoomed``
-        overrides the selection (a thought the host tier could not bring back this step is left
-        out) and ``window_cap`` limits how far back the window reaches (the host tier's window)."""
-        return self.policy.working_set(self.view(seq_len, config, zoomed, window_cap))
 
     def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> None:
         stats = self.stats

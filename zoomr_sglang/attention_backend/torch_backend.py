@@ -2,18 +2,17 @@
 
 This is also the reference the CUDA backend is checked against: the attention kernel is
 :func:`zoomr_sglang.algo.reference.gather_decode_attention`, which issues the same SDPA call per
-request as ``torch_native`` decode, over the request's working set instead of its whole row.
+request as ``torch_native`` decode, over the request's working set instead of its whole row, and
+returns the softmax denominators the step's mass votes need from the same gathered keys.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from zoomr_sglang.algo.reference import gather_decode_attention
-from zoomr_sglang.attention_backend.controller import DecodePlan, ZoomRController
+from zoomr_sglang.attention_backend.controller import ZoomRController
 
 
 class ZoomRTorchBackend(TorchNativeAttnBackend):
@@ -22,11 +21,12 @@ class ZoomRTorchBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner, controller: ZoomRController):
         super().__init__(model_runner)
         self.zoomr = controller
-        self.decode_plan: Optional[DecodePlan] = None
+        self.kv_indptr = self.kv_indices = None
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        self.decode_plan = self.zoomr.plan_decode(forward_batch) if forward_batch.forward_mode.is_decode() else None
+        if forward_batch.forward_mode.is_decode():
+            self.kv_indptr, self.kv_indices = self.zoomr.load(forward_batch.batch_size)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache and k is not None and v is not None:
@@ -34,14 +34,15 @@ class ZoomRTorchBackend(TorchNativeAttnBackend):
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
             )
         query = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = gather_decode_attention(
+        out, lse = gather_decode_attention(
             query,
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.decode_plan.kv_indptr,
-            self.decode_plan.kv_indices,
+            self.kv_indptr,
+            self.kv_indices,
             layer.scaling,
+            self.zoomr.lse_rows,
         )
-        self.zoomr.after_attention(layer.layer_id, query, self.decode_plan, layer.scaling)
-        self.zoomr.check_outputs(layer.layer_id, query, out, layer.scaling, self.decode_plan)
+        self.zoomr.after_attention(layer.layer_id, query, lse, layer.scaling)
+        self.zoomr.check_outputs(layer.layer_id, query, out, layer.scaling)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -112,6 +112,7 @@ def ranges_to_kv_indices_torch(
     range_lens: torch.Tensor,
     out_offsets: torch.Tensor,
     total: int,
+    out: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`ranges_to_kv_indices` (same arguments, same result).
 
@@ -123,7 +124,7 @@ def ranges_to_kv_indices_torch(
     """
     _check_args(req_to_token, range_rows, range_starts, range_lens, out_offsets, total)
     device = req_to_token.device
-    out = torch.empty(total, dtype=torch.int32, device=device)
+    out = _output(out, total, device)
     if total == 0 or range_rows.numel() == 0:
         return out
     # Each copied token: its range, its offset inside the range.
@@ -203,6 +204,7 @@ def ranges_to_kv_indices_triton(
     range_lens: torch.Tensor,
     out_offsets: torch.Tensor,
     total: int,
+    out: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
     """Triton version of :func:`ranges_to_kv_indices`: one launch, no host sync.
 
@@ -213,7 +215,7 @@ def ranges_to_kv_indices_triton(
     if not triton_available():
         raise RuntimeError("triton is not installed")
     _check_args(req_to_token, range_rows, range_starts, range_lens, out_offsets, total)
-    out = torch.empty(total, dtype=torch.int32, device=req_to_token.device)
+    out = _output(out, total, req_to_token.device)
     n_ranges = range_rows.numel()
     if total == 0 or n_ranges == 0:
         return out
@@ -243,6 +245,7 @@ def ranges_to_kv_indices(
     range_lens: torch.Tensor,
     out_offsets: torch.Tensor,
     total: int,
+    out: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
     """Copy each range's KV slots out of ``req_to_token`` into one flat list.
 
@@ -255,14 +258,26 @@ def ranges_to_kv_indices(
             ``req_to_token``'s device (see :func:`flatten_ranges`). Ranges must lie inside their
             row and their output spans must not overlap; neither is checked (that would sync).
         total: output length, a host int (e.g. ``int(kv_indptr[-1])`` on the CPU).
+        out: an int32 buffer of at least ``total`` entries to write into (a CUDA graph's fixed
+            index buffer); None allocates one.
 
     Returns:
-        ``[total]`` int32 on ``req_to_token``'s device; entries no range covers are uninitialized.
+        ``[total]`` int32 on ``req_to_token``'s device (``out[:total]`` when given); entries no
+        range covers are uninitialized.
 
     Runs the Triton kernel on CUDA tensors (no host sync) and the torch reference otherwise, unless
     ``TRITON_INTERPRET=1`` was set when this module was imported: then the interpreted Triton
     kernel runs on CPU tensors as well.
     """
     if triton_available() and (req_to_token.is_cuda or triton_interpreted()):
-        return ranges_to_kv_indices_triton(req_to_token, range_rows, range_starts, range_lens, out_offsets, total)
-    return ranges_to_kv_indices_torch(req_to_token, range_rows, range_starts, range_lens, out_offsets, total)
+        return ranges_to_kv_indices_triton(req_to_token, range_rows, range_starts, range_lens, out_offsets, total, out)
+    return ranges_to_kv_indices_torch(req_to_token, range_rows, range_starts, range_lens, out_offsets, total, out)
+
+
+def _output(out: "torch.Tensor | None", total: int, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(total, dtype=torch.int32, device=device)
+    if out.dtype != torch.int32 or out.dim() != 1 or out.numel() < total or out.device != torch.device(device):
+        raise ValueError(f"out must be a 1-D int32 buffer of >= {total} entries on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out[:total]

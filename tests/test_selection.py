@@ -1,0 +1,107 @@
+"""The device half of a step (``DeviceSelection``) through the CPU backend: the fixed-size buffers a
+CUDA graph captures (exercised without capture, kernels in Triton's interpreter) decide exactly
+what the sliced torch path decides, and the per-layer work never reads a device value on the host."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from backend_harness import Harness, scripted_tokens
+from zoomr_sglang.config import ZoomRConfig
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 60
+
+SCENARIO = r"""
+import json, random, sys, torch
+from backend_harness import Harness, scripted_tokens
+from zoomr_sglang.config import ZoomRConfig
+config = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=24, refresh_interval=8,
+                     max_candidates=24)
+harness = Harness(config, seed=1)
+harness.add_request(5, {"zoomr_vote": "count"})
+harness.add_request(17)
+scripts = [scripted_tokens(random.Random(seed), STEPS, summaries=True) for seed in range(2)]
+outputs = []
+for step in range(STEPS):
+    _, layers = harness.decode_step([script[step] for script in scripts])
+    outputs.append(torch.stack([out for *_, out in layers]).double())
+print(json.dumps({
+    "fixed_shapes": harness.controller.selection.fixed_shapes,
+    "zoom_history": {state.stats.rid: state.stats.zoom_history for state in harness.states.values()},
+    "votes_held": sum(state.stats.votes_held for state in harness.states.values()),
+    "outputs": torch.stack(outputs).flatten().tolist()[::97],
+}))
+""".replace("STEPS", str(STEPS))
+
+
+def _run_scenario(interpret: bool) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", SCENARIO], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fixed_size_graph_buffers_decide_what_the_sliced_torch_path_decides():
+    sliced, fixed = _run_scenario(interpret=False), _run_scenario(interpret=True)
+    assert not sliced["fixed_shapes"] and fixed["fixed_shapes"]
+    assert sliced["votes_held"] > 4
+    assert fixed["zoom_history"] == sliced["zoom_history"] and len(sliced["zoom_history"]) == 2
+    torch.testing.assert_close(torch.tensor(fixed["outputs"]), torch.tensor(sliced["outputs"]), rtol=1e-6, atol=1e-6)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Any read of a tensor's value on the host (what a device-to-host sync would be on a GPU) raises."""
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called in the per-layer work")
+        return method
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_per_layer_work_reads_nothing_back_to_the_host():
+    """Commits, votes of both kinds and the top-c after the last layer, with the host reads of a
+    tensor's value made to fail."""
+    config = ZoomRConfig(topk=2, num_thoughts=1, sink=2, window=6, max_thought_tokens=16, refresh_interval=4)
+    harness = Harness(config, seed=2)
+    harness.add_request(6, {"zoomr_vote": "count"})
+    harness.add_request(9)
+    controller = harness.controller
+    real_after_attention = controller.after_attention
+    checked = []
+
+    def guarded(*args, **kwargs):
+        with no_host_reads():
+            real_after_attention(*args, **kwargs)
+        checked.append((len(controller.step.commits), len(controller.step.voters)))
+
+    controller.after_attention = guarded
+    scripts = [scripted_tokens(random.Random(seed), 80, summaries=True) for seed in (4, 5)]
+    for step in range(80):
+        harness.decode_step([script[step] for script in scripts])
+    assert any(commits for commits, _ in checked) and sum(voters for _, voters in checked) >= 2 * harness.num_layers
+    assert sum(state.stats.votes_held for state in harness.states.values()) > 0

@@ -1,0 +1,231 @@
+"""The host half of a decode step: from SGLang's host view of the batch to a :class:`HostPlan`.
+
+Runs once per decode step, before the forward (``ModelRunner.forward``'s hook), and reads nothing
+from the device: the batch's request ids and host sequence lengths, and each request's tokens from
+SGLang's own ``Req`` (``origin_input_ids`` + ``output_ids``). Under the overlap scheduler those lag
+up to one step, so the segmenter is fed every token *before* the one being decoded (position
+``seq_len - 2`` and earlier) in both scheduler modes: the same tokens, the same decisions, the
+same outputs with overlap on or off. The one decode step of lag is covered by the recent window.
+
+A vote cast at step t (the device computes it during the forward) reaches the host through a
+pinned copy made at step t + 1 and takes effect at step t + 2, once the scheduler has synchronised
+on step t's output anyway: no extra sync, and the same step in every mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.algo.segmentation import ThoughtSegmenter
+from zoomr_sglang.algo.working_set import ranges_size
+from zoomr_sglang.attention_backend.request_state import RequestState, hash_seed
+from zoomr_sglang.attention_backend.tiering import ThoughtTiering
+from zoomr_sglang.config import RequestSettings, ZoomRConfig, request_settings
+
+
+@dataclass
+class HostPlan:
+    """One decode step, planned on the host (all arrays on the CPU).
+
+    Shapes: ``bs`` requests, ``n_ranges`` attended position ranges over the batch, ``n_commits``
+    keys to add to index entries, ``n_voters`` requests that vote this step.
+
+    kv_indptr ``[bs + 1]`` int32: request i attends ``kv_indptr[i + 1] - kv_indptr[i]`` KV tokens;
+    ranges ``[n_ranges, 4]`` int64: (pool row, start, length, output offset) per range, in request
+    order; commits ``[n_commits, 3]`` int64: (pool row, position, entry); fresh_entries: entries
+    handed out this step (zeroed on the device before any key is added); new_candidates
+    ``[m, 3]`` int64: (pool row, column, entry) appended to the rows' candidate tables; voters
+    ``[n_voters, 4]`` int64: (pool row, batch index, candidates, 1 for count votes else 0).
+    """
+
+    rows: List[int]
+    seq_lens: List[int]
+    states: List[RequestState]
+    working_sets: List[np.ndarray]  # per request [n, 2] position ranges (diagnostics read them)
+    kv_indptr: torch.Tensor
+    ranges: np.ndarray
+    commits: np.ndarray
+    fresh_entries: List[int]
+    new_candidates: np.ndarray
+    voters: np.ndarray
+    voter_states: List[RequestState]
+    observers: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
+    self_check: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def needs_eager(self) -> bool:
+        """Per-layer Python work (baseline observers, self-checks, fidelity) cannot replay in a graph."""
+        return bool(self.observers) or self.self_check or any(s.settings.fidelity for s in self.states)
+
+
+class StepPlanner:
+    """Every running request's :class:`RequestState`, fed and planned once per decode step."""
+
+    def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool,
+                 index_keys: IndexKeyStore, max_candidates: int, max_voters: int,
+                 tiering: Optional[ThoughtTiering] = None) -> None:
+        self.config = config
+        self.token_texts = token_texts
+        self.req_to_token_pool = req_to_token_pool
+        self.index_keys = index_keys
+        self.max_candidates = max_candidates
+        self.max_voters = max_voters
+        self.tiering = tiering
+        self.states: Dict[int, RequestState] = {}  # pool row -> state
+        self.requests: Dict[int, Tuple[int, object, RequestSettings]] = {}  # row -> (generation, Req, settings)
+        self.rows_by_rid: Dict[str, int] = {}
+        self.default_settings = request_settings(config, None)
+        self.decode_steps = 0
+        self.votes_deferred = 0  # votes pushed to a later step because more requests voted than slots
+
+    def note_request(self, row: int, req) -> None:
+        """A request took ``row`` (SGLang's row allocation): remember it and its settings (validated
+        where the request entered; a bad value here falls back to the server's defaults rather
+        than failing the batch)."""
+        try:
+            settings = request_settings(self.config, req.sampling_params.custom_params)
+        except ValueError:
+            settings = self.default_settings
+        self.requests[row] = (int(self.req_to_token_pool.req_generation[row]), req, settings)
+        self.rows_by_rid[req.rid] = row
+
+    def tiered(self, state: RequestState) -> bool:
+        """Whether the host tier may move this request's KV: only for policies that attend whole
+        thoughts, and not while fidelity is measured against the full sequence."""
+        return self.tiering is not None and state.policy.thought_level and not state.settings.fidelity
+
+    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections) -> HostPlan:
+        """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
+        ``selections``: the device votes that reached the host since the last step."""
+        for state, chosen, agreement in selections:
+            if self.states.get(state.row) is state:
+                state.apply_vote(chosen, agreement)
+        rows = [self._row_of(rid) for rid in rids]
+        states, commits, fresh, new_candidates, voters, voter_states = [], [], [], [], [], []
+        for batch_index, (row, seq_len) in enumerate(zip(rows, seq_lens)):
+            state = self._state_for(row, seq_len)
+            for position in range(state.fed_until, min(seq_len - 1, self._known_length(row))):
+                events = state.segmenter.feed(self._token(row, position), position)
+                for thought, role, positions in events.commits:
+                    entry = state.entry(thought, role, self.index_keys, fresh)
+                    if entry is not None:
+                        commits += [(row, p, entry) for p in positions]
+                added = state.close_thoughts(events.finalized, self.index_keys, self.max_candidates)
+                new_candidates += [(row, column, entry) for column, entry in added]
+                if state.refresh(events, self.config, seq_len) and not (voter_states and voter_states[-1] is state):
+                    if len(voters) < self.max_voters:
+                        count = int(state.settings.vote == "count")
+                        voters.append((row, batch_index, len(state.candidates), count))
+                        voter_states.append(state)
+                    else:
+                        self.votes_deferred += 1
+                        state.tokens_since_refresh = self.config.refresh_interval  # vote at the next step
+                state.fed_until = position + 1
+            states.append(state)
+        working_sets, observers = [], []
+        for batch_index, (state, seq_len) in enumerate(zip(states, seq_lens)):
+            tiered = self.tiered(state)
+            zoomed = self.tiering.prepare(state, seq_len) if tiered else None
+            ranges = state.policy.working_set(state.view(seq_len, self.config, zoomed,
+                                                         self.config.window if tiered else None))
+            offloaded = self.tiering.offloaded_tokens(state.row) if tiered else 0
+            state.record_step(ranges_size(ranges), seq_len, self.config, offloaded)
+            working_sets.append(ranges)
+            watched = state.policy.observe_positions(state.view(seq_len, self.config), ranges)
+            if watched is not None:
+                observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
+        self.decode_steps += 1
+        interval = self.config.self_check_interval
+        return HostPlan(
+            rows=rows, seq_lens=list(seq_lens), states=states, working_sets=working_sets,
+            kv_indptr=_kv_indptr(working_sets), ranges=_pack_ranges(rows, working_sets),
+            commits=np.asarray(commits, dtype=np.int64).reshape(-1, 3), fresh_entries=fresh,
+            new_candidates=np.asarray(new_candidates, dtype=np.int64).reshape(-1, 3),
+            voters=np.asarray(voters, dtype=np.int64).reshape(-1, 4), voter_states=voter_states,
+            observers=observers, self_check=interval > 0 and self.decode_steps % interval == 0,
+        )
+
+    @staticmethod
+    def empty_plan() -> HostPlan:
+        """A step with no request (a CUDA-graph capture batch is all padding)."""
+        return HostPlan(rows=[], seq_lens=[], states=[], working_sets=[], kv_indptr=_kv_indptr([]),
+                        ranges=_pack_ranges([], []), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
+                        new_candidates=np.zeros((0, 3), dtype=np.int64), voters=np.zeros((0, 4), dtype=np.int64),
+                        voter_states=[])
+
+    # -- requests -----------------------------------------------------------------------------
+    def _row_of(self, rid: str) -> int:
+        row = self.rows_by_rid.get(rid)
+        if row is None:
+            raise RuntimeError(f"zoomr: decode batch holds request {rid!r}, whose pool row was never noted "
+                               "(the ReqToTokenPool.alloc hook did not run for it)")
+        return row
+
+    def _known_length(self, row: int) -> int:
+        req = self.requests[row][1]
+        return len(req.origin_input_ids) + len(req.output_ids)
+
+    def _token(self, row: int, position: int) -> int:
+        req = self.requests[row][1]
+        prompt = req.origin_input_ids
+        return prompt[position] if position < len(prompt) else req.output_ids[position - len(prompt)]
+
+    def _state_for(self, row: int, seq_len: int) -> RequestState:
+        generation, req, settings = self.requests[row]
+        state = self.states.get(row)
+        if state is not None and state.generation == generation:
+            return state
+        if state is not None:
+            self.release_state(row)
+        # The token decoded in a request's first decode step is its first generated token.
+        first_position = seq_len - 1
+        config = self.config
+        segmenter = ThoughtSegmenter(
+            self.token_texts, boundaries=config.boundaries, summary_begin=config.summary_begin,
+            summary_end=config.summary_end, sentence_ends=config.sentence_ends,
+            max_thought_tokens=config.max_thought_tokens, first_position=first_position,
+        )
+        state = RequestState(row=row, generation=generation, rid=req.rid, prompt_len=first_position,
+                             segmenter=segmenter, settings=settings, num_thoughts=config.num_thoughts,
+                             seed=hash_seed(req.rid, row, generation))
+        self.states[row] = state
+        return state
+
+    def release_state(self, row: int) -> Optional[RequestState]:
+        """Forget the request in ``row``; returns its state (None if it never decoded)."""
+        state = self.states.pop(row, None)
+        if state is not None:
+            state.release(self.index_keys)
+        return state
+
+    def forget_request(self, row: int) -> None:
+        noted = self.requests.pop(row, None)
+        if noted is not None and self.rows_by_rid.get(noted[1].rid) == row:
+            del self.rows_by_rid[noted[1].rid]
+
+
+def _kv_indptr(working_sets: Sequence[np.ndarray]) -> torch.Tensor:
+    sizes = np.fromiter((int((w[:, 1] - w[:, 0]).sum()) for w in working_sets), dtype=np.int64,
+                        count=len(working_sets))
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+
+
+def _pack_ranges(rows: Sequence[int], working_sets: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n_ranges, 4]`` (row, start, length, output offset): each request's ranges laid out after
+    the previous request's."""
+    if not working_sets:
+        return np.zeros((0, 4), dtype=np.int64)
+    spans = np.concatenate(working_sets)
+    lengths = spans[:, 1] - spans[:, 0]
+    range_rows = np.repeat(np.asarray(rows, dtype=np.int64), [len(w) for w in working_sets])
+    offsets = np.cumsum(lengths) - lengths
+    return np.stack([range_rows, spans[:, 0], lengths, offsets], axis=1)

@@ -1,0 +1,176 @@
+"""The device half of a decode step: what the attention reads, the index keys and the vote.
+
+Per step (:meth:`DeviceSelection.load`, outside any CUDA graph): one host-to-device copy of the
+step's plan, then the sparse KV-slot list (``kv_indices``, one Triton launch), new index entries
+zeroed, new candidates written into the per-row candidate table, the commit and voter tables
+filled. Per layer (:meth:`DeviceSelection.after_attention`, inside the graph): one launch adds this
+step's keys to their entries and one casts every voter's votes; after the last layer each voter's
+top-c lands in a fixed buffer, which the next step copies to pinned host memory.
+
+On CUDA (and under ``TRITON_INTERPRET=1``) every per-layer call works on fixed-size buffers whose
+unused slots the kernels skip, so the same calls can be captured once and replayed. The torch path
+(CPU) slices the buffers to the step's counts instead.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from zoomr_sglang.algo.batched_votes import select_top
+from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.attention_backend.planning import HostPlan
+from zoomr_sglang.attention_backend.request_state import RequestState
+from zoomr_sglang.config import ZoomRConfig
+from zoomr_sglang.kernels.kv_indices import ranges_to_kv_indices, triton_available, triton_interpreted
+from zoomr_sglang.kernels.thought_index import accumulate_votes, commit_keys, vote_scratch
+
+COMMITS_PER_REQUEST = 16  # commit slots per voter slot; a step's excess waits for the next step
+
+
+class DeviceSelection:
+    """Fixed device buffers for ``max_voters`` voting requests of at most ``max_candidates``
+    thoughts each, and the per-row candidate table ``[rows, max_candidates]`` int32."""
+
+    def __init__(self, *, config: ZoomRConfig, index_keys: IndexKeyStore, req_to_token_pool, kv_pool,
+                 num_layers: int, num_heads: int, max_voters: int, max_candidates: int, device) -> None:
+        self.config = config
+        self.index_keys = index_keys
+        self.req_to_token = req_to_token_pool.req_to_token
+        self.kv_pool = kv_pool
+        self.last_layer = num_layers - 1
+        self.device = torch.device(device)
+        self.fixed_shapes = triton_available() and (self.device.type == "cuda" or triton_interpreted())
+        dev = dict(device=self.device)
+        self.row_candidates = torch.zeros(self.req_to_token.shape[0], max_candidates, dtype=torch.int32, **dev)
+        self.max_commits = COMMITS_PER_REQUEST * max_voters
+        self.commit_slots = torch.zeros(self.max_commits, dtype=torch.int64, **dev)
+        self.commit_entries = torch.full((self.max_commits,), index_keys.scratch, dtype=torch.int64, **dev)
+        self.num_commits = torch.zeros(1, dtype=torch.int64, **dev)
+        self.voter_table = torch.zeros(4, max_voters, dtype=torch.int64, **dev)  # rows, batch, candidates, count
+        self.votes = torch.zeros(max_voters, max_candidates, dtype=torch.float32, **dev)
+        self.weights = torch.zeros_like(self.votes)
+        self.scratch = vote_scratch(max_voters, num_heads, max_candidates, self.device)
+        self.chosen = torch.full((max_voters, config.num_thoughts), -1, dtype=torch.int64, **dev)
+        self.agreement = torch.ones(max_voters, dtype=torch.float32, **dev)
+        self.deferred_commits = np.zeros((0, 3), dtype=np.int64)  # over a step's commit slots
+        self.commits_deferred = 0
+        self._voted: List[RequestState] = []  # voters of the last loaded step
+        self._readback: Optional[Tuple[Optional[torch.cuda.Event], torch.Tensor, torch.Tensor, List[RequestState]]] = None
+        self._active = (0, 0, 0)  # this step's commits, voters, widest candidate list (torch path)
+
+    # -- per step (host, outside graphs) --------------------------------------------------------
+    def take_selections(self) -> List[Tuple[RequestState, np.ndarray, float]]:
+        """Votes copied to the host at the previous load: ``(state, chosen columns [c], agreement)``."""
+        if self._readback is None:
+            return []
+        event, chosen, agreement, states = self._readback
+        self._readback = None
+        if event is not None:
+            event.synchronize()  # the copy sits right behind a forward the scheduler already waited for
+        chosen, agreement = chosen.numpy(), agreement.numpy()
+        return [(state, chosen[i], float(agreement[i])) for i, state in enumerate(states)]
+
+    def load(self, plan: HostPlan, padded_bs: int, kv_indices_out: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Upload ``plan`` and build the step's sparse KV list for ``padded_bs`` requests (CUDA-graph
+        padding attends one padding slot each). Returns ``kv_indptr [padded_bs + 1]`` int32 on the
+        host and ``kv_indices`` int32 on the device (written into ``kv_indices_out`` if given)."""
+        self._queue_readback()
+        commits = np.concatenate([self.deferred_commits, plan.commits])
+        self.deferred_commits = commits[self.max_commits:]
+        self.commits_deferred += len(self.deferred_commits)
+        commits = commits[: self.max_commits]
+        padding = padded_bs - plan.batch_size
+        ranges = np.concatenate([plan.ranges, _padding_ranges(padding, int(plan.kv_indptr[-1]))])
+        # Ranges go column by column: the KV-index kernel reads each field as a contiguous array.
+        parts = [ranges.T.reshape(-1), commits.reshape(-1), plan.new_candidates.reshape(-1),
+                 np.asarray(plan.fresh_entries, dtype=np.int64), plan.voters.reshape(-1)]
+        packed = self._to_device(np.concatenate(parts))
+        ranges_d, commits_d, candidates_d, fresh_d, voters_d = torch.split(packed, [len(p) for p in parts])
+        ranges_d, commits_d = ranges_d.view(4, -1), commits_d.view(-1, 3)
+        candidates_d, voters_d = candidates_d.view(-1, 3), voters_d.view(-1, 4)
+        if len(fresh_d):
+            self.index_keys.zero(fresh_d)
+        if len(candidates_d):
+            self.row_candidates[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 2].to(torch.int32)
+        n_commits, n_voters = len(commits_d), len(voters_d)
+        self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
+        self.commit_entries[:n_commits] = commits_d[:, 2]
+        self.num_commits.fill_(n_commits)
+        self.voter_table[:, :n_voters] = voters_d.t()
+        self.voter_table[2, n_voters:] = 0  # unused slots vote for nothing
+        self.votes.zero_()
+        self.weights.zero_()
+        self._voted = plan.voter_states
+        widest = int(plan.voters[:, 2].max()) if n_voters else 0
+        self._active = (n_commits, n_voters, widest)
+        kv_indptr = torch.cat([plan.kv_indptr, plan.kv_indptr[-1] + torch.arange(1, padding + 1, dtype=torch.int32)])
+        kv_indices = ranges_to_kv_indices(self.req_to_token, *ranges_d, int(kv_indptr[-1]), out=kv_indices_out)
+        return kv_indptr, kv_indices
+
+    def observed_positions(self, plan: HostPlan) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Each observer's positions (CPU) and their KV slots (device); eager steps only."""
+        observed = []
+        for _, state, spans in plan.observers:
+            positions = torch.from_numpy(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans.tolist()]
+                                                        + [np.zeros(0, dtype=np.int64)]))
+            observed.append((positions, self.req_to_token[state.row, positions.to(self.device)].long()))
+        return observed
+
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _queue_readback(self) -> None:
+        """Copy the last step's choices to pinned host memory behind its forward (no wait here)."""
+        if not self._voted:
+            return
+        n = len(self._voted)
+        if self.device.type == "cuda":
+            chosen = torch.empty((n, self.chosen.shape[1]), dtype=torch.int64, pin_memory=True)
+            agreement = torch.empty(n, dtype=torch.float32, pin_memory=True)
+            chosen.copy_(self.chosen[:n], non_blocking=True)
+            agreement.copy_(self.agreement[:n], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            chosen, agreement, event = self.chosen[:n].clone(), self.agreement[:n].clone(), None
+        self._readback = (event, chosen, agreement, self._voted)
+        self._voted = []
+
+    # -- per layer (device, graph-safe) --------------------------------------------------------
+    def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor,
+                        scaling: float) -> None:
+        """Add this step's keys of layer ``layer_id`` to their entries and cast its votes.
+
+        Runs after the layer's KV write. query ``[bs, num_heads, head_dim]`` (post-RoPE like the
+        cached keys); log_normalizer ``[bs, num_heads]`` float32: natural log of each head's softmax
+        denominator over this step's working set (read only for mass votes).
+        """
+        sums, counts = self.index_keys.sums[layer_id], self.index_keys.counts[layer_id]
+        key_buffer = self.kv_pool.get_key_buffer(layer_id)
+        n_commits, n_voters, widest = self._active if not self.fixed_shapes else (None, None, None)
+        commit_keys(sums, counts, key_buffer, self.commit_slots[:n_commits], self.commit_entries[:n_commits],
+                    self.num_commits)
+        if n_voters == 0:
+            return
+        voter_rows, voter_batch, num_candidates, count_vote = self.voter_table[:, :n_voters]
+        votes, weights = self.votes[:n_voters, :widest], self.weights[:n_voters, :widest]
+        accumulate_votes(query, log_normalizer, sums, counts, self.row_candidates, voter_rows, voter_batch,
+                         num_candidates, count_vote, votes, weights, scaling=scaling, topk=self.config.topk,
+                         scratch=self.scratch)
+        if layer_id == self.last_layer:
+            chosen, agreement = select_top(votes, weights, num_candidates, self.config.num_thoughts)
+            self.chosen[: chosen.shape[0]] = chosen
+            self.agreement[: agreement.shape[0]] = agreement
+
+
+def _padding_ranges(padding: int, offset: int) -> np.ndarray:
+    """CUDA-graph padding requests attend one slot each: row 0 (SGLang's padding row), position 0."""
+    lanes = np.arange(padding, dtype=np.int64)
+    return np.stack([np.zeros_like(lanes), np.zeros_like(lanes), np.ones_like(lanes), offset + lanes], axis=1)

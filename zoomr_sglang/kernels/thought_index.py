@@ -1,0 +1,210 @@
+"""ZoomR's per-layer index work in one launch each (Triton), with dispatchers to the torch references.
+
+* :func:`commit_keys`: add the keys of this step's newly segmented tokens to their index entries
+  (reference: ``IndexKeyStore.add``). One program per commit slot; slots past the step's count
+  (read from the device) do nothing, so the buffers can keep a fixed size inside a CUDA graph.
+* :func:`accumulate_votes`: every voting request's scores and votes (reference:
+  :func:`zoomr_sglang.algo.batched_votes.accumulate_votes`, same arguments, same result).
+
+The vote kernel runs one program per voter slot; a slot with no candidates does no work, so the
+launch can stay in a CUDA graph at a fixed number of slots and cost almost nothing on steps where
+few requests vote. A program walks its request's candidates in blocks, once per KV head: the
+scores of the group of query heads that read that KV head against the candidates' mean keys,
+then the mass (or the summed score) added to ``weights``. Count votes also store the scores in a
+scratch buffer and pick each head's top-k from it, so every pass compares the same floats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoomr_sglang.algo.batched_votes import accumulate_votes as accumulate_votes_torch
+from zoomr_sglang.kernels.kv_indices import tl, triton, triton_available, triton_interpreted
+
+BLOCK_CANDIDATES = 16
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _vote_kernel(
+        query, stride_qb, stride_qh,  # [bs, num_heads, head_dim]
+        lse, stride_lb,  # [bs, num_heads] float32
+        sums, stride_se, stride_sk,  # [n_entries, num_kv_heads, head_dim] float32
+        counts,  # [n_entries] float32
+        candidates, stride_cr,  # [n_rows, max_candidates] int
+        voter_rows, voter_batch, num_candidates, count_vote,  # [n_voters] int64
+        votes, weights, stride_v,  # [n_voters, max_candidates] float32
+        scratch, stride_sv, stride_sh,  # [n_voters, num_heads, max_candidates] float32 (count votes)
+        scaling,
+        num_kv_heads,
+        host_bound,  # max_candidates, a host int (loop bound when BOUND_ON_HOST)
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
+        BLOCK: tl.constexpr, TOPK: tl.constexpr, BOUND_ON_HOST: tl.constexpr,
+    ):
+        v = tl.program_id(0)
+        n = tl.load(num_candidates + v)
+        row = tl.load(voter_rows + v)
+        b = tl.load(voter_batch + v)
+        is_count = tl.load(count_vote + v) != 0
+        g = tl.arange(0, GROUP_P2)
+        d = tl.arange(0, DIM_P2)
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        # Triton 3.6's interpreter cannot loop to a loaded bound; compiled kernels loop to n.
+        if BOUND_ON_HOST:
+            bound = host_bound
+        else:
+            bound = n
+        for kv_head in range(num_kv_heads):
+            heads = kv_head * GROUP + g
+            q = tl.load(query + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                        mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            head_lse = tl.load(lse + b * stride_lb + heads, mask=g_ok, other=0.0)
+            for start in range(0, bound, BLOCK):
+                c = start + tl.arange(0, BLOCK)
+                c_ok = c < n
+                entry = tl.load(candidates + row * stride_cr + c, mask=c_ok, other=0).to(tl.int64)
+                count = tl.maximum(tl.load(counts + entry, mask=c_ok, other=1.0), 1.0)
+                key = tl.load(sums + entry[:, None] * stride_se + kv_head * stride_sk + d[None, :],
+                              mask=c_ok[:, None] & d_ok[None, :], other=0.0) / count[:, None]
+                score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GROUP_P2, BLOCK]
+                mass = tl.exp(score * scaling + tl.log(count)[None, :] - head_lse[:, None])
+                added = tl.where(is_count, score, mass)
+                added = tl.sum(tl.where(g_ok[:, None] & c_ok[None, :], added, 0.0), axis=0)
+                tl.atomic_add(weights + v * stride_v + c, added, mask=c_ok)
+                if is_count:
+                    tl.store(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :], score,
+                             mask=g_ok[:, None] & c_ok[None, :])
+            if is_count:
+                # Each head's top-k by (score desc, candidate asc), read back from the stored scores.
+                prev_score = tl.full([GROUP_P2], float("inf"), tl.float32)
+                prev_index = tl.full([GROUP_P2], -1, tl.int64)
+                for _ in tl.static_range(TOPK):
+                    best_score = tl.full([GROUP_P2], float("-inf"), tl.float32)
+                    best_index = tl.full([GROUP_P2], 1 << 40, tl.int64)
+                    for start in range(0, bound, BLOCK):
+                        c = (start + tl.arange(0, BLOCK)).to(tl.int64)
+                        ok = g_ok[:, None] & (c < n)[None, :]
+                        score = tl.load(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :],
+                                        mask=ok, other=float("-inf"))
+                        after = (score < prev_score[:, None]) | (
+                            (score == prev_score[:, None]) & (c[None, :] > prev_index[:, None]))
+                        ok = ok & after
+                        block_best = tl.max(tl.where(ok, score, float("-inf")), axis=1)
+                        block_index = tl.min(tl.where(ok & (score == block_best[:, None]), c[None, :], 1 << 40), axis=1)
+                        better = (block_best > best_score) | ((block_best == best_score) & (block_index < best_index))
+                        best_score = tl.where(better, block_best, best_score)
+                        best_index = tl.where(better, block_index, best_index)
+                    found = g_ok & (best_index < n)
+                    tl.atomic_add(votes + v * stride_v + best_index, tl.full([GROUP_P2], 1.0, tl.float32), mask=found)
+                    prev_score = best_score
+                    prev_index = best_index
+
+    @triton.jit
+    def _commit_kernel(
+        keys, stride_ks,  # [n_slots, num_kv_heads * head_dim] (one layer's key buffer)
+        slots, entries, num_commits,  # [n] int64 each, and a [1] int64 count
+        sums, stride_se,  # [n_entries, num_kv_heads * head_dim] float32
+        counts,  # [n_entries] float32
+        WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr,
+    ):
+        i = tl.program_id(0)
+        active = i < tl.load(num_commits)
+        slot = tl.load(slots + i, mask=active, other=0)
+        entry = tl.load(entries + i, mask=active, other=0)
+        offs = tl.arange(0, WIDTH_P2)
+        ok = active & (offs < WIDTH)
+        key = tl.load(keys + slot * stride_ks + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.atomic_add(sums + entry * stride_se + offs, key, mask=ok)
+        tl.atomic_add(counts + entry, 1.0, mask=active)
+
+else:  # pragma: no cover
+    _vote_kernel = None
+    _commit_kernel = None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return triton_available() and (t.is_cuda or triton_interpreted())
+
+
+def commit_keys(store_sums: torch.Tensor, store_counts: torch.Tensor, key_buffer: torch.Tensor,
+                slots: torch.Tensor, entries: torch.Tensor, num_commits: torch.Tensor) -> None:
+    """Add ``key_buffer[slots[j]]`` to entry ``entries[j]`` for ``j < num_commits``.
+
+    Args:
+        store_sums: ``[n_entries, num_kv_heads, head_dim]`` float32 (one layer of the store);
+            store_counts ``[n_entries]`` float32.
+        key_buffer: ``[n_slots, num_kv_heads, head_dim]``, the layer's cached keys.
+        slots, entries: ``[n]`` int64; num_commits: ``[1]`` int64 on the device (Triton) or any
+            tensor whose value the caller already sliced ``slots``/``entries`` to (torch).
+    """
+    if _use_triton(store_sums):
+        n = slots.shape[0]
+        if n == 0:
+            return
+        width = key_buffer.shape[1] * key_buffer.shape[2]
+        if key_buffer.stride(2) != 1 or key_buffer.stride(1) != key_buffer.shape[2] or store_sums.stride(1) != store_sums.shape[2]:
+            raise ValueError("commit_keys needs each slot's keys and each entry's sums contiguous")
+        _commit_kernel[(n,)](
+            key_buffer, key_buffer.stride(0), slots, entries, num_commits, store_sums, store_sums.stride(0),
+            store_counts, WIDTH=width, WIDTH_P2=_next_power_of_2(width), num_warps=4,
+        )
+        return
+    store_sums.index_add_(0, entries, key_buffer.index_select(0, slots).to(torch.float32))
+    store_counts.index_add_(0, entries, torch.ones_like(entries, dtype=torch.float32))
+
+
+def vote_scratch(n_voters: int, num_heads: int, max_candidates: int, device) -> torch.Tensor:
+    """The kernel's score buffer for count votes, ``[n_voters, num_heads, max_candidates]`` float32."""
+    return torch.empty(n_voters, num_heads, max_candidates, dtype=torch.float32, device=device)
+
+
+def accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
+                            num_candidates, count_vote, votes, weights, *, scaling: float, topk: int,
+                            scratch: torch.Tensor) -> None:
+    """Triton version of :func:`zoomr_sglang.algo.batched_votes.accumulate_votes`; ``scratch`` from
+    :func:`vote_scratch`. One launch, no host sync."""
+    if not triton_available():
+        raise RuntimeError("triton is not installed")
+    n_voters, max_candidates = votes.shape
+    _, num_heads, head_dim = query.shape
+    num_kv_heads = sums.shape[1]
+    group = num_heads // num_kv_heads
+    if n_voters == 0:
+        return
+    for name, t in (("sums", sums), ("votes", votes), ("weights", weights), ("scratch", scratch)):
+        if t.dtype != torch.float32 or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous float32 in its last dimension, got {t.dtype}, strides {t.stride()}")
+    if query.stride(-1) != 1 or candidates.stride(-1) != 1 or weights.stride() != votes.stride():
+        raise ValueError("query and candidates must be contiguous in their last dimension, votes and weights alike")
+    _vote_kernel[(n_voters,)](
+        query, query.stride(0), query.stride(1),
+        log_normalizer, log_normalizer.stride(0),
+        sums, sums.stride(0), sums.stride(1),
+        counts,
+        candidates, candidates.stride(0),
+        voter_rows, voter_batch, num_candidates, count_vote,
+        votes, weights, votes.stride(0),
+        scratch, scratch.stride(0), scratch.stride(1),
+        float(scaling), num_kv_heads, max_candidates,
+        GROUP=group, GROUP_P2=_next_power_of_2(group), HEAD_DIM=head_dim, DIM_P2=_next_power_of_2(head_dim),
+        BLOCK=BLOCK_CANDIDATES, TOPK=topk, BOUND_ON_HOST=triton_interpreted(), num_warps=4,
+    )
+
+
+def accumulate_votes(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch, num_candidates,
+                     count_vote, votes, weights, *, scaling: float, topk: int, scratch: torch.Tensor) -> None:
+    """Add one layer's votes of every voter slot (arguments: the torch reference's). Triton on CUDA
+    tensors, or on CPU tensors under ``TRITON_INTERPRET=1``; the torch reference otherwise."""
+    if _use_triton(votes):
+        accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
+                                num_candidates, count_vote, votes, weights, scaling=scaling, topk=topk,
+                                scratch=scratch)
+    else:
+        accumulate_votes_torch(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
+                               num_candidates, count_vote, votes, weights, scaling=scaling, topk=topk)
