@@ -1,0 +1,200 @@
+"""Local SGLang HTTP servers for the benchmarks, and the set-up they share.
+
+``launch_server`` starts ``python -m sglang.launch_server`` on a free loopback port, waits for
+``/health`` and kills the whole process tree afterwards (a plain SIGTERM leaves SGLang's scheduler
+running). ``read_metrics`` parses SGLang's Prometheus ``/metrics``; ``zoomr_state`` reads the
+backend's counters from ``/server_info`` (``internal_states[0]["zoomr"]``). The model and ZoomR
+settings arguments (``--model-path``, ``--zoomr-env``) and the request prompts are shared too, so
+every script reads and sends them the same way. Importing this module imports ``bench_setup`` first
+(the CPU engine's environment must be set before torch or sglang load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import ON_CUDA  # noqa: E402  (before sglang: CPU engine set-up)
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+# The tiny random-weight model writes "\n\n" often; these settings make its thoughts close.
+TINY_MODEL_SETTINGS = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "48"}
+GREEDY = {"temperature": 0, "ignore_eos": True}
+PROMPT_LEN = 16
+
+
+def log(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def machine() -> str:
+    if ON_CUDA:
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {os.cpu_count()} cores"
+
+
+def prompt(n: int) -> List[int]:
+    """A distinct ``PROMPT_LEN``-token prompt per request ``n`` (only the BOS token is shared)."""
+    return [0] + [(13 * i + 31 * n) % 480 + 2 + n % 17 for i in range(PROMPT_LEN - 1)]
+
+
+# -- model and ZoomR settings ----------------------------------------------------------------------
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--model-path", default=None, help="default: the tiny local random-weight model")
+    parser.add_argument("--zoomr-env", nargs="*", default=[], metavar="ZOOMR_X=VALUE",
+                        help="ZoomR settings overriding the benchmark's defaults and the environment")
+
+
+def check_zoomr_env(parser, items: Sequence[str]) -> None:
+    for item in items:
+        if "=" not in item or not item.startswith("ZOOMR_"):
+            parser.error(f"--zoomr-env takes ZOOMR_NAME=VALUE items, not {item!r}")
+
+
+def apply_zoomr_settings(args) -> Dict[str, str]:
+    """Benchmark defaults (tiny model only) < the environment < ``--zoomr-env``. Servers inherit
+    them; a bad value stops the zoomr server at start-up with an error naming the variable."""
+    if args.model_path is None:
+        for key, value in TINY_MODEL_SETTINGS.items():
+            os.environ.setdefault(key, value)
+    for item in args.zoomr_env:
+        key, value = item.split("=", 1)
+        os.environ[key] = value
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOOMR_")}
+
+
+def resolve_model(args) -> Tuple[str, str]:
+    """``(model_path, name for reports)``: ``--model-path``, else the tiny local model (built once)."""
+    if args.model_path is not None:
+        return args.model_path, args.model_path
+    from testbed.tiny_model import tiny_model_dir
+
+    return str(tiny_model_dir()), "tiny random-weight model"
+
+
+def context_length_for(model_path: str, needed: int) -> Optional[int]:
+    """A ``--context-length`` to pass when the model's own is too short for the longest request."""
+    limit = None
+    with contextlib.suppress(OSError, ValueError):
+        limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
+    if limit is None or needed <= limit:
+        return None
+    os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+    return -(-needed // 1024) * 1024
+
+
+# -- one server ------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    url: str
+    backend: str
+    startup_seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command(model_path: str, backend: str, port: int, *, max_total_tokens: Optional[int], tiny: bool,
+                   context_length: Optional[int], prefill_backend: Optional[str] = None,
+                   extra_args: Sequence[str] = ()) -> list:
+    """SGLang's CPU engine needs fp32, a tiny ``--mem-fraction-static`` and an explicit pool size
+    (otherwise the pool takes most of the RAM); on CUDA SGLang sizes the pool itself unless told.
+    With ``prefill_backend``, SGLang's hybrid routing sends prefill there and decode to ``backend``."""
+    backends = (["--attention-backend", backend] if prefill_backend is None else
+                ["--prefill-attention-backend", prefill_backend, "--decode-attention-backend", backend])
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
+               "--port", str(port), *backends, "--enable-metrics", "--skip-server-warmup", *extra_args]
+    if ON_CUDA:
+        command += ["--device", "cuda"] + (["--dtype", "bfloat16"] if tiny else [])
+    else:
+        command += ["--device", "cpu", "--dtype", "float32", "--mem-fraction-static", "0.05"]
+        if max_total_tokens is None:
+            raise ValueError("SGLang's CPU engine needs max_total_tokens (else its pool takes most of the RAM)")
+    if max_total_tokens is not None:
+        command += ["--max-total-tokens", str(max_total_tokens)]
+    if context_length is not None:
+        command += ["--context-length", str(context_length)]
+    return command
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, backend: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{backend} server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        if time.time() > deadline:
+            raise TimeoutError(f"{backend} server did not become healthy in {timeout:.0f} s (log: {log_path})")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def launch_server(model_path: str, backend: str, *, max_total_tokens: Optional[int], tiny: bool,
+                  context_length: Optional[int] = None, timeout: float = 300, prefill_backend: Optional[str] = None,
+                  extra_args: Sequence[str] = ()) -> Iterator[Server]:
+    """A healthy ``launch_server`` on a free loopback port. Its stderr goes to a log file that is
+    kept (and named) when anything fails, else removed."""
+    from sglang.srt.utils import kill_process_tree
+
+    port = free_port()
+    command = server_command(model_path, backend, port, max_total_tokens=max_total_tokens, tiny=tiny,
+                             context_length=context_length, prefill_backend=prefill_backend, extra_args=extra_args)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"zoomr-bench-{backend}-{port}.log"
+    url = f"http://127.0.0.1:{port}"
+    start = time.time()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            wait_healthy(proc, url, log_path, backend, timeout)
+            yield Server(url=url, backend=backend, startup_seconds=round(time.time() - start, 1))
+        except BaseException:
+            log(f"    {backend} server log kept: {log_path}")
+            raise
+        finally:
+            kill_process_tree(proc.pid)
+    log_path.unlink(missing_ok=True)
+
+
+# -- what a server reports -------------------------------------------------------------------------
+def parse_metrics(text: str, names: Iterable[str]) -> Dict[str, float]:
+    """The gauges/counters ``names`` from Prometheus text (largest value over label sets)."""
+    wanted = set(names)
+    values: Dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            with contextlib.suppress(ValueError):
+                value = float(line.rsplit(" ", 1)[1])
+                values[name] = max(values.get(name, value), value)
+    return values
+
+
+def read_metrics(url: str, names: Iterable[str]) -> Dict[str, float]:
+    """``parse_metrics`` of ``GET /metrics``; empty when the server did not answer in time."""
+    with contextlib.suppress(requests.RequestException):
+        return parse_metrics(requests.get(f"{url}/metrics", timeout=5).text, names)
+    return {}
+
+
+def zoomr_state(url: str) -> Optional[dict]:
+    """The zoomr backend's counters from ``/server_info``; None for another backend."""
+    info = requests.get(f"{url}/server_info", timeout=30).json()
+    return (info.get("internal_states") or [{}])[0].get("zoomr")
