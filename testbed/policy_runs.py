@@ -60,6 +60,12 @@ def job_rid(spec: RunSpec, problem_index: int) -> str:
     return f"{spec.policy}@{spec.budget_fraction:g}:{spec.budget}#{problem_index}"
 
 
+def finished_counters(engine) -> Dict[str, dict]:
+    """The zoomr counters of the engine's finished requests, by request id (the last
+    ``ZOOMR_STATS_HISTORY`` of them)."""
+    return engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+
+
 def generate_all(engine, requests: Sequence[Dict[str, object]], *, custom_logit_processor: Optional[str] = None,
                  concurrency: int = 128,
                  progress: Optional[Callable[[int], None]] = None) -> List[Tuple[List[int], dict]]:
@@ -80,7 +86,7 @@ def generate_all(engine, requests: Sequence[Dict[str, object]], *, custom_logit_
         return await asyncio.gather(*(one(request, gate) for request in requests))
 
     outputs = asyncio.get_event_loop().run_until_complete(all_requests())
-    finished = engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
+    finished = finished_counters(engine)
     results = []
     for request, out in zip(requests, outputs):
         counters = finished.get(out["meta_info"]["id"])
