@@ -45,8 +45,10 @@ def test_full_budget_is_token_identical_to_torch_native(model_path, dense_output
 
 
 # Holes are whole pages: with 16-token pages, the tiny model's ~30-token thoughts free about half.
+# What stays besides: sinks, prompt, window, the zoomed thoughts, the zoom cache and the summaries,
+# which this random model often leaves open until the 48-token cap (5 of them are 26% of one request).
 @pytest.mark.parametrize("engine_kwargs, resident_share, vote", [
-    ({}, 0.25, "count"), (dict(page_size=16, chunked_prefill_size=64), 0.7, "mass"),
+    ({}, 0.3, "count"), (dict(page_size=16, chunked_prefill_size=64), 0.7, "mass"),
 ], ids=["page1-count", "page16-chunk64-mass"])
 def test_small_budget_long_generation_stays_bounded_and_exact(model_path, engine_kwargs, resident_share, vote):
     """Host tier off and on (the default): the same tokens; on, most KV leaves SGLang's pool.

@@ -97,7 +97,7 @@ def test_per_layer_work_reads_nothing_back_to_the_host():
     def guarded(*args, **kwargs):
         with no_host_reads():
             real_after_attention(*args, **kwargs)
-        checked.append((len(controller.step.commits), len(controller.step.voters)))
+        checked.append((len(controller.step.commits), controller.selection.active_voters))
 
     controller.after_attention = guarded
     scripts = [scripted_tokens(random.Random(seed), 80, summaries=True) for seed in (4, 5)]

@@ -31,3 +31,5 @@ def test_serving_benchmark_prints_throughput_per_backend_and_concurrency(tmp_pat
         level = full[name]["levels"]["2"]
         assert level["completed"] == 2 and level["total_output_tokens"] == 2 * 64  # every output whole
     assert full["zoomr"]["levels"]["2"]["host_tier_after"]["zoom_in_failures"] == 0
+    # zoomr serving every position (its full policy) gives dense's greedy tokens.
+    assert len(full["probe_identical"]) == 4 and all(full["probe_identical"])

@@ -64,8 +64,8 @@ def after_running_offset(result, adder, req, *args, **kwargs):
     if controller is None or req.kv.req_pool_idx is None:
         return result
     state = controller.planner.states.get(req.kv.req_pool_idx)
-    if state is None:
-        return result
+    if state is None or not controller.planner.tiered(state):
+        return result  # a policy whose KV never leaves the device keeps SGLang's own charge
     remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
     return min(result, future_device_tokens(controller.config, state, remaining))
 

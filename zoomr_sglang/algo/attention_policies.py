@@ -94,17 +94,18 @@ class QuestPolicy(Policy):
         self.pages_bounded = 0  # complete pages whose bounds every layer has stored
         self.candidate_pages = torch.zeros(0, dtype=torch.int64)  # pages voted on this step
         self.pages_wanted = 0
-        self.votes: Optional[torch.Tensor] = None  # [len(candidate_pages)] votes cast this step
-        self.score_sums: Optional[torch.Tensor] = None
+        # [len(candidate_pages)] votes cast this step (not ``votes``: that flag means ZoomR's device vote)
+        self.page_votes: Optional[torch.Tensor] = None
+        self.page_score_sums: Optional[torch.Tensor] = None
         self.chosen: List[int] = []  # pages attended at the next step, most voted first
 
     def working_set(self, view: StepView) -> np.ndarray:
         if not view.budget:
             return as_range_array([(0, view.seq_len)])
-        if self.votes is not None:  # last step's votes take effect now
-            ranked = select_thoughts(self.votes, self.score_sums, self.pages_wanted)
+        if self.page_votes is not None:  # last step's votes take effect now
+            ranked = select_thoughts(self.page_votes, self.page_score_sums, self.pages_wanted)
             self.chosen = [int(self.candidate_pages[j]) for j in ranked]
-            self.votes = self.score_sums = None
+            self.page_votes = self.page_score_sums = None
         recent = max(MIN_WINDOW, min(view.window, view.budget // 4))
         base = recent_fill([(0, min(view.sink, view.seq_len))], view.seq_len, view.budget, recent)
         pages = [(p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE) for p in self.chosen]
@@ -139,11 +140,11 @@ class QuestPolicy(Policy):
         pages = self.candidate_pages.to(lows.device)
         upper = quest_upper_bound(query, lows[pages], highs[pages])
         votes, sums = head_votes(upper, self.pages_wanted)
-        if self.votes is None:
-            self.votes, self.score_sums = votes, sums
+        if self.page_votes is None:
+            self.page_votes, self.page_score_sums = votes, sums
         else:
-            self.votes += votes
-            self.score_sums += sums
+            self.page_votes += votes
+            self.page_score_sums += sums
 
 
 def quest_upper_bound(query: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,14 @@
 """Decode attention over a sparse set of KV slots: the CPU path and its independent reference.
 
-``gather_decode_attention`` is what the CPU backend runs. It issues exactly the same
-``scaled_dot_product_attention`` call per request as SGLang's ``torch_native`` decode, so when the
-slot list of a request is its whole sequence in position order the output is bit-identical to
-``torch_native``. ``masked_decode_reference`` computes the same quantity a different way (dense
+``gather_decode_attention`` is what the CPU backend runs. It runs the same attention kernel per
+request as SGLang's ``torch_native`` decode, so when the slot list of a request is its whole
+sequence in position order the output is bit-identical to ``torch_native``. ``masked_decode_reference`` computes the same quantity a different way (dense
 float64 softmax with a keep-mask) and is what tests compare against.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -22,7 +21,6 @@ def gather_decode_attention(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     scaling: float,
-    lse_rows: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decode query per request attends to its listed KV slots.
 
@@ -32,36 +30,44 @@ def gather_decode_attention(
         kv_indptr: ``[bs + 1]`` int, on the CPU; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
         kv_indices: ``[nnz]`` int KV slot ids, on the cache's device.
         scaling: softmax scale.
-        lse_rows: requests whose log-sum-exp is wanted (computed from the same gathered keys).
 
     Returns:
         ``[bs, num_heads, v_head_dim]`` in the query's dtype, and ``[bs, num_heads]`` float32: the
-        natural log of each head's softmax denominator for ``lse_rows`` (0 elsewhere).
+        natural log of each head's softmax denominator (what mass votes normalise by).
     """
     lse = torch.zeros(query.shape[0], query.shape[1], dtype=torch.float32, device=query.device)
     if query.shape[0] == 0:
         return query.new_empty((0, query.shape[1], v_cache.shape[-1])), lse
-    group = query.shape[1] // k_cache.shape[1]
     bounds = kv_indptr.tolist()
     # One gather for the whole batch (index_select: ~8x faster on CPU than advanced indexing). Every
     # per-request slice below has the values, strides and offsets torch_native's per-request gather
-    # and layout have ([1, heads, tokens, dim] views), so SDPA computes the same bits.
+    # and layout have ([1, heads, tokens, dim] views).
     all_keys, all_values = k_cache.index_select(0, kv_indices), v_cache.index_select(0, kv_indices)
     if all_keys.dtype != query.dtype:
         all_keys, all_values = all_keys.to(query.dtype), all_values.to(query.dtype)
     keys, values = all_keys.movedim(0, 1).unsqueeze(0), all_values.movedim(0, 1).unsqueeze(0)
     queries = query.movedim(0, 1).unsqueeze(0)  # [1, num_heads, bs, head_dim]
-    per_request = [
-        scaled_dot_product_attention(
-            queries[:, :, i : i + 1], keys[:, :, lo:hi], values[:, :, lo:hi], enable_gqa=group > 1, scale=scaling
-        )[0, :, 0]
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
-    ]
-    for i in lse_rows:
-        request_keys = all_keys[bounds[i]: bounds[i + 1]].float().repeat_interleave(group, dim=1)  # [n, heads, dim]
-        logits = torch.einsum("hd,nhd->hn", query[i].float(), request_keys) * scaling
-        lse[i] = torch.logsumexp(logits, dim=1)
-    return torch.stack(per_request), lse
+    outputs = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out, request_lse = _sdpa_with_lse(queries[:, :, i: i + 1], keys[:, :, lo:hi], values[:, :, lo:hi], scaling)
+        outputs.append(out[0, :, 0])
+        lse[i] = request_lse[0, :, 0]
+    return torch.stack(outputs), lse
+
+
+def _sdpa_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
+    """``scaled_dot_product_attention`` (GQA) and its log-sum-exp from one kernel call.
+
+    On the CPU, SDPA dispatches these inputs to ATen's flash-attention kernel, which also returns
+    the log-sum-exp: called directly it gives the same bits as ``torch_native``'s SDPA call (tested)
+    and the denominators for free. Other devices recompute the log-sum-exp from the same keys.
+    """
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
+    out = scaled_dot_product_attention(query, keys, values, enable_gqa=query.shape[1] != keys.shape[1], scale=scaling)
+    group = query.shape[1] // keys.shape[1]
+    logits = torch.matmul(query.float().reshape(keys.shape[1], group, -1), keys[0].float().transpose(1, 2))
+    return out, torch.logsumexp(logits * scaling, dim=-1).reshape(1, -1, 1)
 
 
 def masked_decode_reference(

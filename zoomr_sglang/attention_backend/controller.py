@@ -39,16 +39,15 @@ class ZoomRController:
         self.tiering = tiering  # None: the host tier is off, all KV stays in SGLang's pool
         self.index_keys = IndexKeyStore(num_layers, num_kv_heads, head_dim, device, capacity=index_capacity)
         self.planner = StepPlanner(config=config, token_texts=token_texts, req_to_token_pool=req_to_token_pool,
-                                   index_keys=self.index_keys, max_candidates=config.max_candidates,
-                                   max_voters=max_voters, tiering=tiering)
+                                   index_keys=self.index_keys, max_candidates=config.max_candidates, tiering=tiering)
         self.selection = DeviceSelection(config=config, index_keys=self.index_keys, req_to_token_pool=req_to_token_pool,
                                          kv_pool=token_to_kv_pool, num_layers=num_layers, num_heads=num_heads,
-                                         max_voters=max_voters, max_candidates=config.max_candidates, device=device)
+                                         max_voters=max_voters, max_candidates=config.max_candidates,
+                                         refresh_tokens=self.planner.refresh_tokens, device=device)
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
         self.next_plan: Optional[HostPlan] = None  # planned, not yet loaded
         self.step: Optional[HostPlan] = None  # loaded: the step the forward is running
         self.observed: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per observer: positions, slots
-        self.lse_rows: List[int] = []  # batch indices whose softmax denominators the votes read (torch path)
 
     # -- scheduler side (host) --------------------------------------------------------------------
     def note_request(self, row: int, req) -> None:
@@ -63,9 +62,10 @@ class ZoomRController:
         return self.next_plan is not None and self.next_plan.needs_eager
 
     # -- backend side ------------------------------------------------------------------------------
-    def load(self, batch_size: int, padded_bs: Optional[int] = None,
+    def load(self, batch_size: int, input_ids: torch.Tensor, padded_bs: Optional[int] = None,
              kv_indices_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Upload the planned step of ``batch_size`` requests; see :meth:`DeviceSelection.load`."""
+        """Upload the planned step of ``batch_size`` requests decoding ``input_ids``; see
+        :meth:`DeviceSelection.load`."""
         plan, self.next_plan = self.next_plan, None
         if plan is None or plan.batch_size != batch_size:
             raise RuntimeError(
@@ -74,8 +74,8 @@ class ZoomRController:
                 "must run before the attention metadata is built")
         self.step = plan
         self.observed = self.selection.observed_positions(plan) if plan.observers else []
-        self.lse_rows = [int(b) for b, count in plan.voters[:, 1:4:2].tolist() if not count]
-        return self.selection.load(plan, padded_bs or batch_size, kv_indices_out)
+        return self.selection.load(plan, input_ids, padded_bs or batch_size, kv_indices_out)
+
 
     def plan_capture(self, batch_size: int) -> None:
         """A CUDA-graph capture batch: no request, ``batch_size`` padding lanes (see ``load``)."""
@@ -121,7 +121,6 @@ class ZoomRController:
             "finished": dict(self.finished),
             "index_entries_live": self.index_keys.num_live,
             "index_full": self.index_keys.exhausted,
-            "votes_deferred": self.planner.votes_deferred,
             "commits_deferred": self.selection.commits_deferred,
             "host_tier": None if self.tiering is None else {
                 "capacity_tokens": self.tiering.host.capacity,

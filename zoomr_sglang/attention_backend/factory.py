@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import List, Optional
 
@@ -14,9 +15,9 @@ from zoomr_sglang.config import ZoomRConfig, load_config
 # i.e. about 3% of the KV pool's memory; thoughts are rarely shorter.
 TOKENS_PER_INDEX_ENTRY = 32
 MIN_INDEX_ENTRIES = 1024
-# Requests that can vote in one step; more wait a step (votes_deferred). Refresh points come every
-# few tokens per request, so this serves decode batches of a few thousand requests.
-MAX_VOTERS = 256
+# Requests that can vote in one step (past it, the rest keep their selection until their next
+# refresh point). Refresh points come every few tokens, so this serves batches of thousands.
+MAX_VOTERS = 512
 
 # ReqToTokenPool -> the controller of the backend that reads it. The plug-in's pool hooks
 # (row freed, pool cleared) and its server-info hook find the controller through here.
@@ -63,7 +64,7 @@ def create_zoomr_backend(model_runner):
 
 def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_size: int) -> Optional[ThoughtTiering]:
     """The host tier for cold thoughts, sized by ``ZOOMR_HOST_POOL_GB`` (default: twice the device
-    KV pool), or None when it is 0."""
+    KV pool, at most a quarter of the machine's memory), or None when it is 0."""
     if config.host_pool_gb == 0:
         return None
     if attn_tp_size > 1:
@@ -81,7 +82,9 @@ def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_
         model_runner.kv_cache_dtype,
     )
     if config.host_pool_gb is None:
-        capacity = 2 * allocator.size
+        # Twice the device pool, but never more than a quarter of the machine's memory (pinned on CUDA).
+        ram_tokens = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // bytes_per_token
+        capacity = min(2 * allocator.size, ram_tokens)
     else:
         capacity = int(config.host_pool_gb * (1 << 30)) // bytes_per_token
     host_tier = HostKVTier(

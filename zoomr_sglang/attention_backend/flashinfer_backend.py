@@ -38,7 +38,7 @@ class ZoomRFlashInferBackend(FlashInferAttnBackend):
         if not forward_batch.forward_mode.is_decode():
             return super().init_forward_metadata(forward_batch)
         bs = forward_batch.batch_size
-        kv_indptr, kv_indices = self.zoomr.load(bs)
+        kv_indptr, kv_indices = self.zoomr.load(bs, forward_batch.input_ids)
         self._plan(self.decode_wrappers[0], kv_indptr, kv_indices, bs)
         self.forward_metadata = DecodeMetadata(self.decode_wrappers)
 
@@ -51,7 +51,8 @@ class ZoomRFlashInferBackend(FlashInferAttnBackend):
             self.zoomr.plan_capture(bs)
         wrappers = self.decode_cuda_graph_metadata[bs]
         raw_bs = 0 if in_capture else bs - forward_batch.num_padding
-        kv_indptr, kv_indices = self.zoomr.load(raw_bs, padded_bs=bs, kv_indices_out=wrappers[0]._paged_kv_indices_buf)
+        kv_indptr, kv_indices = self.zoomr.load(raw_bs, forward_batch.input_ids, padded_bs=bs,
+                                                kv_indices_out=wrappers[0]._paged_kv_indices_buf)
         self._plan(wrappers[0], kv_indptr, kv_indices, bs)
         if in_capture:  # as SGLang does: replays re-plan on the host only, after this first full plan
             wrappers[0].begin_forward = partial(fast_decode_plan, wrappers[0])

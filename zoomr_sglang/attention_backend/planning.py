@@ -7,9 +7,13 @@ up to one step, so the segmenter is fed every token *before* the one being decod
 ``seq_len - 2`` and earlier) in both scheduler modes: the same tokens, the same decisions, the
 same outputs with overlap on or off. The one decode step of lag is covered by the recent window.
 
-A vote cast at step t (the device computes it during the forward) reaches the host through a
-pinned copy made at step t + 1 and takes effect at step t + 2, once the scheduler has synchronised
-on step t's output anyway: no extra sync, and the same step in every mode.
+Votes are decided on the device: a request votes at the step that decodes a refresh token (a
+sentence end, a boundary, the summary end: :func:`refresh_token_mask`), with that token's own
+queries, exactly when the paper does, although the host learns of the token a step later; the host
+adds the refreshes only it can see (a thought closed otherwise, the refresh interval). A vote cast
+at step t reaches the host through a pinned copy made at step t + 1 and takes effect at step t + 2,
+once the scheduler has synchronised on step t's output anyway: no extra sync, the same step in
+every mode.
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ class HostPlan:
     """One decode step, planned on the host (all arrays on the CPU).
 
     Shapes: ``bs`` requests, ``n_ranges`` attended position ranges over the batch, ``n_commits``
-    keys to add to index entries, ``n_voters`` requests that vote this step.
+    keys to add to index entries.
 
     kv_indptr ``[bs + 1]`` int32: request i attends ``kv_indptr[i + 1] - kv_indptr[i]`` KV tokens;
     ranges ``[n_ranges, 4]`` int64: (pool row, start, length, output offset) per range, in request
     order; commits ``[n_commits, 3]`` int64: (pool row, position, entry); fresh_entries: entries
     handed out this step (zeroed on the device before any key is added); new_candidates
-    ``[m, 3]`` int64: (pool row, column, entry) appended to the rows' candidate tables; voters
-    ``[n_voters, 4]`` int64: (pool row, batch index, candidates, 1 for count votes else 0).
+    ``[m, 3]`` int64: (pool row, column, entry) appended to the rows' candidate tables; votes
+    ``[bs, 4]`` int64 per request: (pool row, candidates a vote would rank, 0 if it cannot vote;
+    1 for count votes else 0; 1 if the host asks it to vote this step whatever token it decodes).
     """
 
     rows: List[int]
@@ -52,8 +57,7 @@ class HostPlan:
     commits: np.ndarray
     fresh_entries: List[int]
     new_candidates: np.ndarray
-    voters: np.ndarray
-    voter_states: List[RequestState]
+    votes: np.ndarray
     observers: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
     self_check: bool = False
 
@@ -71,21 +75,20 @@ class StepPlanner:
     """Every running request's :class:`RequestState`, fed and planned once per decode step."""
 
     def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool,
-                 index_keys: IndexKeyStore, max_candidates: int, max_voters: int,
+                 index_keys: IndexKeyStore, max_candidates: int,
                  tiering: Optional[ThoughtTiering] = None) -> None:
         self.config = config
         self.token_texts = token_texts
         self.req_to_token_pool = req_to_token_pool
         self.index_keys = index_keys
         self.max_candidates = max_candidates
-        self.max_voters = max_voters
         self.tiering = tiering
         self.states: Dict[int, RequestState] = {}  # pool row -> state
         self.requests: Dict[int, Tuple[int, object, RequestSettings]] = {}  # row -> (generation, Req, settings)
         self.rows_by_rid: Dict[str, int] = {}
         self.default_settings = request_settings(config, None)
+        self.refresh_tokens = refresh_token_mask(token_texts, config)
         self.decode_steps = 0
-        self.votes_deferred = 0  # votes pushed to a later step because more requests voted than slots
 
     def note_request(self, row: int, req) -> None:
         """A request took ``row`` (SGLang's row allocation): remember it and its settings (validated
@@ -110,27 +113,23 @@ class StepPlanner:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
         rows = [self._row_of(rid) for rid in rids]
-        states, commits, fresh, new_candidates, voters, voter_states = [], [], [], [], [], []
-        for batch_index, (row, seq_len) in enumerate(zip(rows, seq_lens)):
+        states, commits, fresh, new_candidates, votes = [], [], [], [], []
+        for row, seq_len in zip(rows, seq_lens):
             state = self._state_for(row, seq_len)
+            host_vote = False
             for position in range(state.fed_until, min(seq_len - 1, self._known_length(row))):
-                events = state.segmenter.feed(self._token(row, position), position)
+                token = self._token(row, position)
+                events = state.segmenter.feed(token, position)
                 for thought, role, positions in events.commits:
                     entry = state.entry(thought, role, self.index_keys, fresh)
                     if entry is not None:
                         commits += [(row, p, entry) for p in positions]
                 added = state.close_thoughts(events.finalized, self.index_keys, self.max_candidates)
                 new_candidates += [(row, column, entry) for column, entry in added]
-                if state.refresh(events, self.config, seq_len) and not (voter_states and voter_states[-1] is state):
-                    if len(voters) < self.max_voters:
-                        count = int(state.settings.vote == "count")
-                        voters.append((row, batch_index, len(state.candidates), count))
-                        voter_states.append(state)
-                    else:
-                        self.votes_deferred += 1
-                        state.tokens_since_refresh = self.config.refresh_interval  # vote at the next step
+                host_vote |= state.refresh(events, bool(self.refresh_tokens[token]), self.config, seq_len)
                 state.fed_until = position + 1
             states.append(state)
+            votes.append((row, state.votable_candidates(self.config), int(state.settings.vote == "count"), int(host_vote)))
         working_sets, observers = [], []
         for batch_index, (state, seq_len) in enumerate(zip(states, seq_lens)):
             tiered = self.tiered(state)
@@ -150,8 +149,7 @@ class StepPlanner:
             kv_indptr=_kv_indptr(working_sets), ranges=_pack_ranges(rows, working_sets),
             commits=np.asarray(commits, dtype=np.int64).reshape(-1, 3), fresh_entries=fresh,
             new_candidates=np.asarray(new_candidates, dtype=np.int64).reshape(-1, 3),
-            voters=np.asarray(voters, dtype=np.int64).reshape(-1, 4), voter_states=voter_states,
-            observers=observers, self_check=interval > 0 and self.decode_steps % interval == 0,
+            votes=np.asarray(votes, dtype=np.int64).reshape(-1, 4), observers=observers, self_check=interval > 0 and self.decode_steps % interval == 0,
         )
 
     @staticmethod
@@ -159,8 +157,7 @@ class StepPlanner:
         """A step with no request (a CUDA-graph capture batch is all padding)."""
         return HostPlan(rows=[], seq_lens=[], states=[], working_sets=[], kv_indptr=_kv_indptr([]),
                         ranges=_pack_ranges([], []), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
-                        new_candidates=np.zeros((0, 3), dtype=np.int64), voters=np.zeros((0, 4), dtype=np.int64),
-                        voter_states=[])
+                        new_candidates=np.zeros((0, 3), dtype=np.int64), votes=np.zeros((0, 4), dtype=np.int64))
 
     # -- requests -----------------------------------------------------------------------------
     def _row_of(self, rid: str) -> int:
@@ -211,6 +208,13 @@ class StepPlanner:
         noted = self.requests.pop(row, None)
         if noted is not None and self.rows_by_rid.get(noted[1].rid) == row:
             del self.rows_by_rid[noted[1].rid]
+
+
+def refresh_token_mask(token_texts: Sequence[str], config: ZoomRConfig) -> np.ndarray:
+    """``[vocab]`` bool: tokens a request refreshes its selection at the moment it decodes them (text
+    holding a sentence end, a thought boundary or the summary end marker)."""
+    markers = (*config.sentence_ends, *config.boundaries, config.summary_end)
+    return np.fromiter((any(m in text for m in markers) for text in token_texts), dtype=bool, count=len(token_texts))
 
 
 def _kv_indptr(working_sets: Sequence[np.ndarray]) -> torch.Tensor:

@@ -142,11 +142,16 @@ class RequestState:
         self.entries.clear()
 
     # -- selection ----------------------------------------------------------------------------
-    def refresh(self, events: SegmentEvents, config: ZoomRConfig, seq_len: int) -> bool:
-        """At a refresh point, let the policy choose thoughts; returns True when the device must
-        vote for this request in this step (ZoomR with more candidates than it zooms into)."""
+    def refresh(self, events: SegmentEvents, refresh_token: bool, config: ZoomRConfig, seq_len: int) -> bool:
+        """After the segmenter took one token: at a refresh point, let the policy choose thoughts.
+
+        ``refresh_token``: the token is one the device itself votes at when it decodes it (a
+        sentence end, a boundary or the summary end), one step before the host sees it. Returns True
+        when the device must vote for this request at the coming step because of a refresh it did
+        not see (a thought closed otherwise, or the refresh interval ran out).
+        """
         self.tokens_since_refresh += 1
-        due = events.sentence_end or events.finalized or self.tokens_since_refresh >= config.refresh_interval
+        due = refresh_token or events.sentence_end or events.finalized or self.tokens_since_refresh >= config.refresh_interval
         if not due or not self.policy.thought_level:
             return False
         self.tokens_since_refresh = 0
@@ -159,7 +164,11 @@ class RequestState:
         if len(self.candidates) <= config.num_thoughts:
             self.set_zoomed(list(self.candidates))
             return False
-        return True
+        return not refresh_token
+
+    def votable_candidates(self, config: ZoomRConfig) -> int:
+        """Candidates a vote this step would rank (0: this request does not vote)."""
+        return len(self.candidates) if self.policy.votes and len(self.candidates) > config.num_thoughts else 0
 
     def apply_vote(self, chosen_columns: np.ndarray, agreement: float) -> None:
         """The device's choice for a vote this request cast (candidate columns, -1 for none)."""

@@ -2,10 +2,12 @@
 
 Per step (:meth:`DeviceSelection.load`, outside any CUDA graph): one host-to-device copy of the
 step's plan, then the sparse KV-slot list (``kv_indices``, one Triton launch), new index entries
-zeroed, new candidates written into the per-row candidate table, the commit and voter tables
-filled. Per layer (:meth:`DeviceSelection.after_attention`, inside the graph): one launch adds this
-step's keys to their entries and one casts every voter's votes; after the last layer each voter's
-top-c lands in a fixed buffer, which the next step copies to pinned host memory.
+zeroed, new candidates written into the per-row candidate table, the commit table filled, and the
+voters chosen on the device: every request decoding a refresh token now (the step's input ids
+against a per-vocabulary mask) or asked by the host, packed into voter slots. Per layer
+(:meth:`DeviceSelection.after_attention`, inside the graph): one launch adds this step's keys to
+their entries and one casts every voter's votes; after the last layer each voter's top-c lands in
+a fixed buffer, which the next step copies to pinned host memory.
 
 On CUDA (and under ``TRITON_INTERPRET=1``) every per-layer call works on fixed-size buffers whose
 unused slots the kernels skip, so the same calls can be captured once and replayed. The torch path
@@ -35,7 +37,8 @@ class DeviceSelection:
     thoughts each, and the per-row candidate table ``[rows, max_candidates]`` int32."""
 
     def __init__(self, *, config: ZoomRConfig, index_keys: IndexKeyStore, req_to_token_pool, kv_pool,
-                 num_layers: int, num_heads: int, max_voters: int, max_candidates: int, device) -> None:
+                 num_layers: int, num_heads: int, max_voters: int, max_candidates: int, refresh_tokens: np.ndarray,
+                 device) -> None:
         self.config = config
         self.index_keys = index_keys
         self.req_to_token = req_to_token_pool.req_to_token
@@ -44,12 +47,14 @@ class DeviceSelection:
         self.device = torch.device(device)
         self.fixed_shapes = triton_available() and (self.device.type == "cuda" or triton_interpreted())
         dev = dict(device=self.device)
+        self.refresh_mask = torch.from_numpy(refresh_tokens).to(self.device)
+        self.max_voters = max_voters
         self.row_candidates = torch.zeros(self.req_to_token.shape[0], max_candidates, dtype=torch.int32, **dev)
         self.max_commits = COMMITS_PER_REQUEST * max_voters
         self.commit_slots = torch.zeros(self.max_commits, dtype=torch.int64, **dev)
         self.commit_entries = torch.full((self.max_commits,), index_keys.scratch, dtype=torch.int64, **dev)
         self.num_commits = torch.zeros(1, dtype=torch.int64, **dev)
-        self.voter_table = torch.zeros(4, max_voters, dtype=torch.int64, **dev)  # rows, batch, candidates, count
+        self.voter_table = torch.zeros(4, max_voters, dtype=torch.int64, **dev)  # row, batch index, candidates, count
         self.votes = torch.zeros(max_voters, max_candidates, dtype=torch.float32, **dev)
         self.weights = torch.zeros_like(self.votes)
         self.scratch = vote_scratch(max_voters, num_heads, max_candidates, self.device)
@@ -57,27 +62,31 @@ class DeviceSelection:
         self.agreement = torch.ones(max_voters, dtype=torch.float32, **dev)
         self.deferred_commits = np.zeros((0, 3), dtype=np.int64)  # over a step's commit slots
         self.commits_deferred = 0
-        self._voted: List[RequestState] = []  # voters of the last loaded step
-        self._readback: Optional[Tuple[Optional[torch.cuda.Event], torch.Tensor, torch.Tensor, List[RequestState]]] = None
-        self._active = (0, 0, 0)  # this step's commits, voters, widest candidate list (torch path)
+        self._last_states: Optional[List[RequestState]] = None  # the last loaded step's requests
+        self._readback: Optional[Tuple[Optional[torch.cuda.Event], List[torch.Tensor], List[RequestState]]] = None
+        # The torch path's sizes of this step's work: commits, voters, widest candidate list.
+        self.active_commits = self.active_voters = self.active_width = 0
+        self.active_kinds = (True, True)  # whether this step has count voters, mass voters
 
     # -- per step (host, outside graphs) --------------------------------------------------------
     def take_selections(self) -> List[Tuple[RequestState, np.ndarray, float]]:
         """Votes copied to the host at the previous load: ``(state, chosen columns [c], agreement)``."""
         if self._readback is None:
             return []
-        event, chosen, agreement, states = self._readback
+        event, (voters, chosen, agreement), states = self._readback
         self._readback = None
         if event is not None:
             event.synchronize()  # the copy sits right behind a forward the scheduler already waited for
+        batch_index, candidates = voters.numpy()
         chosen, agreement = chosen.numpy(), agreement.numpy()
-        return [(state, chosen[i], float(agreement[i])) for i, state in enumerate(states)]
+        return [(states[batch_index[v]], chosen[v], float(agreement[v])) for v in np.flatnonzero(candidates > 0)]
 
-    def load(self, plan: HostPlan, padded_bs: int, kv_indices_out: Optional[torch.Tensor] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def load(self, plan: HostPlan, input_ids: torch.Tensor, padded_bs: int,
+             kv_indices_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Upload ``plan`` and build the step's sparse KV list for ``padded_bs`` requests (CUDA-graph
-        padding attends one padding slot each). Returns ``kv_indptr [padded_bs + 1]`` int32 on the
-        host and ``kv_indices`` int32 on the device (written into ``kv_indices_out`` if given)."""
+        padding attends one padding slot each). ``input_ids`` ``[>= bs]``: the tokens this step
+        decodes, on the device. Returns ``kv_indptr [padded_bs + 1]`` int32 on the host and
+        ``kv_indices`` int32 on the device (written into ``kv_indices_out`` if given)."""
         self._queue_readback()
         commits = np.concatenate([self.deferred_commits, plan.commits])
         self.deferred_commits = commits[self.max_commits:]
@@ -87,29 +96,43 @@ class DeviceSelection:
         ranges = np.concatenate([plan.ranges, _padding_ranges(padding, int(plan.kv_indptr[-1]))])
         # Ranges go column by column: the KV-index kernel reads each field as a contiguous array.
         parts = [ranges.T.reshape(-1), commits.reshape(-1), plan.new_candidates.reshape(-1),
-                 np.asarray(plan.fresh_entries, dtype=np.int64), plan.voters.reshape(-1)]
+                 np.asarray(plan.fresh_entries, dtype=np.int64), plan.votes.reshape(-1)]
         packed = self._to_device(np.concatenate(parts))
-        ranges_d, commits_d, candidates_d, fresh_d, voters_d = torch.split(packed, [len(p) for p in parts])
+        ranges_d, commits_d, candidates_d, fresh_d, votes_d = torch.split(packed, [len(p) for p in parts])
         ranges_d, commits_d = ranges_d.view(4, -1), commits_d.view(-1, 3)
-        candidates_d, voters_d = candidates_d.view(-1, 3), voters_d.view(-1, 4)
+        candidates_d, votes_d = candidates_d.view(-1, 3), votes_d.view(-1, 4)
         if len(fresh_d):
             self.index_keys.zero(fresh_d)
         if len(candidates_d):
             self.row_candidates[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 2].to(torch.int32)
-        n_commits, n_voters = len(commits_d), len(voters_d)
+        n_commits = len(commits_d)
         self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
         self.commit_entries[:n_commits] = commits_d[:, 2]
         self.num_commits.fill_(n_commits)
-        self.voter_table[:, :n_voters] = voters_d.t()
-        self.voter_table[2, n_voters:] = 0  # unused slots vote for nothing
+        voting = self._choose_voters(votes_d, input_ids[: plan.batch_size])
         self.votes.zero_()
         self.weights.zero_()
-        self._voted = plan.voter_states
-        widest = int(plan.voters[:, 2].max()) if n_voters else 0
-        self._active = (n_commits, n_voters, widest)
+        self._last_states = plan.states
+        if not self.fixed_shapes:  # the torch path sizes its work on the host (CPU: reading is free)
+            self.active_commits, self.active_voters = n_commits, int(voting.sum())
+            self.active_width = int(votes_d[:, 1].max()) if len(votes_d) else 0
+            count = votes_d[:, 2] == 1
+            self.active_kinds = (bool((voting & count).any()), bool((voting & ~count).any()))
         kv_indptr = torch.cat([plan.kv_indptr, plan.kv_indptr[-1] + torch.arange(1, padding + 1, dtype=torch.int32)])
         kv_indices = ranges_to_kv_indices(self.req_to_token, *ranges_d, int(kv_indptr[-1]), out=kv_indices_out)
         return kv_indptr, kv_indices
+
+    def _choose_voters(self, votes: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Pack the requests that vote now into voter slots, in batch order (device only; past
+        ``max_voters`` a step's voters are dropped). Returns the ``[bs]`` bool mask of voters."""
+        voting = (self.refresh_mask[input_ids] | (votes[:, 3] > 0)) & (votes[:, 1] > 0)
+        slot = torch.cumsum(voting.long(), 0) - 1
+        target = torch.where(voting & (slot < self.max_voters), slot, self.max_voters)
+        table = torch.zeros(4, self.max_voters + 1, dtype=torch.int64, device=self.device)
+        batch_index = torch.arange(len(votes), device=self.device)
+        table[:, target] = torch.stack([votes[:, 0], batch_index, votes[:, 1], votes[:, 2]])
+        self.voter_table.copy_(table[:, : self.max_voters])
+        return voting
 
     def observed_positions(self, plan: HostPlan) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Each observer's positions (CPU) and their KV slots (device); eager steps only."""
@@ -127,21 +150,20 @@ class DeviceSelection:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def _queue_readback(self) -> None:
-        """Copy the last step's choices to pinned host memory behind its forward (no wait here)."""
-        if not self._voted:
+        """Copy the last step's voters and choices to pinned host memory behind its forward (no wait)."""
+        if self._last_states is None:
             return
-        n = len(self._voted)
+        sources = [self.voter_table[1:3], self.chosen, self.agreement]
         if self.device.type == "cuda":
-            chosen = torch.empty((n, self.chosen.shape[1]), dtype=torch.int64, pin_memory=True)
-            agreement = torch.empty(n, dtype=torch.float32, pin_memory=True)
-            chosen.copy_(self.chosen[:n], non_blocking=True)
-            agreement.copy_(self.agreement[:n], non_blocking=True)
+            copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in sources]
+            for copy, source in zip(copies, sources):
+                copy.copy_(source, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
-            chosen, agreement, event = self.chosen[:n].clone(), self.agreement[:n].clone(), None
-        self._readback = (event, chosen, agreement, self._voted)
-        self._voted = []
+            copies, event = [t.clone() for t in sources], None
+        self._readback = (event, copies, self._last_states)
+        self._last_states = None
 
     # -- per layer (device, graph-safe) --------------------------------------------------------
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor,
@@ -154,7 +176,9 @@ class DeviceSelection:
         """
         sums, counts = self.index_keys.sums[layer_id], self.index_keys.counts[layer_id]
         key_buffer = self.kv_pool.get_key_buffer(layer_id)
-        n_commits, n_voters, widest = self._active if not self.fixed_shapes else (None, None, None)
+        # Fixed shapes slice nothing ([:None]); the kernels skip unused slots on the device.
+        n_commits, n_voters, widest = (None, None, None) if self.fixed_shapes else (
+            self.active_commits, self.active_voters, self.active_width)
         commit_keys(sums, counts, key_buffer, self.commit_slots[:n_commits], self.commit_entries[:n_commits],
                     self.num_commits)
         if n_voters == 0:
@@ -163,7 +187,7 @@ class DeviceSelection:
         votes, weights = self.votes[:n_voters, :widest], self.weights[:n_voters, :widest]
         accumulate_votes(query, log_normalizer, sums, counts, self.row_candidates, voter_rows, voter_batch,
                          num_candidates, count_vote, votes, weights, scaling=scaling, topk=self.config.topk,
-                         scratch=self.scratch)
+                         scratch=self.scratch, kinds=self.active_kinds)
         if layer_id == self.last_layer:
             chosen, agreement = select_top(votes, weights, num_candidates, self.config.num_thoughts)
             self.chosen[: chosen.shape[0]] = chosen

@@ -10,7 +10,7 @@ avoids copy ping-pong.
 
 Holes are never attended (a thought is evicted only when it is closed, not selected and out of the
 recent window). SGLang's release path must skip them: the plug-in's radix-cache hooks cap the tree
-insert at the first hole and subtract holes from the ranges freed (see NOTES-host-tier.md).
+insert at the first hole and subtract holes from the ranges freed (see docs/host-tier.md).
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ class ThoughtTiering:
     def _evict_closed(self, state: RequestState, seq_len: int, cold: Dict[int, ColdThought]) -> None:
         """Evict closed thoughts that left the window and are not selected; the rest wait."""
         window_start = seq_len - self.config.window
+        # Only generated tokens move: SGLang's prefix cache may own the prompt's slots
+        # (``cache_protected_len``), never a running request's decode tokens.
         floor = max(state.prompt_len, self.config.sink)
         waiting = []
         for index in state.pending_eviction:

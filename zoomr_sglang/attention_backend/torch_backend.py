@@ -3,7 +3,7 @@
 This is also the reference the CUDA backend is checked against: the attention kernel is
 :func:`zoomr_sglang.algo.reference.gather_decode_attention`, which issues the same SDPA call per
 request as ``torch_native`` decode, over the request's working set instead of its whole row, and
-returns the softmax denominators the step's mass votes need from the same gathered keys.
+returns the softmax denominators the step's mass votes need from the same kernel call.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class ZoomRTorchBackend(TorchNativeAttnBackend):
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         if forward_batch.forward_mode.is_decode():
-            self.kv_indptr, self.kv_indices = self.zoomr.load(forward_batch.batch_size)
+            self.kv_indptr, self.kv_indices = self.zoomr.load(forward_batch.batch_size, forward_batch.input_ids)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache and k is not None and v is not None:
@@ -41,7 +41,6 @@ class ZoomRTorchBackend(TorchNativeAttnBackend):
             self.kv_indptr,
             self.kv_indices,
             layer.scaling,
-            self.zoomr.lse_rows,
         )
         self.zoomr.after_attention(layer.layer_id, query, lse, layer.scaling)
         self.zoomr.check_outputs(layer.layer_id, query, out, layer.scaling)

@@ -198,7 +198,8 @@ def accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, vot
 
 
 def accumulate_votes(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch, num_candidates,
-                     count_vote, votes, weights, *, scaling: float, topk: int, scratch: torch.Tensor) -> None:
+                     count_vote, votes, weights, *, scaling: float, topk: int, scratch: torch.Tensor,
+                     kinds=(True, True)) -> None:
     """Add one layer's votes of every voter slot (arguments: the torch reference's). Triton on CUDA
     tensors, or on CPU tensors under ``TRITON_INTERPRET=1``; the torch reference otherwise."""
     if _use_triton(votes):
@@ -207,4 +208,4 @@ def accumulate_votes(query, log_normalizer, sums, counts, candidates, voter_rows
                                 scratch=scratch)
     else:
         accumulate_votes_torch(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
-                               num_candidates, count_vote, votes, weights, scaling=scaling, topk=topk)
+                               num_candidates, count_vote, votes, weights, scaling=scaling, topk=topk, kinds=kinds)
