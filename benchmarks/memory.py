@@ -25,9 +25,7 @@ one OpenMP thread (spinning OpenMP threads made each decode step over ten times 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,8 +33,8 @@ from typing import List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-up)
-    GREEDY, ON_CUDA, PROMPT_LEN, add_model_arguments, apply_zoomr_settings, check_zoomr_env, context_length_for,
-    launch_server, log, machine, prompt, resolve_model, zoomr_state)
+    GREEDY, ON_CUDA, PROMPT_LEN, add_model_arguments, check_zoomr_env, context_length_for,
+    launch_server, log, machine, prompt, save_figure, start_run, zoomr_state)
 from bench_setup import REPO  # noqa: E402
 
 import requests  # noqa: E402
@@ -146,21 +144,13 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     began = time.time()
-    settings = apply_zoomr_settings(args)
-    model_path, model_name = resolve_model(args)
-    today = datetime.date.today().isoformat()
-    log(f"ZoomR memory benchmark, {today}, {machine()} ({platform.node()}), SGLang's {'CUDA' if ON_CUDA else 'CPU'} engine")
-    log(f"model: {model_name} ({model_path})")
-    log(f"ZoomR settings: {settings}")
+    settings, model_path, model_name, today = start_run(args, "memory benchmark")
 
     rows, host = resident_vs_length(args, model_path)
 

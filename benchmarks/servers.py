@@ -74,6 +74,30 @@ def apply_zoomr_settings(args) -> Dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOOMR_")}
 
 
+def start_run(args, title: str) -> Tuple[Dict[str, str], str, str, str]:
+    """Apply the ZoomR settings, resolve the model and print the run's header; returns
+    ``(settings, model_path, model_name, today)``."""
+    import datetime
+    import platform
+
+    settings = apply_zoomr_settings(args)
+    model_path, model_name = resolve_model(args)
+    today = datetime.date.today().isoformat()
+    log(f"ZoomR {title}, {today}, {machine()} ({platform.node()}), SGLang's {'CUDA' if ON_CUDA else 'CPU'} engine")
+    log(f"model: {model_name} ({model_path}); ZoomR settings: {settings}")
+    return settings, model_path, model_name, today
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def resolve_model(args) -> Tuple[str, str]:
     """``(model_path, name for reports)``: ``--model-path``, else the tiny local model (built once)."""
     if args.model_path is not None:

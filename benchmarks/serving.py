@@ -33,10 +33,8 @@ SGLang sizes the pool itself unless ``--max-total-tokens`` is given.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,8 +46,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-up)
-    ON_CUDA, add_model_arguments, apply_zoomr_settings, check_zoomr_env, context_length_for, launch_server, log,
-    machine, resolve_model, zoomr_state)
+    ON_CUDA, add_model_arguments, check_zoomr_env, context_length_for, launch_server, log,
+    machine, start_run, zoomr_state)
 from bench_setup import REPO  # noqa: E402
 
 DEFAULT_DENSE = "flashinfer" if ON_CUDA else "torch_native"
@@ -220,12 +218,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_bench_serving_installed()
     began = time.time()
-    settings = apply_zoomr_settings(args)
-    model_path, model_name = resolve_model(args)
-    today = datetime.date.today().isoformat()
-    log(f"ZoomR serving benchmark, {today}, {machine()} ({platform.node()}), "
-        f"SGLang's {'CUDA' if ON_CUDA else 'CPU'} engine")
-    log(f"model: {model_name} ({model_path}); ZoomR settings: {settings}")
+    settings, model_path, model_name, today = start_run(args, "serving benchmark")
     log(f"bench_serving: random-ids, {args.input_len} prompt + {args.output_len} output tokens per request, "
         f"{args.rounds} x concurrency requests per level, --max-concurrency {args.concurrency}, "
         f"--max-total-tokens {pool_size(args) or 'SGLang default'}")

@@ -133,9 +133,7 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(kernel):
         pytest.skip("needs the compiled (not interpreted) Triton kernels")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the cuda tests compile the kernels for it")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton_aot import compile_for_sm90
 
     fn = getattr(ti, kernel)
     pointers = {"query": "*bf16", "keys": "*bf16", "candidates": "*i32", "voter_rows": "*i64", "voter_batch": "*i64",
@@ -146,13 +144,8 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(kernel):
     signature = {name: pointers.get(name, "*fp32" if name in ("lse", "sums", "counts", "votes", "weights", "scratch")
                                     else "constexpr" if name in constants else "fp32" if name == "scaling" else "i32")
                  for name in fn.arg_names}
-    constexprs = {(fn.arg_names.index(n),): v for n, v in constants.items() if n in fn.arg_names}
-    try:  # ASTSource is internal; its arguments changed across Triton releases (written for 3.8)
-        source = ASTSource(fn, signature, constexprs=constexprs)
-    except TypeError as exc:
-        pytest.skip(f"triton {triton.__version__}: ASTSource takes other arguments ({exc})")
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert len(compiled.asm["cubin"]) > 0
+    used = {name: value for name, value in constants.items() if name in fn.arg_names}
+    assert len(compile_for_sm90(fn, signature, used)) > 0
 
 
 @pytest.mark.cuda

@@ -202,22 +202,13 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("needs the compiled (not interpreted) Triton kernel")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the cuda tests compile the kernel for it")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton_aot import compile_for_sm90
 
-    kernel = kvi._ranges_to_kv_indices_kernel
     signature = {"req_to_token": "*i32", "stride_row": "i32", "stride_col": "constexpr", "range_rows": "*i64",
                  "range_starts": "*i64", "range_lens": "*i64", "out_offsets": "*i64", "out": "*i32",
                  "num_splits": "i32", "host_bound": "i32", "BLOCK": "constexpr", "BOUND_ON_HOST": "constexpr"}
-    constexprs = {(kernel.arg_names.index("stride_col"),): 1, (kernel.arg_names.index("BLOCK"),): kvi.BLOCK,
-                  (kernel.arg_names.index("BOUND_ON_HOST"),): False}
-    try:  # ASTSource is internal; its arguments changed across Triton releases (written for 3.8)
-        source = ASTSource(kernel, signature, constexprs=constexprs)
-    except TypeError as exc:
-        pytest.skip(f"triton {triton.__version__}: ASTSource takes other arguments ({exc})")
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert len(compiled.asm["cubin"]) > 0
+    constants = {"stride_col": 1, "BLOCK": kvi.BLOCK, "BOUND_ON_HOST": False}
+    assert len(compile_for_sm90(kvi._ranges_to_kv_indices_kernel, signature, constants)) > 0
 
 
 # -- CUDA: the compiled kernel --------------------------------------------------------------------
