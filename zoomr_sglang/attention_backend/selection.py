@@ -106,19 +106,33 @@ class DeviceSelection:
         if len(candidates_d):
             self.row_candidates[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 2].to(torch.int32)
         n_commits = len(commits_d)
-        self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
-        self.commit_entries[:n_commits] = commits_d[:, 2]
+        if n_commits:
+            self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
+            self.commit_entries[:n_commits] = commits_d[:, 2]
         self.num_commits.fill_(n_commits)
-        voting = self._choose_voters(votes_d, input_ids[: plan.batch_size])
-        self.votes.zero_()
-        self.weights.zero_()
-        self._last_states = plan.states
+        # Who may vote is known on the host (candidates > c); who does vote, only on the device.
+        may_vote = plan.votes[:, 1] > 0
+        self._last_states = plan.states if may_vote.any() else None
+        if self._last_states is None:
+            self.voter_table[2].zero_()
+            voting = torch.zeros(plan.batch_size, dtype=torch.bool)
+        else:
+            voting = self._choose_voters(votes_d, input_ids[: plan.batch_size])
         if not self.fixed_shapes:  # the torch path sizes its work on the host (CPU: reading is free)
             self.active_commits, self.active_voters = n_commits, int(voting.sum())
-            self.active_width = int(votes_d[:, 1].max()) if len(votes_d) else 0
+            self.active_width = int(plan.votes[:, 1].max()) if may_vote.any() else 0
             count = votes_d[:, 2] == 1
             self.active_kinds = (bool((voting & count).any()), bool((voting & ~count).any()))
-        kv_indptr = torch.cat([plan.kv_indptr, plan.kv_indptr[-1] + torch.arange(1, padding + 1, dtype=torch.int32)])
+            if not self.active_voters:
+                self._last_states = None
+            self.votes[: self.active_voters, : self.active_width].zero_()
+            self.weights[: self.active_voters, : self.active_width].zero_()
+        elif self._last_states is not None:
+            self.votes.zero_()
+            self.weights.zero_()
+        kv_indptr = plan.kv_indptr
+        if padding:
+            kv_indptr = torch.cat([kv_indptr, kv_indptr[-1] + torch.arange(1, padding + 1, dtype=torch.int32)])
         kv_indices = ranges_to_kv_indices(self.req_to_token, *ranges_d, int(kv_indptr[-1]), out=kv_indices_out)
         return kv_indptr, kv_indices
 
