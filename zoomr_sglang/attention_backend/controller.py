@@ -111,7 +111,7 @@ class ZoomRController:
             self.finished.popitem(last=False)
 
     def release_all(self) -> None:
-        for row in list(self.planner.requests) + list(self.planner.states):
+        for row in set(self.planner.requests) | set(self.planner.states):
             self.release_row(row)
 
     def stats(self) -> dict:

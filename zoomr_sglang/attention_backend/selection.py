@@ -29,7 +29,7 @@ from zoomr_sglang.config import ZoomRConfig
 from zoomr_sglang.kernels.kv_indices import ranges_to_kv_indices, triton_available, triton_interpreted
 from zoomr_sglang.kernels.thought_index import accumulate_votes, commit_keys, vote_scratch
 
-COMMITS_PER_REQUEST = 16  # commit slots per voter slot; a step's excess waits for the next step
+COMMITS_PER_REQUEST = 16  # commit slots per request of the batch; a step's excess waits for the next step
 
 
 class DeviceSelection:
@@ -67,6 +67,7 @@ class DeviceSelection:
         # The torch path's sizes of this step's work: commits, voters, widest candidate list.
         self.active_commits = self.active_voters = self.active_width = 0
         self.active_kinds = (True, True)  # whether this step has count voters, mass voters
+        self.slots = (self.max_commits, max_voters)  # commit and voter slots of this step's launches
 
     # -- per step (host, outside graphs) --------------------------------------------------------
     def take_selections(self) -> List[Tuple[RequestState, np.ndarray, float]]:
@@ -88,10 +89,12 @@ class DeviceSelection:
         decodes, on the device. Returns ``kv_indptr [padded_bs + 1]`` int32 on the host and
         ``kv_indices`` int32 on the device (written into ``kv_indices_out`` if given)."""
         self._queue_readback()
+        # A graph captured for ``padded_bs`` requests launches the per-layer kernels over this many slots.
+        self.slots = (min(self.max_commits, COMMITS_PER_REQUEST * padded_bs), min(self.max_voters, padded_bs))
         commits = np.concatenate([self.deferred_commits, plan.commits])
-        self.deferred_commits = commits[self.max_commits:]
+        self.deferred_commits = commits[self.slots[0]:]
         self.commits_deferred += len(self.deferred_commits)
-        commits = commits[: self.max_commits]
+        commits = commits[: self.slots[0]]
         padding = padded_bs - plan.batch_size
         ranges = np.concatenate([plan.ranges, _padding_ranges(padding, int(plan.kv_indptr[-1]))])
         # Ranges go column by column: the KV-index kernel reads each field as a contiguous array.
@@ -190,8 +193,9 @@ class DeviceSelection:
         """
         sums, counts = self.index_keys.sums[layer_id], self.index_keys.counts[layer_id]
         key_buffer = self.kv_pool.get_key_buffer(layer_id)
-        # Fixed shapes slice nothing ([:None]); the kernels skip unused slots on the device.
-        n_commits, n_voters, widest = (None, None, None) if self.fixed_shapes else (
+        # Fixed shapes: the step's slots (fixed per captured batch size; the kernels skip unused ones
+        # on the device) and every candidate column. The torch path: exactly this step's work.
+        n_commits, n_voters, widest = (*self.slots, None) if self.fixed_shapes else (
             self.active_commits, self.active_voters, self.active_width)
         commit_keys(sums, counts, key_buffer, self.commit_slots[:n_commits], self.commit_entries[:n_commits],
                     self.num_commits)

@@ -60,50 +60,51 @@ if triton is not None:
             bound = host_bound
         else:
             bound = n
-        for kv_head in range(num_kv_heads):
-            heads = kv_head * GROUP + g
-            q = tl.load(query + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                        mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            head_lse = tl.load(lse + b * stride_lb + heads, mask=g_ok, other=0.0)
-            for start in range(0, bound, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                c_ok = c < n
-                entry = tl.load(candidates + row * stride_cr + c, mask=c_ok, other=0).to(tl.int64)
-                count = tl.maximum(tl.load(counts + entry, mask=c_ok, other=1.0), 1.0)
-                key = tl.load(sums + entry[:, None] * stride_se + kv_head * stride_sk + d[None, :],
-                              mask=c_ok[:, None] & d_ok[None, :], other=0.0) / count[:, None]
-                score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GROUP_P2, BLOCK]
-                mass = tl.exp(score * scaling + tl.log(count)[None, :] - head_lse[:, None])
-                added = tl.where(is_count, score, mass)
-                added = tl.sum(tl.where(g_ok[:, None] & c_ok[None, :], added, 0.0), axis=0)
-                tl.atomic_add(weights + v * stride_v + c, added, mask=c_ok)
+        if n > 0:  # an unused voter slot does nothing
+            for kv_head in range(num_kv_heads):
+                heads = kv_head * GROUP + g
+                q = tl.load(query + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                            mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                head_lse = tl.load(lse + b * stride_lb + heads, mask=g_ok, other=0.0)
+                for start in range(0, bound, BLOCK):
+                    c = start + tl.arange(0, BLOCK)
+                    c_ok = c < n
+                    entry = tl.load(candidates + row * stride_cr + c, mask=c_ok, other=0).to(tl.int64)
+                    count = tl.maximum(tl.load(counts + entry, mask=c_ok, other=1.0), 1.0)
+                    key = tl.load(sums + entry[:, None] * stride_se + kv_head * stride_sk + d[None, :],
+                                  mask=c_ok[:, None] & d_ok[None, :], other=0.0) / count[:, None]
+                    score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GROUP_P2, BLOCK]
+                    mass = tl.exp(score * scaling + tl.log(count)[None, :] - head_lse[:, None])
+                    added = tl.where(is_count, score, mass)
+                    added = tl.sum(tl.where(g_ok[:, None] & c_ok[None, :], added, 0.0), axis=0)
+                    tl.atomic_add(weights + v * stride_v + c, added, mask=c_ok)
+                    if is_count:
+                        tl.store(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :], score,
+                                 mask=g_ok[:, None] & c_ok[None, :])
                 if is_count:
-                    tl.store(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :], score,
-                             mask=g_ok[:, None] & c_ok[None, :])
-            if is_count:
-                # Each head's top-k by (score desc, candidate asc), read back from the stored scores.
-                prev_score = tl.full([GROUP_P2], float("inf"), tl.float32)
-                prev_index = tl.full([GROUP_P2], -1, tl.int64)
-                for _ in tl.static_range(TOPK):
-                    best_score = tl.full([GROUP_P2], float("-inf"), tl.float32)
-                    best_index = tl.full([GROUP_P2], 1 << 40, tl.int64)
-                    for start in range(0, bound, BLOCK):
-                        c = (start + tl.arange(0, BLOCK)).to(tl.int64)
-                        ok = g_ok[:, None] & (c < n)[None, :]
-                        score = tl.load(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :],
-                                        mask=ok, other=float("-inf"))
-                        after = (score < prev_score[:, None]) | (
-                            (score == prev_score[:, None]) & (c[None, :] > prev_index[:, None]))
-                        ok = ok & after
-                        block_best = tl.max(tl.where(ok, score, float("-inf")), axis=1)
-                        block_index = tl.min(tl.where(ok & (score == block_best[:, None]), c[None, :], 1 << 40), axis=1)
-                        better = (block_best > best_score) | ((block_best == best_score) & (block_index < best_index))
-                        best_score = tl.where(better, block_best, best_score)
-                        best_index = tl.where(better, block_index, best_index)
-                    found = g_ok & (best_index < n)
-                    tl.atomic_add(votes + v * stride_v + best_index, tl.full([GROUP_P2], 1.0, tl.float32), mask=found)
-                    prev_score = best_score
-                    prev_index = best_index
+                    # Each head's top-k by (score desc, candidate asc), read back from the stored scores.
+                    prev_score = tl.full([GROUP_P2], float("inf"), tl.float32)
+                    prev_index = tl.full([GROUP_P2], -1, tl.int64)
+                    for _ in tl.static_range(TOPK):
+                        best_score = tl.full([GROUP_P2], float("-inf"), tl.float32)
+                        best_index = tl.full([GROUP_P2], 1 << 40, tl.int64)
+                        for start in range(0, bound, BLOCK):
+                            c = (start + tl.arange(0, BLOCK)).to(tl.int64)
+                            ok = g_ok[:, None] & (c < n)[None, :]
+                            score = tl.load(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :],
+                                            mask=ok, other=float("-inf"))
+                            after = (score < prev_score[:, None]) | (
+                                (score == prev_score[:, None]) & (c[None, :] > prev_index[:, None]))
+                            ok = ok & after
+                            block_best = tl.max(tl.where(ok, score, float("-inf")), axis=1)
+                            block_index = tl.min(tl.where(ok & (score == block_best[:, None]), c[None, :], 1 << 40), axis=1)
+                            better = (block_best > best_score) | ((block_best == best_score) & (block_index < best_index))
+                            best_score = tl.where(better, block_best, best_score)
+                            best_index = tl.where(better, block_index, best_index)
+                        found = g_ok & (best_index < n)
+                        tl.atomic_add(votes + v * stride_v + best_index, tl.full([GROUP_P2], 1.0, tl.float32), mask=found)
+                        prev_score = best_score
+                        prev_index = best_index
 
     @triton.jit
     def _commit_kernel(
