@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-up)
     GREEDY, PROMPT_LEN, add_model_arguments, check_zoomr_env, context_length_for,
-    launch_server, log, machine, prompt, save_figure, start_run, read_metrics, zoomr_state)
+    finish_run, launch_server, log, machine, prompt, save_figure, start_run, read_metrics, zoomr_state)
 from bench_setup import REPO  # noqa: E402
 
 import requests  # noqa: E402
@@ -195,10 +195,8 @@ def main(argv=None) -> None:
     full = dict(summary=summary, date=today, machine=machine(), model=model_path, zoomr_settings=settings,
                 prompt_len=PROMPT_LEN, max_total_tokens=args.max_total_tokens, requests=args.requests,
                 max_new_tokens=args.max_new_tokens, **runs, seconds=round(time.time() - began, 1), argv=sys.argv[1:])
-    json_path = plot_path.with_suffix(".json")
-    json_path.write_text(json.dumps(full, indent=1) + "\n")
-    log(f"\nplot: {plot_path}\nresults: {json_path}\ntotal {time.time() - began:.0f} s")
-    print(json.dumps(summary), flush=True)
+    log(f"\nplot: {plot_path}")
+    finish_run(plot_path.with_suffix(".json"), summary, full, began)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,15 @@ def start_run(args, title: str) -> Tuple[Dict[str, str], str, str, str]:
     return settings, model_path, model_name, today
 
 
+def finish_run(results_path: Path, summary: dict, details: dict, began: float) -> None:
+    """Write ``details`` as JSON, say where, and print ``summary`` as the last stdout line (the
+    script's contract)."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(details, indent=1) + "\n")
+    log(f"\nresults: {results_path}\ntotal {time.time() - began:.0f} s")
+    print(json.dumps(summary), flush=True)
+
+
 def save_figure(fig, path: Path) -> None:
     """Lay out, write (creating the folder) and close a matplotlib figure."""
     import matplotlib.pyplot as plt

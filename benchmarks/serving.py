@@ -46,7 +46,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-up)
-    ON_CUDA, add_model_arguments, check_zoomr_env, context_length_for, launch_server, log,
+    ON_CUDA, add_model_arguments, check_zoomr_env, context_length_for, finish_run, launch_server, log,
     machine, start_run, zoomr_state)
 from bench_setup import REPO  # noqa: E402
 
@@ -237,11 +237,7 @@ def main(argv=None) -> None:
                 zoomr_settings=settings, prefill_backend=args.prefill_backend, server_args=args.server_arg,
                 input_len=args.input_len, output_len=args.output_len, rounds=args.rounds, seed=args.seed,
                 max_total_tokens=pool_size(args), **runs, seconds=round(time.time() - began, 1), argv=sys.argv[1:])
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(full, indent=1) + "\n")
-    log(f"\nresults: {results_path}\ntotal {time.time() - began:.0f} s")
-    print(json.dumps(summary), flush=True)
+    finish_run(Path(args.results), summary, full, began)
 
 
 if __name__ == "__main__":
