@@ -3,7 +3,7 @@
 import pytest
 
 from zoomr_sglang.algo.working_set import MIN_WINDOW
-from zoomr_sglang.config import ZoomRConfig, load_config
+from zoomr_sglang.config import ENV_VARS, ZoomRConfig, load_config
 
 
 def test_defaults_without_variables():
@@ -11,17 +11,21 @@ def test_defaults_without_variables():
 
 
 def test_every_variable_is_read():
-    config = load_config({
+    environ = {
         "ZOOMR_TOPK": "3", "ZOOMR_NUM_THOUGHTS": "4", "ZOOMR_SINK": "0", "ZOOMR_WINDOW": "64",
         "ZOOMR_MAX_THOUGHT_TOKENS": "100", "ZOOMR_BOUNDARIES": '["\\n\\n", "###"]',
         "ZOOMR_SUMMARY_BEGIN": "<s>", "ZOOMR_SUMMARY_END": "</s>", "ZOOMR_SENTENCE_ENDS": '["."]',
         "ZOOMR_REFRESH_INTERVAL": "8", "ZOOMR_STATS_HISTORY": "5", "ZOOMR_SELF_CHECK_INTERVAL": "9",
-        "ZOOMR_HOST_POOL_GB": "1.5", "ZOOMR_ZOOM_CACHE": "0",
-    })
+        "ZOOMR_HOST_POOL_GB": "1.5", "ZOOMR_ZOOM_CACHE": "0", "ZOOMR_POLICY": "sumr", "ZOOMR_BUDGET": "200",
+        "ZOOMR_VOTE": "count", "ZOOMR_MAX_CANDIDATES": "64", "ZOOMR_INDEX_ENTRIES": "4096",
+    }
+    assert set(environ) == set(ENV_VARS)  # a new knob joins this test
+    config = load_config(environ)
     assert config == ZoomRConfig(
         topk=3, num_thoughts=4, sink=0, window=64, max_thought_tokens=100, boundaries=("\n\n", "###"),
         summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
-        self_check_interval=9, host_pool_gb=1.5, zoom_cache=0,
+        self_check_interval=9, host_pool_gb=1.5, zoom_cache=0, policy="sumr", budget=200, vote="count",
+        max_candidates=64, index_entries=4096,
     )
 
 
@@ -43,6 +47,9 @@ def test_every_variable_is_read():
     ("ZOOMR_HOST_POOL_GB", "inf", "a number of GiB >= 0"),
     ("ZOOMR_ZOOM_CACHE", "-2", ">= 0"),
     ("ZOOMR_SELF_CHECK_INTERVAL", "x", "not an integer"),
+    ("ZOOMR_MAX_CANDIDATES", "0", ">= 1"),
+    ("ZOOMR_INDEX_ENTRIES", "-1", ">= 0"),
+    ("ZOOMR_INDEX_ENTRIES", "many", "not an integer"),
 ])
 def test_bad_value_names_variable_value_and_allowed(name, value, words):
     with pytest.raises(ValueError) as error:
