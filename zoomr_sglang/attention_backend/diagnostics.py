@@ -18,12 +18,11 @@ from zoomr_sglang.attention_backend.planning import HostPlan
 def check_outputs(plan: HostPlan, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float,
                   kv_pool, req_to_token: torch.Tensor) -> None:
     """Compare ``output [bs, num_heads, v_head_dim]`` of layer ``layer_id`` with the references."""
-    fidelity = [i for i, state in enumerate(plan.states) if state.settings.fidelity]
-    if not plan.self_check and not fidelity:
+    if not plan.self_check and not plan.fidelity_rows:
         return
     keys = kv_pool.get_key_buffer(layer_id)
     values = kv_pool.get_value_buffer(layer_id)
-    for i in range(plan.batch_size) if plan.self_check else fidelity:
+    for i in range(plan.batch_size) if plan.self_check else plan.fidelity_rows:
         state, seq_len = plan.states[i], plan.seq_lens[i]
         slots = req_to_token[state.row, :seq_len].long()
         keep = torch.zeros(seq_len, dtype=torch.bool, device=keys.device)

@@ -60,6 +60,7 @@ class HostPlan:
     votes: np.ndarray
     observers: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
     self_check: bool = False
+    fidelity_rows: List[int] = field(default_factory=list)  # batch indices measuring zoomr_fidelity
 
     @property
     def batch_size(self) -> int:
@@ -68,7 +69,7 @@ class HostPlan:
     @property
     def needs_eager(self) -> bool:
         """Per-layer Python work (baseline observers, self-checks, fidelity) cannot replay in a graph."""
-        return bool(self.observers) or self.self_check or any(s.settings.fidelity for s in self.states)
+        return bool(self.observers) or self.self_check or bool(self.fidelity_rows)
 
 
 class StepPlanner:
