@@ -308,37 +308,56 @@ def test_scoring_and_votes_on_cuda():
     torch.testing.assert_close(gpu_sums.cpu(), cpu_sums, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
-    from zoomr_sglang.algo.reference import gather_decode_attention, masked_decode_reference
+SPARSE_SEQ_LENS = [1, 777, 5000]
+SPARSE_RANGES = [[(0, 1)], [(0, 4), (100, 197), (197, 240), (700, 777)], [(0, 64), (1000, 1800), (4872, 5000)]]
 
+
+def sparse_decode_case(dtype):
+    """Three requests over a 20,000-slot CUDA pool (each request's slots a random permutation of it)
+    attending the ranges ``SPARSE_RANGES``: k/v caches, table, kv_indptr (CPU), kv_indices, query."""
     gen = torch.Generator().manual_seed(4)
     num_heads, num_kv_heads, head_dim, num_slots = 32, 8, 128, 20_000
     k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).cuda()
     v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).cuda()
-    seq_lens = [1, 777, 5000]
     table = torch.zeros(3, 8192, dtype=torch.int32)
-    for i, n in enumerate(seq_lens):  # every request's slots are a random permutation of the pool
+    for i, n in enumerate(SPARSE_SEQ_LENS):
         table[i, :n] = (torch.randperm(num_slots - 1, generator=gen)[:n] + 1).to(torch.int32)
     table = table.cuda()
-    ranges = [[(0, 1)], [(0, 4), (100, 197), (197, 240), (700, 777)], [(0, 64), (1000, 1800), (4872, 5000)]]
-    range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges([0, 1, 2], ranges)
+    range_rows, range_starts, range_lens, out_offsets, kv_indptr = flatten_ranges([0, 1, 2], SPARSE_RANGES)
     kv_indices = ranges_to_kv_indices(table, range_rows.cuda(), range_starts.cuda(), range_lens.cuda(),
                                       out_offsets.cuda(), int(kv_indptr[-1]))
     query = torch.randn(3, num_heads, head_dim, generator=gen).to(dtype).cuda()
-    scaling = head_dim**-0.5
-    out, lse = gather_decode_attention(query, k_cache, v_cache, kv_indptr, kv_indices, scaling)
-    assert out.is_cuda and out.dtype == dtype and out.shape == (3, num_heads, head_dim)
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    for i, n in enumerate(seq_lens):
+    return k_cache, v_cache, table, kv_indptr, kv_indices, query
+
+
+def check_sparse_decode(case, out, lse, scaling, tol) -> None:
+    """``out`` equals the float64 masked reference per request, ``lse`` (natural log) the log-sum-exp
+    of the scaled logits over each request's kept positions."""
+    from zoomr_sglang.algo.reference import masked_decode_reference
+
+    k_cache, v_cache, table, _, _, query = case
+    group = query.shape[1] // k_cache.shape[1]
+    for i, n in enumerate(SPARSE_SEQ_LENS):
         slots = table[i, :n].long()
         keep = torch.zeros(n, dtype=torch.bool, device="cuda")
-        for start, end in ranges[i]:
+        for start, end in SPARSE_RANGES[i]:
             keep[start:end] = True
         expected = masked_decode_reference(query[i], k_cache[slots], v_cache[slots], keep, scaling)
         torch.testing.assert_close(out[i].double(), expected, rtol=tol, atol=tol)
-    kept = k_cache[table[1, :777].long()][torch.cat([torch.arange(a, b) for a, b in ranges[1]]).cuda()]
-    logits = torch.einsum("hd,nhd->hn", query[1].double(), kept.double().repeat_interleave(4, dim=1)) * scaling
-    torch.testing.assert_close(lse[1].double(), torch.logsumexp(logits, dim=1), rtol=tol, atol=tol)
+        kept = k_cache[slots][keep].double().repeat_interleave(group, dim=1)
+        natural = torch.logsumexp(torch.einsum("hd,nhd->hn", query[i].double(), kept) * scaling, dim=1)
+        torch.testing.assert_close(lse[i].double(), natural, rtol=tol, atol=2 * tol)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
+    from zoomr_sglang.algo.reference import gather_decode_attention
+
+    case = sparse_decode_case(dtype)
+    k_cache, v_cache, _, kv_indptr, kv_indices, query = case
+    scaling = query.shape[-1] ** -0.5
+    out, lse = gather_decode_attention(query, k_cache, v_cache, kv_indptr, kv_indices, scaling)
+    assert out.is_cuda and out.dtype == dtype and out.shape == query.shape
+    check_sparse_decode(case, out, lse, scaling, {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype])
