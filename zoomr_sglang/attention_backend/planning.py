@@ -135,12 +135,12 @@ class StepPlanner:
         for batch_index, (state, seq_len) in enumerate(zip(states, seq_lens)):
             tiered = self.tiered(state)
             zoomed = self.tiering.prepare(state, seq_len) if tiered else None
-            ranges = state.policy.working_set(state.view(seq_len, self.config, zoomed,
-                                                         self.config.window if tiered else None))
+            view = state.view(seq_len, self.config, zoomed, self.config.window if tiered else None)
+            ranges = state.policy.working_set(view)
             offloaded = self.tiering.offloaded_tokens(state.row) if tiered else 0
             state.record_step(ranges_size(ranges), seq_len, self.config, offloaded)
             working_sets.append(ranges)
-            watched = state.policy.observe_positions(state.view(seq_len, self.config), ranges)
+            watched = state.policy.observe_positions(view, ranges)
             if watched is not None:
                 observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
         self.decode_steps += 1
