@@ -4,7 +4,7 @@ One decode step may have many requests at a refresh point. Each of them scores i
 index keys with this layer's query and votes; the votes add up over layers, and after the last
 layer each voter's c best thoughts are its new selection. Everything here works on padded batched
 tensors (no Python loop over requests, no host sync), so the same calls serve the CPU path and
-the CUDA-graph path; ``kernels/votes.py`` is the Triton version of :func:`accumulate_votes`.
+the CUDA-graph path; ``kernels/thought_index.py`` is the Triton version of :func:`accumulate_votes`.
 
 Shapes: ``bs`` requests in the step, ``n_voters`` voter slots (a slot with 0 candidates is unused),
 ``max_candidates`` candidate slots per pool row, ``n_entries`` index-key entries.
