@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from bench_setup import ON_CUDA  # noqa: E402  (before sglang: CPU engine set-up
 
 import requests  # noqa: E402
 import torch  # noqa: E402
+
+from testbed.local_server import free_port, wait_healthy  # noqa: E402
 
 # The tiny random-weight model writes "\n\n" often; these settings make its thoughts close.
 TINY_MODEL_SETTINGS = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "48"}
@@ -135,12 +136,6 @@ class Server:
     startup_seconds: float
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_command(model_path: str, backend: str, port: int, *, max_total_tokens: Optional[int], tiny: bool,
                    context_length: Optional[int], prefill_backend: Optional[str] = None,
                    extra_args: Sequence[str] = ()) -> list:
@@ -162,19 +157,6 @@ def server_command(model_path: str, backend: str, port: int, *, max_total_tokens
     if context_length is not None:
         command += ["--context-length", str(context_length)]
     return command
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, backend: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{backend} server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        if time.time() > deadline:
-            raise TimeoutError(f"{backend} server did not become healthy in {timeout:.0f} s (log: {log_path})")
-        time.sleep(0.5)
 
 
 @contextlib.contextmanager

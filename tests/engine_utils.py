@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-import requests
+from testbed.local_server import free_port, wait_healthy
 
 ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, mem_fraction_static=0.05,
                    skip_server_warmup=True)
@@ -63,12 +63,6 @@ def zoomr_state(eng) -> dict:
     return eng.get_server_info()["internal_states"][0]["zoomr"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_command(model_path: str, port: int, *extra: str) -> List[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
@@ -83,20 +77,14 @@ def server(model_path: str, env: Optional[Dict[str, str]] = None, timeout: float
     from sglang.srt.utils import kill_process_tree
 
     port = free_port()
-    proc = subprocess.Popen(server_command(model_path, port), env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise TimeoutError("server did not become healthy")
-            time.sleep(1)
-        yield url
-    finally:
-        kill_process_tree(proc.pid)
+    with tempfile.TemporaryDirectory() as log_dir:
+        log_path = Path(log_dir) / "server.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(server_command(model_path, port), env={**os.environ, **(env or {})},
+                                    stdout=subprocess.DEVNULL, stderr=log_file)
+            try:
+                wait_healthy(proc, url, log_path, "zoomr", timeout)
+                yield url
+            finally:
+                kill_process_tree(proc.pid)

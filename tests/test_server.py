@@ -10,7 +10,8 @@ import time
 import pytest
 import requests
 
-from engine_utils import free_port, server, server_command
+from engine_utils import server, server_command
+from testbed.local_server import free_port
 
 pytestmark = pytest.mark.engine
 
