@@ -4,20 +4,14 @@ sync in the per-layer work."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from triton_checks import run_interpreted
 from zoomr_sglang.algo.batched_votes import accumulate_votes, select_top
 from zoomr_sglang.algo.voting import agreement, attention_mass, head_votes, score_thoughts, select_thoughts
 from zoomr_sglang.kernels import thought_index as ti
 
-REPO = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
@@ -117,12 +111,7 @@ print(json.dumps(out))
 
 
 def test_triton_kernels_in_interpreter_match_torch():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_interpreted(INTERPRETER_SCRIPT, timeout=600)
     assert len(out["votes"]) == 9 and all(v == {"votes_equal": True, "weights_close": True} for v in out["votes"])
     assert out["commits"] == [{"sums_close": True, "counts_equal": True}]
 
@@ -133,7 +122,7 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(kernel):
         pytest.skip("needs the compiled (not interpreted) Triton kernels")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the cuda tests compile the kernels for it")
-    from triton_aot import compile_for_sm90
+    from triton_checks import compile_for_sm90
 
     fn = getattr(ti, kernel)
     pointers = {"query": "*bf16", "keys": "*bf16", "candidates": "*i32", "voter_rows": "*i64", "voter_batch": "*i64",

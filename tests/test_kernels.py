@@ -13,15 +13,10 @@ GPU machine.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from triton_checks import run_interpreted
 from zoomr_sglang.kernels import kv_indices as kvi
 from zoomr_sglang.kernels.kv_indices import (
     flatten_ranges,
@@ -29,7 +24,6 @@ from zoomr_sglang.kernels.kv_indices import (
     ranges_to_kv_indices_torch,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -184,12 +178,7 @@ print(json.dumps(results))
 
 
 def test_triton_kernel_in_interpreter_matches_torch():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_interpreted(INTERPRETER_SCRIPT, timeout=300)
     assert len(results) == 7 and results[0]["total"] == 507 and results[1]["total"] == 6701
     for result in results:
         assert result == dict(result, dtype="torch.int32", triton_equal=True, dispatch_equal=True, loop_equal=True)
@@ -202,7 +191,7 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("needs the compiled (not interpreted) Triton kernel")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the cuda tests compile the kernel for it")
-    from triton_aot import compile_for_sm90
+    from triton_checks import compile_for_sm90
 
     signature = {"req_to_token": "*i32", "stride_row": "i32", "stride_col": "constexpr", "range_rows": "*i64",
                  "range_starts": "*i64", "range_lens": "*i64", "out_offsets": "*i64", "out": "*i32",

@@ -1,0 +1,43 @@
+"""Checks of the Triton kernels on a machine without a GPU: a script run under Triton's interpreter
+(``TRITON_INTERPRET=1``, in a subprocess: Triton reads it when a kernel is defined), and an
+ahead-of-time compile for the H100/H200 (sm_90), which catches typing errors the interpreter lets
+through."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_interpreted(script: str, timeout: float):
+    """Run ``script`` (Python source, the repo and ``tests/`` importable) under ``TRITON_INTERPRET=1``;
+    returns its last stdout line, parsed as JSON."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compile_for_sm90(kernel, signature: Dict[str, str], constants: Dict[str, object]) -> bytes:
+    """The cubin of ``kernel`` for ``signature`` (argument name -> Triton type, ``constexpr`` for the
+    names in ``constants``); skips the test when Triton's internal compile API differs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    try:  # ASTSource is internal; its arguments changed across Triton releases (written for 3.8)
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+    except TypeError as exc:
+        pytest.skip(f"triton {triton.__version__}: ASTSource takes other arguments ({exc})")
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
