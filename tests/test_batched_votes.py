@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_checks import run_interpreted
+from triton_checks import run_script
 from zoomr_sglang.algo.batched_votes import accumulate_votes, select_top
 from zoomr_sglang.algo.voting import agreement, attention_mass, head_votes, score_thoughts, select_thoughts
 from zoomr_sglang.kernels import thought_index as ti
@@ -111,7 +111,7 @@ print(json.dumps(out))
 
 
 def test_triton_kernels_in_interpreter_match_torch():
-    out = run_interpreted(INTERPRETER_SCRIPT, timeout=600)
+    out = run_script(INTERPRETER_SCRIPT, interpret=True, timeout=600)
     assert len(out["votes"]) == 9 and all(v == {"votes_equal": True, "weights_close": True} for v in out["votes"])
     assert out["commits"] == [{"sums_close": True, "counts_equal": True}]
 

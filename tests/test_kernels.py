@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_checks import run_interpreted
+from triton_checks import run_script
 from zoomr_sglang.kernels import kv_indices as kvi
 from zoomr_sglang.kernels.kv_indices import (
     flatten_ranges,
@@ -178,7 +178,7 @@ print(json.dumps(results))
 
 
 def test_triton_kernel_in_interpreter_matches_torch():
-    results = run_interpreted(INTERPRETER_SCRIPT, timeout=300)
+    results = run_script(INTERPRETER_SCRIPT, interpret=True, timeout=300)
     assert len(results) == 7 and results[0]["total"] == 507 and results[1]["total"] == 6701
     for result in results:
         assert result == dict(result, dtype="torch.int32", triton_equal=True, dispatch_equal=True, loop_equal=True)

@@ -5,19 +5,14 @@ what the sliced torch path decides, and the per-layer work never reads a device 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from backend_harness import Harness, scripted_tokens
+from triton_checks import run_script
 from zoomr_sglang.config import ZoomRConfig
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 60
 
 SCENARIO = r"""
@@ -43,20 +38,8 @@ print(json.dumps({
 """.replace("STEPS", str(STEPS))
 
 
-def _run_scenario(interpret: bool) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", SCENARIO], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_fixed_size_graph_buffers_decide_what_the_sliced_torch_path_decides():
-    sliced, fixed = _run_scenario(interpret=False), _run_scenario(interpret=True)
+    sliced, fixed = (run_script(SCENARIO, interpret=mode, timeout=600) for mode in (False, True))
     assert not sliced["fixed_shapes"] and fixed["fixed_shapes"]
     assert sliced["votes_held"] > 4
     assert fixed["zoom_history"] == sliced["zoom_history"] and len(sliced["zoom_history"]) == 2

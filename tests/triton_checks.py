@@ -1,5 +1,5 @@
-"""Checks of the Triton kernels on a machine without a GPU: a script run under Triton's interpreter
-(``TRITON_INTERPRET=1``, in a subprocess: Triton reads it when a kernel is defined), and an
+"""Checks of the Triton kernels on a machine without a GPU: a script run in a subprocess with or
+without Triton's interpreter (``TRITON_INTERPRET=1``: Triton reads it when a kernel is defined), and an
 ahead-of-time compile for the H100/H200 (sm_90), which catches typing errors the interpreter lets
 through."""
 
@@ -17,10 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_interpreted(script: str, timeout: float):
-    """Run ``script`` (Python source, the repo and ``tests/`` importable) under ``TRITON_INTERPRET=1``;
-    returns its last stdout line, parsed as JSON."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_script(script: str, *, interpret: bool, timeout: float):
+    """Run ``script`` (Python source, the repo and ``tests/`` importable) in a fresh process, under
+    ``TRITON_INTERPRET=1`` or without it; returns its last stdout line, parsed as JSON."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
