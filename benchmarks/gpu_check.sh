@@ -58,7 +58,7 @@ run_all() {
   # tree core is built for torch 2.14); FlashInfer compiles for the H200 only.
   export SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python FLASHINFER_CUDA_ARCH_LIST=9.0a
   part tests 110 python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_batched_votes.py tests/test_flashinfer_cuda.py \
-    tests/test_host_tier_cuda.py --junitxml "$OUT/pytest.xml"
+    tests/test_host_tier_cuda.py tests/test_extend_holes.py --junitxml "$OUT/pytest.xml"
   # Without a GPU (a rehearsal): small sizes through the same commands.
   # Triton prefill on the GPU: FlashInfer's prefill kernels would compile for minutes at start.
   local decode_sizes=(--iters 10) model_shape=() prefill=triton

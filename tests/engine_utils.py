@@ -72,7 +72,7 @@ def server_command(model_path: str, port: int, *extra: str) -> List[str]:
 
 
 @contextlib.contextmanager
-def server(model_path: str, env: Optional[Dict[str, str]] = None, timeout: float = 240) -> Iterator[str]:
+def server(model_path: str, env: Optional[Dict[str, str]] = None, timeout: float = 240, extra=()) -> Iterator[str]:
     """A launch_server process on a free loopback port; yields its base URL."""
     from sglang.srt.utils import kill_process_tree
 
@@ -81,7 +81,7 @@ def server(model_path: str, env: Optional[Dict[str, str]] = None, timeout: float
     with tempfile.TemporaryDirectory() as log_dir:
         log_path = Path(log_dir) / "server.log"
         with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(server_command(model_path, port), env={**os.environ, **(env or {})},
+            proc = subprocess.Popen(server_command(model_path, port, *extra), env={**os.environ, **(env or {})},
                                     stdout=subprocess.DEVNULL, stderr=log_file)
             try:
                 wait_healthy(proc, url, log_path, "zoomr", timeout)

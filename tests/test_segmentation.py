@@ -10,6 +10,7 @@ from zoomr_sglang.algo.segmentation import (
     ThoughtSegmenter,
     TokenRole,
     key_role,
+    prompt_reasoning_start,
 )
 
 BODY, SUMMARY = TokenRole.BODY, TokenRole.SUMMARY
@@ -291,3 +292,14 @@ def test_bad_feed_arguments():
     seg.feed(0, FIRST)
     with pytest.raises(ValueError, match="position"):
         seg.feed(0, FIRST)
+
+
+@pytest.mark.parametrize("texts, expected", [
+    (["a", "b", "a"], None),  # no summary marker: all prompt
+    (["a", "\n\n", "b", ".", "<|", "begin", "_of_summary|>", "z"], 2),  # after the last boundary before it
+    (["a", "x\n\ny", "b", "<|begin_of_summary|>", "\n\n", "<|begin_of_summary|>"], 2),  # boundary inside a token
+    (["a", "b", "<|begin_of_summary|>", "z"], 2),  # no boundary before it: from the marker
+])
+def test_pasted_reasoning_starts_after_the_boundary_before_the_first_summary(texts, expected):
+    ids = [VOCAB.index(t) for t in texts]
+    assert prompt_reasoning_start(ids, VOCAB, boundaries=["\n\n"], summary_begin="<|begin_of_summary|>") == expected

@@ -54,6 +54,9 @@ class ZoomRConfig:
     # Index-key entries on the device (each as large as one token's K and V); 0: one per 32 tokens
     # of SGLang's KV pool, at least 1024. When they run out, new thoughts are summary-only.
     index_entries: int = 0
+    # Reasoning pasted into a prompt: "markers" segments a prompt holding the summary begin marker
+    # into thoughts (indexed, zoomable, tiered like generated ones); "off" keeps it all prompt.
+    segment_prompt: str = "markers"
 
     def markers(self) -> Mapping[str, Tuple[str, ...]]:
         """Every configured marker string under its variable name (for tokenizer checks)."""
@@ -93,6 +96,7 @@ def _gigabytes(name: str, raw: str) -> float:
 
 
 VOTE_MODES = ("mass", "count")
+SEGMENT_PROMPT_MODES = ("markers", "off")
 
 
 def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
@@ -149,6 +153,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_MODES)),
     "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
     "ZOOMR_INDEX_ENTRIES": ("index_entries", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_SEGMENT_PROMPT": ("segment_prompt", lambda n, r: _choice(n, r, SEGMENT_PROMPT_MODES)),
 }
 
 ENV_VARS = tuple(_FIELDS)

@@ -2,9 +2,9 @@
 
 See docs/host-tier.md. Every hook is a no-op unless the pool belongs to a ZoomR backend whose
 host tier is on.
-- Release: a finished request's tree insert stops at its first hole (the tree must never own a
-  hole's padding slot), and the ranges SGLang frees skip the holes (their slots were freed when
-  the thought left the device).
+- Release: a request's insert into SGLang's stock tree stops at its first hole (that tree must
+  never own a hole's padding slot) and, while it runs, below its pasted reasoning; the ranges
+  SGLang frees skip the holes (their slots were freed when the thought left the device).
 - Decode memory check: the next step's possible zoom-ins count as required tokens, so SGLang
   evicts its tree or retracts before a zoom-in could find the pool empty.
 - Admission: a ZoomR request's future device footprint is bounded by its working set, not by its
@@ -33,11 +33,11 @@ def _controller_with_tiering(req_to_token_pool):
 
 
 def around_checkpoint(original, cache, req, *args, up_to, **kwargs):
-    tiering = _tiering_of(cache.req_to_token_pool)
-    if tiering is not None and req.kv.req_pool_idx is not None:
-        holes = tiering.holes(req.kv.req_pool_idx)
-        if holes:
-            up_to = min(up_to, holes[0][0])
+    from zoomr_sglang.attention_backend.factory import controller_for_pool
+
+    controller = controller_for_pool(cache.req_to_token_pool)
+    if controller is not None:
+        up_to = controller.checkpoint_limit(req, up_to, holes_allowed=False)
     return original(cache, req, *args, up_to=up_to, **kwargs)
 
 

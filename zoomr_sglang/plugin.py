@@ -1,4 +1,5 @@
-"""Entry point of the ``sglang.srt.plugins`` group: registers ``--attention-backend zoomr``.
+"""Entry point of the ``sglang.srt.plugins`` group: registers ``--attention-backend zoomr`` and
+``--radix-cache-backend zoomr`` (``radix_ext``).
 
 ``register()`` only registers; the backend module is imported lazily by its factory. It uses
 SGLang's extension points: the attention registry and its CLI choices, a resolution hook (checks
@@ -32,6 +33,9 @@ def register() -> None:
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])  # takes an iterable of names
     register_attention_backend(BACKEND_NAME)(_create_backend)
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
+
+    register_radix_cache_backend(BACKEND_NAME, _create_radix_cache)
     register_resolution_hook("handle_attention_backend_compatibility")(_resolve_server_args)
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, HookType.AFTER)
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, HookType.AFTER)
@@ -64,6 +68,12 @@ def _create_backend(model_runner):
     from zoomr_sglang.attention_backend.factory import create_zoomr_backend
 
     return create_zoomr_backend(model_runner)
+
+
+def _create_radix_cache(ctx):
+    from zoomr_sglang.radix_ext.tree import create_zoomr_radix_cache
+
+    return create_zoomr_radix_cache(ctx)
 
 
 def _resolve_server_args(server_args, previous) -> None:
@@ -168,5 +178,7 @@ def _add_internal_state(result, state_controller, *args, **kwargs):
             "kv_capacity": int(scheduler.max_total_num_tokens),
             "req_rows_available": int(scheduler.req_to_token_pool.available_size()),
         }
+        if hasattr(scheduler.tree_cache, "stats"):  # --radix-cache-backend zoomr
+            stats["radix"] = scheduler.tree_cache.stats()
         result.internal_state[BACKEND_NAME] = stats
     return result

@@ -68,6 +68,12 @@ class IndexKeyStore:
         self.sums.index_fill_(1, entries, 0.0)
         self.counts.index_fill_(1, entries, 0.0)
 
+    def load(self, entries: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Set entries [n] int64 to saved sums [num_layers, n, num_kv_heads, head_dim] and counts
+        [num_layers, n] (a key another request computed)."""
+        self.sums.index_copy_(1, entries, sums.to(self.sums.device, torch.float32))
+        self.counts.index_copy_(1, entries, counts.to(self.counts.device, torch.float32))
+
     def add(self, layer: int, entries: torch.Tensor, keys: torch.Tensor) -> None:
         """Add keys [n, num_kv_heads, head_dim] (any float dtype) to entries [n] int64 (repeats allowed).
 

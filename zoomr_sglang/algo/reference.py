@@ -109,3 +109,31 @@ def dense_attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: fl
     if keep is not None:
         logits = logits.masked_fill(~keep.to(logits.device)[None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def extend_attention_around_holes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  row_slots: torch.Tensor, holes, prefix_len: int, scaling: float) -> torch.Tensor:
+    """One request's extend (prefill) attention when its prompt prefix has holes.
+
+    The queries at positions ``[prefix_len, seq_len)`` attend causally to every earlier position of
+    the row except the holes ``[(start, end)]`` (thoughts whose KV is in the host tier only).
+
+    Args:
+        query: ``[seq_len - prefix_len, num_heads, head_dim]``.
+        row_slots: ``[seq_len]`` int KV slots of the request's row (holes hold the padding slot).
+
+    Returns ``[seq_len - prefix_len, num_heads, v_head_dim]`` in the query's dtype.
+    """
+    seq_len = row_slots.shape[0]
+    keep = torch.ones(seq_len, dtype=torch.bool, device=row_slots.device)
+    for start, end in holes:
+        keep[start:end] = False
+    positions = torch.nonzero(keep).flatten()
+    slots = row_slots.index_select(0, positions).long()
+    keys = k_cache.index_select(0, slots).to(query.dtype).movedim(0, 1).unsqueeze(0)
+    values = v_cache.index_select(0, slots).to(query.dtype).movedim(0, 1).unsqueeze(0)
+    query_positions = torch.arange(prefix_len, seq_len, device=positions.device)
+    mask = positions[None, :] <= query_positions[:, None]
+    out = scaled_dot_product_attention(query.movedim(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scaling,
+                                       enable_gqa=True)
+    return out[0].movedim(0, 1)

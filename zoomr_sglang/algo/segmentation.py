@@ -5,7 +5,9 @@ tokens ("\\n" + "\\n") or hidden inside one token (".\\n\\nThe") is still found.
 assigned whole: a token belongs to exactly one thought's body or summary span.
 """
 
+import bisect
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -276,3 +278,24 @@ class ThoughtSegmenter:
             last[2].append(position)
         else:
             events.commits.append((thought.index, role, [position]))
+
+
+def prompt_reasoning_start(token_ids: Sequence[int], token_texts: Sequence[str], *, boundaries: Sequence[str],
+                           summary_begin: str) -> Optional[int]:
+    """Where reasoning pasted into a prompt begins, or None when the prompt holds no summary marker.
+
+    The first thought of a pasted trace is the text before its first ``summary_begin`` marker, back
+    to the last boundary before it: reasoning starts at the token after that boundary (at the
+    marker's first token when no boundary precedes it). Everything before stays prompt.
+    """
+    texts = [token_texts[t] if 0 <= t < len(token_texts) else "" for t in token_ids]
+    joined = "".join(texts)
+    marker = joined.find(summary_begin)
+    if marker < 0:
+        return None
+    ends = list(itertools.accumulate(len(t) for t in texts))  # ends[i]: one past token i's last char
+    boundary_end = max((joined.rfind(b, 0, marker) + len(b) for b in boundaries if joined.rfind(b, 0, marker) >= 0),
+                       default=None)
+    if boundary_end is None:
+        return bisect.bisect_right(ends, marker)
+    return bisect.bisect_left(ends, boundary_end) + 1

@@ -25,7 +25,7 @@ def future_device_tokens(config: ZoomRConfig, state: RequestState, remaining: in
     summaries at the share they took so far (a prior of 10% until it has written 512 tokens)."""
     written = state.stats.steps
     summary_share = state.summary_tokens / written if written >= 512 else SUMMARY_SHARE_PRIOR
-    resident_output = state.stats.resident_last - state.prompt_len
+    resident_output = max(state.stats.resident_last - state.own_from, 0)
     return max(0, device_tokens_per_request(config) - resident_output) + int(remaining * summary_share)
 
 

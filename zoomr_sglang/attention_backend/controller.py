@@ -20,11 +20,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.algo.segmentation import key_role
 from zoomr_sglang.attention_backend.diagnostics import check_outputs
 from zoomr_sglang.attention_backend.planning import HostPlan, StepPlanner
 from zoomr_sglang.attention_backend.selection import DeviceSelection
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig
+from zoomr_sglang.radix_ext.notes import ThoughtRecord
 
 
 class ZoomRController:
@@ -55,7 +57,8 @@ class ZoomRController:
 
     def begin_decode(self, rids: Sequence[str], seq_lens: Sequence[int]) -> None:
         """Plan the coming decode step (SGLang's host view; no device reads)."""
-        self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections())
+        self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections(),
+                                           self.selection.deferred_from())
 
     def needs_eager(self) -> bool:
         """Whether the coming step has per-layer host work that a CUDA graph cannot replay."""
@@ -110,6 +113,49 @@ class ZoomRController:
         while len(self.finished) > self.config.stats_history:
             self.finished.popitem(last=False)
 
+    # -- the zoomr radix tree (radix_ext) ----------------------------------------------------------
+    def accepts_holes(self, req) -> bool:
+        return self.planner.accepts_holes(req)
+
+    def checkpoint_limit(self, req, up_to: int, *, holes_allowed: bool) -> int:
+        """How far a radix tree may insert ``req`` now (``up_to`` asked): never above its pasted
+        reasoning while it runs (the host tier may still move that), and for a tree that cannot
+        hold host-tier parts never past its first hole."""
+        row = req.kv.req_pool_idx
+        if row is None:
+            return up_to
+        floor = self.planner.tree_floor(row)
+        if floor is not None and not req.finished():
+            up_to = min(up_to, floor)
+        holes = [] if holes_allowed or self.tiering is None else self.tiering.holes(row)
+        return min(up_to, holes[0][0]) if holes else up_to
+
+    def export_to_tree(self, row: int, new_from: int, end: int):
+        """What the radix tree keeps of the request in ``row`` as it inserts positions
+        ``[new_from, end)`` for the first time: ``(records, holes)``, the closed thoughts whose span
+        ends in that range (``ThoughtRecord``, with a snapshot of their index keys) and the row's
+        holes there (``(start, end, host slots)``, whose host slots pass to the tree)."""
+        state = self.planner.states.get(row)
+        holes = self.tiering.hand_to_tree(row, new_from) if self.tiering is not None else []
+        if state is None:
+            return [], holes
+        closed = [t for t in state.segmenter.thoughts if t.final and new_from < t.span_end() <= end]
+        keyed = [(t, state.entries.get((t.index, key_role(t)))) for t in closed]
+        entries = [e for _, e in keyed if e is not None]
+        sums = counts = None
+        if entries:  # one gather on the device, no host read
+            index = torch.tensor(entries, dtype=torch.int64, device=self.index_keys.device)
+            sums = self.index_keys.sums.index_select(1, index)
+            counts = self.index_keys.counts.index_select(1, index)
+        records, column = [], 0
+        for thought, entry in keyed:
+            record = ThoughtRecord(thought=thought, reasoning_start=state.prompt_len, role=key_role(thought))
+            if entry is not None:
+                record.key_sums, record.key_counts = sums[:, column], counts[:, column]
+                column += 1
+            records.append(record)
+        return records, holes
+
     def release_all(self) -> None:
         for row in set(self.planner.requests) | set(self.planner.states):
             self.release_row(row)
@@ -120,6 +166,7 @@ class ZoomRController:
             "running": {str(s.stats.rid): s.stats.as_dict() for s in self.planner.states.values()},
             "finished": dict(self.finished),
             "index_entries_live": self.index_keys.num_live,
+            "index_entries_reused": self.planner.index_entries_reused,
             "index_full": self.index_keys.exhausted,
             "commits_deferred": self.selection.commits_deferred,
             "host_tier": None if self.tiering is None else {

@@ -22,6 +22,7 @@ from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata, Flash
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from zoomr_sglang.attention_backend.controller import ZoomRController
+from zoomr_sglang.attention_backend.extend_holes import batch_holes, extend_around_holes
 
 # FlashInfer returns the log-sum-exp of the scaled logits in base 2; the votes use natural logs.
 LN2 = math.log(2.0)
@@ -33,9 +34,23 @@ class ZoomRFlashInferBackend(FlashInferAttnBackend):
     def __init__(self, model_runner, controller: ZoomRController):
         super().__init__(model_runner)
         self.zoomr = controller
+        self.extend_holes = None  # per request of the extend batch, when one has holes
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.extend_holes is None:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if k is not None and save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc.for_layer(forward_batch, layer, swa_loc=None), k, v, *self._kv_write_scales(layer)
+            )
+        return extend_around_holes(q.contiguous(), layer, forward_batch,
+                                   self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                   self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                                   self.req_to_token_pool.req_to_token, self.extend_holes)
 
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode():
+            self.extend_holes = batch_holes(self.zoomr, forward_batch)
             return super().init_forward_metadata(forward_batch)
         bs = forward_batch.batch_size
         kv_indptr, kv_indices = self.zoomr.load(bs, forward_batch.input_ids)

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
+from zoomr_sglang.algo.policies import POLICIES
 from zoomr_sglang.algo.segmentation import ThoughtSegmenter
 from zoomr_sglang.algo.working_set import ranges_size
+from zoomr_sglang.attention_backend.prompt_reasoning import PromptReasoning, prompt_reasoning
 from zoomr_sglang.attention_backend.request_state import RequestState, hash_seed
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import RequestSettings, ZoomRConfig, request_settings
@@ -87,6 +89,8 @@ class StepPlanner:
         self.states: Dict[int, RequestState] = {}  # pool row -> state
         self.requests: Dict[int, Tuple[int, object, RequestSettings]] = {}  # row -> (generation, Req, settings)
         self.rows_by_rid: Dict[str, int] = {}
+        self.prompt_reasoning: Dict[int, PromptReasoning] = {}  # rows whose prompt holds reasoning
+        self.index_entries_reused = 0  # index keys taken from the radix tree instead of recomputed
         self.default_settings = request_settings(config, None)
         self.refresh_tokens = refresh_token_mask(token_texts, config)
         self.decode_steps = 0
@@ -95,28 +99,52 @@ class StepPlanner:
         """A request took ``row`` (SGLang's row allocation): remember it and its settings (validated
         where the request entered; a bad value here falls back to the server's defaults rather
         than failing the batch)."""
-        try:
-            settings = request_settings(self.config, req.sampling_params.custom_params)
-        except ValueError:
-            settings = self.default_settings
+        settings = self._settings_of(req)
         self.requests[row] = (int(self.req_to_token_pool.req_generation[row]), req, settings)
         self.rows_by_rid[req.rid] = row
+        reasoning = prompt_reasoning(req, self.config, self.token_texts) if POLICIES[settings.policy].thought_level else None
+        self.prompt_reasoning.pop(row, None)
+        if reasoning is not None:
+            self.prompt_reasoning[row] = reasoning
+            if reasoning.inheritance is not None and self.tiering is not None:
+                self.tiering.adopt(row, reasoning.inheritance.cold)
+
+    def _settings_of(self, req) -> RequestSettings:
+        try:
+            return request_settings(self.config, req.sampling_params.custom_params)
+        except ValueError:
+            return self.default_settings
+
+    def tree_floor(self, row: int) -> Optional[int]:
+        """While the request in ``row`` runs, SGLang's radix tree may take its positions below this."""
+        reasoning = self.prompt_reasoning.get(row)
+        return None if reasoning is None else reasoning.tree_floor
+
+    def accepts_holes(self, req) -> bool:
+        """Whether ``req`` can take a prompt prefix whose cold thoughts are in the host tier only."""
+        settings = self._settings_of(req)
+        return self.tiering is not None and POLICIES[settings.policy].thought_level and not settings.fidelity
 
     def tiered(self, state: RequestState) -> bool:
         """Whether the host tier may move this request's KV: only for policies that attend whole
         thoughts, and not while fidelity is measured against the full sequence."""
         return self.tiering is not None and state.policy.thought_level and not state.settings.fidelity
 
-    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections) -> HostPlan:
+    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections,
+             deferred_from: Optional[Dict[int, int]] = None) -> HostPlan:
         """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
-        ``selections``: the device votes that reached the host since the last step."""
+        ``selections``: the device votes that reached the host since the last step;
+        ``deferred_from``: per row, the lowest position whose index-key commit still waits."""
         for state, chosen, agreement in selections:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
         rows = [self._row_of(rid) for rid in rids]
-        states, commits, fresh, new_candidates, votes = [], [], [], [], []
+        states, commits, fresh, new_candidates, votes, committed = [], [], [], [], [], []
         for row, seq_len in zip(rows, seq_lens):
-            state = self._state_for(row, seq_len)
+            state = self._state_for(row, seq_len, new_candidates)
+            # Keys of positions fed before this step were read by an earlier forward, unless deferred:
+            # a thought's KV may leave the device only after its keys were read.
+            committed.append(min(state.fed_until, (deferred_from or {}).get(row, state.fed_until)))
             host_vote = False
             for position in range(state.fed_until, min(seq_len - 1, self._known_length(row))):
                 token = self._token(row, position)
@@ -134,7 +162,7 @@ class StepPlanner:
         working_sets, observers = [], []
         for batch_index, (state, seq_len) in enumerate(zip(states, seq_lens)):
             tiered = self.tiered(state)
-            zoomed = self.tiering.prepare(state, seq_len) if tiered else None
+            zoomed = self.tiering.prepare(state, seq_len, committed[batch_index]) if tiered else None
             view = state.view(seq_len, self.config, zoomed, self.config.window if tiered else None)
             ranges = state.policy.working_set(view)
             offloaded = self.tiering.offloaded_tokens(state.row) if tiered else 0
@@ -177,24 +205,31 @@ class StepPlanner:
         prompt = req.origin_input_ids
         return prompt[position] if position < len(prompt) else req.output_ids[position - len(prompt)]
 
-    def _state_for(self, row: int, seq_len: int) -> RequestState:
+    def _state_for(self, row: int, seq_len: int, new_candidates: list) -> RequestState:
         generation, req, settings = self.requests[row]
         state = self.states.get(row)
         if state is not None and state.generation == generation:
             return state
         if state is not None:
             self.release_state(row)
-        # The token decoded in a request's first decode step is its first generated token.
+        # The token decoded in a request's first decode step is its first generated token; a prompt
+        # that holds reasoning is segmented from where it starts (or where the inherited part ends).
         first_position = seq_len - 1
         config = self.config
+        reasoning = self.prompt_reasoning.get(row) or PromptReasoning(first_position, first_position, first_position)
         segmenter = ThoughtSegmenter(
             self.token_texts, boundaries=config.boundaries, summary_begin=config.summary_begin,
             summary_end=config.summary_end, sentence_ends=config.sentence_ends,
-            max_thought_tokens=config.max_thought_tokens, first_position=first_position,
+            max_thought_tokens=config.max_thought_tokens, first_position=reasoning.segment_from,
         )
-        state = RequestState(row=row, generation=generation, rid=req.rid, prompt_len=first_position,
+        state = RequestState(row=row, generation=generation, rid=req.rid, prompt_len=reasoning.reasoning_start,
                              segmenter=segmenter, settings=settings, num_thoughts=config.num_thoughts,
-                             seed=hash_seed(req.rid, row, generation))
+                             seed=hash_seed(req.rid, row, generation), own_from=reasoning.own_from)
+        inheritance = reasoning.inheritance
+        if inheritance is not None:
+            added = state.inherit(inheritance, self.index_keys, self.max_candidates)
+            new_candidates += [(row, column, entry) for column, entry in added]
+            self.index_entries_reused += len(added)
         self.states[row] = state
         return state
 
@@ -206,6 +241,7 @@ class StepPlanner:
         return state
 
     def forget_request(self, row: int) -> None:
+        self.prompt_reasoning.pop(row, None)
         noted = self.requests.pop(row, None)
         if noted is not None and self.rows_by_rid.get(noted[1].rid) == row:
             del self.rows_by_rid[noted[1].rid]

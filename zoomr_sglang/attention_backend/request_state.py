@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
@@ -40,6 +41,8 @@ class RequestStats:
     summaries: int = 0
     agreement_sum: float = 0.0  # count votes only: share of votes that landed in the chosen thoughts
     agreement_votes: int = 0
+    inherited_thoughts: int = 0  # closed thoughts taken over from the radix tree (zoomr tree)
+    inherited_keys: int = 0  # of those, with an index key (entries reused, not recomputed)
     resident_last: int = 0  # device-resident KV tokens of the request at its last step
     resident_max: int = 0
     offloaded_last: int = 0  # its tokens whose device slots were given back (in the host tier only)
@@ -80,18 +83,22 @@ class RequestState:
 
     ``generation`` is the row's ``ReqToTokenPool.req_generation`` when the state was made, so a
     reused row is never mistaken for the request that held it before. ``fed_until`` is the next
-    position the segmenter has not seen.
+    position the segmenter has not seen. ``prompt_len`` is where the reasoning starts (always
+    attended before it); ``own_from`` is the request's first decode position: positions below it may
+    belong to SGLang's radix tree and never leave the device through this request.
     """
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
-                 segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int) -> None:
+                 segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int,
+                 own_from: Optional[int] = None) -> None:
         self.row = row
         self.generation = generation
         self.settings = settings
         self.policy: Policy = POLICIES[settings.policy](num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
         self.prompt_len = prompt_len
+        self.own_from = prompt_len if own_from is None else own_from
         self.segmenter = segmenter
-        self.fed_until = prompt_len
+        self.fed_until = segmenter.open_from()
         self.entries: Dict[Tuple[int, TokenRole], int] = {}
         self.candidates: List[int] = []  # closed thoughts with an index key, in closing order
         self.zoomed: List[int] = []
@@ -135,6 +142,35 @@ class RequestState:
                 continue
             added.append((len(self.candidates), self.entries[(index, role)]))
             self.candidates.append(index)
+        return added
+
+    def inherit(self, inheritance, store: IndexKeyStore, max_candidates: int) -> List[Tuple[int, int]]:
+        """Take over the closed thoughts a radix-tree path recorded (``radix_ext.notes.Inheritance``;
+        the segmenter starts at ``inheritance.resume_from``) and their index keys, loaded into new
+        entries; returns their ``(column, entry)`` in the row's candidate table."""
+        self.segmenter.thoughts.extend(r.thought for r in inheritance.records)
+        added, entries, sums, counts = [], [], [], []
+        for record in inheritance.records:
+            index = record.thought.index
+            self.stats.thoughts_closed += 1
+            if record.thought.summary_start is not None:
+                self.summary_tokens += record.thought.summary_end - record.thought.summary_start
+            if record.key_sums is None or len(self.candidates) >= max_candidates:
+                continue
+            entry = store.alloc()
+            if entry is None:
+                break
+            self.entries[(index, record.role)] = entry
+            added.append((len(self.candidates), entry))
+            self.candidates.append(index)
+            entries.append(entry)
+            sums.append(record.key_sums)
+            counts.append(record.key_counts)
+        if entries:
+            store.load(torch.tensor(entries, dtype=torch.int64, device=store.device), torch.stack(sums, dim=1),
+                       torch.stack(counts, dim=1))
+        self.stats.inherited_thoughts = len(inheritance.records)
+        self.stats.inherited_keys = len(entries)
         return added
 
     def release(self, store: IndexKeyStore) -> None:

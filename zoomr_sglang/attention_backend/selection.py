@@ -16,7 +16,7 @@ unused slots the kernels skip, so the same calls can be captured once and replay
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,6 +81,13 @@ class DeviceSelection:
         batch_index, candidates = voters.numpy()
         chosen, agreement = chosen.numpy(), agreement.numpy()
         return [(states[batch_index[v]], chosen[v], float(agreement[v])) for v in np.flatnonzero(candidates > 0)]
+
+    def deferred_from(self) -> Dict[int, int]:
+        """Per pool row, the lowest position whose key commit waits for a later step."""
+        out: Dict[int, int] = {}
+        for row, position in self.deferred_commits[:, :2].tolist():
+            out[row] = min(out.get(row, position), position)
+        return out
 
     def load(self, plan: HostPlan, input_ids: torch.Tensor, padded_bs: int,
              kv_indices_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

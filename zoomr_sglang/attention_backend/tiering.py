@@ -32,6 +32,7 @@ class ColdThought:
     host_slots: torch.Tensor  # [end - start] int64 host-tier slots
     on_device: bool = False  # zoomed in: the row points at live device slots again
     last_used: int = 0  # step of the last use while on the device (zoom cache order)
+    owns_host: int = -1  # host slots [0, owns_host) are the row's to free (-1: all; the radix tree owns the rest)
 
 
 @dataclass
@@ -72,11 +73,13 @@ class ThoughtTiering:
         self.in_flight: Dict[int, List[InFlight]] = {}  # row -> copies out not yet known finished
         self.counters = TieringCounters()
         self.freed_since_admission = 0  # read and reset by the admission hook
+        self.adopted_rows: set = set()  # rows holding holes inherited from the radix tree
         self.step = 0
 
     # -- per step ------------------------------------------------------------------------------
-    def prepare(self, state: RequestState, seq_len: int) -> List[int]:
-        """Bring the selected thoughts onto the device and move cold ones off.
+    def prepare(self, state: RequestState, seq_len: int, committed_until: int) -> List[int]:
+        """Bring the selected thoughts onto the device and move cold ones off (only thoughts whose
+        body ends by ``committed_until``: their index keys were read from the device).
 
         Returns the selected thoughts that are on the device (a failed zoom-in is skipped).
         """
@@ -91,7 +94,7 @@ class ThoughtTiering:
             if thought is not None:
                 thought.last_used = self.step
             available.append(index)
-        self._evict_closed(state, seq_len, cold)
+        self._evict_closed(state, seq_len, committed_until, cold)
         self._trim_zoom_cache(state, cold)
         return available
 
@@ -107,12 +110,14 @@ class ThoughtTiering:
         self.counters.zoomed_in_tokens += n
         return True
 
-    def _evict_closed(self, state: RequestState, seq_len: int, cold: Dict[int, ColdThought]) -> None:
-        """Evict closed thoughts that left the window and are not selected; the rest wait."""
+    def _evict_closed(self, state: RequestState, seq_len: int, committed_until: int,
+                      cold: Dict[int, ColdThought]) -> None:
+        """Evict closed thoughts that left the window, had their keys read and are not selected;
+        the rest wait."""
         window_start = seq_len - self.config.window
         # Only generated tokens move: SGLang's prefix cache may own the prompt's slots
         # (``cache_protected_len``), never a running request's decode tokens.
-        floor = max(state.prompt_len, self.config.sink)
+        floor = max(state.own_from, self.config.sink)
         waiting = []
         for index in state.pending_eviction:
             if index in state.zoomed:
@@ -123,7 +128,7 @@ class ThoughtTiering:
             end = thought.body_end // self.page_size * self.page_size
             if end <= start:
                 continue  # too short to free a whole page: stays resident
-            if end > window_start:
+            if end > window_start or thought.body_end > committed_until:
                 waiting.append(index)
                 continue
             host_slots = self.host.alloc(end - start)
@@ -190,7 +195,33 @@ class ThoughtTiering:
             cold[copy.index] = ColdThought(copy.start, copy.end, copy.host_slots, on_device=True)
 
     def release_row(self, row: int) -> None:
-        """Free the host copies of a row SGLang has released (its device slots are SGLang's to free)."""
+        """Free the host copies of a row SGLang has released (its device slots are SGLang's to free,
+        except those of inherited thoughts it zoomed into: the tree owns those positions)."""
         self.drain_row(row)
+        self.adopted_rows.discard(row)
         for thought in self.cold.pop(row, {}).values():
-            self.host.free(thought.host_slots)
+            if thought.owns_host == 0 and thought.on_device:
+                self._free_device(row, thought.start, thought.end)
+            owned = thought.host_slots if thought.owns_host < 0 else thought.host_slots[: thought.owns_host]
+            if owned.numel():
+                self.host.free(owned)
+
+    # -- the zoomr radix tree -------------------------------------------------------------------
+    def adopt(self, row: int, cold: List[Tuple[int, int, int, torch.Tensor]]) -> None:
+        """Holes a new request inherits from the radix tree: ``(thought, start, end, host slots)``;
+        the tree keeps their host slots."""
+        self.cold[row] = {index: ColdThought(start, end, slots, owns_host=0) for index, start, end, slots in cold}
+        if cold:
+            self.adopted_rows.add(row)
+
+    def hand_to_tree(self, row: int, from_position: int) -> List[Tuple[int, int, torch.Tensor]]:
+        """The row's own holes at or after ``from_position``, ``(start, end, host slots)``: their host
+        slots pass to the radix tree (the row keeps those below ``from_position``)."""
+        handed = []
+        for thought in self.cold.get(row, {}).values():
+            if thought.on_device or thought.owns_host >= 0 or thought.end <= from_position:
+                continue
+            keep = max(from_position - thought.start, 0)
+            handed.append((thought.start + keep, thought.end, thought.host_slots[keep:]))
+            thought.owns_host = keep
+        return handed

@@ -1,0 +1,168 @@
+"""``--radix-cache-backend zoomr`` end to end (``sglang.Engine`` and ``launch_server``, CPU): a
+second turn whose prompt holds the first turn's reasoning hits the tree, inherits its thoughts,
+index keys and cold thoughts, stays small on the device, and every count comes back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from engine_utils import engine, generate, prompts, server, zoomr_env, zoomr_state
+
+pytestmark = pytest.mark.engine
+
+SMALL_BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_VOTE="count")
+FULL_BUDGET = dict(ZOOMR_SINK=0, ZOOMR_WINDOW=100_000)
+MESSAGE = [5, 6, 7, 8, 9, 10]  # the short new message of turn 2 (a tool result, say)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    from testbed.tiny_model import tiny_model_dir
+
+    return str(tiny_model_dir())
+
+
+def _two_turns(eng, first_prompts, turn1_tokens=600, turn2_tokens=200):
+    turn1 = generate(eng, first_prompts, turn1_tokens)
+    second_prompts = [p + out["output_ids"] + MESSAGE for p, out in zip(first_prompts, turn1)]
+    return turn1, second_prompts, generate(eng, second_prompts, turn2_tokens)
+
+
+def _assert_idle_counts(eng, state=None):
+    """Nothing running: SGLang's pool holds only the tree, the host tier only the tree's pieces;
+    after a flush everything is back."""
+    state = state or zoomr_state(eng)
+    pools, radix = state["pools"], state["radix"]
+    assert state["running"] == {} and state["index_entries_live"] == 0
+    assert pools["kv_protected"] == 0 and pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
+    assert radix["device_tokens"] == pools["kv_evictable"]
+    assert state["host_tier"]["used_tokens"] == radix["host_tokens"]
+    eng.flush_cache()
+    flushed = zoomr_state(eng)
+    assert flushed["pools"]["kv_available"] == flushed["pools"]["kv_capacity"]
+    assert flushed["host_tier"]["used_tokens"] == 0 and flushed["radix"]["thought_records"] == 0
+
+
+def test_turn_two_hits_the_tree_inherits_the_index_and_stays_small(model_path):
+    first = prompts()[:2]
+    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
+        turn1, second, turn2 = _two_turns(eng, first)
+        state = zoomr_state(eng)
+        assert state["radix"]["host_tokens"] > 0  # cold thoughts went into the tree as host pieces
+        reused = 0
+        for one, prompt, two in zip(turn1, second, turn2):
+            before = state["finished"][one["meta_info"]["id"]]
+            after = state["finished"][two["meta_info"]["id"]]
+            turn1_len = len(prompt) - len(MESSAGE)
+            assert two["meta_info"]["cached_tokens"] >= 0.9 * turn1_len
+            assert after["inherited_keys"] > 0 and after["inherited_thoughts"] >= after["inherited_keys"]
+            # Device-resident KV stays near turn 1's (plus the new message and turn 2's own
+            # output), far below the whole sequence.
+            assert after["resident_max"] <= before["resident_max"] + len(MESSAGE) + 200
+            assert after["resident_max"] < 0.6 * (len(prompt) + 200)
+            assert after["prompt_len"] == before["prompt_len"]  # the reasoning still starts after turn 1's prompt
+            reused += after["inherited_keys"]
+        assert state["index_entries_reused"] == reused
+        assert state["host_tier"]["zoom_in_failures"] == 0
+        _assert_idle_counts(eng, state)
+
+
+def test_full_budget_turn_two_equals_the_radix_cache_off(model_path):
+    first = prompts()[:2]
+    with zoomr_env(**FULL_BUDGET):
+        with engine(model_path, "zoomr", disable_radix_cache=True) as eng:
+            _, _, reference = _two_turns(eng, first)
+        with engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
+            _, second, turn2 = _two_turns(eng, first)
+            state = zoomr_state(eng)
+            assert [o["output_ids"] for o in turn2] == [o["output_ids"] for o in reference]
+            assert all(o["meta_info"]["cached_tokens"] >= len(p) - len(MESSAGE) - 1 for o, p in zip(turn2, second))
+            assert state["index_entries_reused"] > 0
+            _assert_idle_counts(eng, state)
+
+
+def test_concurrent_sessions_sharing_a_prefix_under_eviction_keep_every_count(model_path):
+    """Four sessions (two share a 40-token prefix) of two turns in a pool too small for the tree
+    to keep everything: it evicts device and host pieces, and every count still comes back."""
+    first = prompts()
+    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", radix_cache_backend="zoomr",
+                                           max_total_tokens=1200) as eng:
+        _, second, turn2 = _two_turns(eng, first, turn1_tokens=500, turn2_tokens=150)
+        _, _, turn3 = _two_turns(eng, [p + o["output_ids"] for p, o in zip(second, turn2)][:2], 150, 100)
+        state = zoomr_state(eng)
+        assert state["radix"]["evicted_device_tokens"] > 0
+        assert all(len(o["output_ids"]) == 150 for o in turn2) and all(len(o["output_ids"]) == 100 for o in turn3)
+        assert state["host_tier"]["zoom_in_failures"] == 0
+        _assert_idle_counts(eng, state)
+
+
+def test_abort_mid_turn_two_returns_every_count(model_path):
+    """launch_server with the zoomr tree: turn 2 (inheriting cold thoughts) is aborted while it
+    zooms; the pool, rows, host tier and index come back, and the tree keeps turn 1."""
+    env = {k: str(v) for k, v in SMALL_BUDGET.items()}
+    with server(model_path, env=env, extra=("--radix-cache-backend", "zoomr")) as url:
+        def info():
+            return requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0]["zoomr"]
+
+        greedy = {"temperature": 0, "ignore_eos": True}
+        prompt = [0, 5, 6, 7]
+        turn1 = requests.post(f"{url}/generate", json={"input_ids": prompt, "sampling_params": {
+            **greedy, "max_new_tokens": 500}}, timeout=300).json()
+        start = info()
+        second = prompt + turn1["output_ids"] + MESSAGE
+        stream = requests.post(f"{url}/generate", stream=True, timeout=120, json={
+            "input_ids": second, "sampling_params": {**greedy, "max_new_tokens": 2000}, "stream": True,
+            "rid": "turn-two"})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            busy = info()
+            if "turn-two" in busy["running"] and busy["running"]["turn-two"]["steps"] > 50:
+                break
+            time.sleep(0.1)
+        assert busy["running"]["turn-two"]["inherited_keys"] > 0, busy
+        requests.post(f"{url}/abort_request", json={"rid": "turn-two"}, timeout=30).raise_for_status()
+        stream.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            end = info()
+            if not end["running"]:
+                break
+            time.sleep(0.2)
+        assert end["running"] == {} and end["index_entries_live"] == 0
+        assert end["host_tier"]["used_tokens"] == end["radix"]["host_tokens"] >= start["radix"]["host_tokens"] > 0
+        pools = end["pools"]
+        assert pools["req_rows_available"] == start["pools"]["req_rows_available"] and pools["kv_protected"] == 0
+        assert pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
+        requests.post(f"{url}/flush_cache", timeout=30).raise_for_status()
+        flushed = info()
+        assert flushed["host_tier"]["used_tokens"] == 0 and flushed["pools"]["kv_available"] == pools["kv_capacity"]
+
+
+def test_reasoning_pasted_into_a_prompt_is_segmented_tiered_and_inherited(model_path):
+    """A prompt holding another run's reasoning (with summary markers) is cut into thoughts from
+    where that reasoning starts: they leave the device like generated ones, and with the zoomr tree
+    the next turn inherits them."""
+    from transformers import AutoTokenizer
+
+    from testbed.tiny_model import SUMMARY_BEGIN_TOKEN
+
+    marker = AutoTokenizer.from_pretrained(model_path).convert_tokens_to_ids(SUMMARY_BEGIN_TOKEN)
+    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", disable_radix_cache=True) as eng:
+        runs = generate(eng, prompts()[:2], 600)
+    pasted = [p + out["output_ids"] for p, out in zip(prompts()[:2], runs) if marker in out["output_ids"]]
+    assert pasted, "the tiny model wrote no summary marker in 600 tokens"
+    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
+        [first] = generate(eng, pasted[:1], 200)
+        followup = pasted[0] + first["output_ids"] + MESSAGE
+        [second] = generate(eng, [followup], 100)
+        state = zoomr_state(eng)
+        stats = state["finished"][first["meta_info"]["id"]]
+        assert stats["prompt_len"] < len(pasted[0]) - 100  # the reasoning part is not prompt
+        assert stats["offloaded_last"] > 0 and stats["resident_max"] < 0.8 * (len(pasted[0]) + 200)
+        after = state["finished"][second["meta_info"]["id"]]
+        assert second["meta_info"]["cached_tokens"] >= 0.9 * (len(followup) - len(MESSAGE))
+        assert after["inherited_keys"] > 0 and after["prompt_len"] == stats["prompt_len"]
+        _assert_idle_counts(eng, state)

@@ -1,0 +1,80 @@
+"""ZoomRRadixCache on SGLang's real CPU allocator: host pieces survive splits, stay out of the
+device sizes SGLang's leak check adds up, and eviction frees device and host slots exactly once."""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from backend_harness import Harness
+from zoomr_sglang.algo.segmentation import Thought, TokenRole
+from zoomr_sglang.attention_backend.factory import _CONTROLLERS
+from zoomr_sglang.config import ZoomRConfig
+from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, ThoughtRecord
+from zoomr_sglang.radix_ext.tree import ZoomRRadixCache
+
+
+def _tree(harness: Harness) -> ZoomRRadixCache:
+    _CONTROLLERS[harness.req_to_token_pool] = harness.controller
+    return ZoomRRadixCache(CacheInitParams(disable=False, req_to_token_pool=harness.req_to_token_pool,
+                                           token_to_kv_pool_allocator=harness.allocator, page_size=1))
+
+
+def _insert_with_hole(tree, harness, tokens, hole):
+    """Insert ``tokens`` whose positions ``hole`` are in the host tier (as checkpoint leaves it)."""
+    start, end = hole
+    slots = harness.allocator.alloc(len(tokens) - (end - start))
+    value = torch.cat([slots[:start], torch.zeros(end - start, dtype=slots.dtype), slots[start:]])
+    host_slots = harness.controller.tiering.host.alloc(end - start)
+    tree.insert(InsertParams(key=RadixKey(array("q", tokens)), value=value))
+    leaf = tree.root_node.children[tokens[0]]
+    thought = Thought(index=0, start=start - 2, body_end=end + 2, final=True)
+    leaf.zoomr = NodeNotes(pieces=[HostPiece(start, end, host_slots)],
+                           records=[ThoughtRecord(thought=thought, reasoning_start=0, role=TokenRole.BODY)])
+    tree.host_tokens += end - start
+    tree.thought_records += 1
+    return leaf
+
+
+def test_pieces_split_lock_and_evict_with_exact_counts():
+    harness = Harness(ZoomRConfig(sink=0, window=8), host_tier_tokens=256)
+    tree = _tree(harness)
+    host, allocator = harness.controller.tiering.host, harness.allocator
+    free_device = allocator.available_size()
+    tokens = list(range(1, 41))
+    _insert_with_hole(tree, harness, tokens, (10, 20))
+    assert tree.evictable_size() == 30 and tree.protected_size() == 0  # the hole is not a device slot
+    # A second request shares the first 15 tokens: the node splits inside the hole.
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens[:15] + [99]))))
+    head = match.last_device_node
+    assert match.device_prefix_len == 15 and len(head.key) == 15
+    assert [(p.start, p.end) for p in head.zoomr.pieces] == [(10, 15)]
+    tail = next(iter(head.children.values()))
+    assert [(p.start, p.end) for p in tail.zoomr.pieces] == [(0, 5)] and len(tail.zoomr.records) == 1
+    # Locking the head protects its 10 device tokens, not its 5 host ones.
+    tree.inc_lock_ref(head)
+    assert tree.protected_size() == 10 and tree.evictable_size() == 20
+    tree.evict(EvictParams(num_tokens=1000))  # only the unlocked tail can go
+    assert tree.evicted_device_tokens == 20 and tree.evicted_host_tokens == 5
+    assert tree.host_tokens == 5 and tree.thought_records == 0
+    tree.dec_lock_ref(head)
+    assert tree.protected_size() == 0 and tree.evictable_size() == 10
+    tree.evict(EvictParams(num_tokens=1000))
+    assert allocator.available_size() == free_device and host.num_used == 0
+    assert tree.evictable_size() == 0 and tree.host_tokens == 0
+
+
+def test_reset_frees_every_host_piece():
+    """SGLang's flush resets the tree (and clears the allocator itself); the host pieces go too."""
+    harness = Harness(ZoomRConfig(sink=0, window=8), host_tier_tokens=256)
+    tree = _tree(harness)
+    _insert_with_hole(tree, harness, list(range(1, 33)), (8, 24))
+    assert harness.controller.tiering.host.num_used == 16 and tree.stats()["host_tokens"] == 16
+    tree.reset()
+    assert harness.controller.tiering.host.num_used == 0
+    assert tree.stats() == {"device_tokens": 0, "host_tokens": 0, "thought_records": 0,
+                            "evicted_device_tokens": 0, "evicted_host_tokens": 0}

@@ -1,0 +1,251 @@
+"""``--radix-cache-backend zoomr``: SGLang's radix tree, taught about thoughts and the host tier.
+
+A subclass of SGLang's ``RadixCache`` (as FlexKV's tree is); the tree, its locks, eviction order and
+node splits stay SGLang's. What it adds (notes in ``notes.py``):
+
+- **Insert whole.** A finished request is inserted up to its last token, its cold thoughts
+  included: their ``node.value`` entries hold the padding slot 0 and their host-tier slots pass to
+  the tree as host pieces. Its closed thoughts are recorded with their index keys.
+- **Inherit.** A zoomr request whose prompt matches such a path takes the whole match: its row
+  gets the holes, its tiering the tree's host pieces (zoomed in on demand, into its own slots),
+  its planner the recorded thoughts and index keys. A request that cannot attend around holes
+  (another policy, another backend) has its match cut at the first host piece.
+- **Exact counts.** Host pieces are not device slots: ``evictable_size``/``protected_size`` leave
+  them out, eviction frees device slots only (slot 0 is never handed back) and frees the
+  pieces' host slots, and ``evict`` keeps going until enough *device* tokens are free.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixCache
+
+from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, inherit
+
+
+class PaddingSkippingAllocator:
+    """SGLang's allocator as the tree sees it: frees skip the padding slot 0 that marks host pieces
+    (whole pages, so every live run starts on a page boundary)."""
+
+    def __init__(self, allocator) -> None:
+        self._allocator = allocator
+
+    def __getattr__(self, name):
+        return getattr(self._allocator, name)
+
+    def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
+        live = free_index != 0
+        if bool(live.all()):
+            return self._allocator.free_segment(free_index, start_pos=start_pos)
+        for a, b in _runs(live.cpu()):
+            self._allocator.free_segment(free_index[a:b], start_pos=start_pos + a)
+
+
+def _runs(mask: torch.Tensor) -> List[Tuple[int, int]]:
+    """Maximal runs [a, b) of True in a 1-D bool tensor."""
+    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), mask.to(torch.int8), torch.zeros(1, dtype=torch.int8)]))
+    starts = torch.nonzero(edges == 1).flatten().tolist()
+    ends = torch.nonzero(edges == -1).flatten().tolist()
+    return list(zip(starts, ends))
+
+
+def _notes(node) -> Optional[NodeNotes]:
+    return getattr(node, "zoomr", None)
+
+
+class ZoomRRadixCache(RadixCache):
+    def __init__(self, params) -> None:
+        self.host_tokens = 0  # tokens of host pieces in the tree
+        self.host_tokens_protected = 0  # of those, in locked nodes
+        self.thought_records = 0  # closed thoughts recorded on nodes
+        self.evicted_device_tokens = 0  # device slots eviction gave back
+        self.evicted_host_tokens = 0  # host-tier slots eviction gave back (host pieces)
+        super().__init__(params)
+        if self.token_to_kv_pool_allocator is not None:
+            self.token_to_kv_pool_allocator = PaddingSkippingAllocator(self.token_to_kv_pool_allocator)
+        self._insert_floor: Optional[int] = None  # set while checkpoint() inserts
+
+    # -- the zoomr backend of the same pool ----------------------------------------------------
+    def _controller(self):
+        from zoomr_sglang.attention_backend.factory import controller_for_pool
+
+        return None if self.req_to_token_pool is None else controller_for_pool(self.req_to_token_pool)
+
+    def _drop_notes(self, notes: NodeNotes) -> None:
+        """A node left the tree: free its pieces' host slots and forget its records."""
+        for piece in notes.pieces:
+            self._controller().tiering.host.free(piece.host_slots)
+        self.host_tokens -= notes.host_tokens
+        self.thought_records -= len(notes.records)
+
+    def stats(self) -> dict:
+        """What the tree holds (the plug-in adds it to SGLang's server info)."""
+        return {"device_tokens": self.evictable_size() + self.protected_size(), "host_tokens": self.host_tokens,
+                "thought_records": self.thought_records, "evicted_device_tokens": self.evicted_device_tokens,
+                "evicted_host_tokens": self.evicted_host_tokens}
+
+    # -- sizes: device slots only ----------------------------------------------------------------
+    def evictable_size(self):
+        return self.evictable_size_ - (self.host_tokens - self.host_tokens_protected)
+
+    def protected_size(self):
+        return self.protected_size_ - self.host_tokens_protected
+
+    def reset(self):
+        if getattr(self, "root_node", None) is not None and (self.host_tokens or self.thought_records):
+            stack = [self.root_node]
+            while stack:
+                node = stack.pop()
+                stack.extend(node.children.values())
+                if _notes(node) is not None:
+                    self._drop_notes(node.zoomr)
+        super().reset()
+        self.host_tokens = self.host_tokens_protected = self.thought_records = 0
+
+    # -- match: cut at what the request cannot take, hand over the rest ---------------------------
+    def match_prefix(self, params: MatchPrefixParams):
+        result = super().match_prefix(params)
+        req = params.req
+        if req is None or self.disable:
+            return result  # the tree's own re-match inside checkpoint(): no request to hand over to
+        req.zoomr_inheritance = None
+        if result.device_prefix_len == 0 or (not self.host_tokens and not self._has_records(result.last_device_node)):
+            return result  # nothing the request could inherit
+        controller = self._controller()
+        accept = controller is not None and controller.accepts_holes(req)
+        cut, inheritance = inherit(self._path(result.last_device_node), accept)
+        if cut < result.device_prefix_len:
+            result = super().match_prefix(MatchPrefixParams(key=params.key[:cut], cow_mamba=params.cow_mamba, req=req))
+        if controller is not None and inheritance is not None:
+            req.zoomr_inheritance = inheritance
+        return result
+
+    def _has_records(self, node) -> bool:
+        while node is not self.root_node:
+            if _notes(node) is not None and node.zoomr.records:
+                return True
+            node = node.parent
+        return False
+
+    def _path(self, node) -> List[Tuple[int, int, Optional[NodeNotes]]]:
+        """(start, length, notes) of each node from the root's child down to ``node``."""
+        nodes = []
+        while node is not self.root_node:
+            nodes.append(node)
+            node = node.parent
+        path, start = [], 0
+        for n in reversed(nodes):
+            path.append((start, len(n.key), _notes(n)))
+            start += len(n.key)
+        return path
+
+    # -- insert: a finished request goes in whole ------------------------------------------------
+    def insert(self, params):
+        result = super().insert(params)
+        if self._insert_floor is not None:
+            self._insert_floor = min(self._insert_floor, result.prefix_len)
+        return result
+
+    def checkpoint(self, req, *, up_to: int):
+        if self.disable:
+            return
+        controller = self._controller()
+        if controller is not None:
+            up_to = controller.checkpoint_limit(req, up_to, holes_allowed=True)
+        self._insert_floor = up_to
+        try:
+            super().checkpoint(req, up_to=up_to)
+            new_from = self._insert_floor
+        finally:
+            self._insert_floor = None
+        if controller is None or req.kv.cache_protected_len <= new_from:
+            return
+        records, holes = controller.export_to_tree(req.kv.req_pool_idx, new_from, req.kv.cache_protected_len)
+        nodes = []
+        node = req.last_node
+        while node is not self.root_node:
+            nodes.append(node)
+            node = node.parent
+        start = 0
+        for node in reversed(nodes):  # the request's lock covers the path: its pieces are protected
+            end = start + len(node.key)
+            mine = [r for r in records if start < r.thought.span_end() <= end]
+            pieces = [HostPiece(max(s, start) - start, min(e, end) - start, slots[max(s, start) - s: min(e, end) - s])
+                      for s, e, slots in holes if s < end and e > start]
+            if mine or pieces:
+                notes = node.zoomr if _notes(node) is not None else NodeNotes()
+                notes.records += mine
+                notes.pieces = sorted(notes.pieces + pieces, key=lambda p: p.start)
+                node.zoomr = notes
+                self.thought_records += len(mine)
+                added = sum(p.end - p.start for p in pieces)
+                self.host_tokens += added
+                self.host_tokens_protected += added if node.lock_ref > 0 else 0
+            start = end
+
+    # -- splits, locks, eviction ----------------------------------------------------------------
+    def _split_node(self, key, child, split_len: int):
+        new_node = super()._split_node(key, child, split_len)
+        if _notes(child) is not None:
+            node_start, node = 0, new_node.parent
+            while node is not self.root_node:
+                node_start += len(node.key)
+                node = node.parent
+            new_node.zoomr, child.zoomr = child.zoomr.split(split_len, node_start)
+        return new_node
+
+    def inc_lock_ref(self, node):
+        result = super().inc_lock_ref(node)
+        self.host_tokens_protected += self._host_tokens_at_lock(node, 1)
+        return result
+
+    def dec_lock_ref(self, node, params=None):
+        result = super().dec_lock_ref(node, params)
+        self.host_tokens_protected -= self._host_tokens_at_lock(node, 0)
+        return result
+
+    def _host_tokens_at_lock(self, node, lock_ref: int) -> int:
+        """Host-piece tokens on the path whose lock count just became ``lock_ref`` (0 or 1)."""
+        if self.disable or not self.host_tokens:
+            return 0
+        moved = 0
+        while node is not self.root_node:
+            if node.lock_ref == lock_ref and _notes(node) is not None:
+                moved += node.zoomr.host_tokens
+            node = node.parent
+        return moved
+
+    def _delete_leaf(self, node):
+        super()._delete_leaf(node)
+        if _notes(node) is not None:
+            self.evicted_host_tokens += node.zoomr.host_tokens
+            self._drop_notes(node.zoomr)  # an evictable leaf is unlocked: its pieces were not protected
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        """SGLang's eviction, repeated until ``num_tokens`` device slots are free (a host piece
+        counts in SGLang's tally but frees no device slot)."""
+        allocator = self.token_to_kv_pool_allocator
+        before = allocator.available_size()
+        freed = 0
+        while freed < params.num_tokens:
+            if super().evict(EvictParams(num_tokens=params.num_tokens - freed)).num_tokens_evicted == 0:
+                break
+            freed = allocator.available_size() - before
+        self.evicted_device_tokens += freed
+        return EvictResult(num_tokens_evicted=freed)
+
+
+def create_zoomr_radix_cache(ctx):
+    """The factory registered as ``--radix-cache-backend zoomr``."""
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.enable_hierarchical_cache:
+        raise ValueError(
+            "--radix-cache-backend zoomr supports full-attention models without --enable-hierarchical-cache; "
+            "drop the flag or use the default radix cache")
+    if ctx.disable_radix_cache:
+        from sglang.srt.mem_cache.registry import create_unified_radix_cache
+
+        return create_unified_radix_cache(ctx)  # what SGLang builds with the radix cache off
+    return ZoomRRadixCache(ctx.params)
