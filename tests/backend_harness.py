@@ -112,8 +112,8 @@ class Harness:
         """Allocate a row and slots for the prompt and fill the prompt's KV with random values;
         ``custom_params`` reach the controller as SGLang's row-allocation hook passes them."""
         (row,) = self.req_to_token_pool.alloc_rows(1)
-        req = SimpleNamespace(rid=f"req-{row}", origin_input_ids=[0] * prompt_len, output_ids=[],
-                              sampling_params=SimpleNamespace(custom_params=custom_params))
+        req = SimpleNamespace(rid=f"req-{row}", origin_input_ids=[0] * prompt_len, output_ids=[], prefix_len=0,
+                              sampling_params=SimpleNamespace(custom_params=custom_params, max_new_tokens=1 << 20))
         self.controller.note_request(row, req)
         self.reqs.append(req)
         slots = self._take_slots(prompt_len)

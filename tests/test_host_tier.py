@@ -145,3 +145,42 @@ def test_copies_that_finish_late_free_slots_late_and_stay_exact(monkeypatch):
     tiered.release_all()
     assert tiered.allocator.available_size() == tiered.pool_tokens
     assert tiering.host.num_used == 0 and tiering.in_flight == {}
+
+
+def test_a_failing_copy_degrades_only_its_request(monkeypatch):
+    """Copies out of one request and copies in of another raise: the first keeps its KV on the
+    device (its outputs stay exact), the second's thoughts stay off the device, the third is tiered
+    and exact as usual, and every count comes back."""
+    dense_outputs, _, _ = _run(0, summaries=True)
+    harness = Harness(CONFIG, host_tier_tokens=4096, seed=11)
+    for n in (5, 17, 40):
+        harness.add_request(n)
+    no_copy_out, no_copy_in, healthy = harness.rows
+    tiering = harness.controller.tiering
+    original_store, original_load = HostKVTier.store, HostKVTier.load
+
+    def store(self, kv_pool, device_slots, host_slots):
+        if bool(torch.isin(device_slots, harness.req_to_token_pool.req_to_token[no_copy_out]).any()):
+            raise RuntimeError("copy out failed")
+        return original_store(self, kv_pool, device_slots, host_slots)
+
+    def load(self, kv_pool, host_slots, device_slots):
+        if any(bool(torch.isin(host_slots, t.host_slots).any()) for t in tiering.cold.get(no_copy_in, {}).values()):
+            raise RuntimeError("copy in failed")
+        return original_load(self, kv_pool, host_slots, device_slots)
+
+    monkeypatch.setattr(HostKVTier, "store", store)
+    monkeypatch.setattr(HostKVTier, "load", load)
+    rng = random.Random(4)
+    scripts = [scripted_tokens(rng, STEPS, summaries=True) for _ in range(3)]
+    outputs = []
+    for step in range(STEPS):
+        _, layers = harness.decode_step([s[step] for s in scripts])
+        outputs.append(torch.stack([out for (_, _, _, out) in layers]))
+    for batch_index in (0, 2):  # the request that kept its KV and the healthy one
+        assert all(torch.equal(a[:, batch_index], b[:, batch_index]) for a, b in zip(dense_outputs, outputs))
+    assert tiering.counters.copy_failures > 0
+    assert tiering.offloaded_tokens(no_copy_out) == 0 and tiering.offloaded_tokens(healthy) > 0
+    assert tiering.cold[no_copy_in] and not any(t.on_device for t in tiering.cold[no_copy_in].values())  # never back
+    harness.release_all()
+    assert harness.allocator.available_size() == harness.pool_tokens and tiering.host.num_used == 0

@@ -77,4 +77,4 @@ def test_reset_frees_every_host_piece():
     tree.reset()
     assert harness.controller.tiering.host.num_used == 0
     assert tree.stats() == {"device_tokens": 0, "host_tokens": 0, "thought_records": 0,
-                            "evicted_device_tokens": 0, "evicted_host_tokens": 0}
+                            "evicted_device_tokens": 0, "evicted_host_tokens": 0, "retracted_kept": 0}

@@ -7,6 +7,7 @@ host tier is on.
   SGLang frees skip the holes (their slots were freed when the thought left the device).
 - Decode memory check: the next step's possible zoom-ins count as required tokens, so SGLang
   evicts its tree or retracts before a zoom-in could find the pool empty.
+- Busy leak check: SGLang's own count of a running request's device slots, corrected for holes.
 - Admission: a ZoomR request's future device footprint is bounded by its working set, not by its
   output length; the scheduler's reservation says so, and the "batch is full" latch reopens when
   the tier frees slots.
@@ -37,7 +38,7 @@ def around_checkpoint(original, cache, req, *args, up_to, **kwargs):
 
     controller = controller_for_pool(cache.req_to_token_pool)
     if controller is not None:
-        up_to = controller.checkpoint_limit(req, up_to, holes_allowed=False)
+        up_to = controller.checkpoint_limit(req, up_to, holes_allowed=False, leaving=req.finished())
     return original(cache, req, *args, up_to=up_to, **kwargs)
 
 
@@ -49,6 +50,20 @@ def around_free_kv_row(original, cache, kv, ranges, *args, **kwargs):
         if holes:
             ranges = subtract_ranges(ranges, holes)
     return original(cache, kv, ranges, *args, **kwargs)
+
+
+def after_uncached_sizes(result, checker, *args, **kwargs):
+    """SGLang's busy leak check counts each running request's positions from its tree-owned prefix
+    to its allocated length as its device slots; correct that by the row's holes and by inherited
+    thoughts it zoomed into (``ThoughtTiering.uncounted_device_tokens``)."""
+    tiering = _tiering_of(checker.tree_cache.req_to_token_pool)
+    if tiering is None:
+        return result
+    full, swa = result
+    for req in checker._requests_owning_rows():
+        if req.kv.req_pool_idx is not None:
+            full += tiering.uncounted_device_tokens(req.kv.req_pool_idx, req.kv.cache_protected_len)
+    return full, swa
 
 
 def after_new_tokens_required(result, batch, selected_indices=None, *args, **kwargs):
@@ -99,4 +114,6 @@ HOOKS = (
     ("sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset", after_running_offset, "AFTER"),
     ("sglang.srt.managers.schedule_policy.PrefillAdder._update_prefill_budget", before_update_prefill_budget, "BEFORE"),
     ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", before_prefill_admission, "BEFORE"),
+    ("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes",
+     after_uncached_sizes, "AFTER"),
 )

@@ -36,6 +36,9 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
 
     register_radix_cache_backend(BACKEND_NAME, _create_radix_cache)
+    HookRegistry.register("sglang.srt.managers.schedule_batch.release_req", _before_release_req, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
+                          _after_log_stats, HookType.AFTER)
     register_resolution_hook("handle_attention_backend_compatibility")(_resolve_server_args)
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, HookType.AFTER)
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, HookType.AFTER)
@@ -74,6 +77,18 @@ def _create_radix_cache(ctx):
     from zoomr_sglang.radix_ext.tree import create_zoomr_radix_cache
 
     return create_zoomr_radix_cache(ctx)
+
+
+def _after_log_stats(result, collector, *args, **kwargs):
+    from zoomr_sglang.metrics import after_log_stats
+
+    return after_log_stats(result, collector, *args, **kwargs)
+
+
+def _before_release_req(*args, **kwargs):
+    from zoomr_sglang.radix_ext.tree import before_release_req
+
+    return before_release_req(*args, **kwargs)
 
 
 def _resolve_server_args(server_args, previous) -> None:

@@ -117,15 +117,15 @@ class ZoomRController:
     def accepts_holes(self, req) -> bool:
         return self.planner.accepts_holes(req)
 
-    def checkpoint_limit(self, req, up_to: int, *, holes_allowed: bool) -> int:
-        """How far a radix tree may insert ``req`` now (``up_to`` asked): never above its pasted
-        reasoning while it runs (the host tier may still move that), and for a tree that cannot
-        hold host-tier parts never past its first hole."""
+    def checkpoint_limit(self, req, up_to: int, *, holes_allowed: bool, leaving: bool) -> int:
+        """How far a radix tree may insert ``req`` now (``up_to`` asked): unless it is ``leaving``
+        its row, never above its pasted reasoning (the host tier may still move that), and for a
+        tree that cannot hold host-tier parts never past its first hole."""
         row = req.kv.req_pool_idx
         if row is None:
             return up_to
         floor = self.planner.tree_floor(row)
-        if floor is not None and not req.finished():
+        if floor is not None and not leaving:
             up_to = min(up_to, floor)
         holes = [] if holes_allowed or self.tiering is None else self.tiering.holes(row)
         return min(up_to, holes[0][0]) if holes else up_to
@@ -160,6 +160,23 @@ class ZoomRController:
         for row in set(self.planner.requests) | set(self.planner.states):
             self.release_row(row)
 
+    def metric_values(self) -> dict:
+        """The aggregate counters ``zoomr_sglang.metrics`` exports to Prometheus."""
+        counters = self.tiering.counters if self.tiering is not None else None
+        moved = 0 if counters is None else counters.evicted_tokens + counters.zoomed_in_tokens
+        return {
+            "sglang:zoomr_resident_tokens": sum(s.stats.resident_last for s in self.planner.states.values()),
+            "sglang:zoomr_host_tier_tokens": 0 if self.tiering is None else self.tiering.host.num_used,
+            "sglang:zoomr_evicted_tokens": 0 if counters is None else counters.evicted_tokens,
+            "sglang:zoomr_zoomed_in_tokens": 0 if counters is None else counters.zoomed_in_tokens,
+            "sglang:zoomr_copied_bytes": 0 if counters is None else moved * self.tiering.host.token_bytes,
+            "sglang:zoomr_host_tier_full": 0 if counters is None else counters.host_full,
+            "sglang:zoomr_zoom_in_failures": 0 if counters is None else counters.zoom_in_failures,
+            "sglang:zoomr_copy_failures": 0 if counters is None else counters.copy_failures,
+            "sglang:zoomr_over_bound_steps": self.planner.over_bound_steps,
+            "sglang:zoomr_index_entries_reused": self.planner.index_entries_reused,
+        }
+
     def stats(self) -> dict:
         """Counters for SGLang's server info: running and recently finished requests."""
         return {
@@ -167,6 +184,7 @@ class ZoomRController:
             "finished": dict(self.finished),
             "index_entries_live": self.index_keys.num_live,
             "index_entries_reused": self.planner.index_entries_reused,
+            "over_bound_steps": self.planner.over_bound_steps,
             "index_full": self.index_keys.exhausted,
             "commits_deferred": self.selection.commits_deferred,
             "host_tier": None if self.tiering is None else {

@@ -28,6 +28,10 @@ def controller_for_pool(req_to_token_pool) -> Optional[ZoomRController]:
     return _CONTROLLERS.get(req_to_token_pool)
 
 
+def all_controllers() -> List[ZoomRController]:
+    return list(_CONTROLLERS.values())
+
+
 def create_zoomr_backend(model_runner):
     """The factory registered as ``--attention-backend zoomr``."""
     config = load_config()

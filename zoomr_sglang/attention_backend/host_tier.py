@@ -60,6 +60,7 @@ class HostKVTier:
         self._free = torch.arange(capacity_tokens, dtype=torch.int64)
         self._num_free = capacity_tokens
         self._copy_stream = None  # CUDA side stream for copies out, made on first use
+        self.token_bytes = self.bytes_per_token(num_layers, num_kv_heads, head_dim, v_head_dim, dtype)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, v_head_dim: int, dtype: torch.dtype) -> int:

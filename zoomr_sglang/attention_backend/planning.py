@@ -91,6 +91,7 @@ class StepPlanner:
         self.rows_by_rid: Dict[str, int] = {}
         self.prompt_reasoning: Dict[int, PromptReasoning] = {}  # rows whose prompt holds reasoning
         self.index_entries_reused = 0  # index keys taken from the radix tree instead of recomputed
+        self.over_bound_steps = 0  # request steps over their bound, all requests
         self.default_settings = request_settings(config, None)
         self.refresh_tokens = refresh_token_mask(token_texts, config)
         self.decode_steps = 0
@@ -122,13 +123,18 @@ class StepPlanner:
 
     def accepts_holes(self, req) -> bool:
         """Whether ``req`` can take a prompt prefix whose cold thoughts are in the host tier only."""
-        settings = self._settings_of(req)
-        return self.tiering is not None and POLICIES[settings.policy].thought_level and not settings.fidelity
+        return self._tierable(req, self._settings_of(req))
 
     def tiered(self, state: RequestState) -> bool:
-        """Whether the host tier may move this request's KV: only for policies that attend whole
-        thoughts, and not while fidelity is measured against the full sequence."""
-        return self.tiering is not None and state.policy.thought_level and not state.settings.fidelity
+        """Whether the host tier may move this request's KV."""
+        return self._tierable(self.requests[state.row][1], state.settings)
+
+    def _tierable(self, req, settings: RequestSettings) -> bool:
+        """Only a policy that attends whole thoughts, not while fidelity is measured against the full
+        sequence, and not with a budget covering the whole request (it attends everything)."""
+        covers_all = 0 < len(req.origin_input_ids) + req.sampling_params.max_new_tokens <= settings.budget
+        return (self.tiering is not None and POLICIES[settings.policy].thought_level and not settings.fidelity
+                and not covers_all)
 
     def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections,
              deferred_from: Optional[Dict[int, int]] = None) -> HostPlan:
@@ -167,6 +173,7 @@ class StepPlanner:
             ranges = state.policy.working_set(view)
             offloaded = self.tiering.offloaded_tokens(state.row) if tiered else 0
             state.record_step(ranges_size(ranges), seq_len, self.config, offloaded)
+            self.over_bound_steps += state.stats.attended_last > state.stats.bound_last
             working_sets.append(ranges)
             watched = state.policy.observe_positions(view, ranges)
             if watched is not None:

@@ -53,6 +53,7 @@ class TieringCounters:
     dropped_tokens: int = 0  # zoomed-in tokens dropped again without a copy (host copy kept)
     host_full: int = 0  # thoughts that stayed resident because the host tier was full
     zoom_in_failures: int = 0  # zoom-ins the device pool could not serve (thought skipped that step)
+    copy_failures: int = 0  # copies out or in that raised: that thought stays (or stays off) the device
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -104,7 +105,12 @@ class ThoughtTiering:
         if slots is None:
             self.counters.zoom_in_failures += 1
             return False
-        self.host.load(self.kv_pool, thought.host_slots, slots)
+        try:
+            self.host.load(self.kv_pool, thought.host_slots, slots)
+        except Exception:  # this request's thought stays off the device; nothing else is touched
+            self.allocator.free(slots)
+            self.counters.copy_failures += 1
+            return False
         self.req_to_token[row, thought.start:thought.end] = slots.to(self.req_to_token.dtype)
         thought.on_device = True
         self.counters.zoomed_in_tokens += n
@@ -135,7 +141,12 @@ class ThoughtTiering:
             if host_slots is None:
                 self.counters.host_full += 1
                 continue
-            transfer = self.host.store(self.kv_pool, self.req_to_token[state.row, start:end].long(), host_slots)
+            try:
+                transfer = self.host.store(self.kv_pool, self.req_to_token[state.row, start:end].long(), host_slots)
+            except Exception:  # this thought stays resident; its device slots were never touched
+                self.host.free(host_slots)
+                self.counters.copy_failures += 1
+                continue
             self.in_flight.setdefault(state.row, []).append(InFlight(index, start, end, host_slots, transfer))
         state.pending_eviction = waiting
         self._finish_copies(state, cold)
@@ -176,6 +187,18 @@ class ThoughtTiering:
     def holes(self, row: int) -> List[Tuple[int, int]]:
         """Row positions whose device slots are given back, ascending."""
         return sorted((t.start, t.end) for t in self.cold.get(row, {}).values() if not t.on_device)
+
+    def uncounted_device_tokens(self, row: int, protected_len: int) -> int:
+        """Device slots the row holds minus what SGLang counts as its own (positions from its
+        tree-owned prefix ``protected_len`` on): inherited thoughts zoomed into (below that
+        prefix) add, its own holes (above it) subtract."""
+        adjust = 0
+        for t in self.cold.get(row, {}).values():
+            if t.owns_host == 0 and t.on_device:
+                adjust += t.end - t.start
+            elif not t.on_device and t.start >= protected_len:
+                adjust -= t.end - t.start
+        return adjust
 
     def offloaded_tokens(self, row: int) -> int:
         """Tokens of the row that are in the host tier only (their device slots given back)."""

@@ -23,6 +23,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+from zoomr_sglang.algo.policy_base import mask_to_ranges
 from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, inherit
 
 
@@ -40,16 +41,8 @@ class PaddingSkippingAllocator:
         live = free_index != 0
         if bool(live.all()):
             return self._allocator.free_segment(free_index, start_pos=start_pos)
-        for a, b in _runs(live.cpu()):
+        for a, b in mask_to_ranges(live):
             self._allocator.free_segment(free_index[a:b], start_pos=start_pos + a)
-
-
-def _runs(mask: torch.Tensor) -> List[Tuple[int, int]]:
-    """Maximal runs [a, b) of True in a 1-D bool tensor."""
-    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), mask.to(torch.int8), torch.zeros(1, dtype=torch.int8)]))
-    starts = torch.nonzero(edges == 1).flatten().tolist()
-    ends = torch.nonzero(edges == -1).flatten().tolist()
-    return list(zip(starts, ends))
 
 
 def _notes(node) -> Optional[NodeNotes]:
@@ -66,7 +59,10 @@ class ZoomRRadixCache(RadixCache):
         super().__init__(params)
         if self.token_to_kv_pool_allocator is not None:
             self.token_to_kv_pool_allocator = PaddingSkippingAllocator(self.token_to_kv_pool_allocator)
-        self._insert_floor: Optional[int] = None  # set while checkpoint() inserts
+        self._recording = False  # checkpoint() is inserting: note where its new positions start
+        self._new_from: Optional[int] = None
+        self._retracting = False  # set while keep_retracted() inserts
+        self.retracted_kept = 0  # retracted requests inserted whole (their re-prefill inherits)
 
     # -- the zoomr backend of the same pool ----------------------------------------------------
     def _controller(self):
@@ -85,7 +81,8 @@ class ZoomRRadixCache(RadixCache):
         """What the tree holds (the plug-in adds it to SGLang's server info)."""
         return {"device_tokens": self.evictable_size() + self.protected_size(), "host_tokens": self.host_tokens,
                 "thought_records": self.thought_records, "evicted_device_tokens": self.evicted_device_tokens,
-                "evicted_host_tokens": self.evicted_host_tokens}
+                "evicted_host_tokens": self.evicted_host_tokens, "retracted_kept": self.retracted_kept}
+
 
     # -- sizes: device slots only ----------------------------------------------------------------
     def evictable_size(self):
@@ -145,8 +142,8 @@ class ZoomRRadixCache(RadixCache):
     # -- insert: a finished request goes in whole ------------------------------------------------
     def insert(self, params):
         result = super().insert(params)
-        if self._insert_floor is not None:
-            self._insert_floor = min(self._insert_floor, result.prefix_len)
+        if self._recording and self._new_from is None:  # checkpoint's insert of the whole key (its second
+            self._new_from = result.prefix_len  # insert, of the prompt alone, adds no position)
         return result
 
     def checkpoint(self, req, *, up_to: int):
@@ -154,14 +151,15 @@ class ZoomRRadixCache(RadixCache):
             return
         controller = self._controller()
         if controller is not None:
-            up_to = controller.checkpoint_limit(req, up_to, holes_allowed=True)
-        self._insert_floor = up_to
+            up_to = controller.checkpoint_limit(req, up_to, holes_allowed=True,
+                                                leaving=req.finished() or self._retracting)
+        self._recording, self._new_from = True, None
         try:
             super().checkpoint(req, up_to=up_to)
-            new_from = self._insert_floor
+            new_from = self._new_from
         finally:
-            self._insert_floor = None
-        if controller is None or req.kv.cache_protected_len <= new_from:
+            self._recording = False
+        if controller is None or new_from is None or req.kv.cache_protected_len <= new_from:
             return
         records, holes = controller.export_to_tree(req.kv.req_pool_idx, new_from, req.kv.cache_protected_len)
         nodes = []
@@ -185,6 +183,18 @@ class ZoomRRadixCache(RadixCache):
                 self.host_tokens += added
                 self.host_tokens_protected += added if node.lock_ref > 0 else 0
             start = end
+
+    def keep_retracted(self, req) -> None:
+        """SGLang retracts a running request (pool pressure) and will prefill it again from its
+        prompt and output: insert it whole first, so that prefill matches it and inherits its
+        thoughts, keys and cold thoughts instead of holding it all on the device as prompt."""
+        req.refresh_fill_ids()  # as release_kv_cache does before an insert
+        self._retracting = True
+        try:
+            self.checkpoint(req, up_to=req.owned_kv_len())
+        finally:
+            self._retracting = False
+        self.retracted_kept += 1
 
     # -- splits, locks, eviction ----------------------------------------------------------------
     def _split_node(self, key, child, split_len: int):
@@ -249,3 +259,13 @@ def create_zoomr_radix_cache(ctx):
 
         return create_unified_radix_cache(ctx)  # what SGLang builds with the radix cache off
     return ZoomRRadixCache(ctx.params)
+
+
+def before_release_req(*args, **kwargs):
+    """BEFORE SGLang's ``schedule_batch.release_req`` (a retraction): a zoomr tree keeps the
+    request whole, so its prefill after the retraction inherits what it wrote."""
+    req, tree = kwargs.get("req"), kwargs.get("tree_cache")
+    if isinstance(tree, ZoomRRadixCache) and not tree.disable and req is not None and not req.finished() \
+            and req.kv.holds_kv:
+        tree.keep_retracted(req)
+    return None
