@@ -112,8 +112,8 @@ def build(shape: Shape, kv, context: int, batch: int, device: str):
         num_heads=shape.heads, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, device=device,
         index_capacity=batch * (context // 100 + 64), max_voters=batch)
     rng = random.Random(batch)
-    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[WORD] * PROMPT, sampling_params=SimpleNamespace(custom_params=None),
-                            output_ids=reasoning_tokens(rng, max_len)) for i in range(batch)]
+    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[WORD] * PROMPT, prefix_len=0, output_ids=reasoning_tokens(rng, max_len),
+                            sampling_params=SimpleNamespace(custom_params=None, max_new_tokens=max_len)) for i in range(batch)]
     for row, req in enumerate(reqs, start=1):
         controller.note_request(row, req)
         controller.planner.plan([req.rid], [PROMPT + 1], [])  # the request's first decode step

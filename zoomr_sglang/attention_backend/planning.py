@@ -132,9 +132,9 @@ class StepPlanner:
     def _tierable(self, req, settings: RequestSettings) -> bool:
         """Only a policy that attends whole thoughts, not while fidelity is measured against the full
         sequence, and not with a budget covering the whole request (it attends everything)."""
-        covers_all = 0 < len(req.origin_input_ids) + req.sampling_params.max_new_tokens <= settings.budget
-        return (self.tiering is not None and POLICIES[settings.policy].thought_level and not settings.fidelity
-                and not covers_all)
+        if self.tiering is None or not POLICIES[settings.policy].thought_level or settings.fidelity:
+            return False
+        return not 0 < len(req.origin_input_ids) + req.sampling_params.max_new_tokens <= settings.budget
 
     def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections,
              deferred_from: Optional[Dict[int, int]] = None) -> HostPlan:
