@@ -100,11 +100,11 @@ class Load:
                 self.count("errors", f"{type(exc).__name__}: {exc}")
 
     def one(self, rng: random.Random, rid: str) -> None:
-        ids = self.prompt_for(rng)
+        exact = rng.random() < 0.1
+        ids = self.prompt_for(rng, fresh=exact)
         # SGLang stops a request at its pool's size (max_req_len): stay within it.
         max_new = rng.randint(16, max(16, min(self.args.max_new_tokens, self.args.max_total_tokens - len(ids) - 16)))
         policy, budget = rng.choice(POLICY_MIX)
-        exact = rng.random() < 0.1
         custom = {"zoomr_policy": policy, "zoomr_budget": budget, "zoomr_vote": rng.choice(["mass", "count"])}
         params = {"max_new_tokens": max_new, "temperature": 0.0 if exact or rng.random() < 0.5 else 0.8,
                   "ignore_eos": True, "custom_params": custom}
@@ -147,11 +147,15 @@ class Load:
             if exact:
                 self.exact.append(dict(rid=rid, input_ids=ids, max_new_tokens=max_new, output_ids=last["output_ids"]))
 
-    def prompt_for(self, rng: random.Random) -> List[int]:
+    def prompt_for(self, rng: random.Random, fresh: bool) -> List[int]:
+        """A new prompt, a shared system prompt and the request's text, or (unless ``fresh``) an
+        earlier answer and a few tokens. A budget-covering request gets no earlier answer: the tree
+        holds that text's KV as its writer computed it (sparsely, as ZoomR does), which a dense
+        prefill of the same prompt would not reproduce."""
         kind = rng.random()
         with self.lock:
             earlier = rng.choice(self.answers) if self.answers else None
-        if kind < 0.3 and earlier is not None and len(earlier) < self.args.max_total_tokens // 2:  # an agent's next turn
+        if not fresh and kind < 0.3 and earlier is not None and len(earlier) < self.args.max_total_tokens // 2:
             return earlier + [rng.randint(3, 480) for _ in range(rng.randint(2, 12))]
         if kind < 0.5:  # a shared system prompt, then the request's own text
             return prompt(9000)[:12] + [rng.randint(3, 480) for _ in range(rng.randint(4, 60))]
