@@ -265,3 +265,18 @@ def test_cached_unbounded_working_set_equals_the_from_scratch_union():
                 summary_spans=[(t.summary_start, t.summary_end) for t in thoughts if t.summary_start is not None],
                 zoomed_spans=[(thoughts[i].start, thoughts[i].span_end()) for i in zoomed])
             assert pairs(policy.working_set(v)) == expected, (trial, step)
+
+
+def test_fidelity_is_measured_at_every_step_without_self_checks():
+    """``zoomr_fidelity`` alone (self-checks off) makes the step eager and records fidelity at every
+    step and layer, for that request only."""
+    harness = Harness(ZoomRConfig(sink=4, window=12, max_thought_tokens=16), seed=5)
+    harness.add_request(8, _params("zoomr", 48, fidelity=True))
+    harness.add_request(10, _params("zoomr", 48))
+    scripts = [scripted_tokens(random.Random(seed), 60, summaries=True) for seed in range(2)]
+    for step in range(60):
+        harness.decode_step([script[step] for script in scripts])
+        assert harness.plan.needs_eager and harness.plan.fidelity_rows == [0]
+    measured, plain = (harness.states[row].stats.as_dict() for row in harness.rows)
+    assert measured["fidelity"]["steps"] == 60 and len(measured["fidelity"]["mass"]) == harness.num_layers
+    assert "fidelity" not in plain and measured["self_checks"] == 0

@@ -185,7 +185,9 @@ class StepPlanner:
             kv_indptr=_kv_indptr(working_sets), ranges=_pack_ranges(rows, working_sets),
             commits=np.asarray(commits, dtype=np.int64).reshape(-1, 3), fresh_entries=fresh,
             new_candidates=np.asarray(new_candidates, dtype=np.int64).reshape(-1, 3),
-            votes=np.asarray(votes, dtype=np.int64).reshape(-1, 4), observers=observers, self_check=interval > 0 and self.decode_steps % interval == 0,
+            votes=np.asarray(votes, dtype=np.int64).reshape(-1, 4), observers=observers,
+            self_check=interval > 0 and self.decode_steps % interval == 0,
+            fidelity_rows=[i for i, state in enumerate(states) if state.settings.fidelity],
         )
 
     @staticmethod
