@@ -63,6 +63,23 @@ def zoomr_state(eng) -> dict:
     return eng.get_server_info()["internal_states"][0]["zoomr"]
 
 
+def assert_idle_counts(eng, state=None, start=None) -> None:
+    """Nothing running (zoomr radix cache): SGLang's pool holds only the tree, the host tier only the
+    tree's pieces, request rows are as at ``start`` (a state read earlier, if given); after a flush
+    everything is back."""
+    state = state or zoomr_state(eng)
+    pools, radix = state["pools"], state["radix"]
+    assert state["running"] == {} and state["index_entries_live"] == 0
+    assert pools["kv_protected"] == 0 and pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
+    assert start is None or pools["req_rows_available"] == start["pools"]["req_rows_available"]
+    assert radix["device_tokens"] == pools["kv_evictable"]
+    assert state["host_tier"]["used_tokens"] == radix["host_tokens"]
+    eng.flush_cache()
+    flushed = zoomr_state(eng)
+    assert flushed["pools"]["kv_available"] == flushed["pools"]["kv_capacity"]
+    assert flushed["host_tier"]["used_tokens"] == 0 and flushed["radix"]["thought_records"] == 0
+
+
 def server_command(model_path: str, port: int, *extra: str) -> List[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from engine_utils import GREEDY, engine, prompts, zoomr_env, zoomr_state
+from engine_utils import GREEDY, assert_idle_counts, engine, prompts, zoomr_env, zoomr_state
 
 pytestmark = pytest.mark.engine
 
@@ -98,12 +98,4 @@ def test_adversarial_outputs_are_served_within_bounds_and_leave_nothing(model_pa
         # Longer than the model's context: refused at once, with SGLang's message.
         with pytest.raises(ValueError, match="maximum context length"):
             eng.generate(input_ids=prompts()[1], sampling_params={**GREEDY, "max_new_tokens": 1_000_000})
-        idle = zoomr_state(eng)
-        pools = idle["pools"]
-        assert idle["running"] == {} and idle["index_entries_live"] == 0
-        assert pools["kv_protected"] == 0 and pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
-        assert pools["req_rows_available"] == start["pools"]["req_rows_available"]
-        assert idle["host_tier"]["used_tokens"] == idle["radix"]["host_tokens"]
-        eng.flush_cache()
-        flushed = zoomr_state(eng)
-        assert flushed["host_tier"]["used_tokens"] == 0 and flushed["pools"]["kv_available"] == pools["kv_capacity"]
+        assert_idle_counts(eng, start=start)

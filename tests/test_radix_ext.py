@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from engine_utils import engine, generate, prompts, server, zoomr_env, zoomr_state
+from engine_utils import assert_idle_counts, engine, generate, prompts, server, zoomr_env, zoomr_state
 
 pytestmark = pytest.mark.engine
 
@@ -29,21 +29,6 @@ def _two_turns(eng, first_prompts, turn1_tokens=600, turn2_tokens=200):
     turn1 = generate(eng, first_prompts, turn1_tokens)
     second_prompts = [p + out["output_ids"] + MESSAGE for p, out in zip(first_prompts, turn1)]
     return turn1, second_prompts, generate(eng, second_prompts, turn2_tokens)
-
-
-def _assert_idle_counts(eng, state=None):
-    """Nothing running: SGLang's pool holds only the tree, the host tier only the tree's pieces;
-    after a flush everything is back."""
-    state = state or zoomr_state(eng)
-    pools, radix = state["pools"], state["radix"]
-    assert state["running"] == {} and state["index_entries_live"] == 0
-    assert pools["kv_protected"] == 0 and pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
-    assert radix["device_tokens"] == pools["kv_evictable"]
-    assert state["host_tier"]["used_tokens"] == radix["host_tokens"]
-    eng.flush_cache()
-    flushed = zoomr_state(eng)
-    assert flushed["pools"]["kv_available"] == flushed["pools"]["kv_capacity"]
-    assert flushed["host_tier"]["used_tokens"] == 0 and flushed["radix"]["thought_records"] == 0
 
 
 def test_turn_two_hits_the_tree_inherits_the_index_and_stays_small(model_path):
@@ -67,7 +52,7 @@ def test_turn_two_hits_the_tree_inherits_the_index_and_stays_small(model_path):
             reused += after["inherited_keys"]
         assert state["index_entries_reused"] == reused
         assert state["host_tier"]["zoom_in_failures"] == 0
-        _assert_idle_counts(eng, state)
+        assert_idle_counts(eng, state)
 
 
 def test_full_budget_turn_two_equals_the_radix_cache_off(model_path):
@@ -81,7 +66,7 @@ def test_full_budget_turn_two_equals_the_radix_cache_off(model_path):
             assert [o["output_ids"] for o in turn2] == [o["output_ids"] for o in reference]
             assert all(o["meta_info"]["cached_tokens"] >= len(p) - len(MESSAGE) - 1 for o, p in zip(turn2, second))
             assert state["index_entries_reused"] > 0
-            _assert_idle_counts(eng, state)
+            assert_idle_counts(eng, state)
 
 
 def test_concurrent_sessions_sharing_a_prefix_under_eviction_keep_every_count(model_path):
@@ -96,7 +81,7 @@ def test_concurrent_sessions_sharing_a_prefix_under_eviction_keep_every_count(mo
         assert state["radix"]["evicted_device_tokens"] > 0
         assert all(len(o["output_ids"]) == 150 for o in turn2) and all(len(o["output_ids"]) == 100 for o in turn3)
         assert state["host_tier"]["zoom_in_failures"] == 0
-        _assert_idle_counts(eng, state)
+        assert_idle_counts(eng, state)
 
 
 def test_abort_mid_turn_two_returns_every_count(model_path):
@@ -165,4 +150,4 @@ def test_reasoning_pasted_into_a_prompt_is_segmented_tiered_and_inherited(model_
         after = state["finished"][second["meta_info"]["id"]]
         assert second["meta_info"]["cached_tokens"] >= 0.9 * (len(followup) - len(MESSAGE))
         assert after["inherited_keys"] > 0 and after["prompt_len"] == stats["prompt_len"]
-        _assert_idle_counts(eng, state)
+        assert_idle_counts(eng, state)

@@ -1,7 +1,7 @@
 """SGLang hooks that make the host tier's row holes safe and turn freed slots into admissions.
 
 See docs/host-tier.md. Every hook is a no-op unless the pool belongs to a ZoomR backend whose
-host tier is on.
+host tier is on, except the insert cap below pasted reasoning, which needs only the backend.
 - Release: a request's insert into SGLang's stock tree stops at its first hole (that tree must
   never own a hole's padding slot) and, while it runs, below its pasted reasoning; the ranges
   SGLang frees skip the holes (their slots were freed when the thought left the device).
@@ -19,24 +19,24 @@ from zoomr_sglang.algo.working_set import subtract_ranges
 from zoomr_sglang.attention_backend.admission import future_device_tokens, reservation_for_new_request
 
 
-def _tiering_of(req_to_token_pool):
+def _controller_of(req_to_token_pool):
     from zoomr_sglang.attention_backend.factory import controller_for_pool
 
-    controller = controller_for_pool(req_to_token_pool)
+    return controller_for_pool(req_to_token_pool)
+
+
+def _tiering_of(req_to_token_pool):
+    controller = _controller_of(req_to_token_pool)
     return None if controller is None else controller.tiering
 
 
 def _controller_with_tiering(req_to_token_pool):
-    from zoomr_sglang.attention_backend.factory import controller_for_pool
-
-    controller = controller_for_pool(req_to_token_pool)
+    controller = _controller_of(req_to_token_pool)
     return controller if controller is not None and controller.tiering is not None else None
 
 
 def around_checkpoint(original, cache, req, *args, up_to, **kwargs):
-    from zoomr_sglang.attention_backend.factory import controller_for_pool
-
-    controller = controller_for_pool(cache.req_to_token_pool)
+    controller = _controller_of(cache.req_to_token_pool)
     if controller is not None:
         up_to = controller.checkpoint_limit(req, up_to, holes_allowed=False, leaving=req.finished())
     return original(cache, req, *args, up_to=up_to, **kwargs)

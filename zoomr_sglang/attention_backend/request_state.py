@@ -14,7 +14,7 @@ import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
-from zoomr_sglang.algo.segmentation import SegmentEvents, ThoughtSegmenter, TokenRole, key_role
+from zoomr_sglang.algo.segmentation import SegmentEvents, Thought, ThoughtSegmenter, TokenRole, key_role
 from zoomr_sglang.config import RequestSettings, ZoomRConfig
 
 
@@ -131,10 +131,7 @@ class RequestState:
             if (index, other) in self.entries:
                 store.free([self.entries.pop((index, other))])
             self.pending_eviction.append(index)
-            self.stats.thoughts_closed += 1
-            if thought.summary_start is not None:
-                self.summary_tokens += thought.summary_end - thought.summary_start
-                self.stats.summaries += 1
+            self._count_closed(thought)
             if (index, role) not in self.entries:
                 continue  # no key (nothing committed, or the store was full): summaries only
             if len(self.candidates) >= max_candidates:
@@ -152,9 +149,7 @@ class RequestState:
         added, entries, sums, counts = [], [], [], []
         for record in inheritance.records:
             index = record.thought.index
-            self.stats.thoughts_closed += 1
-            if record.thought.summary_start is not None:
-                self.summary_tokens += record.thought.summary_end - record.thought.summary_start
+            self._count_closed(record.thought)
             if record.key_sums is None or len(self.candidates) >= max_candidates:
                 continue
             entry = store.alloc()
@@ -172,6 +167,12 @@ class RequestState:
         self.stats.inherited_thoughts = len(inheritance.records)
         self.stats.inherited_keys = len(entries)
         return added
+
+    def _count_closed(self, thought: Thought) -> None:
+        self.stats.thoughts_closed += 1
+        if thought.summary_start is not None:
+            self.summary_tokens += thought.summary_end - thought.summary_start
+            self.stats.summaries += 1
 
     def release(self, store: IndexKeyStore) -> None:
         store.free(self.entries.values())

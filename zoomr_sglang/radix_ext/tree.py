@@ -127,17 +127,21 @@ class ZoomRRadixCache(RadixCache):
             node = node.parent
         return False
 
-    def _path(self, node) -> List[Tuple[int, int, Optional[NodeNotes]]]:
-        """(start, length, notes) of each node from the root's child down to ``node``."""
+    def _path_nodes(self, node) -> List[Tuple[int, object]]:
+        """(start position, node) of each node from the root's child down to ``node``."""
         nodes = []
         while node is not self.root_node:
             nodes.append(node)
             node = node.parent
         path, start = [], 0
         for n in reversed(nodes):
-            path.append((start, len(n.key), _notes(n)))
+            path.append((start, n))
             start += len(n.key)
         return path
+
+    def _path(self, node) -> List[Tuple[int, int, Optional[NodeNotes]]]:
+        """(start, length, notes) of each node from the root's child down to ``node``."""
+        return [(start, len(n.key), _notes(n)) for start, n in self._path_nodes(node)]
 
     # -- insert: a finished request goes in whole ------------------------------------------------
     def insert(self, params):
@@ -162,13 +166,7 @@ class ZoomRRadixCache(RadixCache):
         if controller is None or new_from is None or req.kv.cache_protected_len <= new_from:
             return
         records, holes = controller.export_to_tree(req.kv.req_pool_idx, new_from, req.kv.cache_protected_len)
-        nodes = []
-        node = req.last_node
-        while node is not self.root_node:
-            nodes.append(node)
-            node = node.parent
-        start = 0
-        for node in reversed(nodes):  # the request's lock covers the path: its pieces are protected
+        for start, node in self._path_nodes(req.last_node):  # the request's lock covers the path: protected
             end = start + len(node.key)
             mine = [r for r in records if start < r.thought.span_end() <= end]
             pieces = [HostPiece(max(s, start) - start, min(e, end) - start, slots[max(s, start) - s: min(e, end) - s])
@@ -182,7 +180,6 @@ class ZoomRRadixCache(RadixCache):
                 added = sum(p.end - p.start for p in pieces)
                 self.host_tokens += added
                 self.host_tokens_protected += added if node.lock_ref > 0 else 0
-            start = end
 
     def keep_retracted(self, req) -> None:
         """SGLang retracts a running request (pool pressure) and will prefill it again from its
