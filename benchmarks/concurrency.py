@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """Concurrent requests at one fixed ``--max-total-tokens``: ZoomR with the host tier against dense
-attention, in SGLang itself.
+attention, in SGLang itself, under each admission rule.
 
-Two HTTP servers, one after the other (``--attention-backend torch_native``, then ``zoomr``), with
-the same KV pool, each get ``--requests`` concurrent greedy ``ignore_eos`` requests of
-``--max-new-tokens`` tokens. ``GET /metrics`` is polled every
+HTTP servers one after the other with the same KV pool (``--attention-backend torch_native``, then
+``zoomr`` once per ``--rules`` entry, each with that ``ZOOMR_ADMISSION``) each get ``--requests``
+concurrent greedy ``ignore_eos`` requests of ``--max-new-tokens`` tokens. ``GET /metrics`` is polled every
 ``--poll`` seconds; the peaks of SGLang's own gauges ``sglang:num_running_reqs`` and
 ``sglang:num_used_tokens`` are recorded until every request finished. zoomr's host-tier counters
 come from ``/server_info`` afterwards (``zoom_in_failures`` must be 0).
 
 Then a plot (running requests over time, dense vs zoomr) and the full results as JSON next to it.
 The last stdout line is one JSON object (other tools read it):
-``{"concurrent_dense": int, "concurrent_zoomr": int}`` (peaks of ``sglang:num_running_reqs``).
+``{"concurrent_dense": int, "concurrent_zoomr": int}`` (peaks of ``sglang:num_running_reqs``; zoomr:
+under the default rule ``observed``, which the rules must include; the others are in the JSON file).
 
 ZoomR settings as in ``benchmarks/memory.py`` (tiny model: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64
 ZOOMR_MAX_THOUGHT_TOKENS=48`` unless the environment or ``--zoomr-env`` says otherwise).
@@ -32,21 +33,25 @@ from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-
     GREEDY, PROMPT_LEN, add_model_arguments, check_zoomr_env, context_length_for,
     finish_run, launch_server, log, machine, prompt, save_figure, start_run, read_metrics, zoomr_state)
 from bench_setup import REPO  # noqa: E402
+from zoomr_sglang.config import ADMISSION_MODES  # noqa: E402
 
 import requests  # noqa: E402
 
 # Admission into SGLang's pool does not depend on the attention kernel; torch_native runs anywhere.
 DENSE_BACKEND = "torch_native"
+ZOOMR_TREE = ("--radix-cache-backend", "zoomr")
 METRICS = ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:num_used_tokens", "sglang:token_usage",
            "sglang:kv_available_tokens", "sglang:num_retracted_reqs", "sglang:num_retracted_requests_total")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-total-tokens", type=int, default=6000,
-                        help="SGLang's KV pool size (tokens) of both servers")
-    parser.add_argument("--requests", type=int, default=16, help="concurrent requests sent to each server")
-    parser.add_argument("--max-new-tokens", type=int, default=1500, help="output tokens of each request")
+    parser.add_argument("--max-total-tokens", type=int, default=12000,
+                        help="SGLang's KV pool size (tokens) of every server")
+    parser.add_argument("--requests", type=int, default=48, help="concurrent requests sent to each server")
+    parser.add_argument("--max-new-tokens", type=int, default=3000, help="output tokens of each request")
+    parser.add_argument("--rules", default=",".join(ADMISSION_MODES),
+                        help=f"zoomr servers' ZOOMR_ADMISSION values, comma-separated (allowed: {ADMISSION_MODES})")
     parser.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "concurrency.png"),
                         help="PNG path; the full results go next to it as .json")
     parser.add_argument("--poll", type=float, default=0.3, help="seconds between two GET /metrics")
@@ -57,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_total_tokens", "requests", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    args.rules = [r for r in args.rules.split(",") if r]
+    if "observed" not in args.rules or not set(args.rules) <= set(ADMISSION_MODES):
+        parser.error(f"--rules={','.join(args.rules)}: allowed: values of {ADMISSION_MODES}, including observed")
     if args.poll <= 0 or args.server_timeout <= 0:
         parser.error(f"--poll={args.poll} and --server-timeout={args.server_timeout}: both must be > 0")
     check_zoomr_env(parser, args.zoomr_env)
@@ -126,7 +134,7 @@ def load_server(url: str, args, backend: str) -> dict:
 
 
 def report(name: str, run: dict, args) -> None:
-    log(f"    {name:5} ({run['backend']}): peak running {run['peak_running']:>3}, peak used tokens "
+    log(f"    {name:14} ({run['backend']}): peak running {run['peak_running']:>3}, peak used tokens "
         f"{run['peak_used_tokens']:>6} of {args.max_total_tokens}, finished {run['finished']}/{args.requests} "
         f"in {run['seconds']:.0f} s (server start {run['startup_seconds']:.0f} s), retracted {run['retracted']}"
         + (f", errors: {run['errors']}" if run["errors"] else ""))
@@ -146,19 +154,23 @@ def concurrency(args, model_path: str) -> Dict[str, dict]:
     context = context_length_for(model_path, PROMPT_LEN + args.max_new_tokens + 8)
     log(f"\nconcurrent requests at --max-total-tokens {args.max_total_tokens}: {args.requests} requests "
         f"of {PROMPT_LEN} + {args.max_new_tokens} tokens per server, peaks of SGLang's /metrics gauges")
+    # zoomr servers use the zoomr radix cache: a request SGLang retracts keeps its thoughts.
+    servers = [("dense", DENSE_BACKEND, {}, ())] + [
+        (f"zoomr {rule}", "zoomr", {"ZOOMR_ADMISSION": rule}, ZOOMR_TREE) for rule in args.rules]
     runs = {}
-    for name, backend in (("dense", DENSE_BACKEND), ("zoomr", "zoomr")):
+    for name, backend, env, extra_args in servers:
         with launch_server(model_path, backend, max_total_tokens=args.max_total_tokens, tiny=args.model_path is None,
-                           context_length=context) as server:
+                           context_length=context, env=env, extra_args=extra_args) as server:
             runs[name] = load_server(server.url, args, backend)
         runs[name]["startup_seconds"] = server.startup_seconds
         report(name, runs[name], args)
-    dense, zoomr = runs["dense"], runs["zoomr"]
+    dense = runs["dense"]
     per_dense = dense["peak_used_tokens"] / max(dense["peak_running"], 1)
     log(f"    dense check from SGLang's pool: {per_dense:.0f} used tokens per running request at the peak "
         f"(a request holds at most {PROMPT_LEN + args.max_new_tokens - 1})")
-    ratio = zoomr["peak_running"] / max(dense["peak_running"], 1)
-    log(f"    concurrent requests: dense {dense['peak_running']}, zoomr {zoomr['peak_running']} ({ratio:.2f}x)")
+    for name, run in runs.items():
+        log(f"    concurrent requests, {name}: {run['peak_running']} "
+            f"({run['peak_running'] / max(dense['peak_running'], 1):.2f}x dense)")
     return runs
 
 
@@ -191,7 +203,8 @@ def main(argv=None) -> None:
     plot_path = Path(args.plot)
     plot(runs, plot_path, f"Running requests at --max-total-tokens {args.max_total_tokens}, "
                           f"{args.requests} x {args.max_new_tokens} tokens\n{model_name}, {machine()}, {today}")
-    summary = {"concurrent_dense": runs["dense"]["peak_running"], "concurrent_zoomr": runs["zoomr"]["peak_running"]}
+    summary = {"concurrent_dense": runs["dense"]["peak_running"],
+               "concurrent_zoomr": runs["zoomr observed"]["peak_running"]}
     full = dict(summary=summary, date=today, machine=machine(), model=model_path, zoomr_settings=settings,
                 prompt_len=PROMPT_LEN, max_total_tokens=args.max_total_tokens, requests=args.requests,
                 max_new_tokens=args.max_new_tokens, **runs, seconds=round(time.time() - began, 1), argv=sys.argv[1:])

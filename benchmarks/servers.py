@@ -162,9 +162,9 @@ def server_command(model_path: str, backend: str, port: int, *, max_total_tokens
 @contextlib.contextmanager
 def launch_server(model_path: str, backend: str, *, max_total_tokens: Optional[int], tiny: bool,
                   context_length: Optional[int] = None, timeout: float = 300, prefill_backend: Optional[str] = None,
-                  extra_args: Sequence[str] = ()) -> Iterator[Server]:
-    """A healthy ``launch_server`` on a free loopback port. Its stderr goes to a log file that is
-    kept (and named) when anything fails, else removed."""
+                  extra_args: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> Iterator[Server]:
+    """A healthy ``launch_server`` on a free loopback port (``env``: variables set for it only). Its
+    stderr goes to a log file that is kept (and named) when anything fails, else removed."""
     from sglang.srt.utils import kill_process_tree
 
     port = free_port()
@@ -174,7 +174,7 @@ def launch_server(model_path: str, backend: str, *, max_total_tokens: Optional[i
     url = f"http://127.0.0.1:{port}"
     start = time.time()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=log_file)
+        proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log_file)
         try:
             wait_healthy(proc, url, log_path, backend, timeout)
             yield Server(url=url, backend=backend, startup_seconds=round(time.time() - start, 1))

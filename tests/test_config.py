@@ -18,7 +18,7 @@ def test_every_variable_is_read():
         "ZOOMR_REFRESH_INTERVAL": "8", "ZOOMR_STATS_HISTORY": "5", "ZOOMR_SELF_CHECK_INTERVAL": "9",
         "ZOOMR_HOST_POOL_GB": "1.5", "ZOOMR_ZOOM_CACHE": "0", "ZOOMR_POLICY": "sumr", "ZOOMR_BUDGET": "200",
         "ZOOMR_VOTE": "count", "ZOOMR_MAX_CANDIDATES": "64", "ZOOMR_INDEX_ENTRIES": "4096",
-        "ZOOMR_SEGMENT_PROMPT": "off",
+        "ZOOMR_SEGMENT_PROMPT": "off", "ZOOMR_ADMISSION": "bound",
     }
     assert set(environ) == set(ENV_VARS)  # a new knob joins this test
     config = load_config(environ)
@@ -27,12 +27,14 @@ def test_every_variable_is_read():
         summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
         self_check_interval=9, host_pool_gb=1.5, zoom_cache=0, policy="sumr", budget=200, vote="count",
         max_candidates=64, index_entries=4096, segment_prompt="off",
+        admission="bound",
     )
 
 
 @pytest.mark.parametrize("name, value, words", [
     ("ZOOMR_TOPK", "-1", ">= 1"),
     ("ZOOMR_SEGMENT_PROMPT", "yes", "allowed: markers, off"),
+    ("ZOOMR_ADMISSION", "loose", "allowed: observed, bound, sglang"),
     ("ZOOMR_TOPK", "0", ">= 1"),
     ("ZOOMR_TOPK", "two", "not an integer"),
     ("ZOOMR_NUM_THOUGHTS", "1.5", "not an integer"),

@@ -34,7 +34,8 @@ def test_concurrency_benchmark_prints_peak_running_requests(tmp_path):
     plot = tmp_path / "concurrency.png"
     # The pool fits two whole dense requests.
     summary = run_benchmark("concurrency.py", "--requests", "4", "--max-new-tokens", "300",
-                               "--max-total-tokens", "700", "--poll", "0.1", "--plot", str(plot), *SMALL_ZOOMR,
+                               "--max-total-tokens", "700", "--poll", "0.1", "--rules", "bound,observed",
+                               "--plot", str(plot), *SMALL_ZOOMR,
                                timeout=240)
     assert set(summary) == {"concurrent_dense", "concurrent_zoomr"}
     assert isinstance(summary["concurrent_dense"], int) and isinstance(summary["concurrent_zoomr"], int)
@@ -44,6 +45,8 @@ def test_concurrency_benchmark_prints_peak_running_requests(tmp_path):
     assert plot.stat().st_size > 0
     full = json.loads(plot.with_suffix(".json").read_text())
     assert full["summary"] == summary
-    for run in (full["dense"], full["zoomr"]):
+    assert summary["concurrent_zoomr"] == full["zoomr observed"]["peak_running"]
+    for run in (full["dense"], full["zoomr bound"], full["zoomr observed"]):
         assert run["finished"] == 4 and not run["errors"]
-    assert full["zoomr"]["host_tier"]["zoom_in_failures"] == 0
+    for rule in ("bound", "observed"):
+        assert full[f"zoomr {rule}"]["host_tier"]["zoom_in_failures"] == 0

@@ -57,6 +57,10 @@ class ZoomRConfig:
     # Reasoning pasted into a prompt: "markers" segments a prompt holding the summary begin marker
     # into thoughts (indexed, zoomable, tiered like generated ones); "off" keeps it all prompt.
     segment_prompt: str = "markers"
+    # What SGLang's admission charges a request whose KV the host tier moves (attention_backend/
+    # admission.py): "observed" (what it keeps, over-admitting with retraction as the valve),
+    # "bound" (its working-set bound: never retracted for it) or "sglang" (its whole output).
+    admission: str = "observed"
 
     def markers(self) -> Mapping[str, Tuple[str, ...]]:
         """Every configured marker string under its variable name (for tokenizer checks)."""
@@ -97,6 +101,7 @@ def _gigabytes(name: str, raw: str) -> float:
 
 VOTE_MODES = ("mass", "count")
 SEGMENT_PROMPT_MODES = ("markers", "off")
+ADMISSION_MODES = ("observed", "bound", "sglang")
 
 
 def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
@@ -154,6 +159,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
     "ZOOMR_INDEX_ENTRIES": ("index_entries", lambda n, r: _int(n, r, 0)),
     "ZOOMR_SEGMENT_PROMPT": ("segment_prompt", lambda n, r: _choice(n, r, SEGMENT_PROMPT_MODES)),
+    "ZOOMR_ADMISSION": ("admission", lambda n, r: _choice(n, r, ADMISSION_MODES)),
 }
 
 ENV_VARS = tuple(_FIELDS)

@@ -8,15 +8,17 @@ host tier is on, except the insert cap below pasted reasoning, which needs only 
 - Decode memory check: the next step's possible zoom-ins count as required tokens, so SGLang
   evicts its tree or retracts before a zoom-in could find the pool empty.
 - Busy leak check: SGLang's own count of a running request's device slots, corrected for holes.
-- Admission: a ZoomR request's future device footprint is bounded by its working set, not by its
-  output length; the scheduler's reservation says so, and the "batch is full" latch reopens when
-  the tier frees slots.
+- Admission: a ZoomR request is charged what it will keep on the device (``admission.py``,
+  ``ZOOMR_ADMISSION``), not its output length, and the "batch is full" latch reopens when the tier
+  frees slots.
 """
 
 from __future__ import annotations
 
+from typing import Dict
+
 from zoomr_sglang.algo.working_set import subtract_ranges
-from zoomr_sglang.attention_backend.admission import future_device_tokens, reservation_for_new_request
+from zoomr_sglang.attention_backend.admission import HostRoom, new_request_charge, running_charge
 
 
 def _controller_of(req_to_token_pool):
@@ -74,26 +76,102 @@ def after_new_tokens_required(result, batch, selected_indices=None, *args, **kwa
     return result + sum(tiering.zoom_headroom(r.kv.req_pool_idx) for r in reqs if r.kv.req_pool_idx is not None)
 
 
-def after_running_offset(result, adder, req, *args, **kwargs):
+class _AdmissionPass:
+    """One ``PrefillAdder``'s view of the host tier: its free room, handed to the running requests'
+    charges (each charged once, however often SGLang asks) and then to the new ones'; and the
+    request being admitted when the host tier may move its KV."""
+
+    def __init__(self, controller) -> None:
+        host = controller.tiering.host
+        self.host_room = HostRoom(host.capacity - host.num_used)
+        self.running: Dict[int, int] = {}
+        self.admitting = None
+
+    def reservation(self, config, max_new_tokens: int, ratio: float, take: bool) -> int:
+        charge = new_request_charge(config, max_new_tokens, ratio)
+        return min(max_new_tokens, self.host_room.device_tokens(charge, take))
+
+
+def _admission_controller(adder):
     controller = _controller_with_tiering(adder.tree_cache.req_to_token_pool)
+    return None if controller is None or controller.config.admission == "sglang" else controller
+
+
+def _admission_pass(adder, controller) -> _AdmissionPass:
+    admission_pass = getattr(adder, "_zoomr_admission", None)
+    if admission_pass is None:
+        admission_pass = adder._zoomr_admission = _AdmissionPass(controller)
+    return admission_pass
+
+
+def after_running_offset(result, adder, req, *args, **kwargs):
+    controller = _admission_controller(adder)
     if controller is None or req.kv.req_pool_idx is None:
         return result
     state = controller.planner.states.get(req.kv.req_pool_idx)
     if state is None or not controller.planner.tiered(state):
         return result  # a policy whose KV never leaves the device keeps SGLang's own charge
-    remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
-    return min(result, future_device_tokens(controller.config, state, remaining))
+    admission_pass = _admission_pass(adder, controller)
+    if id(req) not in admission_pass.running:
+        remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
+        charge = running_charge(controller.config, state, remaining, adder.new_token_ratio)
+        admission_pass.running[id(req)] = admission_pass.host_room.device_tokens(charge)
+    return min(result, admission_pass.running[id(req)])
+
+
+def around_admitting(original, adder, req, *args, **kwargs):
+    """``PrefillAdder.add_one_req`` and ``add_chunked_req``: the two hooks below lower the charge
+    of the request being admitted when the host tier may move its KV."""
+    controller = _admission_controller(adder)
+    if controller is None:
+        return original(adder, req, *args, **kwargs)
+    admission_pass = _admission_pass(adder, controller)
+    admission_pass.admitting = req if controller.planner.accepts_holes(req) else None
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        admission_pass.admitting = None
+
+
+def _admitting(adder, req=None):
+    """``(controller, admission pass)`` while ``req`` (default: any request) is being admitted
+    with a lowered charge, else None."""
+    controller = _admission_controller(adder)
+    admission_pass = None if controller is None else getattr(adder, "_zoomr_admission", None)
+    if admission_pass is None or admission_pass.admitting is None or req not in (None, admission_pass.admitting):
+        return None
+    return controller, admission_pass
+
+
+def before_check_prefill_budget(adder, req, *args, **kwargs):
+    """SGLang admits a request only while its prompt plus its whole remaining output
+    (``total_tokens``) is below the free room; count the reservation instead of that output."""
+    admitting = _admitting(adder, req)
+    if admitting is None or "total_tokens" not in kwargs:
+        return None
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    controller, admission_pass = admitting
+    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    reserved = admission_pass.reservation(controller.config, max_new, adder.new_token_ratio, take=False)
+    kwargs["total_tokens"] -= max_new - reserved
+    return (adder, req, *args), kwargs
 
 
 def before_update_prefill_budget(adder, *args, **kwargs):
-    """Cap a newly admitted request's reservation (``max_new_tokens``, third argument)."""
-    controller = _controller_with_tiering(adder.tree_cache.req_to_token_pool)
-    if controller is None:
+    """Lower the admitted request's reservation (``max_new_tokens``, third argument)."""
+    admitting = _admitting(adder)
+    if admitting is None:
         return None
+    controller, admission_pass = admitting
+
+    def reservation(max_new_tokens: int) -> int:
+        return admission_pass.reservation(controller.config, max_new_tokens, adder.new_token_ratio, take=True)
+
     if "max_new_tokens" in kwargs:
-        kwargs["max_new_tokens"] = reservation_for_new_request(controller.config, kwargs["max_new_tokens"])
+        kwargs["max_new_tokens"] = reservation(kwargs["max_new_tokens"])
     elif len(args) >= 3:
-        args = (*args[:2], reservation_for_new_request(controller.config, args[2]), *args[3:])
+        args = (*args[:2], reservation(args[2]), *args[3:])
     return (adder, *args), kwargs
 
 
@@ -112,6 +190,9 @@ HOOKS = (
     ("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", around_free_kv_row, "AROUND"),
     ("sglang.srt.managers.schedule_batch.ScheduleBatch.new_tokens_required_next_decode", after_new_tokens_required, "AFTER"),
     ("sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset", after_running_offset, "AFTER"),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", around_admitting, "AROUND"),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req", around_admitting, "AROUND"),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder._check_prefill_budget", before_check_prefill_budget, "BEFORE"),
     ("sglang.srt.managers.schedule_policy.PrefillAdder._update_prefill_budget", before_update_prefill_budget, "BEFORE"),
     ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", before_prefill_admission, "BEFORE"),
     ("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes",

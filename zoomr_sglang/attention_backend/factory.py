@@ -6,6 +6,8 @@ import os
 import weakref
 from typing import List, Optional
 
+import torch
+
 from zoomr_sglang.attention_backend.controller import ZoomRController
 from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
@@ -18,6 +20,9 @@ MIN_INDEX_ENTRIES = 1024
 # Requests that can vote in one step (past it, the rest keep their selection until their next
 # refresh point). Refresh points come every few tokens, so this serves batches of thousands.
 MAX_VOTERS = 512
+# Default host tier: room for this many device pools. What a request keeps on the device is 5-20x
+# less than its sequence, so at full admission the tier holds several pools' worth of thoughts.
+HOST_POOL_PER_DEVICE_POOL = 8
 
 # ReqToTokenPool -> the controller of the backend that reads it. The plug-in's pool hooks
 # (row freed, pool cleared) and its server-info hook find the controller through here.
@@ -67,8 +72,9 @@ def create_zoomr_backend(model_runner):
 
 
 def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_size: int) -> Optional[ThoughtTiering]:
-    """The host tier for cold thoughts, sized by ``ZOOMR_HOST_POOL_GB`` (default: twice the device
-    KV pool, at most a quarter of the machine's memory), or None when it is 0."""
+    """The host tier for cold thoughts, sized by ``ZOOMR_HOST_POOL_GB`` (default: room for
+    ``HOST_POOL_PER_DEVICE_POOL`` device pools, at most a quarter of the machine's memory), or None
+    when it is 0."""
     if config.host_pool_gb == 0:
         return None
     if attn_tp_size > 1:
@@ -86,9 +92,11 @@ def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_
         model_runner.kv_cache_dtype,
     )
     if config.host_pool_gb is None:
-        # Twice the device pool, but never more than a quarter of the machine's memory (pinned on CUDA).
-        ram_tokens = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // bytes_per_token
-        capacity = min(2 * allocator.size, ram_tokens)
+        # Never more than a quarter of the machine's memory (pinned on CUDA), shared by the servers
+        # of every GPU the process sees.
+        servers = torch.cuda.device_count() if str(model_runner.device).startswith("cuda") else 1
+        ram_tokens = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // max(servers, 1) // bytes_per_token
+        capacity = min(HOST_POOL_PER_DEVICE_POOL * allocator.size, ram_tokens)
     else:
         capacity = int(config.host_pool_gb * (1 << 30)) // bytes_per_token
     host_tier = HostKVTier(

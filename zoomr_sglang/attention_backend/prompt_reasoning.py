@@ -5,6 +5,8 @@
 - Pasted: the prompt holds the summary begin marker (``ZOOMR_SEGMENT_PROMPT=markers``); the request
   segments it from where that reasoning starts, and SGLang's tree is kept below that point while
   the request runs, so the host tier can move the pasted thoughts like generated ones.
+- Retracted: SGLang re-prefills a retracted request's earlier output as prompt; without an
+  inheritance the request segments it again from where its output began, as it first did.
 - Otherwise the request segments its own output only.
 """
 
@@ -37,8 +39,10 @@ def prompt_reasoning(req, config: ZoomRConfig, token_texts: Sequence[str]) -> Op
     if inheritance is not None and inheritance.prefix_len == req.prefix_len:  # the match it was scheduled with
         prompt_len = len(req.origin_input_ids) + len(req.output_ids)
         return PromptReasoning(inheritance.reasoning_start, inheritance.resume_from, prompt_len, inheritance)
-    if config.segment_prompt != "markers":
-        return None
-    start = prompt_reasoning_start(req.origin_input_ids, token_texts, boundaries=config.boundaries,
-                                   summary_begin=config.summary_begin)
+    start = None
+    if config.segment_prompt == "markers":
+        start = prompt_reasoning_start(req.origin_input_ids, token_texts, boundaries=config.boundaries,
+                                       summary_begin=config.summary_begin)
+    if start is None and req.output_ids:
+        start = len(req.origin_input_ids)
     return None if start is None else PromptReasoning(start, start, max(start, req.prefix_len))
