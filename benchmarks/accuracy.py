@@ -13,7 +13,7 @@ model and budget accounting:
 1. ``full`` (dense) solves every problem; its average sequence length (prompt + output) sets the
    budgets: ``--budgets`` fractions of it, in tokens.
 2. Every other policy at every budget, all requests at once: ``streaming``, ``h2o``, ``sumr``,
-   ``quest``, ``zoomr``, plus ``oracle`` (zooms into the thoughts the step really reads: the ceiling
+   ``quest``, ``zoomr``, ``zoomr_pages``, plus ``oracle`` (zooms into the thoughts the step really reads: the ceiling
    of any thought selection) and ``random`` (random thoughts: the floor).
 
 ``resident_fraction`` is measured from SGLang's per-request counters, not configured: the largest
@@ -51,7 +51,7 @@ from testbed.policy_runs import (  # noqa: E402
 )
 from testbed.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
 
-POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "oracle", "random")
+POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "zoomr_pages", "oracle", "random")
 
 
 def task_parser(description: str, *, n_problems: int, out: str) -> argparse.ArgumentParser:
@@ -92,9 +92,9 @@ def parse_args(argv=None):
 
 
 def table(rows, per_step) -> str:
-    lines = [f"{'policy':<10} {'budget':>7} {'resident':>9} {'per step':>9} {'accuracy':>9}"]
+    lines = [f"{'policy':<11} {'budget':>7} {'resident':>9} {'per step':>9} {'accuracy':>9}"]
     for r, step in zip(rows, per_step):
-        lines.append(f"{r['policy']:<10} {r['budget_fraction']:>7.2f} {r['resident_fraction']:>9.3f} {step:>9.3f}"
+        lines.append(f"{r['policy']:<11} {r['budget_fraction']:>7.2f} {r['resident_fraction']:>9.3f} {step:>9.3f}"
                      f" {r['accuracy']:>9.3f}")
     return "\n".join(lines)
 

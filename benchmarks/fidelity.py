@@ -14,15 +14,19 @@ output. Reported per layer, averaged over steps and problems.
 Prints a table; writes ``<out>.json`` and ``<out>.png`` (mass coverage vs measured resident
 fraction, one line per policy); the last stdout line is one JSON object: ``{"n_problems": int,
 "avg_output_tokens": float, "results": [{"policy", "budget_fraction", "resident_fraction",
-"mass_coverage": [per layer], "rel_error": [per layer]}, ...]}``.
+"mass_coverage": [per layer], "rel_error": [per layer], "mass_coverage_detail_reads"}, ...]}``;
+``mass_coverage_detail_reads``: the coverage (mean over layers) at the decode steps that write a
+detail read (a value only an earlier thought's body holds), where the selection decides the answer.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import plot_policies  # noqa: E402  (before sglang: CPU engine set-up)
@@ -33,13 +37,36 @@ from testbed.policy_runs import (  # noqa: E402
 from testbed.reasoner_model import load_tokenizer  # noqa: E402
 
 
+DETAIL_WORD = re.compile(r"^v\d+'=")  # testbed.program_trace.value_word(k, value, detail=True)
+
+
 def parse_args(argv=None):
     parser = accuracy.task_parser(__doc__.split("\n\n")[0], n_problems=8, out="fidelity")
     return accuracy.parse_task_args(parser, argv)
 
 
-def aggregate(results):
-    """Per spec: measured resident fraction and per-layer coverage / error, step-weighted."""
+def detail_read_steps(token_texts: List[str]) -> List[int]:
+    """Decode steps that write a detail read: the token ``v<j>'=<value>`` (step j's intermediate)
+    after its first occurrence, which ends thought j itself; only thought j's body holds it. Output
+    token m is written at decode step m - 1 (the first comes from the prefill)."""
+    seen, steps = set(), []
+    for m, text in enumerate(token_texts):
+        if DETAIL_WORD.match(text):
+            if text in seen and m > 0:
+                steps.append(m - 1)
+            seen.add(text)
+    return steps
+
+
+def detail_read_coverage(runs, read_steps: List[List[int]]) -> Optional[float]:
+    """Mean mass coverage (over layers) at the detail-read steps of every run; None without any."""
+    masses = [r.fidelity["step_mass"][step] for r in runs for step in read_steps[r.problem_index]]
+    return sum(masses) / len(masses) if masses else None
+
+
+def aggregate(results, read_steps: List[List[int]]):
+    """Per spec: measured resident fraction, per-layer coverage / error (step-weighted), and the
+    coverage at the steps that read an earlier thought's body."""
     by_spec = {}
     for r in results:
         by_spec.setdefault(r.spec, []).append(r)
@@ -51,7 +78,8 @@ def aggregate(results):
         error = [sum(r.fidelity["rel_error"][l] * r.fidelity["steps"] for r in runs) / steps for l in range(layers)]
         rows.append({"policy": spec.policy, "budget_fraction": spec.budget_fraction,
                      "resident_fraction": resident_fraction(runs),
-                     "mass_coverage": mass, "rel_error": error})
+                     "mass_coverage": mass, "rel_error": error,
+                     "mass_coverage_detail_reads": detail_read_coverage(runs, read_steps)})
     return rows
 
 
@@ -72,10 +100,13 @@ def main(argv=None) -> dict:
     for r in runs:
         if r.output_ids != forced[r.problem_index]:
             raise RuntimeError(f"{r.spec} problem {r.problem_index}: the forced trace was not followed")
-    rows = aggregate(runs)
-    print(f"{'policy':<10} {'budget':>6} {'resident':>8}  mass covered per layer / rel. error per layer")
+    read_steps = [detail_read_steps(tokenizer.convert_ids_to_tokens(f)) for f in forced]
+    rows = aggregate(runs, read_steps)
+    print(f"{'policy':<11} {'budget':>6} {'resident':>8} {'detail reads':>12}  mass covered per layer / rel. error per layer")
     for r in rows:
-        print(f"{r['policy']:<10} {r['budget_fraction']:>6.2f} {r['resident_fraction']:>8.3f}  "
+        detail = r["mass_coverage_detail_reads"]
+        print(f"{r['policy']:<11} {r['budget_fraction']:>6.2f} {r['resident_fraction']:>8.3f} "
+              f"{'-' if detail is None else f'{detail:.3f}':>12}  "
               + " ".join(f"{m:.3f}" for m in r["mass_coverage"]) + "  /  "
               + " ".join(f"{e:.3f}" for e in r["rel_error"]))
     avg_output = sum(len(f) for f in forced) / len(forced)

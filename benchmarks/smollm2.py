@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from testbed.policy_runs import generate_all  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "random")
+POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "zoomr_pages", "random")
 BENCH_ENV = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "256",
              "ZOOMR_HOST_POOL_GB": "0", "ZOOMR_STATS_HISTORY": "100000"}
 QUESTIONS = (
@@ -166,11 +166,11 @@ def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
 
 
 def table(rows) -> str:
-    lines = [f"{'policy':<10} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} "
+    lines = [f"{'policy':<11} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} "
              f"{'mass':>6} {'rel.err':>7} {'min-layer mass':>14}",
              "-" * 80]
     for r in rows:
-        lines.append(f"{r['policy']:<10} {r['budget_fraction']:>6.2f} {r['budget_tokens']:>6} "
+        lines.append(f"{r['policy']:<11} {r['budget_fraction']:>6.2f} {r['budget_tokens']:>6} "
                      f"{r['resident_fraction']:>8.3f} {r['agreement']:>6.3f} {r['equal_prefix_tokens']:>7.1f} "
                      f"{r['mass_coverage']:>6.3f} {r['rel_error']:>7.3f} {min(r['mass_per_layer']):>14.3f}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import torch
 from backend_harness import Harness, scripted_tokens
 from zoomr_sglang.algo.policies import (
     POLICY_NAMES, H2OPolicy, OraclePolicy, QuestPolicy, RandomPolicy, StepView, StreamingPolicy,
-    SummaryOnlyPolicy, ZoomRPolicy, FullPolicy, QUEST_PAGE_SIZE, add_within_budget, current_thought,
+    SummaryOnlyPolicy, ZoomRPagesPolicy, ZoomRPolicy, FullPolicy, QUEST_PAGE_SIZE, add_within_budget, current_thought,
     mask_to_ranges, quest_upper_bound, recent_fill,
 )
 from zoomr_sglang.algo.segmentation import Thought
@@ -138,6 +138,40 @@ def test_quest_attends_the_page_whose_keys_match_the_query_at_the_next_step():
     quest.observe(0, query, keys[0:96], torch.arange(96), 1.0)
     ws = pairs(quest.working_set(view(seq_len=97, budget=48, sink=4, window=8, thoughts=[], candidates=[])))
     assert any(a <= 32 and 48 <= b for a, b in ws) and ranges_size(ws) <= 48
+
+
+def _long_thought_view(seq_len, **overrides):
+    """Prompt [0, 16); thought 0 body [16, 80) (pages 1-4) summary [80, 84), voted; open from 84."""
+    thoughts = [Thought(index=0, start=16, body_end=80, summary_start=80, summary_end=84, has_summary_content=True,
+                        final=True), Thought(index=1, start=84, body_end=seq_len)]
+    base = dict(seq_len=seq_len, prompt_len=16, sink=4, window=8, budget=60, thoughts=thoughts, candidates=[0],
+                zoomed=[0], open_from=84)
+    return view(**{**base, **overrides})
+
+
+def test_zoomr_pages_attends_the_best_pages_of_a_voted_thought_too_long_for_the_budget():
+    policy = ZoomRPagesPolicy(num_thoughts=1)
+    first = _long_thought_view(96)
+    # The 64-token thought does not fit whole (prompt + summary + window = 28 of 60): none of it yet.
+    assert pairs(policy.working_set(first)) == pairs(ZoomRPolicy(num_thoughts=1).working_set(first))
+    assert policy.scorer.candidate_pages.tolist() == [1, 2, 3, 4] and policy.scorer.pages_wanted == 2
+    assert policy.observe_positions(first, first) == [(0, 96)]
+    keys = torch.zeros(96, 1, 4)
+    keys[32:48, 0, 0] = 9.0  # page 2 matches the query
+    keys[0:16, 0, 0] = 20.0  # the prompt matches more, but is not a candidate
+    query = torch.zeros(2, 4)
+    query[:, 0] = 1.0
+    policy.observe(0, query, keys, torch.arange(96), 1.0)
+    ws = pairs(policy.working_set(_long_thought_view(97)))
+    assert any(a <= 32 and 48 <= b for a, b in ws) and ranges_size(ws) <= 60
+    assert not any(a <= 32 and 48 <= b for a, b in pairs(ZoomRPolicy(num_thoughts=1).working_set(_long_thought_view(97))))
+
+
+def test_zoomr_pages_is_zoomr_without_a_budget_and_everything_with_a_budget_covering_it():
+    for budget, expected in ((0, pairs(ZoomRPolicy(num_thoughts=1).working_set(_long_thought_view(96, budget=0)))),
+                             (96, [(0, 96)])):
+        policy = ZoomRPagesPolicy(num_thoughts=1)
+        assert pairs(policy.working_set(_long_thought_view(96, budget=budget))) == expected
 
 
 def test_request_settings_validate_and_name_the_bad_value():
@@ -280,3 +314,8 @@ def test_fidelity_is_measured_at_every_step_without_self_checks():
     measured, plain = (harness.states[row].stats.as_dict() for row in harness.rows)
     assert measured["fidelity"]["steps"] == 60 and len(measured["fidelity"]["mass"]) == harness.num_layers
     assert "fidelity" not in plain and measured["self_checks"] == 0
+    # Per step (mean over layers): one value per step, averaging to the per-layer means' mean.
+    step_mass = measured["fidelity"]["step_mass"]
+    assert len(step_mass) == 60 and all(0 < m <= 1 for m in step_mass) and len(set(step_mass)) > 1
+    overall = sum(measured["fidelity"]["mass"]) / harness.num_layers
+    assert abs(sum(step_mass) / 60 - overall) < 1e-9

@@ -76,9 +76,62 @@ class H2OPolicy(Policy):
         self.scores.index_add_(0, positions, weights)
 
 
+class PageScorer:
+    """Quest's page index for one request: per (layer, KV head) element-wise min and max keys of
+    every complete :data:`QUEST_PAGE_SIZE`-token page, and the votes of each (layer, query head)
+    for its top pages among the ones asked about at a step (read at the next step)."""
+
+    def __init__(self) -> None:
+        self.bounds: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (min, max) [pages, kv_heads, d]
+        self.pages_bounded = 0  # complete pages whose bounds every layer has stored
+        self.candidate_pages = torch.zeros(0, dtype=torch.int64)  # pages voted on this step
+        self.pages_wanted = 0
+        self.page_votes: Optional[torch.Tensor] = None  # [len(candidate_pages)] votes cast this step
+        self.page_score_sums: Optional[torch.Tensor] = None
+
+    def take_ranking(self) -> Optional[List[int]]:
+        """The pages last step's votes chose, most voted first (None: no vote was cast)."""
+        if self.page_votes is None:
+            return None
+        ranked = select_thoughts(self.page_votes, self.page_score_sums, self.pages_wanted)
+        self.page_votes = self.page_score_sums = None
+        return [int(self.candidate_pages[j]) for j in ranked]
+
+    def ask(self, candidate_pages: torch.Tensor, pages_wanted: int) -> None:
+        """This step's layers vote for ``pages_wanted`` of ``candidate_pages`` (int64 page numbers)."""
+        self.candidate_pages, self.pages_wanted = candidate_pages, pages_wanted
+
+    def new_pages(self, seq_len: int) -> List[Range]:
+        """Positions of the pages completed since the last step: their keys extend the bounds."""
+        start, self.pages_bounded = self.pages_bounded, seq_len // QUEST_PAGE_SIZE
+        return [(start * QUEST_PAGE_SIZE, self.pages_bounded * QUEST_PAGE_SIZE)]
+
+    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor) -> None:
+        if keys.shape[0]:
+            paged = keys.float().reshape(-1, QUEST_PAGE_SIZE, *keys.shape[1:])
+            new_min, new_max = paged.amin(dim=1), paged.amax(dim=1)
+            old = self.bounds.get(layer_id)
+            self.bounds[layer_id] = (new_min, new_max) if old is None else (
+                torch.cat([old[0], new_min]), torch.cat([old[1], new_max]))
+        if layer_id not in self.bounds or self.candidate_pages.numel() == 0 or self.pages_wanted == 0:
+            return
+        lows, highs = self.bounds[layer_id]
+        pages = self.candidate_pages.to(lows.device)
+        votes, sums = head_votes(quest_upper_bound(query, lows[pages], highs[pages]), self.pages_wanted)
+        if self.page_votes is None:
+            self.page_votes, self.page_score_sums = votes, sums
+        else:
+            self.page_votes += votes
+            self.page_score_sums += sums
+
+
+def page_ranges(pages: Sequence[int]) -> List[Range]:
+    return [(p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE) for p in pages]
+
+
 class QuestPolicy(Policy):
-    """Quest: pages of :data:`QUEST_PAGE_SIZE` tokens keep per-(layer, KV head) element-wise min and
-    max keys, and a query bounds a page's score by ``sum_d max(q_d * min_d, q_d * max_d)``.
+    """Quest: pages keep key bounds (:class:`PageScorer`), and a query bounds a page's score by
+    ``sum_d max(q_d * min_d, q_d * max_d)``.
 
     Each (layer, query head) votes for its top pages (as many as the budget holds besides sinks and
     the recent window, a quarter of the budget at most ``view.window``); the most voted pages are
@@ -90,61 +143,32 @@ class QuestPolicy(Policy):
 
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         super().__init__(num_thoughts=num_thoughts)
-        self.bounds: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (min, max) [pages, kv_heads, d]
-        self.pages_bounded = 0  # complete pages whose bounds every layer has stored
-        self.candidate_pages = torch.zeros(0, dtype=torch.int64)  # pages voted on this step
-        self.pages_wanted = 0
-        # [len(candidate_pages)] votes cast this step (not ``votes``: that flag means ZoomR's device vote)
-        self.page_votes: Optional[torch.Tensor] = None
-        self.page_score_sums: Optional[torch.Tensor] = None
+        self.scorer = PageScorer()
         self.chosen: List[int] = []  # pages attended at the next step, most voted first
 
     def working_set(self, view: StepView) -> np.ndarray:
         if not view.budget:
             return as_range_array([(0, view.seq_len)])
-        if self.page_votes is not None:  # last step's votes take effect now
-            ranked = select_thoughts(self.page_votes, self.page_score_sums, self.pages_wanted)
-            self.chosen = [int(self.candidate_pages[j]) for j in ranked]
-            self.page_votes = self.page_score_sums = None
+        ranked = self.scorer.take_ranking()
+        if ranked is not None:
+            self.chosen = ranked
         recent = max(MIN_WINDOW, min(view.window, view.budget // 4))
         base = recent_fill([(0, min(view.sink, view.seq_len))], view.seq_len, view.budget, recent)
-        pages = [(p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE) for p in self.chosen]
-        chosen = add_within_budget(base, pages, view.budget)
+        chosen = add_within_budget(base, page_ranges(self.chosen), view.budget)
         # Pages already attended anyway (sinks, window) are not voted on.
         complete = view.seq_len // QUEST_PAGE_SIZE
         covered = torch.zeros(complete, dtype=torch.bool)
         for start, end in base:
             covered[start // QUEST_PAGE_SIZE: -(-end // QUEST_PAGE_SIZE)] = True
-        self.candidate_pages = torch.nonzero(~covered).flatten()
-        self.pages_wanted = max(0, (view.budget - ranges_size(base)) // QUEST_PAGE_SIZE)
+        self.scorer.ask(torch.nonzero(~covered).flatten(), max(0, (view.budget - ranges_size(base)) // QUEST_PAGE_SIZE))
         return as_range_array(recent_fill(chosen, view.seq_len, view.budget, view.seq_len))
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        if not view.budget:
-            return None
-        # Keys of the pages completed since the last step, to extend the bounds.
-        start, self.pages_bounded = self.pages_bounded, view.seq_len // QUEST_PAGE_SIZE
-        return [(start * QUEST_PAGE_SIZE, self.pages_bounded * QUEST_PAGE_SIZE)]
+        return self.scorer.new_pages(view.seq_len) if view.budget else None
 
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:
-        if keys.shape[0]:
-            paged = keys.float().reshape(-1, QUEST_PAGE_SIZE, *keys.shape[1:])
-            new_min, new_max = paged.amin(dim=1), paged.amax(dim=1)
-            old = self.bounds.get(layer_id)
-            self.bounds[layer_id] = (new_min, new_max) if old is None else (
-                torch.cat([old[0], new_min]), torch.cat([old[1], new_max]))
-        if layer_id not in self.bounds or self.candidate_pages.numel() == 0 or self.pages_wanted == 0:
-            return
-        lows, highs = self.bounds[layer_id]
-        pages = self.candidate_pages.to(lows.device)
-        upper = quest_upper_bound(query, lows[pages], highs[pages])
-        votes, sums = head_votes(upper, self.pages_wanted)
-        if self.page_votes is None:
-            self.page_votes, self.page_score_sums = votes, sums
-        else:
-            self.page_votes += votes
-            self.page_score_sums += sums
+        self.scorer.observe(layer_id, query, keys)
 
 
 def quest_upper_bound(query: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:

@@ -4,16 +4,17 @@ One small class per method behind one interface (the kvpress idea); each says on
 and in which order it wants its units (thoughts, pages, tokens), and one shared step,
 :func:`fill_budget`, turns that into a working set within the budget:
 
-========== ==================================================================================
-full       every position (dense attention)
-streaming  sinks + a recent window (StreamingLLM)
-h2o        sinks + recent window + heavy hitters by accumulated attention; evictions are final
-sumr       sinks + prompt + every summary + recent window (summary-only, no zoom-in)
-quest      sinks + recent window + the pages whose min/max key bounds score highest (Quest)
-zoomr      sinks + prompt + summaries + the c voted thoughts + recent window
-oracle     as zoomr, but the thoughts are the ones the task says the step reads (a ceiling)
-random     as zoomr, but c random closed thoughts (a floor)
-========== ==================================================================================
+=========== ==================================================================================
+full        every position (dense attention)
+streaming   sinks + a recent window (StreamingLLM)
+h2o         sinks + recent window + heavy hitters by accumulated attention; evictions are final
+sumr        sinks + prompt + every summary + recent window (summary-only, no zoom-in)
+quest       sinks + recent window + the pages whose min/max key bounds score highest (Quest)
+zoomr       sinks + prompt + summaries + the c voted thoughts + recent window
+zoomr_pages as zoomr, but a voted thought that does not fit the budget whole gives its best pages
+oracle      as zoomr, but the thoughts are the ones the task says the step reads (a ceiling)
+random      as zoomr, but c random closed thoughts (a floor)
+=========== ==================================================================================
 
 ``budget`` is the most KV tokens a request may attend per step (0: unbounded). With a budget every
 policy keeps what it cannot do without (its sinks, the last :data:`MIN_WINDOW` tokens and, for the
@@ -35,16 +36,18 @@ import random
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
+import torch
 
-from zoomr_sglang.algo.attention_policies import QUEST_PAGE_SIZE, H2OPolicy, QuestPolicy, quest_upper_bound
+from zoomr_sglang.algo.attention_policies import (
+    QUEST_PAGE_SIZE, H2OPolicy, PageScorer, QuestPolicy, page_ranges, quest_upper_bound)
 from zoomr_sglang.algo.policy_base import (
     Policy, StepView, add_within_budget, current_thought, fill_budget, mask_to_ranges, recent_fill,
 )
-from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, merge_ranges
+from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, merge_ranges, ranges_size
 
 __all__ = [
     "POLICIES", "POLICY_NAMES", "QUEST_PAGE_SIZE", "FullPolicy", "H2OPolicy", "OraclePolicy", "Policy", "QuestPolicy",
-    "RandomPolicy", "StepView", "StreamingPolicy", "SummaryOnlyPolicy", "ThoughtPolicy", "ZoomRPolicy",
+    "RandomPolicy", "StepView", "StreamingPolicy", "SummaryOnlyPolicy", "ThoughtPolicy", "ZoomRPagesPolicy", "ZoomRPolicy",
     "add_within_budget", "current_thought", "fill_budget", "mask_to_ranges", "quest_upper_bound", "recent_fill",
 ]
 
@@ -109,7 +112,7 @@ class ThoughtPolicy(Policy):
         if view.budget:
             cap = view.seq_len if view.window_cap is None else view.window_cap
             skeleton = [(start, min(end, view.seq_len)) for start, end in self._skeleton if start < view.seq_len]
-            return fill_budget(skeleton, view.seq_len, view.budget, min(view.window, cap), spans, cap)
+            return self.fill(view, skeleton, spans, cap)
         key = (self._closed, tuple(zoomed))
         if key != self._static_key:
             self._static = merge_range_array(as_range_array([*self._skeleton, *spans]))
@@ -120,6 +123,10 @@ class ThoughtPolicy(Policy):
             cut = int(below[-1, 0])
             below = below[:-1]
         return np.concatenate([below, np.array([[cut, view.seq_len]], dtype=np.int64)])
+
+    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
+        """Within a budget: the skeleton, the window, the zoomed thoughts whole while they fit."""
+        return fill_budget(skeleton, view.seq_len, view.budget, min(view.window, cap), spans, cap)
 
     def zoomed_thoughts(self, view: StepView) -> Sequence[int]:
         return view.zoomed
@@ -139,6 +146,50 @@ class ZoomRPolicy(ThoughtPolicy):
 
     name = "zoomr"
     votes = True
+
+
+class ZoomRPagesPolicy(ZoomRPolicy):
+    """ZoomR with a third granularity: a voted thought the budget cannot take whole is attended by
+    its best pages instead (Quest's key bounds, :class:`PageScorer`, scored by the same step's
+    queries and read at the next step), never beyond the voted thoughts. Without a budget it is
+    ``zoomr``; it observes every layer's query, so its steps run eagerly."""
+
+    name = "zoomr_pages"
+
+    def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
+        super().__init__(num_thoughts=num_thoughts)
+        self.scorer = PageScorer()
+        self.ranked: List[int] = []  # pages of voted thoughts, most voted first
+
+    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
+        base = recent_fill(skeleton, view.seq_len, view.budget, min(view.window, cap))
+        whole = add_within_budget(base, spans, view.budget)
+        # Complete pages inside the voted thoughts that did not fit whole, outside what is attended.
+        attended = as_range_array(whole)
+        pages = []
+        for start, end in spans:
+            first, last = -(-start // QUEST_PAGE_SIZE), end // QUEST_PAGE_SIZE
+            pages.extend(p for p in range(first, last) if not _inside(attended, p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE))
+        ranked = self.scorer.take_ranking()
+        if ranked is not None:
+            self.ranked = ranked
+        candidates = set(pages)
+        chosen = add_within_budget(whole, page_ranges([p for p in self.ranked if p in candidates]), view.budget)
+        self.scorer.ask(torch.tensor(pages, dtype=torch.int64), max(0, (view.budget - ranges_size(whole)) // QUEST_PAGE_SIZE))
+        return as_range_array(recent_fill(chosen, view.seq_len, view.budget, cap))
+
+    def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
+        return self.scorer.new_pages(view.seq_len) if view.budget else None
+
+    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                scaling: float) -> None:
+        self.scorer.observe(layer_id, query, keys)
+
+
+def _inside(ranges: np.ndarray, start: int, end: int) -> bool:
+    """Whether ``[start, end)`` lies within one of the sorted disjoint ``ranges`` ``[n, 2]``."""
+    i = int(np.searchsorted(ranges[:, 0], start, side="right")) - 1
+    return i >= 0 and int(ranges[i, 1]) >= end
 
 
 class OraclePolicy(ThoughtPolicy):
@@ -178,6 +229,6 @@ class RandomPolicy(ThoughtPolicy):
 
 POLICIES: Dict[str, Type[Policy]] = {
     cls.name: cls for cls in (FullPolicy, StreamingPolicy, H2OPolicy, SummaryOnlyPolicy, QuestPolicy,
-                              ZoomRPolicy, OraclePolicy, RandomPolicy)
+                              ZoomRPolicy, ZoomRPagesPolicy, OraclePolicy, RandomPolicy)
 }
 POLICY_NAMES = tuple(POLICIES)

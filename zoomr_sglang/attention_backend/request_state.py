@@ -56,6 +56,7 @@ class RequestStats:
     fidelity_steps: int = 0
     fidelity_mass_sum: List[float] = field(default_factory=list)
     fidelity_error_sum: List[float] = field(default_factory=list)
+    fidelity_step_mass: List[float] = field(default_factory=list)  # per decode step, summed over layers
 
     def add_fidelity(self, layer_id: int, mass: float, rel_error: float) -> None:
         while len(self.fidelity_mass_sum) <= layer_id:
@@ -64,6 +65,9 @@ class RequestStats:
         self.fidelity_mass_sum[layer_id] += mass
         self.fidelity_error_sum[layer_id] += rel_error
         self.fidelity_steps += layer_id == 0
+        if layer_id == 0:
+            self.fidelity_step_mass.append(0.0)
+        self.fidelity_step_mass[-1] += mass
 
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -74,6 +78,7 @@ class RequestStats:
                 "steps": self.fidelity_steps,
                 "mass": [m / self.fidelity_steps for m in self.fidelity_mass_sum],
                 "rel_error": [e / self.fidelity_steps for e in self.fidelity_error_sum],
+                "step_mass": [m / len(self.fidelity_mass_sum) for m in self.fidelity_step_mass],  # mean over layers
             }
         return out
 
