@@ -147,7 +147,7 @@ def report(name: str, run: dict, args) -> None:
         log(f"    WARNING: {host['zoom_in_failures']} zoom-ins found SGLang's pool empty (must be 0)")
     if host.get("host_full"):
         log(f"    note: the host tier was full {host['host_full']} times (those thoughts stayed on the device; "
-            f"ZOOMR_HOST_POOL_GB sizes it, default twice the device pool)")
+            f"ZOOMR_HOST_POOL_GB sizes it, default eight device pools)")
 
 
 def concurrency(args, model_path: str) -> Dict[str, dict]:

@@ -37,7 +37,7 @@ class ZoomRConfig:
     # Every this many decode steps, recompute each request's attention output with the dense
     # masked reference over the same working set and record the error (0: off; for tests/debug).
     self_check_interval: int = 0
-    # Host tier for cold thoughts' KV, in GiB of host memory; None: twice the device KV pool;
+    # Host tier for cold thoughts' KV, in GiB of host memory; None: eight device KV pools;
     # 0: off (all KV stays in SGLang's pool).
     host_pool_gb: Optional[float] = None
     zoom_cache: int = 2  # zoomed-in thoughts kept on the device after they leave the selection
