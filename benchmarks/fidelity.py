@@ -14,9 +14,10 @@ output. Reported per layer, averaged over steps and problems.
 Prints a table; writes ``<out>.json`` and ``<out>.png`` (mass coverage vs measured resident
 fraction, one line per policy); the last stdout line is one JSON object: ``{"n_problems": int,
 "avg_output_tokens": float, "results": [{"policy", "budget_fraction", "resident_fraction",
-"mass_coverage": [per layer], "rel_error": [per layer], "mass_coverage_detail_reads"}, ...]}``;
-``mass_coverage_detail_reads``: the coverage (mean over layers) at the decode steps that write a
-detail read (a value only an earlier thought's body holds), where the selection decides the answer.
+"mass_coverage": [per layer], "rel_error": [per layer], "mass_coverage_detail_reads",
+"min_head_coverage_detail_reads"}, ...]}``: at the decode steps that write a detail read (a value
+only an earlier thought's body holds), where the selection decides the answer, the coverage averaged
+over layers and heads, and the least coverage of any (layer, query head).
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def detail_read_steps(token_texts: List[str]) -> List[int]:
     return steps
 
 
-def detail_read_coverage(runs, read_steps: List[List[int]]) -> Optional[float]:
-    """Mean mass coverage (over layers) at the detail-read steps of every run; None without any."""
-    masses = [r.fidelity["step_mass"][step] for r in runs for step in read_steps[r.problem_index]]
+def detail_read_coverage(runs, read_steps: List[List[int]], key: str = "step_mass") -> Optional[float]:
+    """Mean over the detail-read steps of every run of a per-step coverage (``step_mass``: mean
+    over layers and heads; ``step_min_head_mass``: the least any (layer, head) kept); None without any."""
+    masses = [r.fidelity[key][step] for r in runs for step in read_steps[r.problem_index]]
     return sum(masses) / len(masses) if masses else None
 
 
@@ -79,7 +81,8 @@ def aggregate(results, read_steps: List[List[int]]):
         rows.append({"policy": spec.policy, "budget_fraction": spec.budget_fraction,
                      "resident_fraction": resident_fraction(runs),
                      "mass_coverage": mass, "rel_error": error,
-                     "mass_coverage_detail_reads": detail_read_coverage(runs, read_steps)})
+                     "mass_coverage_detail_reads": detail_read_coverage(runs, read_steps),
+                     "min_head_coverage_detail_reads": detail_read_coverage(runs, read_steps, "step_min_head_mass")})
     return rows
 
 
@@ -102,11 +105,13 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"{r.spec} problem {r.problem_index}: the forced trace was not followed")
     read_steps = [detail_read_steps(tokenizer.convert_ids_to_tokens(f)) for f in forced]
     rows = aggregate(runs, read_steps)
-    print(f"{'policy':<11} {'budget':>6} {'resident':>8} {'detail reads':>12}  mass covered per layer / rel. error per layer")
+    print(f"{'policy':<11} {'budget':>6} {'resident':>8} {'detail reads: mean':>18} {'least head':>10}  "
+          "mass covered per layer / rel. error per layer")
     for r in rows:
-        detail = r["mass_coverage_detail_reads"]
+        detail = [r["mass_coverage_detail_reads"], r["min_head_coverage_detail_reads"]]
+        detail = ["-" if d is None else f"{d:.3f}" for d in detail]
         print(f"{r['policy']:<11} {r['budget_fraction']:>6.2f} {r['resident_fraction']:>8.3f} "
-              f"{'-' if detail is None else f'{detail:.3f}':>12}  "
+              f"{detail[0]:>18} {detail[1]:>10}  "
               + " ".join(f"{m:.3f}" for m in r["mass_coverage"]) + "  /  "
               + " ".join(f"{e:.3f}" for e in r["rel_error"]))
     avg_output = sum(len(f) for f in forced) / len(forced)

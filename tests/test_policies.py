@@ -319,3 +319,7 @@ def test_fidelity_is_measured_at_every_step_without_self_checks():
     assert len(step_mass) == 60 and all(0 < m <= 1 for m in step_mass) and len(set(step_mass)) > 1
     overall = sum(measured["fidelity"]["mass"]) / harness.num_layers
     assert abs(sum(step_mass) / 60 - overall) < 1e-9
+    # The least any (layer, head) kept is at most the mean, and lower at some step.
+    least = measured["fidelity"]["step_min_head_mass"]
+    assert len(least) == 60 and all(0 <= low <= m + 1e-12 for low, m in zip(least, step_mass))
+    assert any(low < m - 1e-6 for low, m in zip(least, step_mass))

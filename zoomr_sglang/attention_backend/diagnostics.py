@@ -36,6 +36,7 @@ def check_outputs(plan: HostPlan, layer_id: int, query: torch.Tensor, output: to
         if state.settings.fidelity:
             weights = dense_attention_weights(query[i], keys[slots], scaling)  # [num_heads, seq_len]
             dense = weighted_values(weights, values[slots])
-            mass = float(weights[:, keep].sum(dim=1).mean())
+            per_head = weights[:, keep].sum(dim=1)
+            mass = float(per_head.mean())
             rel_error = float((output[i].double() - dense).norm() / dense.norm().clamp_min(1e-30))
-            state.stats.add_fidelity(layer_id, mass, rel_error)
+            state.stats.add_fidelity(layer_id, mass, rel_error, float(per_head.min()))

@@ -57,8 +57,10 @@ class RequestStats:
     fidelity_mass_sum: List[float] = field(default_factory=list)
     fidelity_error_sum: List[float] = field(default_factory=list)
     fidelity_step_mass: List[float] = field(default_factory=list)  # per decode step, summed over layers
+    # Per decode step, the least mass any (layer, query head) kept: low when one head's target is gone.
+    fidelity_step_min_head: List[float] = field(default_factory=list)
 
-    def add_fidelity(self, layer_id: int, mass: float, rel_error: float) -> None:
+    def add_fidelity(self, layer_id: int, mass: float, rel_error: float, min_head_mass: float) -> None:
         while len(self.fidelity_mass_sum) <= layer_id:
             self.fidelity_mass_sum.append(0.0)
             self.fidelity_error_sum.append(0.0)
@@ -67,7 +69,9 @@ class RequestStats:
         self.fidelity_steps += layer_id == 0
         if layer_id == 0:
             self.fidelity_step_mass.append(0.0)
+            self.fidelity_step_min_head.append(1.0)
         self.fidelity_step_mass[-1] += mass
+        self.fidelity_step_min_head[-1] = min(self.fidelity_step_min_head[-1], min_head_mass)
 
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -79,6 +83,7 @@ class RequestStats:
                 "mass": [m / self.fidelity_steps for m in self.fidelity_mass_sum],
                 "rel_error": [e / self.fidelity_steps for e in self.fidelity_error_sum],
                 "step_mass": [m / len(self.fidelity_mass_sum) for m in self.fidelity_step_mass],  # mean over layers
+                "step_min_head_mass": list(self.fidelity_step_min_head),
             }
         return out
 
