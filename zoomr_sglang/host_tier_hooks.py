@@ -138,7 +138,9 @@ def _admitting(adder, req=None):
     with a lowered charge, else None."""
     controller = _admission_controller(adder)
     admission_pass = None if controller is None else getattr(adder, "_zoomr_admission", None)
-    if admission_pass is None or admission_pass.admitting is None or req not in (None, admission_pass.admitting):
+    if admission_pass is None or admission_pass.admitting is None:
+        return None
+    if req is not None and req is not admission_pass.admitting:
         return None
     return controller, admission_pass
 
