@@ -79,9 +79,10 @@ class H2OPolicy(Policy):
 class PageScorer:
     """Quest's page index for one request: per (layer, KV head) element-wise min and max keys of
     every complete :data:`QUEST_PAGE_SIZE`-token page, and the votes of each (layer, query head)
-    for its top pages among the ones asked about at a step (read at the next step)."""
+    for its top pages among the ones asked about at a step (they rank the pages at the next step)."""
 
     def __init__(self) -> None:
+        self.ranked: List[int] = []  # pages the last vote chose, most voted first
         self.bounds: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (min, max) [pages, kv_heads, d]
         self.pages_bounded = 0  # complete pages whose bounds every layer has stored
         self.candidate_pages = torch.zeros(0, dtype=torch.int64)  # pages voted on this step
@@ -89,13 +90,13 @@ class PageScorer:
         self.page_votes: Optional[torch.Tensor] = None  # [len(candidate_pages)] votes cast this step
         self.page_score_sums: Optional[torch.Tensor] = None
 
-    def take_ranking(self) -> Optional[List[int]]:
-        """The pages last step's votes chose, most voted first (None: no vote was cast)."""
-        if self.page_votes is None:
-            return None
-        ranked = select_thoughts(self.page_votes, self.page_score_sums, self.pages_wanted)
-        self.page_votes = self.page_score_sums = None
-        return [int(self.candidate_pages[j]) for j in ranked]
+    def ranking(self) -> List[int]:
+        """The pages the last vote chose, most voted first; last step's votes, if any, take effect now."""
+        if self.page_votes is not None:
+            ranked = select_thoughts(self.page_votes, self.page_score_sums, self.pages_wanted)
+            self.ranked = [int(self.candidate_pages[j]) for j in ranked]
+            self.page_votes = self.page_score_sums = None
+        return self.ranked
 
     def ask(self, candidate_pages: torch.Tensor, pages_wanted: int) -> None:
         """This step's layers vote for ``pages_wanted`` of ``candidate_pages`` (int64 page numbers)."""
@@ -129,7 +130,21 @@ def page_ranges(pages: Sequence[int]) -> List[Range]:
     return [(p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE) for p in pages]
 
 
-class QuestPolicy(Policy):
+class ObservesPages:
+    """A policy mixin: with a budget, each step's new pages extend ``self.scorer``'s key bounds and
+    every layer's query votes among the pages the policy asked about."""
+
+    scorer: PageScorer
+
+    def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
+        return self.scorer.new_pages(view.seq_len) if view.budget else None
+
+    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                scaling: float) -> None:
+        self.scorer.observe(layer_id, query, keys)
+
+
+class QuestPolicy(ObservesPages, Policy):
     """Quest: pages keep key bounds (:class:`PageScorer`), and a query bounds a page's score by
     ``sum_d max(q_d * min_d, q_d * max_d)``.
 
@@ -144,17 +159,13 @@ class QuestPolicy(Policy):
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         super().__init__(num_thoughts=num_thoughts)
         self.scorer = PageScorer()
-        self.chosen: List[int] = []  # pages attended at the next step, most voted first
 
     def working_set(self, view: StepView) -> np.ndarray:
         if not view.budget:
             return as_range_array([(0, view.seq_len)])
-        ranked = self.scorer.take_ranking()
-        if ranked is not None:
-            self.chosen = ranked
         recent = max(MIN_WINDOW, min(view.window, view.budget // 4))
         base = recent_fill([(0, min(view.sink, view.seq_len))], view.seq_len, view.budget, recent)
-        chosen = add_within_budget(base, page_ranges(self.chosen), view.budget)
+        chosen = add_within_budget(base, page_ranges(self.scorer.ranking()), view.budget)
         # Pages already attended anyway (sinks, window) are not voted on.
         complete = view.seq_len // QUEST_PAGE_SIZE
         covered = torch.zeros(complete, dtype=torch.bool)
@@ -162,13 +173,6 @@ class QuestPolicy(Policy):
             covered[start // QUEST_PAGE_SIZE: -(-end // QUEST_PAGE_SIZE)] = True
         self.scorer.ask(torch.nonzero(~covered).flatten(), max(0, (view.budget - ranges_size(base)) // QUEST_PAGE_SIZE))
         return as_range_array(recent_fill(chosen, view.seq_len, view.budget, view.seq_len))
-
-    def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        return self.scorer.new_pages(view.seq_len) if view.budget else None
-
-    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                scaling: float) -> None:
-        self.scorer.observe(layer_id, query, keys)
 
 
 def quest_upper_bound(query: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:

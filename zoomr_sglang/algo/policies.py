@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.attention_policies import (
-    QUEST_PAGE_SIZE, H2OPolicy, PageScorer, QuestPolicy, page_ranges, quest_upper_bound)
+    QUEST_PAGE_SIZE, H2OPolicy, ObservesPages, PageScorer, QuestPolicy, page_ranges, quest_upper_bound)
 from zoomr_sglang.algo.policy_base import (
     Policy, StepView, add_within_budget, current_thought, fill_budget, mask_to_ranges, recent_fill,
 )
@@ -148,7 +148,7 @@ class ZoomRPolicy(ThoughtPolicy):
     votes = True
 
 
-class ZoomRPagesPolicy(ZoomRPolicy):
+class ZoomRPagesPolicy(ObservesPages, ZoomRPolicy):
     """ZoomR with a third granularity: a voted thought the budget cannot take whole is attended by
     its best pages instead (Quest's key bounds, :class:`PageScorer`, scored by the same step's
     queries and read at the next step), never beyond the voted thoughts. Without a budget it is
@@ -159,7 +159,6 @@ class ZoomRPagesPolicy(ZoomRPolicy):
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         super().__init__(num_thoughts=num_thoughts)
         self.scorer = PageScorer()
-        self.ranked: List[int] = []  # pages of voted thoughts, most voted first
 
     def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
         base = recent_fill(skeleton, view.seq_len, view.budget, min(view.window, cap))
@@ -170,20 +169,10 @@ class ZoomRPagesPolicy(ZoomRPolicy):
         for start, end in spans:
             first, last = -(-start // QUEST_PAGE_SIZE), end // QUEST_PAGE_SIZE
             pages.extend(p for p in range(first, last) if not _inside(attended, p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE))
-        ranked = self.scorer.take_ranking()
-        if ranked is not None:
-            self.ranked = ranked
         candidates = set(pages)
-        chosen = add_within_budget(whole, page_ranges([p for p in self.ranked if p in candidates]), view.budget)
+        chosen = add_within_budget(whole, page_ranges([p for p in self.scorer.ranking() if p in candidates]), view.budget)
         self.scorer.ask(torch.tensor(pages, dtype=torch.int64), max(0, (view.budget - ranges_size(whole)) // QUEST_PAGE_SIZE))
         return as_range_array(recent_fill(chosen, view.seq_len, view.budget, cap))
-
-    def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        return self.scorer.new_pages(view.seq_len) if view.budget else None
-
-    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                scaling: float) -> None:
-        self.scorer.observe(layer_id, query, keys)
 
 
 def _inside(ranges: np.ndarray, start: int, end: int) -> bool:
