@@ -8,8 +8,18 @@ spawned SGLang processes inherit both the environment and ``sys.path``.
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from testbed.process_env import prepare_process_env  # noqa: E402
 
 prepare_process_env()
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # backend_harness and friends
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The tiny local random-weight model (built once, cached) that the engine tests serve."""
+    from testbed.tiny_model import tiny_model_dir
+
+    return str(tiny_model_dir())

@@ -16,13 +16,6 @@ N = 400
 POOL = 3000  # KV pool tokens: smaller than the model's context (8192)
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    from testbed.tiny_model import tiny_model_dir
-
-    return str(tiny_model_dir())
-
-
 def _specials(model_path):
     from transformers import AutoTokenizer
 

@@ -14,13 +14,6 @@ FULL_BUDGET = dict(ZOOMR_SINK=0, ZOOMR_WINDOW=100_000)
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from testbed.tiny_model import tiny_model_dir
-
-    return str(tiny_model_dir())
-
-
-@pytest.fixture(scope="module")
 def dense_outputs(model_path):
     with engine(model_path, "torch_native") as eng:
         return [out["output_ids"] for out in generate(eng, prompts(), 300)]

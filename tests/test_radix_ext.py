@@ -18,13 +18,6 @@ FULL_BUDGET = dict(ZOOMR_SINK=0, ZOOMR_WINDOW=100_000)
 MESSAGE = [5, 6, 7, 8, 9, 10]  # the short new message of turn 2 (a tool result, say)
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    from testbed.tiny_model import tiny_model_dir
-
-    return str(tiny_model_dir())
-
-
 def _two_turns(eng, first_prompts, turn1_tokens=600, turn2_tokens=200):
     turn1 = generate(eng, first_prompts, turn1_tokens)
     second_prompts = [p + out["output_ids"] + MESSAGE for p, out in zip(first_prompts, turn1)]

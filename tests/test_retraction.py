@@ -18,13 +18,6 @@ RETRACT = dict(SGLANG_TEST_RETRACT=1, SGLANG_TEST_RETRACT_INTERVAL=300)
 OUTPUT = 700
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    from testbed.tiny_model import tiny_model_dir
-
-    return str(tiny_model_dir())
-
-
 @pytest.mark.parametrize("tree", ["zoomr", "stock"])
 def test_a_retracted_request_keeps_its_thoughts_and_its_saving(model_path, tree):
     tree_args = {"radix_cache_backend": "zoomr"} if tree == "zoomr" else {}

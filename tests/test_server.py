@@ -16,13 +16,6 @@ from testbed.local_server import free_port
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    from testbed.tiny_model import tiny_model_dir
-
-    return str(tiny_model_dir())
-
-
 def _run_until_exit(command, env, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
 
