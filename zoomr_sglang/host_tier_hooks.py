@@ -88,8 +88,8 @@ class _AdmissionPass:
         self.admitting = None
 
     def reservation(self, config, max_new_tokens: int, ratio: float, take: bool) -> int:
-        charge = new_request_charge(config, max_new_tokens, ratio)
-        return min(max_new_tokens, self.host_room.device_tokens(charge, take))
+        """At most ``max_new_tokens``: the charge's device and host parts add up to it."""
+        return self.host_room.device_tokens(new_request_charge(config, max_new_tokens, ratio), take)
 
 
 def _admission_controller(adder):
