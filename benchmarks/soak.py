@@ -259,7 +259,7 @@ def main(argv=None) -> None:
     summary = {"requests": load.counts["requests"], "aborts": load.counts["aborts"] + load.counts["disconnects"],
                "errors": errors, "retractions": retractions, "counts_restored": counts_restored}
     details = dict(summary=summary, date=today, model=model_path, zoomr_settings=settings, args=vars(args),
-                   counts=load.counts, error_messages=load.errors, dense_mismatches=wrong, exact=len(load.exact),
+                   counts=load.counts, error_messages=load.errors, dense_mismatches=wrong, near_tie=NEAR_TIE, exact=len(load.exact),
                    checks=checks, start=start, idle=idle, flushed=flushed, metrics=metrics, seconds=round(time.time() - began, 1))
     finish_run(Path(args.out), summary, details, began)
 

@@ -24,5 +24,8 @@ def test_two_minute_soak_fails_nothing_and_restores_every_count(tmp_path):
     assert summary["requests"] >= 40 and summary["aborts"] > 0
     counts = details["counts"]
     assert counts["completed"] > 0 and counts["rejected"] > 0  # bad settings refused, the rest served
-    assert details["exact"] > 0 and details["dense_mismatches"] == []
+    # A budget-covering greedy request equals its dense re-ask, except where dense itself has two
+    # tokens within the script's NEAR_TIE: batch shapes round differently, so such a tie may flip.
+    assert details["exact"] > len(details["dense_mismatches"])
+    assert all(w["top2_gap"] < details["near_tie"] for w in details["dense_mismatches"]), details["dense_mismatches"]
     assert details["metrics"]["sglang:zoomr_evicted_tokens_total"] > 0
