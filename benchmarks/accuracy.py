@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Greedy answer accuracy of every working-set policy at several resident budgets, through SGLang.
 
-    python benchmarks/accuracy.py --seed 0 --n-problems 40
+    python benchmarks/accuracy.py --seed 0 --n-problems 40 --budgets 0.2   # 14 minutes on 2 CPU cores
 
-Problems come from the seeded program-trace generator (``testbed/program_trace.py``,
-sizes from ``--min-steps/--max-steps/--p-detail``) and are solved by the committed tiny reasoner
-(``testbed/reasoner/``, trained by ``testbed/train_reasoner.py``), served by one
+(The defaults, 20 problems at a 20% budget, run in under 10 minutes here.)
+
+Problems come from the seeded program-trace generator (``testbed/program_trace.py``; ``--task
+long``, the default: thoughts of about 200 tokens under 5-token summaries, outputs of 2-3.3K
+tokens; ``--task short``: 65-token thoughts, 1K-token outputs; sizes from
+``--min-steps/--max-steps/--p-detail``) and are solved by the task's committed tiny reasoner
+(``testbed/reasoner_long/`` or ``testbed/reasoner/``, trained by ``testbed/train_reasoner.py``), served by one
 ``sglang.Engine(attention_backend="zoomr")``. Each request picks its policy and budget through
 ``custom_params`` (``zoomr_policy``, ``zoomr_budget``), so every policy runs through the same engine,
 model and budget accounting:
@@ -54,16 +58,18 @@ from testbed.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "zoomr_pages", "oracle", "random")
 
 
-def task_parser(description: str, *, n_problems: int, out: str) -> argparse.ArgumentParser:
+def task_parser(description: str, *, n_problems: int, out: str, task: str, budgets: str) -> argparse.ArgumentParser:
     """The arguments this benchmark and ``fidelity.py`` share: problems, budgets, policies, model."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-problems", type=int, default=n_problems)
-    parser.add_argument("--min-steps", type=int, default=pt.DEFAULT_N_STEPS[0])
-    parser.add_argument("--max-steps", type=int, default=pt.DEFAULT_N_STEPS[1])
+    parser.add_argument("--task", choices=tuple(pt.TASKS), default=task,
+                        help="the text's proportions (program_trace.TASKS); each has its own reasoner")
+    parser.add_argument("--min-steps", type=int, default=None, help="default: the task's")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the task's")
     parser.add_argument("--p-detail", type=float, default=pt.DEFAULT_P_DETAIL)
-    add_policy_arguments(parser, policies=POLICIES, budgets="0.1,0.2,0.4")
-    parser.add_argument("--model", default=str(reasoner_dir()))
+    add_policy_arguments(parser, policies=POLICIES, budgets=budgets)
+    parser.add_argument("--model", default=None, help="default: the task's committed reasoner")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out),
                         help="writes <out>.png and <out>.json")
     return parser
@@ -75,17 +81,23 @@ def parse_task_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Name
     parse_policy_lists(parser, args, POLICIES)
     if args.n_problems < 1:
         parser.error(f"--n-problems={args.n_problems}: must be >= 1")
+    shape = pt.TASKS[args.task]
+    args.min_steps = args.min_steps or shape.n_steps[0]
+    args.max_steps = args.max_steps or shape.n_steps[1]
+    args.model = args.model or str(reasoner_dir(args.task))
     return args
 
 
 def task_problems(args: argparse.Namespace):
     """The problems the task arguments describe."""
     return pt.generate_problems(args.seed, args.n_problems, n_steps=(args.min_steps, args.max_steps),
-                                p_detail=args.p_detail)
+                                p_detail=args.p_detail, task=args.task)
 
 
 def parse_args(argv=None):
-    parser = task_parser(__doc__.split("\n\n")[0], n_problems=40, out="accuracy")
+    # Defaults within 10 minutes here: every policy decodes 2.6K tokens per long problem, about
+    # 1,000 tokens/s on this 2-core CPU (40 problems at one budget: 825 s).
+    parser = task_parser(__doc__.split("\n\n")[0], n_problems=20, out="accuracy", task="long", budgets="0.2")
     parser.add_argument("--concurrency", type=int, default=128,
                         help="requests in flight at once (default %(default)s; larger batches were slower per token on 2 CPU cores)")
     return parse_task_args(parser, argv)
@@ -129,7 +141,7 @@ def main(argv=None) -> dict:
           f"{sorted({s.budget for s in specs})}, {elapsed:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    title = (f"program trace, {len(problems)} problems, seed {args.seed}, avg output {avg_output:.0f} tokens")
+    title = (f"program trace ({args.task}), {len(problems)} problems, seed {args.seed}, avg output {avg_output:.0f} tokens")
     full_accuracy = next(r["accuracy"] for r in rows if r["policy"] == "full")
     plot_policies(rows, out.with_suffix(".png"), y=lambda r: r["accuracy"], reference=full_accuracy, title=title,
                   xlabel="measured resident fraction (peak KV attended / final sequence length)",

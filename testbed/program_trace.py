@@ -76,10 +76,13 @@ __all__ = [
     "Step",
     "SUMMARY_BEGIN",
     "SUMMARY_END",
+    "Shape",
+    "TASKS",
     "VALUES",
     "generate_problem",
     "generate_problems",
     "input_word",
+    "label_word",
     "name",
     "parse_answer",
     "pointer_word",
@@ -98,6 +101,7 @@ MAX_STEPS = 40
 # of about 65 tokens (about 6% of the sequence).
 DEFAULT_N_STEPS = (10, 20)
 DEFAULT_P_DETAIL = 0.6
+MAX_WORK_LINES = 40
 VALUES = tuple(f"V{i}" for i in range(MODULUS))  # plain values, in the arithmetic lines
 PRIME = "'"
 SEP = ";"  # separates the prompt's facts
@@ -107,6 +111,34 @@ QUERY_WORD = "find"
 _WORDS = ("=", "+", "-", SEP, "?", CHECK, ANSWER_WORD, QUERY_WORD)
 
 IntOrRange = Union[int, Tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The proportions of a problem's text.
+
+    work_lines: 0 writes a step's eight arithmetic lines once, unlabelled (the ``short`` task);
+    ``n > 0`` writes n lines, each opened by its label word ``w1 .. wn`` and cycling through the
+    eight, so a thought is about ``7.6 n + 12`` tokens and what to write next is always found in the
+    few lines above. rich_summary: the summary holds the step's name, input and result
+    (``v5 v5#7 v5=7``, five tokens with the markers) instead of the result alone; never the
+    intermediate, and never another step's name. n_steps: the default size range.
+    """
+
+    work_lines: int = 0
+    rich_summary: bool = False
+    n_steps: Tuple[int, int] = DEFAULT_N_STEPS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.work_lines <= MAX_WORK_LINES:
+            raise ValueError(f"work_lines={self.work_lines!r}: need 0 <= work_lines <= {MAX_WORK_LINES}")
+
+
+# ``short``: thoughts of about 65 tokens, 3-token summaries, outputs of about 1,040 tokens (the
+# committed ``testbed/reasoner``'s task). ``long``: the proportions of real reasoning traces,
+# thoughts of about 195 tokens under 5-token summaries, outputs of 2,000 to 3,300 tokens (about
+# 2,650) after a prompt of about 55 (``testbed/reasoner_long``'s task).
+TASKS = {"short": Shape(), "long": Shape(work_lines=24, rich_summary=True, n_steps=(10, 16))}
 
 
 def name(k: int) -> str:
@@ -129,8 +161,15 @@ def pointer_word(k: int, j: int, detail: bool) -> str:
     return f"{name(k)}<{name(j)}{PRIME if detail else ''}"
 
 
-def vocabulary(max_steps: int = MAX_STEPS) -> List[str]:
-    """Every token the task's text uses (special tokens such as BOS/EOS are the tokenizer's)."""
+def label_word(i: int) -> str:
+    """``w3``: the label opening a long thought's third work line."""
+    return f"w{i}"
+
+
+def vocabulary(max_steps: int = MAX_STEPS, *, labels: bool = False) -> List[str]:
+    """Every token the task's text uses (special tokens such as BOS/EOS are the tokenizer's);
+    ``labels`` appends the work-line labels of the ``long`` task after the ``short`` task's words
+    (so a ``short`` tokenizer's ids are a prefix of a ``long`` one's)."""
     words = [BOUNDARY, LINE, SUMMARY_BEGIN, SUMMARY_END, *_WORDS, *VALUES]
     words += [name(k) for k in range(max_steps + 1)]
     words += [value_word(k, v) for k in range(max_steps + 1) for v in range(MODULUS)]
@@ -138,6 +177,8 @@ def vocabulary(max_steps: int = MAX_STEPS) -> List[str]:
     words += [input_word(k, v) for k in range(1, max_steps + 1) for v in range(MODULUS)]
     words += [pointer_word(k, j, d) for k in range(1, max_steps + 1) for j in range(k)
               for d in (False, True) if j > 0 or not d]
+    if labels:
+        words += [label_word(i) for i in range(1, MAX_WORK_LINES + 1)]
     return words
 
 
@@ -211,15 +252,35 @@ def _sum(a: int, b: int, c: int, op: str, *prefix: str) -> List[str]:
     return [*prefix, VALUES[a], op, VALUES[b], "=", VALUES[c]]
 
 
+def _work(s: Step, work_lines: int) -> List[str]:
+    """The arithmetic lines of step s: the eight (two operations, six checks) once, or
+    ``work_lines`` labelled lines cycling through them (each line's values are in the line above or
+    in the one four lines up, so a long thought is local work)."""
+    eight = [_sum(s.previous, s.source, s.intermediate, "+"),
+             _sum(s.intermediate, s.source, s.previous, "-", CHECK),
+             _sum(s.intermediate, s.previous, s.source, "-", CHECK),
+             _sum(s.source, s.previous, s.intermediate, "+", CHECK),
+             _sum(s.intermediate, s.input, s.result, "-"),
+             _sum(s.result, s.input, s.intermediate, "+", CHECK),
+             _sum(s.intermediate, s.result, s.input, "-", CHECK),
+             _sum(s.input, s.result, s.intermediate, "+", CHECK)]
+    lines = eight if not work_lines else [[label_word(i + 1), *eight[i % 8]] for i in range(work_lines)]
+    words: List[str] = []
+    for line in lines:
+        words += [*line, LINE]
+    return words
+
+
 def generate_problem(
     rng: random.Random,
     *,
-    n_steps: IntOrRange = DEFAULT_N_STEPS,
+    n_steps: Optional[IntOrRange] = None,
     p_detail: float = DEFAULT_P_DETAIL,
+    shape: Shape = TASKS["short"],
     seed_label: str = "",
 ) -> Problem:
     """One problem from ``rng``; see :func:`generate_problems` for the parameters."""
-    n = _draw(rng, n_steps, "n_steps", 1, MAX_STEPS)
+    n = _draw(rng, shape.n_steps if n_steps is None else n_steps, "n_steps", 1, MAX_STEPS)
     if not 0.0 <= p_detail <= 1.0:
         raise ValueError(f"p_detail={p_detail!r} must be a probability")
     start = rng.randrange(MODULUS)
@@ -257,17 +318,10 @@ def generate_problem(
                 LINE, value_word(s.source_step, results[s.source_step])]
         if s.detail:  # recall the gist (summary), then zoom in for the detail
             body.append(value_word(s.source_step, s.source, True))
-        body += [LINE,
-                 *_sum(s.previous, s.source, s.intermediate, "+"), LINE,
-                 *_sum(s.intermediate, s.source, s.previous, "-", CHECK), LINE,
-                 *_sum(s.intermediate, s.previous, s.source, "-", CHECK), LINE,
-                 *_sum(s.source, s.previous, s.intermediate, "+", CHECK), LINE,
-                 *_sum(s.intermediate, s.input, s.result, "-"), LINE,
-                 *_sum(s.result, s.input, s.intermediate, "+", CHECK), LINE,
-                 *_sum(s.intermediate, s.result, s.input, "-", CHECK), LINE,
-                 *_sum(s.input, s.result, s.intermediate, "+", CHECK), LINE,
-                 value_word(s.k, s.result), LINE, value_word(s.k, s.intermediate, True)]
-        summary = [SUMMARY_BEGIN, value_word(s.k, s.result), SUMMARY_END]
+        body += [LINE, *_work(s, shape.work_lines), value_word(s.k, s.result), LINE,
+                 value_word(s.k, s.intermediate, True)]
+        gist = [name(s.k), input_word(s.k, s.input)] if shape.rich_summary else []
+        summary = [SUMMARY_BEGIN, *gist, value_word(s.k, s.result), SUMMARY_END]
         thoughts.append(_text(body))
         summaries.append(_text(summary))
         target_words += [*body, BOUNDARY, *summary, BOUNDARY]
@@ -292,24 +346,28 @@ def generate_problems(
     seed: int,
     n_problems: int,
     *,
-    n_steps: IntOrRange = DEFAULT_N_STEPS,
+    n_steps: Optional[IntOrRange] = None,
     p_detail: float = DEFAULT_P_DETAIL,
+    task: str = "short",
 ) -> List[Problem]:
     """``n_problems`` problems, a pure function of the arguments.
 
-    n_steps: an int, or an inclusive ``(min, max)`` range drawn per problem (lengths vary), at most
-    :data:`MAX_STEPS`. Each step reads an earlier variable drawn uniformly from ``v0 .. v_{k-1}``,
+    task: a name in :data:`TASKS` (the text's proportions). n_steps: an int, or an inclusive
+    ``(min, max)`` range drawn per problem (lengths vary), at most :data:`MAX_STEPS`; None: the
+    task's default range. Each step reads an earlier variable drawn uniformly from ``v0 .. v_{k-1}``,
     through its intermediate (a *detail*) with probability ``p_detail`` (never for v0, which has
     none). Problem k depends only on (seed, k) and the size parameters, so a longer list starts
     with the shorter one.
     """
     if n_problems < 0:
         raise ValueError(f"n_problems must be >= 0, got {n_problems}")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not allowed; allowed: {', '.join(TASKS)}")
     problems = []
     for k in range(n_problems):
         label = f"program_trace:{seed}:{k}"
         problems.append(generate_problem(random.Random(label), n_steps=n_steps, p_detail=p_detail,
-                                         seed_label=label))
+                                         shape=TASKS[task], seed_label=label))
     return problems
 
 

@@ -1,6 +1,7 @@
 """The committed tiny reasoner for the program-trace task, and its word-level tokenizer.
 
-The checkpoint in ``testbed/reasoner/`` is a plain ``LlamaForCausalLM`` saved with
+The checkpoints in ``testbed/reasoner/`` (the short task) and ``testbed/reasoner_long/`` (the
+long one) are each a plain ``LlamaForCausalLM`` saved with
 ``save_pretrained`` (fp32 safetensors, tokenizer files, ``training.json``); it is written by
 ``testbed/train_reasoner.py`` and SGLang serves the folder as is::
 
@@ -22,9 +23,10 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3
 
 
-def reasoner_dir() -> Path:
-    """The folder of the committed checkpoint (pass it to SGLang as ``model_path``)."""
-    return Path(__file__).resolve().parent / "reasoner"
+def reasoner_dir(task: str = "short") -> Path:
+    """The folder of the committed checkpoint for ``task`` (``program_trace.TASKS``): ``reasoner``
+    for the short task, ``reasoner_long`` for the long one (pass it to SGLang as ``model_path``)."""
+    return Path(__file__).resolve().parent / ("reasoner" if task == "short" else f"reasoner_{task}")
 
 
 def load_tokenizer(path: Path | str | None = None):

@@ -1,6 +1,15 @@
 """Train the tiny reasoner that writes ZoomR-format program traces (thoughts + summaries), on CPU.
 
-    python testbed/train_reasoner.py --seed 0 --out testbed/reasoner
+    python testbed/train_reasoner.py --seed 0                    # the short task: testbed/reasoner
+
+The long task's reasoner (``testbed/reasoner_long``) starts from the short task's (same words, same
+first two lines of a thought; the work-line labels get new embedding rows) and is trained on long
+problems in three runs, each starting from the one before (``LONG_RUNS``: all sizes, then only
+large ones, then with the decision after each summary weighted)::
+
+    python testbed/train_reasoner.py --seed 0 --task long   # runs LONG_RUNS, writes testbed/reasoner_long
+
+(``--task long --init-from DIR`` is one run from DIR with the arguments given.)
 
 Builds a word-level tokenizer for the task of ``testbed.program_trace`` and a small
 ``LlamaForCausalLM`` (hidden 128, 4 layers, 4 query / 2 KV heads of 32, tied embeddings, about 1.2M
@@ -57,21 +66,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from testbed import program_trace as pt  # noqa: E402
-from testbed.reasoner_model import BOS, EOS, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
+from testbed.reasoner_model import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, reasoner_dir  # noqa: E402
 
 SPECIAL = list(SPECIAL_TOKENS)  # ids 0..3, the Llama convention for unk/bos/eos
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
-def build_tokenizer():
-    """Word-level tokenizer over the task's vocabulary: words split on single spaces, ``"\\n\\n"``
+def build_tokenizer(task: str = "short"):
+    """Word-level tokenizer over the task's vocabulary (the ``long`` task's adds the work-line
+    labels after the ``short`` task's words): words split on single spaces, ``"\\n\\n"``
     and ``"\\n"`` are tokens of their own, the summary markers are ordinary tokens, BOS is
     prepended. Decoding joins tokens with spaces, which is the task's canonical text."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(SPECIAL + pt.vocabulary())}
-    assert len(vocab) == len(SPECIAL) + len(pt.vocabulary()), "duplicate words"
+    words = pt.vocabulary(labels=pt.TASKS[task].work_lines > 0)
+    vocab = {word: i for i, word in enumerate(SPECIAL + words)}
+    assert len(vocab) == len(SPECIAL) + len(words), "duplicate words"
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n\n|\n"), behavior="isolated"),
@@ -117,7 +128,9 @@ class Encoded:
             ids += body
             step_of += [i] * len(body)
             body_of += [i] * len(body)
-            kind += ["format"] * len(lead) + thought_kinds(thought) + ["format"]
+            # After a summary the next word decides: the next step (its first word) or the answer.
+            opening = ["decision"] if lead else []
+            kind += ["format"] * len(lead) + opening + thought_kinds(thought)[len(opening):] + ["format"]
             summ = ids_of(summary)
             ids += summ
             step_of += [i] * len(summ)
@@ -129,7 +142,7 @@ class Encoded:
         ids += tail
         step_of += [n] * len(tail)
         body_of += [n] * len(tail)
-        kind += ["format"] * (len(tail) - 2) + ["answer", "format"]
+        kind += ["format"] * len(lead) + ["decision"] + ["format"] * (len(tail) - len(lead) - 3) + ["answer", "format"]
         assert len(kind) == len(ids)
         self.ids = ids
         self.kind = kind
@@ -139,7 +152,7 @@ class Encoded:
         self.needs = needs
 
 
-KINDS = ("fact", "recall", "detail", "copy", "compute", "summary", "answer", "format")
+KINDS = ("fact", "recall", "detail", "copy", "compute", "summary", "answer", "decision", "format")
 
 
 def thought_kinds(thought: str) -> List[str]:
@@ -147,15 +160,17 @@ def thought_kinds(thought: str) -> List[str]:
     step's input and pointer, looked up in the prompt), recall (a result, looked up), detail (an
     intermediate, looked up in its thought), compute (a computed value), copy (values copied from
     lines above), format (everything else). Lines: previous result + step name + input + pointer +
-    source result, source result (+ intermediate), 8 arithmetic lines, result, intermediate."""
+    source result, source result (+ intermediate), the arithmetic lines (8, or a long thought's
+    labelled work lines), result, intermediate."""
     kinds: List[str] = []
-    for n, line in enumerate(thought.split(f" {pt.LINE} ")):
+    lines = thought.split(f" {pt.LINE} ")
+    for n, line in enumerate(lines):
         words = line.split(" ")
         if n == 0:
             line_kinds = ["recall", "format", "fact", "fact", "recall"]
         elif n == 1:
             line_kinds = ["copy", "detail"][: len(words)]
-        elif n <= 9:
+        elif n < len(lines) - 2:
             line_kinds = ["copy" if w in pt.VALUES else "format" for w in words]
             line_kinds[-1] = "compute"
         else:
@@ -221,11 +236,15 @@ def sample_batch(rng: random.Random, args, tokenizer, ids_of, counter: List[int]
     else:
         top = rng.randint(args.n_steps_min, mid)
     sizes = (max(args.n_steps_min, top - 3), top)
-    est = 50 * top + 20
+    shape = pt.TASKS[args.task]
+    # Tokens per step; the short task's underestimate is the one its checkpoint was trained with
+    # (kept so that its seed still reproduces it).
+    per_step = 8 * shape.work_lines + 16 if shape.work_lines else 50
+    est = per_step * top + 20
     batch = []
     for _ in range(max(1, args.batch_tokens // est)):
-        problem = pt.generate_problem(
-            random.Random(f"train_reasoner:{args.seed}:{counter[0]}"), n_steps=sizes, p_detail=args.p_detail)
+        problem = pt.generate_problem(random.Random(f"train_reasoner:{args.seed}:{counter[0]}"), n_steps=sizes,
+                                      p_detail=args.p_detail, shape=shape)
         counter[0] += 1
         batch.append(Encoded(problem, tokenizer, ids_of))
     length = max(len(e.ids) for e in batch)
@@ -332,6 +351,21 @@ def build_model(tokenizer, seed: int, init_std: float = 0.06, rope_theta: float 
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def start_from(path: Path, tokenizer):
+    """The checkpoint in ``path``, in training mode, its embeddings grown to ``tokenizer``: the
+    long task's words are the short task's words (same ids) followed by the work-line labels,
+    whose new rows start at the mean embedding."""
+    from testbed.reasoner_model import load_model, load_tokenizer
+
+    old = load_tokenizer(path).get_vocab()
+    new = tokenizer.get_vocab()
+    if any(new.get(word) != i for word, i in old.items()):
+        raise ValueError(f"--init-from {path}: its tokenizer's ids are not a prefix of the {len(new)}-word one")
+    model = load_model(path)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model.train()
 
 
 @torch.no_grad()
@@ -444,7 +478,8 @@ def run_evaluations(model, tokenizer, args) -> dict:
     if not args.eval_problems:
         return {}
     sizes = tuple(args.eval_n_steps)
-    problems = pt.generate_problems(args.eval_seed, args.eval_problems, n_steps=sizes, p_detail=args.p_detail)
+    problems = pt.generate_problems(args.eval_seed, args.eval_problems, n_steps=sizes, p_detail=args.p_detail,
+                                    task=args.task)
     t0 = time.time()
     accuracy, avg_tokens = evaluate(model, tokenizer, problems)
     prompt_tokens = sum(len(tokenizer(p.prompt)["input_ids"]) for p in problems) / len(problems)
@@ -468,22 +503,58 @@ def run_evaluations(model, tokenizer, args) -> dict:
     return result
 
 
+# The long task's runs, in order (see the module doc): all sizes with the short task's schedule;
+# then only 8-16 steps, mostly large, hiding from the start; then 10-16 steps with the word after
+# each summary (the next step, or the answer) weighted 20x, the error left after the second run.
+_LARGE = ["--batch-tokens", "3500", "--long-fraction", "0.9", "--curriculum-start", "16", "--curriculum-hold", "0",
+          "--hide-after", "0"]
+LONG_RUNS = (
+    ["--steps", "2400", "--batch-tokens", "3500", "--lr", "1.5e-3", "--minutes", "38"],
+    ["--steps", "1200", "--lr", "7e-4", "--n-steps-min", "8", "--minutes", "20", *_LARGE],
+    ["--steps", "1000", "--lr", "5e-4", "--n-steps-min", "10", "--decision-weight", "20", "--minutes", "16", *_LARGE],
+)
+
+
+def train_long(args) -> dict:
+    """The long task's reasoner: :data:`LONG_RUNS` one after the other, the first from the short
+    task's checkpoint, the last written to ``--out`` and evaluated (the others go to a temporary
+    folder; each run's training.json nests the one it started from)."""
+    import tempfile
+
+    previous = reasoner_dir("short")
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, run in enumerate(LONG_RUNS):
+            last = i == len(LONG_RUNS) - 1
+            out = args.out if last else Path(scratch) / str(i + 1)
+            report = main(["--seed", str(args.seed), "--threads", str(args.threads), "--task", "long",
+                           "--init-from", str(previous), "--out", str(out), *run,
+                           *([] if last else ["--eval-problems", "0"])])
+            previous = out
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / "testbed" / "reasoner")
+    parser.add_argument("--task", choices=tuple(pt.TASKS), default="short",
+                        help="the text's proportions (program_trace.TASKS)")
+    parser.add_argument("--out", type=Path, default=None, help="default: the task's committed checkpoint folder")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint (a short-task reasoner) instead of a fresh model")
     parser.add_argument("--steps", type=int, default=2100, help="optimizer steps (sets the LR schedule)")
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-time cap for training")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-tokens", type=int, default=2000)
     parser.add_argument("--n-steps-min", type=int, default=1)
-    parser.add_argument("--n-steps-max", type=int, default=pt.DEFAULT_N_STEPS[1])
+    parser.add_argument("--n-steps-max", type=int, default=None, help="default: the task's largest size")
     parser.add_argument("--p-detail", type=float, default=0.6)
     parser.add_argument("--long-fraction", type=float, default=0.5)
     parser.add_argument("--hide-fraction", type=float, default=0.5)
     parser.add_argument("--hide-after", type=float, default=0.3,
                         help="thought hiding starts after this fraction of the steps")
+    parser.add_argument("--decision-weight", type=float, default=1.0,
+                        help="loss weight of the word after each summary (next step or the answer)")
     parser.add_argument("--init-std", type=float, default=0.06)
     parser.add_argument("--rope-theta", type=float, default=1e12,
                         help="large: most rotary pairs stay still over 2K tokens, so lookups by content work at any distance")
@@ -498,14 +569,20 @@ def main(argv=None) -> dict:
                         help="held-out problems for the oracle / random / summary-only masked accuracies")
     parser.add_argument("--window", type=int, default=64, help="recent window of the masked evaluations")
     parser.add_argument("--eval-seed", type=int, default=1234)
-    parser.add_argument("--eval-n-steps", type=int, nargs=2, default=pt.DEFAULT_N_STEPS)
+    parser.add_argument("--eval-n-steps", type=int, nargs=2, default=None, help="default: the task's sizes")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the checkpoint in --out and update its training.json; no training")
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
+    shape = pt.TASKS[args.task]
+    args.out = args.out or reasoner_dir(args.task)
+    args.n_steps_max = args.n_steps_max or shape.n_steps[1]
+    args.eval_n_steps = args.eval_n_steps or list(shape.n_steps)
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
+    if args.task == "long" and args.init_from is None and not args.eval_only:
+        return train_long(args)
     if args.eval_only:
         from testbed.reasoner_model import load_model, load_tokenizer
 
@@ -515,7 +592,7 @@ def main(argv=None) -> dict:
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report), flush=True)
         return report
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(args.task)
     cache = {}
 
     def ids_of(text: str) -> List[int]:
@@ -523,9 +600,13 @@ def main(argv=None) -> dict:
             cache[text] = word_ids(tokenizer, text)
         return cache[text]
 
-    model = build_model(tokenizer, args.seed, args.init_std, args.rope_theta)
+    if args.init_from:
+        model = start_from(args.init_from, tokenizer)
+    else:
+        model = build_model(tokenizer, args.seed, args.init_std, args.rope_theta)
     n_params = sum(p.numel() for p in model.parameters())
-    factorize_embeddings(model, token_factors(tokenizer), args.init_std)
+    # A trained start keeps its embeddings as they are: the shared parts begin at zero.
+    factorize_embeddings(model, token_factors(tokenizer), 0.0 if args.init_from else args.init_std)
     print(f"parameters: {n_params}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
@@ -564,7 +645,9 @@ def main(argv=None) -> dict:
         logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
         token_loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-        loss = token_loss.sum() / (labels[:, 1:] != -100).sum()
+        # The few words that decide whether the reasoning goes on weigh --decision-weight each.
+        weights = 1.0 + (args.decision_weight - 1.0) * (kinds[:, 1:] == KINDS.index("decision")).float()
+        loss = (token_loss * weights).sum() / (weights * (labels[:, 1:] != -100)).sum()
         with torch.no_grad():
             for k in range(len(KINDS)):
                 sel = kinds[:, 1:] == k
@@ -605,6 +688,9 @@ def main(argv=None) -> dict:
         "final_train_loss": round(final_loss, 5), "train_tokens": tokens_seen,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
     }
+    parent = args.init_from / "training.json" if args.init_from else None
+    if parent and parent.exists():  # the whole chain of runs that made this checkpoint
+        report["started_from"] = json.loads(parent.read_text())
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if evaluation fails
     report.update(run_evaluations(model, tokenizer, args))
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

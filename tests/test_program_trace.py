@@ -63,8 +63,9 @@ def test_hand_checked_problem():
         + [problem.answer_line])
 
 
-def test_generated_values_and_dependencies_follow_the_rules():
-    for problem in pt.generate_problems(11, 10, n_steps=(1, 30)):
+@pytest.mark.parametrize("task", pt.TASKS)
+def test_generated_values_and_dependencies_follow_the_rules(task):
+    for problem in pt.generate_problems(11, 10, n_steps=(1, 30), task=task):
         results, intermediates = [problem.start], [None]
         for i, s in enumerate(problem.steps):
             assert s.k == i + 1 and 0 <= s.source_step < s.k
@@ -83,21 +84,25 @@ def test_generated_values_and_dependencies_follow_the_rules():
         assert problem.dependencies[-1] == [problem.n_steps - 1] and problem.detail_dependencies[-1] == []
 
 
-def test_summaries_keep_the_result_and_drop_the_details():
-    for problem in pt.generate_problems(3, 20, n_steps=(2, 12)):
+@pytest.mark.parametrize("task", pt.TASKS)
+def test_summaries_keep_the_result_and_drop_the_details(task):
+    gist = "v{k} v{k}#{x} " if pt.TASKS[task].rich_summary else ""
+    for problem in pt.generate_problems(3, 20, n_steps=(2, 12), task=task):
         for s, thought, summary in zip(problem.steps, problem.thoughts, problem.summaries):
-            assert summary == f"{pt.SUMMARY_BEGIN} v{s.k}={s.result} {pt.SUMMARY_END}"
+            expected = gist.format(k=s.k, x=s.input) + f"v{s.k}={s.result}"
+            assert summary == f"{pt.SUMMARY_BEGIN} {expected} {pt.SUMMARY_END}"
             # The intermediate, the input and the operands are written in the thought only.
             assert thought.endswith(f"\n v{s.k}={s.result} \n v{s.k}'={s.intermediate}")
             assert f"v{s.k}#{s.input}" in thought and f"v{s.k}'" not in summary
             assert pt.BOUNDARY not in thought  # one blank line per thought: the boundary
 
 
-def test_detail_reads_are_answerable_only_from_their_thought():
+@pytest.mark.parametrize("task", pt.TASKS)
+def test_detail_reads_are_answerable_only_from_their_thought(task):
     """A detail read's value is the intermediate written in its source's thought body, which no
     summary, no prompt fact and no other thought before the reader states."""
     seen = 0
-    for problem in pt.generate_problems(5, 20, n_steps=(6, 20)):
+    for problem in pt.generate_problems(5, 20, n_steps=(6, 20), task=task):
         for i, s in enumerate(problem.steps):
             if not s.detail:
                 continue
@@ -117,10 +122,12 @@ def test_detail_reads_are_answerable_only_from_their_thought():
     assert seen > 20
 
 
-def test_text_is_single_space_joined_words():
-    vocab = set(pt.vocabulary())
-    assert len(vocab) == len(pt.vocabulary())
-    for problem in pt.generate_problems(2, 10, n_steps=(1, pt.MAX_STEPS)):
+@pytest.mark.parametrize("task", pt.TASKS)
+def test_text_is_single_space_joined_words(task):
+    words = pt.vocabulary(labels=pt.TASKS[task].work_lines > 0)
+    vocab = set(words)
+    assert len(vocab) == len(words)
+    for problem in pt.generate_problems(2, 10, n_steps=(1, pt.MAX_STEPS), task=task):
         for text in (problem.prompt.rstrip("\n").rstrip(), problem.target):
             words = text.split(" ")
             assert all(words) and set(words) <= vocab, set(words) - vocab
@@ -163,6 +170,38 @@ def test_default_sizes_give_long_outputs_and_short_prompts():
     assert all(a / (a + b) < 0.1 for a, b in zip(prompts, outputs))
 
 
+def test_long_task_has_the_proportions_of_real_reasoning():
+    """Thoughts of 150-300 tokens under 5-15-token summaries, outputs of 2-4K tokens, and a fifth
+    of each problem's own sequence holds its prompt, every summary, a 48-token window and its
+    longest thought: what one step reads, the rest is out of reach (as in a real trace)."""
+    problems = pt.generate_problems(0, 40, task="long")
+    assert {p.n_steps for p in problems} <= set(range(pt.TASKS["long"].n_steps[0], pt.TASKS["long"].n_steps[1] + 1))
+    for p in problems:
+        thoughts = [len(t.split(" ")) + 2 for t in p.thoughts]  # + the blank lines around it
+        summaries = [len(s.split(" ")) for s in p.summaries]
+        prompt, output = len(p.prompt.split(" ")) + 1, len(p.target.split(" ")) + 1
+        assert all(150 <= t <= 300 for t in thoughts) and all(5 <= s <= 15 for s in summaries)
+        assert 2000 <= output <= 4000 and prompt < 0.05 * (prompt + output)
+        assert prompt + sum(summaries) + 48 + max(thoughts) <= 0.2 * (prompt + output)
+        # Work lines are labelled in order, so what comes next is always in the lines just above.
+        labels = [w for w in p.thoughts[0].split(" ") if re.fullmatch(r"w\d+", w)]
+        assert labels == [pt.label_word(i) for i in range(1, pt.TASKS["long"].work_lines + 1)]
+
+
+def test_short_task_text_is_unchanged_by_the_long_one():
+    """The long task only adds words after the short task's (a short tokenizer's ids are a prefix
+    of a long one's), and the short task's problems are the committed reasoner's."""
+    assert pt.vocabulary(labels=True)[: len(pt.vocabulary())] == pt.vocabulary()
+    short, long = (pt.generate_problems(5, 3, n_steps=4, task=t) for t in ("short", "long"))
+    assert [p.prompt for p in short] == [p.prompt for p in long]
+    assert [p.dependencies for p in short] == [p.dependencies for p in long]
+    assert all(len(b.target) > 2.5 * len(a.target) for a, b in zip(short, long))
+    with pytest.raises(ValueError, match="task='medium'"):
+        pt.generate_problems(0, 1, task="medium")
+    with pytest.raises(ValueError, match="work_lines"):
+        pt.Shape(work_lines=pt.MAX_WORK_LINES + 1)
+
+
 def test_generate_problem_takes_any_rng():
     a = pt.generate_problem(random.Random(3), n_steps=6)
     b = pt.generate_problem(random.Random(3), n_steps=6)
@@ -171,12 +210,13 @@ def test_generate_problem_takes_any_rng():
 
 # --- thought indexing: ZoomR's own segmenter on the tokenized target ----------------------------
 
-def test_dependencies_match_an_independent_reading_of_the_text():
+@pytest.mark.parametrize("task", pt.TASKS)
+def test_dependencies_match_an_independent_reading_of_the_text(task):
     """Recompute dependencies from the thought texts alone: thought i (step k = i + 1) reads
     every ``vj=..`` / ``vj'=..`` value word of another step j >= 1 in its body, which lives in
     thought j - 1; a primed one is a detail read. The answer line reads the last result."""
     value = re.compile(r"^v(\d+)('?)=\d$")
-    for problem in pt.generate_problems(4, 15, n_steps=(1, 25)):
+    for problem in pt.generate_problems(4, 15, n_steps=(1, 25), task=task):
         assert len(problem.dependencies) == len(problem.detail_dependencies) == problem.n_steps + 1
         for i, thought in enumerate(problem.thoughts):
             reads, details = set(), set()
@@ -191,11 +231,17 @@ def test_dependencies_match_an_independent_reading_of_the_text():
         assert problem.dependencies[-1] == [problem.n_steps - 1]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from testbed.reasoner_model import load_tokenizer
+@pytest.fixture(scope="module", params=tuple(pt.TASKS))
+def task(request):
+    """Each task with its committed reasoner."""
+    return request.param
 
-    return load_tokenizer()
+
+@pytest.fixture(scope="module")
+def tokenizer(task):
+    from testbed.reasoner_model import load_tokenizer, reasoner_dir
+
+    return load_tokenizer(reasoner_dir(task))
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +249,12 @@ def token_texts(tokenizer):
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
-def test_thought_indices_follow_zoomr_segmentation(tokenizer, token_texts):
+def test_thought_indices_follow_zoomr_segmentation(task, tokenizer, token_texts):
     """Feed the tokenized target (+ EOS) to ThoughtSegmenter: thought i is step i + 1 (with the
     blank line before it for i > 0, its boundary and its summary), thought n_steps the answer."""
     from zoomr_sglang.algo.segmentation import ThoughtSegmenter
 
-    for problem in pt.generate_problems(9, 4, n_steps=(2, 12)):
+    for problem in pt.generate_problems(9, 4, n_steps=(2, 12), task=task):
         prompt = tokenizer(problem.prompt)["input_ids"]
         target = tokenizer(problem.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seg = ThoughtSegmenter(token_texts, boundaries=[pt.BOUNDARY], summary_begin=pt.SUMMARY_BEGIN,
@@ -241,13 +287,13 @@ def test_thought_indices_follow_zoomr_segmentation(tokenizer, token_texts):
 
 # --- tokenizer ------------------------------------------------------------------------------------
 
-def test_tokenizer_round_trip_and_single_token_markers(tokenizer):
+def test_tokenizer_round_trip_and_single_token_markers(task, tokenizer):
     vocab = tokenizer.get_vocab()
-    assert all(word in vocab for word in pt.vocabulary())
+    assert all(word in vocab for word in pt.vocabulary(labels=pt.TASKS[task].work_lines > 0))
     for marker in (pt.BOUNDARY, pt.LINE, pt.SUMMARY_BEGIN, pt.SUMMARY_END):
         ids = tokenizer.encode(marker, add_special_tokens=False)
         assert len(ids) == 1 and tokenizer.decode(ids) == marker
-    for problem in pt.generate_problems(6, 3, n_steps=(1, 30)):
+    for problem in pt.generate_problems(6, 3, n_steps=(1, 30), task=task):
         prompt = tokenizer(problem.prompt)["input_ids"]
         assert prompt[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in prompt
         assert len(prompt) == 1 + len(problem.prompt.split(" "))
@@ -257,7 +303,7 @@ def test_tokenizer_round_trip_and_single_token_markers(tokenizer):
         assert text == problem.target and pt.score(problem, text)
 
 
-def test_sglang_token_texts_hold_the_markers(tokenizer):
+def test_sglang_token_texts_hold_the_markers(task, tokenizer):
     """The per-token texts the ZoomR backend builds (factory.load_token_texts, through SGLang's
     own tokenizer loader): the boundary and both markers are whole tokens with exactly their text."""
     from types import SimpleNamespace
@@ -267,7 +313,7 @@ def test_sglang_token_texts_hold_the_markers(tokenizer):
     from testbed.reasoner_model import reasoner_dir
 
     runner = SimpleNamespace(
-        server_args=SimpleNamespace(tokenizer_path=None, model_path=str(reasoner_dir()), tokenizer_mode="auto",
+        server_args=SimpleNamespace(tokenizer_path=None, model_path=str(reasoner_dir(task)), tokenizer_mode="auto",
                                     trust_remote_code=False),
         model_config=SimpleNamespace(vocab_size=len(tokenizer)))
     texts = load_token_texts(runner, ZoomRConfig())
@@ -280,12 +326,12 @@ def test_sglang_token_texts_hold_the_markers(tokenizer):
 
 # --- the committed checkpoint ---------------------------------------------------------------------
 
-def test_checkpoint_files_and_eos():
+def test_checkpoint_files_and_eos(task):
     import json
 
     from testbed.reasoner_model import reasoner_dir
 
-    folder = reasoner_dir()
+    folder = reasoner_dir(task)
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "training.json"):
         assert (folder / name).is_file(), name
@@ -301,14 +347,16 @@ def test_checkpoint_files_and_eos():
         assert key in report, key
 
 
-def test_checkpoint_solves_short_problems(tokenizer):
+def test_checkpoint_solves_short_problems(task, tokenizer):
     import torch
 
-    from testbed.reasoner_model import load_model
+    from testbed.reasoner_model import load_model, reasoner_dir
 
     torch.set_num_threads(2)
-    model = load_model()
-    for problem in pt.generate_problems(77, 2, n_steps=(3, 5)):
+    model = load_model(reasoner_dir(task))
+    # The long reasoner's last training runs held 10-16 steps; it is asked within its task's sizes.
+    sizes = (3, 5) if task == "short" else pt.TASKS[task].n_steps[0]
+    for problem in pt.generate_problems(77, 2, n_steps=sizes, task=task):
         enc = tokenizer(problem.prompt, return_tensors="pt")
         target = tokenizer(problem.target, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
