@@ -38,6 +38,11 @@ intermediate (``v2'=3``).
 Each step is a bijection of ``v_{k-1}``, so one wrong value anywhere in the chain changes the
 final answer (every step is on the answer's path).
 
+That is the ``short`` task. The ``long`` one (:data:`TASKS`) has the proportions of a real trace:
+24 work lines, each opened by a label (``w1 .. w24``), cycle through the eight arithmetic lines, so
+a thought runs to about 200 tokens, and the summary keeps the step's name and input beside its
+result (``<|begin_of_summary|> v5 v5#7 v5=7 <|end_of_summary|>``); problems of 10-16 steps.
+
 Every word is one token; the text is its tokens joined by single spaces (newlines included:
 ``" \\n "``), so a word-level tokenizer that splits on spaces and keeps ``"\\n"`` / ``"\\n\\n"`` as
 tokens round-trips it exactly. :func:`vocabulary` lists every word for up to :data:`MAX_STEPS`.
@@ -136,8 +141,8 @@ class Shape:
 
 # ``short``: thoughts of about 65 tokens, 3-token summaries, outputs of about 1,040 tokens (the
 # committed ``testbed/reasoner``'s task). ``long``: the proportions of real reasoning traces,
-# thoughts of about 195 tokens under 5-token summaries, outputs of 2,000 to 3,300 tokens (about
-# 2,650) after a prompt of about 55 (``testbed/reasoner_long``'s task).
+# thoughts of about 200 tokens under 5-token summaries, outputs of 2,050 to 3,300 tokens (about
+# 2,620) after a prompt of about 58 (``testbed/reasoner_long``'s task).
 TASKS = {"short": Shape(), "long": Shape(work_lines=24, rich_summary=True, n_steps=(10, 16))}
 
 
