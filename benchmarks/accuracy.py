@@ -82,8 +82,9 @@ def parse_task_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Name
     if args.n_problems < 1:
         parser.error(f"--n-problems={args.n_problems}: must be >= 1")
     shape = pt.TASKS[args.task]
-    args.min_steps = args.min_steps or shape.n_steps[0]
-    args.max_steps = args.max_steps or shape.n_steps[1]
+    # Only an absent size takes the task's; a given one, even 0, goes to the generator's check.
+    args.min_steps = shape.n_steps[0] if args.min_steps is None else args.min_steps
+    args.max_steps = shape.n_steps[1] if args.max_steps is None else args.max_steps
     args.model = args.model or str(reasoner_dir(args.task))
     return args
 

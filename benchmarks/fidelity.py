@@ -55,9 +55,10 @@ def detail_reads(token_texts: List[str]) -> List[Tuple[int, int]]:
     body holds it. Output token m is written at decode step m - 1 (the first comes from the prefill)."""
     seen, reads = set(), []
     for m, text in enumerate(token_texts):
-        if DETAIL_WORD.match(text):
+        match = DETAIL_WORD.match(text)
+        if match:
             if text in seen and m > 0:
-                reads.append((m - 1, int(DETAIL_WORD.match(text).group(1)) - 1))
+                reads.append((m - 1, int(match.group(1)) - 1))
             seen.add(text)
     return reads
 
@@ -73,13 +74,13 @@ def needed_thought_zoomed(runs, reads: List[List[Tuple[int, int]]], finished: Di
     """Share of the detail reads at which the thought holding the value was zoomed in (the
     request's selection history, ``zoom_history`` from the step in ``zoom_steps``); None for a
     policy that never zoomed."""
-    hits = []
+    hits, zoomed = [], False
     for r in runs:
         stats = finished[job_rid(r.spec, r.problem_index)]
+        zoomed = zoomed or bool(stats["zoom_history"])
         for step, thought in reads[r.problem_index]:
-            held = [zoomed for zoomed, since in zip(stats["zoom_history"], stats["zoom_steps"]) if since <= step]
+            held = [selection for selection, since in zip(stats["zoom_history"], stats["zoom_steps"]) if since <= step]
             hits.append(bool(held) and thought in held[-1])
-    zoomed = any(finished[job_rid(r.spec, r.problem_index)]["zoom_history"] for r in runs)
     return sum(hits) / len(hits) if hits and zoomed else None
 
 

@@ -138,8 +138,8 @@ def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence
 
 
 # ZoomR settings for the program-trace tasks: thoughts are ~65 (short) or ~200 (long) tokens, under
-# the forced boundary, and summaries 3 or 5; the base window holds the open thought's recent lines. Every policy gets the same sink and base window. The host
-# tier is off: what a step attends, hence the answer, does not depend on where unattended KV lives.
+# the forced boundary, and summaries 3 or 5; the base window holds the open thought's recent lines.
+# Every policy gets the same sink and base window. The host tier is off: what a step attends, hence the answer, does not depend on where unattended KV lives.
 # Refresh points are the task's pointer tokens (``v5<v2'``: "step 5 reads v2's intermediate"): the
 # query right after one looks up what the step needs, while the query at a line break copies the
 # previous line (measured: mass votes picked the needed thought at 35 of 35 detail reads with

@@ -171,10 +171,10 @@ def label_word(i: int) -> str:
     return f"w{i}"
 
 
-def vocabulary(max_steps: int = MAX_STEPS, *, labels: bool = False) -> List[str]:
-    """Every token the task's text uses (special tokens such as BOS/EOS are the tokenizer's);
-    ``labels`` appends the work-line labels of the ``long`` task after the ``short`` task's words
-    (so a ``short`` tokenizer's ids are a prefix of a ``long`` one's)."""
+def vocabulary(max_steps: int = MAX_STEPS, *, task: str = "short") -> List[str]:
+    """Every token ``task``'s text uses (special tokens such as BOS/EOS are the tokenizer's); a task
+    with labelled work lines has its labels after the ``short`` task's words (so a ``short``
+    tokenizer's ids are a prefix of a ``long`` one's)."""
     words = [BOUNDARY, LINE, SUMMARY_BEGIN, SUMMARY_END, *_WORDS, *VALUES]
     words += [name(k) for k in range(max_steps + 1)]
     words += [value_word(k, v) for k in range(max_steps + 1) for v in range(MODULUS)]
@@ -182,7 +182,7 @@ def vocabulary(max_steps: int = MAX_STEPS, *, labels: bool = False) -> List[str]
     words += [input_word(k, v) for k in range(1, max_steps + 1) for v in range(MODULUS)]
     words += [pointer_word(k, j, d) for k in range(1, max_steps + 1) for j in range(k)
               for d in (False, True) if j > 0 or not d]
-    if labels:
+    if TASKS[task].work_lines:
         words += [label_word(i) for i in range(1, MAX_WORK_LINES + 1)]
     return words
 

@@ -80,7 +80,7 @@ def build_tokenizer(task: str = "short"):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = pt.vocabulary(labels=pt.TASKS[task].work_lines > 0)
+    words = pt.vocabulary(task=task)
     vocab = {word: i for i, word in enumerate(SPECIAL + words)}
     assert len(vocab) == len(SPECIAL) + len(words), "duplicate words"
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -574,9 +574,11 @@ def main(argv=None) -> dict:
                         help="evaluate the checkpoint in --out and update its training.json; no training")
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
+    if not args.decision_weight > 0:
+        parser.error(f"--decision-weight={args.decision_weight!r}: must be > 0")
     shape = pt.TASKS[args.task]
     args.out = args.out or reasoner_dir(args.task)
-    args.n_steps_max = args.n_steps_max or shape.n_steps[1]
+    args.n_steps_max = shape.n_steps[1] if args.n_steps_max is None else args.n_steps_max
     args.eval_n_steps = args.eval_n_steps or list(shape.n_steps)
 
     torch.set_num_threads(args.threads)

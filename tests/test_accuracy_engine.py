@@ -75,3 +75,13 @@ def test_accuracy_benchmark_prints_its_json_contract_last(tmp_path):
     assert (tmp_path / "acc.png").stat().st_size > 0
     details = json.loads((tmp_path / "acc.json").read_text())
     assert len(details["per_problem"]) == 2 * 3
+
+
+def test_a_given_size_is_checked_not_replaced_by_the_task_default():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import accuracy
+
+    args = accuracy.parse_args(["--min-steps", "0"])
+    assert (args.min_steps, args.max_steps) == (0, pt.TASKS["long"].n_steps[1])
+    with pytest.raises(ValueError, match="n_steps"):
+        accuracy.task_problems(args)

@@ -124,7 +124,7 @@ def test_detail_reads_are_answerable_only_from_their_thought(task):
 
 @pytest.mark.parametrize("task", pt.TASKS)
 def test_text_is_single_space_joined_words(task):
-    words = pt.vocabulary(labels=pt.TASKS[task].work_lines > 0)
+    words = pt.vocabulary(task=task)
     vocab = set(words)
     assert len(vocab) == len(words)
     for problem in pt.generate_problems(2, 10, n_steps=(1, pt.MAX_STEPS), task=task):
@@ -191,7 +191,7 @@ def test_long_task_has_the_proportions_of_real_reasoning():
 def test_short_task_text_is_unchanged_by_the_long_one():
     """The long task only adds words after the short task's (a short tokenizer's ids are a prefix
     of a long one's), and the short task's problems are the committed reasoner's."""
-    assert pt.vocabulary(labels=True)[: len(pt.vocabulary())] == pt.vocabulary()
+    assert pt.vocabulary(task="long")[: len(pt.vocabulary())] == pt.vocabulary()
     short, long = (pt.generate_problems(5, 3, n_steps=4, task=t) for t in ("short", "long"))
     assert [p.prompt for p in short] == [p.prompt for p in long]
     assert [p.dependencies for p in short] == [p.dependencies for p in long]
@@ -289,7 +289,7 @@ def test_thought_indices_follow_zoomr_segmentation(task, tokenizer, token_texts)
 
 def test_tokenizer_round_trip_and_single_token_markers(task, tokenizer):
     vocab = tokenizer.get_vocab()
-    assert all(word in vocab for word in pt.vocabulary(labels=pt.TASKS[task].work_lines > 0))
+    assert all(word in vocab for word in pt.vocabulary(task=task))
     for marker in (pt.BOUNDARY, pt.LINE, pt.SUMMARY_BEGIN, pt.SUMMARY_END):
         ids = tokenizer.encode(marker, add_special_tokens=False)
         assert len(ids) == 1 and tokenizer.decode(ids) == marker
@@ -364,3 +364,11 @@ def test_checkpoint_solves_short_problems(task, tokenizer):
         generated = out[0, enc["input_ids"].shape[1]:].tolist()
         assert generated == target + [tokenizer.eos_token_id]  # EOS ends generation
         assert pt.score(problem, tokenizer.decode(generated, skip_special_tokens=True))
+
+
+def test_train_reasoner_refuses_a_decision_weight_that_is_not_positive(capsys):
+    from testbed import train_reasoner
+
+    with pytest.raises(SystemExit):
+        train_reasoner.main(["--decision-weight", "0", "--eval-only"])
+    assert "--decision-weight=0.0: must be > 0" in capsys.readouterr().err
