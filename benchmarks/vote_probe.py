@@ -11,8 +11,10 @@ Jensen's inequality, misses the peak when they are not. This script runs the tas
 pointer token, a refresh point in the benchmarks), sums over every (layer, head) the mass each
 closed thought's summary gets (a) from its mean key and (b) from its tokens, ``sum_t exp(s * q .
 k_t)``, each over the head's dense softmax normalizer, and counts how often the thought holding
-the detail comes out on top. The last stdout line is one JSON object: ``{"task", "detail_reads",
-"mean_key", "summary_tokens"}`` (the counts).
+the detail comes out on top; and the same for each layer's heads alone (token scores), which is how
+``ZOOMR_VOTE_LAYERS`` is chosen for a model: on problems other than those it is evaluated on. The
+last stdout line is one JSON object: ``{"task", "detail_reads", "mean_key", "summary_tokens",
+"summary_tokens_per_layer"}`` (the counts; the last one a list, one per layer).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main(argv=None) -> dict:
     vocab = tokenizer.get_vocab()
     begin, end = vocab[pt.SUMMARY_BEGIN], vocab[pt.SUMMARY_END]
     found = {"mean_key": 0, "summary_tokens": 0}
+    per_layer = [0] * model.config.num_hidden_layers
     reads = 0
     for problem in pt.generate_problems(args.seed, args.n_problems, task=args.task):
         encoded = Encoded(problem, tokenizer, lambda text: word_ids(tokenizer, text))
@@ -106,13 +109,17 @@ def main(argv=None) -> dict:
             if len(closed) < 2:
                 continue
             reads += 1
-            for key, by_tokens in (("mean_key", False), ("summary_tokens", True)):
-                votes = sum(summary_mass(q, k, pointer, [(s, e) for _, s, e in closed], by_tokens)
-                            for q, k in captured.values())
-                found[key] += closed[int(votes.argmax())][0] == needed
+            spans = [(s, e) for _, s, e in closed]
+            layer_votes = [summary_mass(q, k, pointer, spans, True) for q, k in captured.values()]
+            found["summary_tokens"] += closed[int(sum(layer_votes).argmax())][0] == needed
+            found["mean_key"] += closed[int(sum(summary_mass(q, k, pointer, spans, False)
+                                                for q, k in captured.values()).argmax())][0] == needed
+            for layer, votes in enumerate(layer_votes):
+                per_layer[layer] += closed[int(votes.argmax())][0] == needed
     print(f"{args.task}: {reads} detail reads; the needed thought tops the mass vote {found['mean_key']} times "
-          f"scored by its summary's mean key, {found['summary_tokens']} times by its summary's tokens")
-    result = {"task": args.task, "detail_reads": reads, **found}
+          f"scored by its summary's mean key, {found['summary_tokens']} times by its summary's tokens;"
+          f" by one layer's tokens alone: {per_layer}")
+    result = {"task": args.task, "detail_reads": reads, **found, "summary_tokens_per_layer": per_layer}
     print(json.dumps(result))
     return result
 

@@ -11,6 +11,7 @@ import torch
 
 from backend_harness import TOKEN, Harness, scripted_tokens
 from zoomr_sglang.algo.reference import masked_decode_reference
+from zoomr_sglang.algo.segmentation import TokenRole
 from zoomr_sglang.config import ZoomRConfig
 
 SMALL = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=32, refresh_interval=16)
@@ -123,6 +124,80 @@ def test_a_vote_takes_effect_two_steps_later_and_picks_the_aligned_thought(vote)
     assert state.zoomed == [target_index] and state.stats.votes_held >= 1
     attended = harness.plan.working_sets[0].tolist()
     assert all(any(a <= p < b for a, b in attended) for p in range(target.start, target.span_end()))
+
+
+def _four_summarized_thoughts(config: ZoomRConfig, num_layers: int) -> Harness:
+    """A request with four closed thoughts, each under a 3-token summary, still decoding."""
+    harness = Harness(config, num_layers=num_layers, seed=5)
+    harness.add_request(2)
+    summary = [TOKEN["<|begin_of_summary|>"]] + [TOKEN["b"]] * 3 + [TOKEN["<|end_of_summary|>"], TOKEN["\n\n"]]
+    for token in ([TOKEN["a"]] * 5 + [TOKEN["."], TOKEN["\n\n"]] + summary) * 4 + [TOKEN["a"]] * 3:
+        harness.decode_step([token])
+    assert next(iter(harness.states.values())).candidates == [0, 1, 2, 3]
+    return harness
+
+
+def _rig_summaries(harness: Harness, layer: int, peaks) -> None:
+    """Set each thought's summary keys in ``layer`` to ``peaks[thought]`` (3 values) times one
+    direction, and its index entry to the mean of 10 * that direction."""
+    state = next(iter(harness.states.values()))
+    direction = torch.zeros(harness.num_kv_heads, harness.head_dim)
+    direction[:, 0] = 1.0
+    store = harness.controller.index_keys
+    for index in state.candidates:
+        thought = state.segmenter.thoughts[index]
+        assert thought.content_end - thought.content_start == 3
+        slots = harness.req_to_token_pool.req_to_token[harness.rows[0], thought.content_start:thought.content_end]
+        harness.kv_pool.get_key_buffer(layer)[slots.long()] = torch.stack([direction * p for p in peaks[index]])
+        entry = state.entries[(index, TokenRole.SUMMARY)]
+        store.sums[layer, entry] = direction * 10 * store.counts[layer, entry]
+
+
+def _vote_once(harness: Harness) -> list:
+    """Decode a sentence end with queries along the rigged direction; returns the selection the
+    vote put in place two steps later."""
+    harness.query_override = torch.zeros(harness.num_heads, harness.head_dim)
+    harness.query_override[:, 0] = 1.0
+    harness.decode_step([TOKEN["."]])
+    harness.query_override = None
+    harness.decode_step([TOKEN["a"]])
+    harness.decode_step([TOKEN["a"]])
+    state = next(iter(harness.states.values()))
+    assert state.stats.votes_held >= 1
+    return state.zoomed
+
+
+EVEN, PEAK_AT_2 = [10.0, 10.0, 10.0], {2: [20.0, 0.0, 0.0]}
+
+
+@pytest.mark.parametrize("vote", ["mass", "mean_mass"])
+def test_a_mass_vote_scores_each_summary_token(vote):
+    """Four thoughts whose 3-token summaries share one mean key; in one of them a single token
+    matches the query and the other two do not. The mass vote reads the summaries' keys from the
+    KV pool and picks that thought; the mean-key estimate sees four equal keys (a tie goes to the
+    oldest thought)."""
+    config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000,
+                         vote=vote)
+    harness = _four_summarized_thoughts(config, num_layers=1)
+    _rig_summaries(harness, 0, [PEAK_AT_2.get(i, EVEN) for i in range(4)])
+    assert _vote_once(harness) == ([2] if vote == "mass" else [0])
+
+
+@pytest.mark.parametrize("vote_layers, expected", [((), [1]), ((0,), [2]), ((1,), [1])])
+def test_only_the_configured_layers_vote(vote_layers, expected):
+    """Layer 0's summaries point at thought 2, layer 1's more strongly at thought 1: every layer
+    voting picks 1, ZOOMR_VOTE_LAYERS=[0] picks 2."""
+    config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000,
+                         vote_layers=vote_layers)
+    harness = _four_summarized_thoughts(config, num_layers=2)
+    _rig_summaries(harness, 0, [PEAK_AT_2.get(i, EVEN) for i in range(4)])
+    _rig_summaries(harness, 1, [[40.0, 0.0, 0.0] if i == 1 else EVEN for i in range(4)])
+    assert _vote_once(harness) == expected
+
+
+def test_a_vote_layer_the_model_lacks_stops_the_backend():
+    with pytest.raises(ValueError, match=r"ZOOMR_VOTE_LAYERS=\[0, 2\] names layer 2; allowed: layers 0..1"):
+        Harness(ZoomRConfig(vote_layers=(0, 2)), num_layers=2)
 
 
 def test_self_check_records_the_error_against_the_dense_reference():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from triton_checks import run_script
-from zoomr_sglang.algo.batched_votes import accumulate_votes, select_top
+from zoomr_sglang.algo.batched_votes import COUNT, MASS, SummaryKeys, accumulate_votes, select_top
 from zoomr_sglang.algo.voting import agreement, attention_mass, head_votes, score_thoughts, select_thoughts
 from zoomr_sglang.kernels import thought_index as ti
 
@@ -16,9 +16,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 
 
 def vote_case(seed: int, *, bs=5, num_heads=8, num_kv_heads=2, head_dim=24, n_entries=40, max_candidates=12,
-              rows=6, device="cpu"):
-    """Random query/lse/store/candidate table and five voter slots: count and mass votes, an unused
-    slot, one candidate (fewer than top-k), and ties (two candidates share an entry)."""
+              rows=6, n_slots=90, max_len=50, device="cpu"):
+    """Random query/lse/store/candidate table, summaries in a KV pool, and five voter slots: count,
+    mass and mean-mass votes, an unused slot, one candidate (fewer than top-k), ties (two
+    candidates share an entry), and summaries of 0 to 6 tokens (longer than the scored width 4)."""
     gen = torch.Generator().manual_seed(seed)
     case = dict(
         query=torch.randn(bs, num_heads, head_dim, generator=gen).to(torch.bfloat16),
@@ -27,19 +28,42 @@ def vote_case(seed: int, *, bs=5, num_heads=8, num_kv_heads=2, head_dim=24, n_en
         counts=torch.randint(0, 9, (n_entries,), generator=gen).float(),
         candidates=torch.randint(0, n_entries, (rows, max_candidates), generator=gen, dtype=torch.int32),
         voter_rows=torch.tensor([3, 0, 5, 2, 1]), voter_batch=torch.tensor([0, 4, 2, 1, 3]),
-        num_candidates=torch.tensor([12, 0, 5, 1, 7]), count_vote=torch.tensor([1, 1, 0, 1, 0]),
+        num_candidates=torch.tensor([12, 0, 5, 1, 7]), vote_kind=torch.tensor([1, 1, 0, 1, 2]),
+        spans=torch.stack([torch.randint(0, max_len - 6, (rows, max_candidates), generator=gen),
+                           torch.randint(0, 7, (rows, max_candidates), generator=gen)], dim=2).to(torch.int32),
+        req_to_token=torch.randint(0, n_slots, (rows, max_len), generator=gen, dtype=torch.int32),
+        key_buffer=(torch.randn(n_slots, num_kv_heads, head_dim, generator=gen) * 3).to(torch.bfloat16),
     )
     case["candidates"][3, 7] = case["candidates"][3, 2]  # a tie inside voter 0's candidates
     return {k: v.to(device) for k, v in case.items()}
+
+
+SUMMARY_FIELDS = ("spans", "req_to_token", "key_buffer")
+SCORED_WIDTH = 4
 
 
 def run_votes(fn, case, layers=2, topk=2, **extra):
     n_voters, width = len(case["voter_rows"]), case["candidates"].shape[1]
     votes = torch.zeros(n_voters, width, device=case["query"].device)
     weights = torch.zeros_like(votes)
+    summary = SummaryKeys(*(case[name] for name in SUMMARY_FIELDS), width=SCORED_WIDTH)
+    arguments = {k: v for k, v in case.items() if k not in SUMMARY_FIELDS}
     for _ in range(layers):
-        fn(**case, votes=votes, weights=weights, scaling=0.3, topk=topk, **extra)
+        fn(**arguments, votes=votes, weights=weights, scaling=0.3, topk=topk, summary=summary, **extra)
     return votes, weights
+
+
+def summary_token_mass(case, v, column):
+    """The per-request mass a mass voter's heads give one candidate's summary (None without one)."""
+    row, batch = case["voter_rows"][v], case["voter_batch"][v]
+    start, length = case["spans"][row, column].tolist()
+    if length == 0:
+        return None
+    scored = min(length, SCORED_WIDTH)
+    keys = case["key_buffer"][case["req_to_token"][row, start:start + scored].long()].float()
+    token_scores = score_thoughts(case["query"][batch], keys)  # [num_heads, scored]
+    mass = attention_mass(token_scores, torch.ones(scored), case["log_normalizer"][batch], 0.3)
+    return mass.sum(dim=1) * length / scored
 
 
 def test_batched_votes_equal_the_per_request_algorithm():
@@ -55,13 +79,19 @@ def test_batched_votes_equal_the_per_request_algorithm():
             entries = case["candidates"][case["voter_rows"][v], :n].long()
             means = case["sums"][entries] / case["counts"][entries].clamp(min=1)[:, None, None]
             scores = score_thoughts(case["query"][case["voter_batch"][v]], means)
-            if case["count_vote"][v]:
+            if case["vote_kind"][v] == COUNT:
                 head, sums = head_votes(scores, 2)
                 assert torch.equal(votes[v, :n], 2 * head.float())
                 torch.testing.assert_close(weights[v, :n], 2 * sums, rtol=1e-5, atol=1e-4)
                 assert abs(float(agree[v]) - agreement(votes[v, :n], chosen[v][chosen[v] >= 0].tolist())) < 1e-6
             else:
                 mass = attention_mass(scores, case["counts"][entries], case["log_normalizer"][case["voter_batch"][v]], 0.3)
+                if case["vote_kind"][v] == MASS:
+                    token_masses = [summary_token_mass(case, v, j) for j in range(n)]
+                    assert sum(m is not None for m in token_masses) >= 2  # the case scores summaries
+                    for j, token_mass in enumerate(token_masses):
+                        if token_mass is not None:
+                            mass[:, j] = token_mass
                 assert votes[v].abs().sum() == 0
                 torch.testing.assert_close(weights[v, :n], 2 * mass.sum(dim=0), rtol=1e-5, atol=1e-7)
                 assert float(agree[v]) == 1.0
@@ -126,10 +156,10 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(kernel):
 
     fn = getattr(ti, kernel)
     pointers = {"query": "*bf16", "keys": "*bf16", "candidates": "*i32", "voter_rows": "*i64", "voter_batch": "*i64",
-                "num_candidates": "*i64", "count_vote": "*i64", "slots": "*i64", "entries": "*i64",
-                "num_commits": "*i64"}
+                "num_candidates": "*i64", "vote_kind": "*i64", "slots": "*i64", "entries": "*i64",
+                "num_commits": "*i64", "spans": "*i32", "req_to_token": "*i32", "key_buffer": "*bf16"}
     constants = {"GROUP": 4, "GROUP_P2": 4, "HEAD_DIM": 128, "DIM_P2": 128, "BLOCK": ti.BLOCK_CANDIDATES, "TOPK": 2,
-                 "BOUND_ON_HOST": False, "WIDTH": 1024, "WIDTH_P2": 1024}
+                 "BOUND_ON_HOST": False, "WIDTH": 1024, "WIDTH_P2": 1024, "MASS_KIND": MASS, "COUNT_KIND": COUNT}
     signature = {name: pointers.get(name, "*fp32" if name in ("lse", "sums", "counts", "votes", "weights", "scratch")
                                     else "constexpr" if name in constants else "fp32" if name == "scaling" else "i32")
                  for name in fn.arg_names}

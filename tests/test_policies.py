@@ -25,8 +25,10 @@ def thoughts_fixture():
     """Prompt [0, 10); thought 0 body [10, 26) summary [26, 30); thought 1 body [30, 46) summary
     [46, 50); thought 2 open from 50."""
     return [
-        Thought(index=0, start=10, body_end=26, summary_start=26, summary_end=30, has_summary_content=True, final=True),
-        Thought(index=1, start=30, body_end=46, summary_start=46, summary_end=50, has_summary_content=True, final=True),
+        Thought(index=0, start=10, body_end=26, summary_start=26, summary_end=30, content_start=27, content_end=29,
+                final=True),
+        Thought(index=1, start=30, body_end=46, summary_start=46, summary_end=50, content_start=47, content_end=49,
+                final=True),
         Thought(index=2, start=50, body_end=70),
     ]
 
@@ -142,8 +144,8 @@ def test_quest_attends_the_page_whose_keys_match_the_query_at_the_next_step():
 
 def _long_thought_view(seq_len, **overrides):
     """Prompt [0, 16); thought 0 body [16, 80) (pages 1-4) summary [80, 84), voted; open from 84."""
-    thoughts = [Thought(index=0, start=16, body_end=80, summary_start=80, summary_end=84, has_summary_content=True,
-                        final=True), Thought(index=1, start=84, body_end=seq_len)]
+    thoughts = [Thought(index=0, start=16, body_end=80, summary_start=80, summary_end=84, content_start=81,
+                        content_end=83, final=True), Thought(index=1, start=84, body_end=seq_len)]
     base = dict(seq_len=seq_len, prompt_len=16, sink=4, window=8, budget=60, thoughts=thoughts, candidates=[0],
                 zoomed=[0], open_from=84)
     return view(**{**base, **overrides})
@@ -226,8 +228,8 @@ def test_every_policy_through_the_backend_stays_within_budget_and_matches_the_re
         harness.decode_step([script[step] for script in scripts])
         plan = harness.plan
         for state, ranges in zip(plan.states, plan.working_sets):
-            # Thought policies keep the prompt and every summary even past the budget.
-            skeleton = state.prompt_len + state.summary_tokens + 3 if state.policy.thought_level else 0
+            # Thought policies keep the prompt, every summary and the open thought's head even past the budget.
+            skeleton = state.prompt_len + state.summary_tokens + config.thought_sink + 3 if state.policy.thought_level else 0
             assert policy == "full" or ranges_size(ranges) <= max(budget, skeleton)
     for state in harness.states.values():
         stats = state.stats
@@ -287,7 +289,8 @@ def test_cached_unbounded_working_set_equals_the_from_scratch_union():
                 thoughts.append(Thought(index=len(thoughts), start=position, body_end=position + body,
                                         summary_start=position + body if summary else None,
                                         summary_end=position + body + summary if summary else None,
-                                        has_summary_content=bool(summary), final=True))
+                                        content_start=position + body if summary else None,
+                                        content_end=position + body + summary if summary else None, final=True))
                 position += body + summary
             position += 1
             closed = [t.index for t in thoughts]
@@ -323,3 +326,20 @@ def test_fidelity_is_measured_at_every_step_without_self_checks():
     least = measured["fidelity"]["step_min_head_mass"]
     assert len(least) == 60 and all(0 <= low <= m + 1e-12 for low, m in zip(least, step_mass))
     assert any(low < m - 1e-6 for low, m in zip(least, step_mass))
+
+
+@pytest.mark.parametrize("policy_class", [ZoomRPolicy, SummaryOnlyPolicy])
+def test_under_a_budget_the_open_thought_keeps_its_first_tokens(policy_class):
+    """Thought 2 is open from 50 and 70 tokens long; prompt, summaries and a 10-token window leave
+    no room for its start, which ZOOMR_THOUGHT_SINK keeps (and nothing without a budget changes)."""
+    thoughts = thoughts_fixture()
+    thoughts[2].body_end = 120
+    policy = policy_class(num_thoughts=2)
+    bounded = dict(seq_len=120, budget=40, thoughts=thoughts, zoomed=[])
+    with_head = pairs(policy.working_set(view(**bounded, thought_sink=6)))
+    assert with_head[:3] == [(0, 10), (26, 30), (46, 56)] and sum(b - a for a, b in with_head) <= 40
+    without = pairs(policy_class(num_thoughts=2).working_set(view(**bounded)))
+    assert not any(a <= 50 < b for a, b in without)
+    unbounded = dict(seq_len=120, thoughts=thoughts, zoomed=[])
+    assert pairs(policy_class(num_thoughts=2).working_set(view(**unbounded, thought_sink=6))) == pairs(
+        policy_class(num_thoughts=2).working_set(view(**unbounded)))

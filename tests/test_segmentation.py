@@ -142,7 +142,7 @@ def test_summary_markers_split_over_tokens():
     assert finalized(events) == [[]] * 10 + [[0], []]
     assert open_froms == [5] * 10 + [16, 16]
     assert seg.thoughts[0] == Thought(
-        index=0, start=5, body_end=7, summary_start=7, summary_end=16, has_summary_content=True, final=True
+        index=0, start=5, body_end=7, summary_start=7, summary_end=16, content_start=10, content_end=13, final=True
     )
     assert key_role(seg.thoughts[0]) is SUMMARY
     assert seg.thoughts[1] == Thought(index=1, start=16, body_end=17)
@@ -160,7 +160,7 @@ def test_summary_after_boundary_with_whitespace_between():
     assert finalized(events) == [[], [], [], [], [], [0], [], [], [], [1]]
     assert open_froms == [5, 5, 5, 5, 5, 11, 11, 11, 11, 14]
     assert seg.thoughts[0] == Thought(
-        index=0, start=5, body_end=8, summary_start=8, summary_end=11, has_summary_content=True, final=True
+        index=0, start=5, body_end=8, summary_start=8, summary_end=11, content_start=9, content_end=10, final=True
     )
     assert seg.thoughts[1] == Thought(index=1, start=11, body_end=14, final=True)
 
@@ -176,7 +176,7 @@ def test_summary_without_boundary_and_empty_summary():
     assert key_role(seg.thoughts[0]) is BODY
     # A summary with no thought before it gets an empty-bodied thought of its own.
     assert seg.thoughts[1] == Thought(
-        index=1, start=8, body_end=8, summary_start=8, summary_end=11, has_summary_content=True, final=True
+        index=1, start=8, body_end=8, summary_start=8, summary_end=11, content_start=9, content_end=10, final=True
     )
 
 
@@ -208,7 +208,7 @@ def test_runaway_summary_is_force_ended():
     ]
     assert finalized(events) == [[], [], [], [], [], [0], []]
     assert seg.thoughts[0] == Thought(
-        index=0, start=5, body_end=7, summary_start=7, summary_end=11, has_summary_content=True, final=True
+        index=0, start=5, body_end=7, summary_start=7, summary_end=11, content_start=8, content_end=11, final=True
     )
 
 
@@ -258,6 +258,8 @@ def test_random_streams_keep_every_position_in_exactly_one_place(seed):
             content = [p for p in range(t.summary_start, summary_end) if p in committed]
             assert all(committed.pop(p) == (t.index, SUMMARY) for p in content)
             assert t.has_summary_content == bool(content)
+            # The content span is exactly the committed SUMMARY positions, contiguous.
+            assert content == (list(range(t.content_start, t.content_end)) if content else [])
         span_cursor = t.span_end() if t.summary_start is None or t.summary_end is not None else end
     assert not committed and span_cursor == end
     # Only the last thought may be non-final, and finalization is reported once, in order.

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Tuple
 
+from zoomr_sglang.algo.batched_votes import VOTE_KINDS
 from zoomr_sglang.algo.policies import POLICY_NAMES
 from zoomr_sglang.algo.working_set import MIN_WINDOW
 
@@ -26,6 +27,7 @@ class ZoomRConfig:
     topk: int = 2  # k: thoughts each (layer, query head) votes for
     num_thoughts: int = 2  # c: thoughts zoomed in after the vote
     sink: int = 32  # first tokens always attended
+    thought_sink: int = 16  # under a budget, first tokens of the thought being written always attended
     window: int = 256  # last tokens always attended
     max_thought_tokens: int = 512  # forced thought boundary
     boundaries: Tuple[str, ...] = ("\n\n",)
@@ -46,8 +48,15 @@ class ZoomRConfig:
     policy: str = "zoomr"
     budget: int = 0
     # How (layer, head) queries choose thoughts: "count" (the paper: each votes for its top-k by
-    # q . index_key) or "mass" (each adds the attention mass it would give each thought).
+    # q . index_key), "mass" (each adds the attention mass it gives each thought's summary, key by
+    # key) or "mean_mass" (that mass estimated from the summary's mean key).
     vote: str = "mass"
+    # Summary tokens a mass vote scores one by one; a longer summary's mass is scaled up from them.
+    vote_summary_tokens: int = 64
+    # Layers whose queries vote (empty: every layer). Layers whose heads spread their attention over
+    # all summaries alike add the same to every thought and can drown the few heads that look a
+    # thought up; benchmarks/vote_probe.py counts, per layer, how often each layer alone finds it.
+    vote_layers: Tuple[int, ...] = ()
     # Closed thoughts per request that can be zoomed back into; later ones are attended through
     # their summaries only. Sizes the device's candidate table and vote buffers.
     max_candidates: int = 1024
@@ -99,7 +108,7 @@ def _gigabytes(name: str, raw: str) -> float:
     return value
 
 
-VOTE_MODES = ("mass", "count")
+VOTE_MODES = VOTE_KINDS
 SEGMENT_PROMPT_MODES = ("markers", "off")
 ADMISSION_MODES = ("observed", "bound", "sglang")
 
@@ -127,21 +136,34 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
-def _text_list(name: str, raw: str) -> Tuple[str, ...]:
-    allowed = 'a JSON list of non-empty strings, e.g. ["\\n\\n"]'
+def _json_list(name: str, raw: str, allowed: str, valid: Callable[[list], bool]) -> list:
+    """``raw`` parsed as a JSON list that ``valid`` accepts."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         raise ValueError(f"{name}={raw!r} is not valid JSON; allowed: {allowed}") from None
-    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s for s in value):
+    if not isinstance(value, list) or not valid(value):
         raise ValueError(f"{name}={raw!r} is not allowed; allowed: {allowed}")
-    return tuple(value)
+    return value
+
+
+def _layer_list(name: str, raw: str) -> Tuple[int, ...]:
+    value = _json_list(name, raw, "a JSON list of distinct layer indices >= 0, e.g. [0, 1] (empty: every layer)",
+                       lambda v: all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+                       and len(set(v)) == len(v))
+    return tuple(sorted(value))
+
+
+def _text_list(name: str, raw: str) -> Tuple[str, ...]:
+    return tuple(_json_list(name, raw, 'a JSON list of non-empty strings, e.g. ["\\n\\n"]',
+                            lambda v: bool(v) and all(isinstance(s, str) and s for s in v)))
 
 
 _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_TOPK": ("topk", lambda n, r: _int(n, r, 1)),
     "ZOOMR_NUM_THOUGHTS": ("num_thoughts", lambda n, r: _int(n, r, 0)),
     "ZOOMR_SINK": ("sink", lambda n, r: _int(n, r, 0)),
+    "ZOOMR_THOUGHT_SINK": ("thought_sink", lambda n, r: _int(n, r, 0)),
     "ZOOMR_WINDOW": ("window", lambda n, r: _int(n, r, MIN_WINDOW)),
     "ZOOMR_MAX_THOUGHT_TOKENS": ("max_thought_tokens", lambda n, r: _int(n, r, 1)),
     "ZOOMR_BOUNDARIES": ("boundaries", _text_list),
@@ -156,6 +178,8 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_POLICY": ("policy", lambda n, r: _policy(n, r)),
     "ZOOMR_BUDGET": ("budget", lambda n, r: _int(n, r, 0)),
     "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_MODES)),
+    "ZOOMR_VOTE_SUMMARY_TOKENS": ("vote_summary_tokens", lambda n, r: _int(n, r, 1)),
+    "ZOOMR_VOTE_LAYERS": ("vote_layers", _layer_list),
     "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
     "ZOOMR_INDEX_ENTRIES": ("index_entries", lambda n, r: _int(n, r, 0)),
     "ZOOMR_SEGMENT_PROMPT": ("segment_prompt", lambda n, r: _choice(n, r, SEGMENT_PROMPT_MODES)),

@@ -112,6 +112,10 @@ class ThoughtPolicy(Policy):
         if view.budget:
             cap = view.seq_len if view.window_cap is None else view.window_cap
             skeleton = [(start, min(end, view.seq_len)) for start, end in self._skeleton if start < view.seq_len]
+            # The open thought's first tokens say what it is doing; without a budget it is attended whole.
+            head_end = min(view.open_from + view.thought_sink, view.seq_len)
+            if head_end > view.open_from:
+                skeleton = merge_ranges([*skeleton, (view.open_from, head_end)])
             return self.fill(view, skeleton, spans, cap)
         key = (self._closed, tuple(zoomed))
         if key != self._static_key:

@@ -25,7 +25,8 @@ class StepView:
     last one open); candidates: closed thoughts that have an index key, in closing order; zoomed:
     the current thought selection; open_from: first position not inside a closed thought;
     window_cap: with the host tier on, how far back (tokens) a recent window may reach, since
-    older closed thoughts may have left the device; None: anywhere.
+    older closed thoughts may have left the device; None: anywhere; thought_sink: under a budget,
+    the first tokens of the thought being written that thought-level policies always keep.
     """
 
     seq_len: int
@@ -38,6 +39,7 @@ class StepView:
     zoomed: Sequence[int]
     open_from: int
     window_cap: Optional[int] = None
+    thought_sink: int = 0
 
 
 def recent_fill(fixed: Sequence[Range], seq_len: int, budget: int, max_window: int) -> List[Range]:

@@ -28,8 +28,15 @@ class Thought:
     body_end: int  # one past the last body position (grows while open)
     summary_start: Optional[int] = None  # position of the first token of the begin marker
     summary_end: Optional[int] = None  # one past the token that completed the end marker
-    has_summary_content: bool = False  # at least one SUMMARY-role token was committed
+    # The summary's content: its SUMMARY-role positions [content_start, content_end), contiguous
+    # (between the markers); None while no content token was committed.
+    content_start: Optional[int] = None
+    content_end: Optional[int] = None
     final: bool = False  # closed: a candidate for voting, its key will not change any more
+
+    @property
+    def has_summary_content(self) -> bool:
+        return self.content_start is not None
 
     def span_end(self) -> int:
         """One past the last position the thought owns."""
@@ -49,6 +56,13 @@ class SegmentEvents:
 def key_role(thought: Thought) -> TokenRole:
     """The key that indexes a thought: its summary's if the summary had content, else its body's."""
     return TokenRole.SUMMARY if thought.has_summary_content else TokenRole.BODY
+
+
+def summary_span(thought: Thought) -> tuple[int, int]:
+    """``(first position, length)`` of the summary content a mass vote scores; ``(0, 0)`` without one."""
+    if not thought.has_summary_content:
+        return 0, 0
+    return thought.content_start, thought.content_end - thought.content_start
 
 
 class _State(enum.Enum):
@@ -202,7 +216,9 @@ class ThoughtSegmenter:
         boundary decides whether that thought is still empty.
         """
         if self._state is _State.SUMMARY:
-            self._open.has_summary_content = True
+            if self._open.content_start is None:
+                self._open.content_start = position
+            self._open.content_end = position + 1
             self._commit(events, self._open, TokenRole.SUMMARY, position)
             return
         if self._state is _State.AWAIT:

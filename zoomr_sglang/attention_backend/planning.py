@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from zoomr_sglang.algo.batched_votes import VOTE_KINDS
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES
 from zoomr_sglang.algo.segmentation import ThoughtSegmenter
@@ -45,9 +46,10 @@ class HostPlan:
     ranges ``[n_ranges, 4]`` int64: (pool row, start, length, output offset) per range, in request
     order; commits ``[n_commits, 3]`` int64: (pool row, position, entry); fresh_entries: entries
     handed out this step (zeroed on the device before any key is added); new_candidates
-    ``[m, 3]`` int64: (pool row, column, entry) appended to the rows' candidate tables; votes
-    ``[bs, 4]`` int64 per request: (pool row, candidates a vote would rank, 0 if it cannot vote;
-    1 for count votes else 0; 1 if the host asks it to vote this step whatever token it decodes).
+    ``[m, 5]`` int64: (pool row, column, entry, summary start, summary length) appended to the rows'
+    candidate tables; votes ``[bs, 4]`` int64 per request: (pool row, candidates a vote would rank,
+    0 if it cannot vote; its vote kind, an index into ``VOTE_KINDS``; 1 if the host asks it to vote
+    this step whatever token it decodes).
     """
 
     rows: List[int]
@@ -160,11 +162,12 @@ class StepPlanner:
                     if entry is not None:
                         commits += [(row, p, entry) for p in positions]
                 added = state.close_thoughts(events.finalized, self.index_keys, self.max_candidates)
-                new_candidates += [(row, column, entry) for column, entry in added]
+                new_candidates += [(row, *candidate) for candidate in added]
                 host_vote |= state.refresh(events, bool(self.refresh_tokens[token]), self.config, seq_len)
                 state.fed_until = position + 1
             states.append(state)
-            votes.append((row, state.votable_candidates(self.config), int(state.settings.vote == "count"), int(host_vote)))
+            votes.append((row, state.votable_candidates(self.config), VOTE_KINDS.index(state.settings.vote),
+                          int(host_vote)))
         working_sets, observers = [], []
         for batch_index, (state, seq_len) in enumerate(zip(states, seq_lens)):
             tiered = self.tiered(state)
@@ -184,7 +187,7 @@ class StepPlanner:
             rows=rows, seq_lens=list(seq_lens), states=states, working_sets=working_sets,
             kv_indptr=_kv_indptr(working_sets), ranges=_pack_ranges(rows, working_sets),
             commits=np.asarray(commits, dtype=np.int64).reshape(-1, 3), fresh_entries=fresh,
-            new_candidates=np.asarray(new_candidates, dtype=np.int64).reshape(-1, 3),
+            new_candidates=np.asarray(new_candidates, dtype=np.int64).reshape(-1, 5),
             votes=np.asarray(votes, dtype=np.int64).reshape(-1, 4), observers=observers,
             self_check=interval > 0 and self.decode_steps % interval == 0,
             fidelity_rows=[i for i, state in enumerate(states) if state.settings.fidelity],
@@ -195,7 +198,7 @@ class StepPlanner:
         """A step with no request (a CUDA-graph capture batch is all padding)."""
         return HostPlan(rows=[], seq_lens=[], states=[], working_sets=[], kv_indptr=_kv_indptr([]),
                         ranges=_pack_ranges([], []), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
-                        new_candidates=np.zeros((0, 3), dtype=np.int64), votes=np.zeros((0, 4), dtype=np.int64))
+                        new_candidates=np.zeros((0, 5), dtype=np.int64), votes=np.zeros((0, 4), dtype=np.int64))
 
     # -- requests -----------------------------------------------------------------------------
     def _row_of(self, rid: str) -> int:
@@ -237,7 +240,7 @@ class StepPlanner:
         inheritance = reasoning.inheritance
         if inheritance is not None:
             added = state.inherit(inheritance, self.index_keys, self.max_candidates)
-            new_candidates += [(row, column, entry) for column, entry in added]
+            new_candidates += [(row, *candidate) for candidate in added]
             self.index_entries_reused += len(added)
         self.states[row] = state
         return state

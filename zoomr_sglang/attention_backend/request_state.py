@@ -14,8 +14,11 @@ import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
-from zoomr_sglang.algo.segmentation import SegmentEvents, Thought, ThoughtSegmenter, TokenRole, key_role
+from zoomr_sglang.algo.segmentation import SegmentEvents, Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
 from zoomr_sglang.config import RequestSettings, ZoomRConfig
+
+
+Candidate = Tuple[int, int, int, int]  # (column, index entry, summary start, summary length)
 
 
 @dataclass
@@ -130,9 +133,10 @@ class RequestState:
             fresh.append(entry)
         return self.entries[key]
 
-    def close_thoughts(self, finalized: List[int], store: IndexKeyStore, max_candidates: int) -> List[Tuple[int, int]]:
-        """Make finalized thoughts vote candidates; returns their ``(column, entry)`` in the row's
-        candidate table. The key a thought will not use goes back to the store."""
+    def close_thoughts(self, finalized: List[int], store: IndexKeyStore, max_candidates: int) -> List[Candidate]:
+        """Make finalized thoughts vote candidates; returns their ``(column, entry, summary start,
+        summary length)`` in the row's candidate table. The key a thought will not use goes back to
+        the store."""
         added = []
         for index in finalized:
             thought = self.segmenter.thoughts[index]
@@ -147,14 +151,14 @@ class RequestState:
             if len(self.candidates) >= max_candidates:
                 store.free([self.entries.pop((index, role))])
                 continue
-            added.append((len(self.candidates), self.entries[(index, role)]))
+            added.append((len(self.candidates), self.entries[(index, role)], *summary_span(thought)))
             self.candidates.append(index)
         return added
 
-    def inherit(self, inheritance, store: IndexKeyStore, max_candidates: int) -> List[Tuple[int, int]]:
+    def inherit(self, inheritance, store: IndexKeyStore, max_candidates: int) -> List[Candidate]:
         """Take over the closed thoughts a radix-tree path recorded (``radix_ext.notes.Inheritance``;
         the segmenter starts at ``inheritance.resume_from``) and their index keys, loaded into new
-        entries; returns their ``(column, entry)`` in the row's candidate table."""
+        entries; returns their candidate-table columns as :meth:`close_thoughts` does."""
         self.segmenter.thoughts.extend(r.thought for r in inheritance.records)
         added, entries, sums, counts = [], [], [], []
         for record in inheritance.records:
@@ -166,7 +170,7 @@ class RequestState:
             if entry is None:
                 break
             self.entries[(index, record.role)] = entry
-            added.append((len(self.candidates), entry))
+            added.append((len(self.candidates), entry, *summary_span(record.thought)))
             self.candidates.append(index)
             entries.append(entry)
             sums.append(record.key_sums)
@@ -240,7 +244,7 @@ class RequestState:
             seq_len=seq_len, prompt_len=self.prompt_len, sink=config.sink, window=config.window,
             budget=self.settings.budget, thoughts=self.segmenter.thoughts, candidates=self.candidates,
             zoomed=self.zoomed if zoomed is None else zoomed, open_from=self.segmenter.open_from(),
-            window_cap=window_cap,
+            window_cap=window_cap, thought_sink=config.thought_sink,
         )
 
     def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> None:

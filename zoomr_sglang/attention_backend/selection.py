@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.batched_votes import select_top
+from zoomr_sglang.algo.batched_votes import VOTE_KINDS, SummaryKeys, select_top
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.attention_backend.planning import HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
@@ -44,17 +44,25 @@ class DeviceSelection:
         self.req_to_token = req_to_token_pool.req_to_token
         self.kv_pool = kv_pool
         self.last_layer = num_layers - 1
+        outside = [layer for layer in config.vote_layers if layer >= num_layers]
+        if outside:
+            raise ValueError(f"ZOOMR_VOTE_LAYERS={list(config.vote_layers)} names layer {outside[0]}; allowed: layers"
+                             f" 0..{num_layers - 1} of this model (empty: every layer)")
+        self.voting_layers = frozenset(config.vote_layers or range(num_layers))
         self.device = torch.device(device)
         self.fixed_shapes = triton_available() and (self.device.type == "cuda" or triton_interpreted())
         dev = dict(device=self.device)
         self.refresh_mask = torch.from_numpy(refresh_tokens).to(self.device)
         self.max_voters = max_voters
         self.row_candidates = torch.zeros(self.req_to_token.shape[0], max_candidates, dtype=torch.int32, **dev)
+        # Per row and candidate, its summary content's first position and length (mass votes read its keys).
+        self.row_summaries = torch.zeros(self.req_to_token.shape[0], max_candidates, 2, dtype=torch.int32, **dev)
+        self.widest_summary = 0  # longest summary content any candidate had so far (host)
         self.max_commits = COMMITS_PER_REQUEST * max_voters
         self.commit_slots = torch.zeros(self.max_commits, dtype=torch.int64, **dev)
         self.commit_entries = torch.full((self.max_commits,), index_keys.scratch, dtype=torch.int64, **dev)
         self.num_commits = torch.zeros(1, dtype=torch.int64, **dev)
-        self.voter_table = torch.zeros(4, max_voters, dtype=torch.int64, **dev)  # row, batch index, candidates, count
+        self.voter_table = torch.zeros(4, max_voters, dtype=torch.int64, **dev)  # row, batch index, candidates, kind
         self.votes = torch.zeros(max_voters, max_candidates, dtype=torch.float32, **dev)
         self.weights = torch.zeros_like(self.votes)
         self.scratch = vote_scratch(max_voters, num_heads, max_candidates, self.device)
@@ -66,7 +74,7 @@ class DeviceSelection:
         self._readback: Optional[Tuple[Optional[torch.cuda.Event], List[torch.Tensor], List[RequestState]]] = None
         # The torch path's sizes of this step's work: commits, voters, widest candidate list.
         self.active_commits = self.active_voters = self.active_width = 0
-        self.active_kinds = (True, True)  # whether this step has count voters, mass voters
+        self.active_kinds = (True,) * len(VOTE_KINDS)  # per vote kind, whether this step has such voters
         self.slots = (self.max_commits, max_voters)  # commit and voter slots of this step's launches
 
     # -- per step (host, outside graphs) --------------------------------------------------------
@@ -110,11 +118,13 @@ class DeviceSelection:
         packed = self._to_device(np.concatenate(parts))
         ranges_d, commits_d, candidates_d, fresh_d, votes_d = torch.split(packed, [len(p) for p in parts])
         ranges_d, commits_d = ranges_d.view(4, -1), commits_d.view(-1, 3)
-        candidates_d, votes_d = candidates_d.view(-1, 3), votes_d.view(-1, 4)
+        candidates_d, votes_d = candidates_d.view(-1, 5), votes_d.view(-1, 4)
         if len(fresh_d):
             self.index_keys.zero(fresh_d)
         if len(candidates_d):
             self.row_candidates[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 2].to(torch.int32)
+            self.row_summaries[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 3:].to(torch.int32)
+            self.widest_summary = max(self.widest_summary, int(plan.new_candidates[:, 4].max()))
         n_commits = len(commits_d)
         if n_commits:
             self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
@@ -131,8 +141,7 @@ class DeviceSelection:
         if not self.fixed_shapes:  # the torch path sizes its work on the host (CPU: reading is free)
             self.active_commits, self.active_voters = n_commits, int(voting.sum())
             self.active_width = int(plan.votes[:, 1].max()) if may_vote.any() else 0
-            count = votes_d[:, 2] == 1
-            self.active_kinds = (bool((voting & count).any()), bool((voting & ~count).any()))
+            self.active_kinds = tuple(bool((voting & (votes_d[:, 2] == kind)).any()) for kind in range(len(VOTE_KINDS)))
             if not self.active_voters:
                 self._last_states = None
             self.votes[: self.active_voters, : self.active_width].zero_()
@@ -208,11 +217,16 @@ class DeviceSelection:
                     self.num_commits)
         if n_voters == 0:
             return
-        voter_rows, voter_batch, num_candidates, count_vote = self.voter_table[:, :n_voters]
+        voter_rows, voter_batch, num_candidates, vote_kind = self.voter_table[:, :n_voters]
         votes, weights = self.votes[:n_voters, :widest], self.weights[:n_voters, :widest]
-        accumulate_votes(query, log_normalizer, sums, counts, self.row_candidates, voter_rows, voter_batch,
-                         num_candidates, count_vote, votes, weights, scaling=scaling, topk=self.config.topk,
-                         scratch=self.scratch, kinds=self.active_kinds)
+        if layer_id in self.voting_layers:
+            # A captured graph keeps the configured width; elsewhere the longest summary seen bounds the work.
+            cap = self.config.vote_summary_tokens
+            width = cap if self.device.type == "cuda" else max(1, min(cap, self.widest_summary))
+            summary = SummaryKeys(self.row_summaries, self.req_to_token, key_buffer, width)
+            accumulate_votes(query, log_normalizer, sums, counts, self.row_candidates, voter_rows, voter_batch,
+                             num_candidates, vote_kind, votes, weights, scaling=scaling, topk=self.config.topk,
+                             summary=summary, scratch=self.scratch, kinds=self.active_kinds)
         if layer_id == self.last_layer:
             chosen, agreement = select_top(votes, weights, num_candidates, self.config.num_thoughts)
             self.chosen[: chosen.shape[0]] = chosen

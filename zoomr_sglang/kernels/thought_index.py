@@ -10,7 +10,8 @@ The vote kernel runs one program per voter slot; a slot with no candidates does 
 launch can stay in a CUDA graph at a fixed number of slots and cost almost nothing on steps where
 few requests vote. A program walks its request's candidates in blocks, once per KV head: the
 scores of the group of query heads that read that KV head against the candidates' mean keys,
-then the mass (or the summed score) added to ``weights``. Count votes also store the scores in a
+then the mass (or the summed score) added to ``weights``; a mass voter's candidates with a summary
+are scored once more, token by token, against the summary's keys in the KV pool. Count votes also store the scores in a
 scratch buffer and pick each head's top-k from it, so every pass compares the same floats.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from zoomr_sglang.algo.batched_votes import COUNT, MASS, SummaryKeys
 from zoomr_sglang.algo.batched_votes import accumulate_votes as accumulate_votes_torch
 from zoomr_sglang.kernels.kv_indices import tl, triton, triton_available, triton_interpreted
 
@@ -31,26 +33,56 @@ def _next_power_of_2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _summary_mass(q, head_lse, mean_mass, row_spans, stride_pc, c, c_ok, row_slots, head_keys, stride_kb,
+                      d, d_ok, scaling, width, GROUP_P2: tl.constexpr, BLOCK: tl.constexpr,
+                      BOUND_ON_HOST: tl.constexpr):
+        """[GROUP_P2, BLOCK] mass of a block of candidates: over each summary's first ``width`` keys
+        (scaled up to its length), ``mean_mass`` for candidates without a summary."""
+        start = tl.load(row_spans + c * stride_pc, mask=c_ok, other=0)
+        length = tl.load(row_spans + c * stride_pc + 1, mask=c_ok, other=0)
+        scored = tl.minimum(length, width)
+        if BOUND_ON_HOST:
+            bound = width
+        else:
+            bound = tl.max(scored, axis=0)
+        token_mass = tl.zeros([GROUP_P2, BLOCK], tl.float32)
+        for t in range(0, bound):
+            t_ok = t < scored
+            slot = tl.load(row_slots + start + t, mask=t_ok, other=0).to(tl.int64)
+            key = tl.load(head_keys + slot[:, None] * stride_kb + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                          other=0.0).to(tl.float32)
+            score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)
+            token_mass += tl.where(t_ok[None, :], tl.exp(score * scaling - head_lse[:, None]), 0.0)
+        scale = length.to(tl.float32) / tl.maximum(scored, 1).to(tl.float32)
+        return tl.where((length > 0)[None, :], token_mass * scale[None, :], mean_mass)
+
+    @triton.jit
     def _vote_kernel(
         query, stride_qb, stride_qh,  # [bs, num_heads, head_dim]
         lse, stride_lb,  # [bs, num_heads] float32
         sums, stride_se, stride_sk,  # [n_entries, num_kv_heads, head_dim] float32
         counts,  # [n_entries] float32
         candidates, stride_cr,  # [n_rows, max_candidates] int
-        voter_rows, voter_batch, num_candidates, count_vote,  # [n_voters] int64
+        voter_rows, voter_batch, num_candidates, vote_kind,  # [n_voters] int64
+        spans, stride_pr, stride_pc,  # [n_rows, max_candidates, 2] int32: summary start, length
+        req_to_token, stride_rr,  # [n_rows, max_len] int32
+        key_buffer, stride_kb, stride_kh,  # [n_slots, num_kv_heads, head_dim]
         votes, weights, stride_v,  # [n_voters, max_candidates] float32
         scratch, stride_sv, stride_sh,  # [n_voters, num_heads, max_candidates] float32 (count votes)
         scaling,
         num_kv_heads,
         host_bound,  # max_candidates, a host int (loop bound when BOUND_ON_HOST)
+        width,  # summary tokens scored per candidate (a host int; the token loop bound when BOUND_ON_HOST)
         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
         BLOCK: tl.constexpr, TOPK: tl.constexpr, BOUND_ON_HOST: tl.constexpr,
+        MASS_KIND: tl.constexpr, COUNT_KIND: tl.constexpr,
     ):
         v = tl.program_id(0)
         n = tl.load(num_candidates + v)
         row = tl.load(voter_rows + v)
         b = tl.load(voter_batch + v)
-        is_count = tl.load(count_vote + v) != 0
+        kind = tl.load(vote_kind + v)
+        is_count = kind == COUNT_KIND
         g = tl.arange(0, GROUP_P2)
         d = tl.arange(0, DIM_P2)
         g_ok = g < GROUP
@@ -75,6 +107,10 @@ if triton is not None:
                                   mask=c_ok[:, None] & d_ok[None, :], other=0.0) / count[:, None]
                     score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GROUP_P2, BLOCK]
                     mass = tl.exp(score * scaling + tl.log(count)[None, :] - head_lse[:, None])
+                    if kind == MASS_KIND:
+                        mass = _summary_mass(q, head_lse, mass, spans + row * stride_pr, stride_pc, c, c_ok,
+                                             req_to_token + row * stride_rr, key_buffer + kv_head * stride_kh,
+                                             stride_kb, d, d_ok, scaling, width, GROUP_P2, BLOCK, BOUND_ON_HOST)
                     added = tl.where(is_count, score, mass)
                     added = tl.sum(tl.where(g_ok[:, None] & c_ok[None, :], added, 0.0), axis=0)
                     tl.atomic_add(weights + v * stride_v + c, added, mask=c_ok)
@@ -166,8 +202,8 @@ def vote_scratch(n_voters: int, num_heads: int, max_candidates: int, device) -> 
 
 
 def accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
-                            num_candidates, count_vote, votes, weights, *, scaling: float, topk: int,
-                            scratch: torch.Tensor) -> None:
+                            num_candidates, vote_kind, votes, weights, *, scaling: float, topk: int,
+                            summary: SummaryKeys, scratch: torch.Tensor) -> None:
     """Triton version of :func:`zoomr_sglang.algo.batched_votes.accumulate_votes`; ``scratch`` from
     :func:`vote_scratch`. One launch, no host sync."""
     if not triton_available():
@@ -183,30 +219,38 @@ def accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, vot
             raise ValueError(f"{name} must be contiguous float32 in its last dimension, got {t.dtype}, strides {t.stride()}")
     if query.stride(-1) != 1 or candidates.stride(-1) != 1 or weights.stride() != votes.stride():
         raise ValueError("query and candidates must be contiguous in their last dimension, votes and weights alike")
+    spans, req_to_token, key_buffer = summary.spans, summary.req_to_token, summary.key_buffer
+    if spans.stride(-1) != 1 or req_to_token.stride(-1) != 1 or key_buffer.stride(-1) != 1:
+        raise ValueError("summary spans, req_to_token and key_buffer must be contiguous in their last dimension")
     _vote_kernel[(n_voters,)](
         query, query.stride(0), query.stride(1),
         log_normalizer, log_normalizer.stride(0),
         sums, sums.stride(0), sums.stride(1),
         counts,
         candidates, candidates.stride(0),
-        voter_rows, voter_batch, num_candidates, count_vote,
+        voter_rows, voter_batch, num_candidates, vote_kind,
+        spans, spans.stride(0), spans.stride(1),
+        req_to_token, req_to_token.stride(0),
+        key_buffer, key_buffer.stride(0), key_buffer.stride(1),
         votes, weights, votes.stride(0),
         scratch, scratch.stride(0), scratch.stride(1),
-        float(scaling), num_kv_heads, max_candidates,
+        float(scaling), num_kv_heads, max_candidates, summary.width,
         GROUP=group, GROUP_P2=_next_power_of_2(group), HEAD_DIM=head_dim, DIM_P2=_next_power_of_2(head_dim),
-        BLOCK=BLOCK_CANDIDATES, TOPK=topk, BOUND_ON_HOST=triton_interpreted(), num_warps=4,
+        BLOCK=BLOCK_CANDIDATES, TOPK=topk, BOUND_ON_HOST=triton_interpreted(), MASS_KIND=MASS, COUNT_KIND=COUNT,
+        num_warps=4,
     )
 
 
 def accumulate_votes(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch, num_candidates,
-                     count_vote, votes, weights, *, scaling: float, topk: int, scratch: torch.Tensor,
-                     kinds=(True, True)) -> None:
+                     vote_kind, votes, weights, *, scaling: float, topk: int, summary: SummaryKeys,
+                     scratch: torch.Tensor, kinds=(True, True, True)) -> None:
     """Add one layer's votes of every voter slot (arguments: the torch reference's). Triton on CUDA
     tensors, or on CPU tensors under ``TRITON_INTERPRET=1``; the torch reference otherwise."""
     if _use_triton(votes):
         accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
-                                num_candidates, count_vote, votes, weights, scaling=scaling, topk=topk,
-                                scratch=scratch)
+                                num_candidates, vote_kind, votes, weights, scaling=scaling, topk=topk,
+                                summary=summary, scratch=scratch)
     else:
         accumulate_votes_torch(query, log_normalizer, sums, counts, candidates, voter_rows, voter_batch,
-                               num_candidates, count_vote, votes, weights, scaling=scaling, topk=topk, kinds=kinds)
+                               num_candidates, vote_kind, votes, weights, scaling=scaling, topk=topk,
+                               summary=summary, kinds=kinds)
