@@ -11,8 +11,9 @@ launch can stay in a CUDA graph at a fixed number of slots and cost almost nothi
 few requests vote. A program walks its request's candidates in blocks, once per KV head: the
 scores of the group of query heads that read that KV head against the candidates' mean keys,
 then the mass (or the summed score) added to ``weights``; a mass voter's candidates with a summary
-are scored once more, token by token, against the summary's keys in the KV pool. Count votes also store the scores in a
-scratch buffer and pick each head's top-k from it, so every pass compares the same floats.
+are scored once more, token by token, against the summary's keys in the KV pool. Count votes also
+store the scores in a scratch buffer and pick each head's top-k from it, so every pass compares the
+same floats.
 """
 
 from __future__ import annotations
