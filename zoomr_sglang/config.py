@@ -108,7 +108,6 @@ def _gigabytes(name: str, raw: str) -> float:
     return value
 
 
-VOTE_MODES = VOTE_KINDS
 SEGMENT_PROMPT_MODES = ("markers", "off")
 ADMISSION_MODES = ("observed", "bound", "sglang")
 
@@ -177,7 +176,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_ZOOM_CACHE": ("zoom_cache", lambda n, r: _int(n, r, 0)),
     "ZOOMR_POLICY": ("policy", lambda n, r: _policy(n, r)),
     "ZOOMR_BUDGET": ("budget", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_MODES)),
+    "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_KINDS)),
     "ZOOMR_VOTE_SUMMARY_TOKENS": ("vote_summary_tokens", lambda n, r: _int(n, r, 1)),
     "ZOOMR_VOTE_LAYERS": ("vote_layers", _layer_list),
     "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
@@ -241,7 +240,7 @@ def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, o
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
         raise ValueError(f"zoomr_budget={budget!r} is not allowed; allowed: an integer >= 0 (0: unbounded)")
     _check_budget("zoomr_budget", budget, config)
-    vote = _choice("zoomr_vote", params.get("zoomr_vote", config.vote), VOTE_MODES)
+    vote = _choice("zoomr_vote", params.get("zoomr_vote", config.vote), VOTE_KINDS)
     fidelity = params.get("zoomr_fidelity", False)
     if not isinstance(fidelity, bool):
         raise ValueError(f"zoomr_fidelity={fidelity!r} is not allowed; allowed: true or false")

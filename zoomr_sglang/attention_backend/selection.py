@@ -57,7 +57,9 @@ class DeviceSelection:
         self.row_candidates = torch.zeros(self.req_to_token.shape[0], max_candidates, dtype=torch.int32, **dev)
         # Per row and candidate, its summary content's first position and length (mass votes read its keys).
         self.row_summaries = torch.zeros(self.req_to_token.shape[0], max_candidates, 2, dtype=torch.int32, **dev)
-        self.widest_summary = 0  # longest summary content any candidate had so far (host)
+        # Summary tokens a mass vote scores per candidate: a captured graph keeps the configured cap;
+        # elsewhere the longest summary any candidate had so far (under the cap) bounds the work.
+        self.summary_width = config.vote_summary_tokens if self.device.type == "cuda" else 1
         self.max_commits = COMMITS_PER_REQUEST * max_voters
         self.commit_slots = torch.zeros(self.max_commits, dtype=torch.int64, **dev)
         self.commit_entries = torch.full((self.max_commits,), index_keys.scratch, dtype=torch.int64, **dev)
@@ -124,7 +126,8 @@ class DeviceSelection:
         if len(candidates_d):
             self.row_candidates[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 2].to(torch.int32)
             self.row_summaries[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 3:].to(torch.int32)
-            self.widest_summary = max(self.widest_summary, int(plan.new_candidates[:, 4].max()))
+            widest = min(self.config.vote_summary_tokens, int(plan.new_candidates[:, 4].max()))
+            self.summary_width = max(self.summary_width, widest)
         n_commits = len(commits_d)
         if n_commits:
             self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
@@ -220,10 +223,7 @@ class DeviceSelection:
         voter_rows, voter_batch, num_candidates, vote_kind = self.voter_table[:, :n_voters]
         votes, weights = self.votes[:n_voters, :widest], self.weights[:n_voters, :widest]
         if layer_id in self.voting_layers:
-            # A captured graph keeps the configured width; elsewhere the longest summary seen bounds the work.
-            cap = self.config.vote_summary_tokens
-            width = cap if self.device.type == "cuda" else max(1, min(cap, self.widest_summary))
-            summary = SummaryKeys(self.row_summaries, self.req_to_token, key_buffer, width)
+            summary = SummaryKeys(self.row_summaries, self.req_to_token, key_buffer, self.summary_width)
             accumulate_votes(query, log_normalizer, sums, counts, self.row_candidates, voter_rows, voter_batch,
                              num_candidates, vote_kind, votes, weights, scaling=scaling, topk=self.config.topk,
                              summary=summary, scratch=self.scratch, kinds=self.active_kinds)
