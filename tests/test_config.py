@@ -18,7 +18,7 @@ def test_every_variable_is_read():
         "ZOOMR_REFRESH_INTERVAL": "8", "ZOOMR_STATS_HISTORY": "5", "ZOOMR_SELF_CHECK_INTERVAL": "9",
         "ZOOMR_HOST_POOL_GB": "1.5", "ZOOMR_ZOOM_CACHE": "0", "ZOOMR_POLICY": "sumr", "ZOOMR_BUDGET": "200",
         "ZOOMR_VOTE": "count", "ZOOMR_VOTE_SUMMARY_TOKENS": "12", "ZOOMR_VOTE_LAYERS": "[2, 0]",
-        "ZOOMR_MAX_CANDIDATES": "64",
+        "ZOOMR_IMPLICIT_ZOOM": "thoughts", "ZOOMR_MAX_CANDIDATES": "64",
         "ZOOMR_INDEX_ENTRIES": "4096",
         "ZOOMR_SEGMENT_PROMPT": "off", "ZOOMR_ADMISSION": "bound",
     }
@@ -28,7 +28,7 @@ def test_every_variable_is_read():
         topk=3, num_thoughts=4, sink=0, thought_sink=5, window=64, max_thought_tokens=100, boundaries=("\n\n", "###"),
         summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
         self_check_interval=9, host_pool_gb=1.5, zoom_cache=0, policy="sumr", budget=200, vote="count",
-        vote_summary_tokens=12, vote_layers=(0, 2), max_candidates=64, index_entries=4096, segment_prompt="off",
+        vote_summary_tokens=12, vote_layers=(0, 2), implicit_zoom="thoughts", max_candidates=64, index_entries=4096, segment_prompt="off",
         admission="bound",
     )
 
@@ -41,6 +41,7 @@ def test_every_variable_is_read():
     ("ZOOMR_THOUGHT_SINK", "-1", ">= 0"),
     ("ZOOMR_VOTE_SUMMARY_TOKENS", "0", ">= 1"),
     ("ZOOMR_VOTE", "max", "allowed: mass, count, mean_mass"),
+    ("ZOOMR_IMPLICIT_ZOOM", "tokens", "allowed: pages, thoughts"),
     ("ZOOMR_VOTE_LAYERS", "[0, 0]", "distinct layer indices"),
     ("ZOOMR_VOTE_LAYERS", "[-1]", "distinct layer indices"),
     ("ZOOMR_VOTE_LAYERS", "[true]", "distinct layer indices"),

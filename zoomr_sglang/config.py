@@ -57,6 +57,10 @@ class ZoomRConfig:
     # all summaries alike add the same to every thought and can drown the few heads that look a
     # thought up; benchmarks/vote_probe.py counts, per layer, how often each layer alone finds it.
     vote_layers: Tuple[int, ...] = ()
+    # What zoomr zooms into under a budget when thoughts close without summaries (a model that
+    # writes none): "pages" (pages voted by key bounds, refined to the tokens the last step attended
+    # most; algo/fine_zoom.py) or "thoughts" (whole voted thoughts, as with summaries).
+    implicit_zoom: str = "pages"
     # Closed thoughts per request that can be zoomed back into; later ones are attended through
     # their summaries only. Sizes the device's candidate table and vote buffers.
     max_candidates: int = 1024
@@ -109,6 +113,7 @@ def _gigabytes(name: str, raw: str) -> float:
 
 
 SEGMENT_PROMPT_MODES = ("markers", "off")
+IMPLICIT_ZOOM_UNITS = ("pages", "thoughts")
 ADMISSION_MODES = ("observed", "bound", "sglang")
 
 
@@ -179,6 +184,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
     "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_KINDS)),
     "ZOOMR_VOTE_SUMMARY_TOKENS": ("vote_summary_tokens", lambda n, r: _int(n, r, 1)),
     "ZOOMR_VOTE_LAYERS": ("vote_layers", _layer_list),
+    "ZOOMR_IMPLICIT_ZOOM": ("implicit_zoom", lambda n, r: _choice(n, r, IMPLICIT_ZOOM_UNITS)),
     "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
     "ZOOMR_INDEX_ENTRIES": ("index_entries", lambda n, r: _int(n, r, 0)),
     "ZOOMR_SEGMENT_PROMPT": ("segment_prompt", lambda n, r: _choice(n, r, SEGMENT_PROMPT_MODES)),

@@ -63,8 +63,7 @@ class H2OPolicy(Policy):
 
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:
-        logits = score_thoughts(query, keys) * scaling  # [num_heads, n]: q . k per GQA group
-        weights = torch.softmax(logits.double(), dim=-1).sum(dim=0)
+        weights = attention_weights(query, keys, scaling)
         positions = positions.to(weights.device)
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if self.scores is None or self.scores.numel() < needed:
@@ -74,6 +73,13 @@ class H2OPolicy(Policy):
                 grown[: self.scores.numel()] = self.scores
             self.scores = grown
         self.scores.index_add_(0, positions, weights)
+
+
+def attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[n] float64: the attention query ``[num_heads, head_dim]`` gives each of ``keys``
+    ``[n, num_kv_heads, head_dim]`` (softmax over them), summed over the query heads."""
+    logits = score_thoughts(query, keys) * scaling  # [num_heads, n]: q . k per GQA group
+    return torch.softmax(logits.double(), dim=-1).sum(dim=0)
 
 
 class PageScorer:

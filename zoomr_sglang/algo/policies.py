@@ -10,7 +10,8 @@ streaming   sinks + a recent window (StreamingLLM)
 h2o         sinks + recent window + heavy hitters by accumulated attention; evictions are final
 sumr        sinks + prompt + every summary + recent window (summary-only, no zoom-in)
 quest       sinks + recent window + the pages whose min/max key bounds score highest (Quest)
-zoomr       sinks + prompt + summaries + the c voted thoughts + recent window
+zoomr       sinks + prompt + summaries + the c voted thoughts + recent window; without summaries
+            and under a budget, pages voted by key bounds and the tokens the last step attended most
 zoomr_pages as zoomr, but a voted thought that does not fit the budget whole gives its best pages
 oracle      as zoomr, but the thoughts are the ones the task says the step reads (a ceiling)
 random      as zoomr, but c random closed thoughts (a floor)
@@ -40,6 +41,7 @@ import torch
 
 from zoomr_sglang.algo.attention_policies import (
     QUEST_PAGE_SIZE, H2OPolicy, ObservesPages, PageScorer, QuestPolicy, page_ranges, quest_upper_bound)
+from zoomr_sglang.algo.fine_zoom import FineZoom
 from zoomr_sglang.algo.policy_base import (
     Policy, StepView, add_within_budget, current_thought, fill_budget, mask_to_ranges, recent_fill,
 )
@@ -85,6 +87,7 @@ class ThoughtPolicy(Policy):
         super().__init__(num_thoughts=num_thoughts)
         self._skeleton: List[Range] = []  # merged, ascending
         self._closed = 0  # closed thoughts whose summaries are in the skeleton
+        self._summaries = 0  # how many of them have a summary
         self._static = np.zeros((0, 2), dtype=np.int64)
         self._static_key: Tuple = ()
 
@@ -95,7 +98,13 @@ class ThoughtPolicy(Policy):
         for thought in view.thoughts[self._closed:closed]:
             if thought.summary_start is not None:
                 self._append(thought.summary_start, thought.summary_end)
+                self._summaries += 1
         self._closed = closed
+
+    @property
+    def implicit_only(self) -> bool:
+        """Thoughts have closed and none had a summary: the index keys are their bodies' means."""
+        return self._closed > 0 and self._summaries == 0
 
     def _append(self, start: int, end: int) -> None:
         """Summaries close in position order: each one extends or follows the last range."""
@@ -146,10 +155,35 @@ class SummaryOnlyPolicy(ThoughtPolicy):
 
 
 class ZoomRPolicy(ThoughtPolicy):
-    """The c thoughts most voted for by every (layer, query head) over summary mean keys."""
+    """The c thoughts most voted for by every (layer, query head) over their summaries.
+
+    Under a budget, once thoughts have closed without any summary (a model that writes none) and
+    ``view.zoom_pages`` allows it, the budget left by the skeleton and the window goes to pages and
+    tokens instead of whole thoughts (:class:`FineZoom`); such steps observe every layer's query.
+    Not for requests the host tier manages (``view.window_cap``): it moves whole thoughts."""
 
     name = "zoomr"
     votes = True
+
+    def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
+        super().__init__(num_thoughts=num_thoughts)
+        self.fine = FineZoom()
+
+    def zooms_fine(self, view: StepView) -> bool:
+        return bool(view.budget) and view.zoom_pages and view.window_cap is None and self.implicit_only
+
+    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
+        if not self.zooms_fine(view):
+            return super().fill(view, skeleton, spans, cap)
+        base = recent_fill(skeleton, view.seq_len, view.budget, min(view.window, cap))
+        return self.fine.fill(base, view.seq_len, view.budget, cap)
+
+    def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
+        return self.fine.watch(view.seq_len) if self.zooms_fine(view) else None
+
+    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                scaling: float) -> None:
+        self.fine.observe(layer_id, query, keys, positions, scaling)
 
 
 class ZoomRPagesPolicy(ObservesPages, ZoomRPolicy):

@@ -26,7 +26,8 @@ class StepView:
     the current thought selection; open_from: first position not inside a closed thought;
     window_cap: with the host tier on, how far back (tokens) a recent window may reach, since
     older closed thoughts may have left the device; None: anywhere; thought_sink: under a budget,
-    the first tokens of the thought being written that thought-level policies always keep.
+    the first tokens of the thought being written that thought-level policies always keep;
+    zoom_pages: under a budget, zoomr zooms into pages and tokens of thoughts without summaries.
     """
 
     seq_len: int
@@ -40,6 +41,7 @@ class StepView:
     open_from: int
     window_cap: Optional[int] = None
     thought_sink: int = 0
+    zoom_pages: bool = False
 
 
 def recent_fill(fixed: Sequence[Range], seq_len: int, budget: int, max_window: int) -> List[Range]:

@@ -244,7 +244,7 @@ class RequestState:
             seq_len=seq_len, prompt_len=self.prompt_len, sink=config.sink, window=config.window,
             budget=self.settings.budget, thoughts=self.segmenter.thoughts, candidates=self.candidates,
             zoomed=self.zoomed if zoomed is None else zoomed, open_from=self.segmenter.open_from(),
-            window_cap=window_cap, thought_sink=config.thought_sink,
+            window_cap=window_cap, thought_sink=config.thought_sink, zoom_pages=config.implicit_zoom == "pages",
         )
 
     def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> None:

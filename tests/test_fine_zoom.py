@@ -1,0 +1,93 @@
+"""ZoomR's page and token levels for thoughts without summaries (algo/fine_zoom.py), alone, in the
+zoomr policy, and through the CPU backend."""
+
+import random
+
+import numpy as np
+import torch
+
+from backend_harness import Harness, scripted_tokens
+from zoomr_sglang.algo.fine_zoom import FineZoom
+from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
+from zoomr_sglang.algo.segmentation import Thought
+from zoomr_sglang.algo.working_set import ranges_size
+from zoomr_sglang.config import ZoomRConfig
+
+SEQ, BUDGET = 128, 64
+
+
+def covers(ranges, start, end):
+    return any(a <= start and end <= b for a, b in ranges.tolist())
+
+
+def observe_all_layers(fine, watched, keys, query, layers=2):
+    positions = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in watched]))
+    for layer in range(layers):
+        fine.observe(layer, query, keys[positions], positions, 1.0)
+
+
+def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vote_for():
+    generator = torch.Generator().manual_seed(0)
+    keys = 0.1 * torch.randn(SEQ + 1, 1, 8, generator=generator)
+    query = torch.zeros(2, 8)
+    query[:, 0] = 1.0
+    keys[68, 0, 0] = 6.0  # attended at the first step (the far end of its grown window), drew the most attention
+    keys[32:48, 0, 0] = 8.0  # page 2: never attended, its bounds match the query best
+    fine = FineZoom()
+    first = fine.fill([(0, 4), (118, 128)], SEQ, BUDGET, SEQ)
+    assert ranges_size(first) == BUDGET and covers(first, 68, 128) and not covers(first, 32, 48)
+    assert fine.scorer.candidate_pages.tolist() == [0, 1, 2, 3, 4] and fine.scorer.pages_wanted == 1
+    watched = fine.watch(SEQ)
+    assert watched == [(0, SEQ)]  # the attended positions and every page completed so far
+    observe_all_layers(fine, watched, keys, query)
+    second = fine.fill([(0, 4), (119, 129)], SEQ + 1, BUDGET, SEQ + 1)
+    assert ranges_size(second) == BUDGET and covers(second, 68, 69) and covers(second, 32, 48)
+    # Without what the first step observed, the window alone reaches neither.
+    plain = FineZoom().fill([(0, 4), (119, 129)], SEQ + 1, BUDGET, SEQ + 1)
+    assert not covers(plain, 68, 69) and not covers(plain, 32, 48)
+    # The next step watches only what it attends plus the pages completed since (none here).
+    assert fine.watch(SEQ + 1) == [tuple(r) for r in second.tolist()]
+
+
+def _view(thoughts, **overrides):
+    base = dict(seq_len=SEQ, prompt_len=10, sink=4, window=10, budget=BUDGET, thoughts=thoughts,
+                candidates=[t.index for t in thoughts if t.final], zoomed=[], open_from=60, zoom_pages=True)
+    return StepView(**{**base, **overrides})
+
+
+def test_zoomr_zooms_into_pages_only_under_a_budget_without_summaries_and_without_the_host_tier():
+    implicit = [Thought(index=0, start=10, body_end=60, final=True)]
+    summarized = [Thought(index=0, start=10, body_end=56, summary_start=56, summary_end=60, content_start=57,
+                          content_end=59, final=True)]
+    observing = ZoomRPolicy(num_thoughts=2)
+    ranges = observing.working_set(_view(implicit))
+    assert observing.observe_positions(_view(implicit), ranges) is not None and ranges_size(ranges) == BUDGET
+    for thoughts, overrides in ((summarized, {}), (implicit, {"zoom_pages": False}), (implicit, {"window_cap": 10}),
+                                (implicit, {"budget": 0}), ([], {"candidates": []})):
+        policy = ZoomRPolicy(num_thoughts=2)
+        view = _view(thoughts, **overrides)
+        assert policy.observe_positions(view, policy.working_set(view)) is None, overrides
+
+
+def test_zoomr_without_summaries_through_the_backend_observes_matches_the_reference_and_returns_every_slot():
+    budget = 48
+    for implicit_zoom in ("pages", "thoughts"):
+        config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16, self_check_interval=1,
+                             implicit_zoom=implicit_zoom)
+        harness = Harness(config, seed=3)
+        free_at_start = harness.allocator.available_size()
+        for prompt_len in (6, 10):
+            harness.add_request(prompt_len, {"zoomr_policy": "zoomr", "zoomr_budget": budget})
+        scripts = [scripted_tokens(random.Random(seed), 160, summaries=False) for seed in range(2)]
+        observed_steps = 0
+        for step in range(160):
+            harness.decode_step([script[step] for script in scripts])
+            observed_steps += bool(harness.plan.observers)
+            for state, ranges in zip(harness.plan.states, harness.plan.working_sets):
+                assert ranges_size(ranges) <= max(budget, state.prompt_len + config.thought_sink + 3)
+        assert (observed_steps > 100) == (implicit_zoom == "pages"), (implicit_zoom, observed_steps)
+        for state in harness.states.values():
+            assert state.stats.self_check_max_error < 1e-5 and state.stats.attended_total < state.stats.dense_total
+        harness.release_all()
+        assert harness.allocator.available_size() == free_at_start
+        assert harness.controller.index_keys.num_live == 0
