@@ -5,7 +5,8 @@
     python benchmarks/smollm2.py --n-prompts 4 --max-new-tokens 1024
 
 SmolLM2 writes no summaries, so ZoomR indexes each thought (text between blank lines) by its mean
-key (implicit summaries). One ``sglang.Engine(attention_backend="zoomr")``; each request picks its
+key (implicit summaries) and, under a budget, zooms into pages and tokens rather than whole thoughts
+(``ZOOMR_IMPLICIT_ZOOM``). One ``sglang.Engine(attention_backend="zoomr")``; each request picks its
 policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``, ``zoomr_fidelity``):
 
 1. ``full`` (dense) writes ``--max-new-tokens`` greedy tokens (``ignore_eos``: the model may close
