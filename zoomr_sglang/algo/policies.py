@@ -186,13 +186,14 @@ class ZoomRPolicy(ThoughtPolicy):
         self.fine.observe(layer_id, query, keys, positions, scaling)
 
 
-class ZoomRPagesPolicy(ObservesPages, ZoomRPolicy):
+class ZoomRPagesPolicy(ObservesPages, ThoughtPolicy):
     """ZoomR with a third granularity: a voted thought the budget cannot take whole is attended by
     its best pages instead (Quest's key bounds, :class:`PageScorer`, scored by the same step's
     queries and read at the next step), never beyond the voted thoughts. Without a budget it is
     ``zoomr``; it observes every layer's query, so its steps run eagerly."""
 
     name = "zoomr_pages"
+    votes = True
 
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         super().__init__(num_thoughts=num_thoughts)
