@@ -62,7 +62,7 @@ class FineZoom:
         self._take(keep, ranked, budget)
         ranges = as_range_array(recent_fill(mask_to_ranges(keep), seq_len, budget, window_cap))
         complete = seq_len // QUEST_PAGE_SIZE
-        covered = keep.clone()
+        covered = torch.zeros(seq_len, dtype=torch.bool)  # the final ranges hold every kept position
         for start, end in ranges.tolist():
             covered[start:end] = True
         outside = ~covered[: complete * QUEST_PAGE_SIZE].reshape(complete, QUEST_PAGE_SIZE).all(dim=1)
