@@ -45,3 +45,62 @@ def test_imports_run_one_way():
     # Only the package's own __init__ may be loaded besides algo/ (Python imports parents first).
     assert probe["after_algo"] == ["zoomr_sglang"]
     assert probe["after_config"] == ["zoomr_sglang"]
+
+
+def test_every_hook_applied_or_the_backend_refuses(monkeypatch):
+    """SGLang's HookRegistry only logs a target it cannot patch; the backend must stop instead,
+    naming the target and the SGLang version it was built for."""
+    import pytest
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from zoomr_sglang.plugin import _hook_table, check_hooks_applied
+
+    load_plugins()
+    targets = [target for target, _, _ in _hook_table()]
+    assert len(targets) == len(set(targets)) == 20 and set(targets) <= HookRegistry._patched
+    check_hooks_applied()  # every target patched: no error
+    gone = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
+    monkeypatch.setattr(HookRegistry, "_patched", HookRegistry._patched - {gone})
+    with pytest.raises(RuntimeError, match=f"hook on {gone}.*built for SGLang 0.5.23"):
+        check_hooks_applied()
+
+
+def test_graph_modes_zoomr_cannot_replay_are_named():
+    from zoomr_sglang.plugin import graph_mode_problem
+
+    assert graph_mode_problem(True, "full", "disabled", prefill_explicit=True) == ""
+    assert graph_mode_problem(True, "disabled", "full", prefill_explicit=False) == ""  # default: turned off
+    assert graph_mode_problem(False, "full", "breakable", prefill_explicit=True) == ""  # another prefill backend
+    assert "--cuda-graph-backend-decode breakable" in graph_mode_problem(False, "breakable", "disabled",
+                                                                         prefill_explicit=False)
+    assert "--cuda-graph-backend-prefill full" in graph_mode_problem(True, "full", "full", prefill_explicit=True)
+
+
+def test_index_store_is_counted_in_sglangs_per_token_cost(monkeypatch):
+    """With zoomr decoding and the automatic index size, SGLang's per-token KV cost (which it
+    divides the memory it may use by) includes zoomr's index share, so pool + index stay within
+    --mem-fraction-static; otherwise SGLang's cost is returned unchanged."""
+    from types import SimpleNamespace
+
+    from sglang.srt.runtime_context import get_parallel
+
+    from zoomr_sglang.attention_backend.factory import TOKENS_PER_INDEX_ENTRY
+    from zoomr_sglang.plugin import _after_compute_cell_size
+
+    monkeypatch.delenv("ZOOMR_INDEX_ENTRIES", raising=False)
+
+    def kvc(**backends):
+        server_args = SimpleNamespace(attention_backend="zoomr", prefill_attention_backend=None,
+                                      decode_attention_backend=None)
+        server_args.__dict__.update(backends)
+        return SimpleNamespace(server_args=server_args,
+                               model_config=SimpleNamespace(get_num_kv_heads=lambda tp: 8 // tp, head_dim=128))
+
+    bf16_cell = 32 * 8 * (128 + 128) * 2  # Llama-3.1-8B: 32 layers, 8 KV heads
+    entry = 32 * (8 * 128 + 1) * 4
+    with get_parallel().override(attn_tp_size=1):
+        assert _after_compute_cell_size(bf16_cell, None, kvc(), 32) == bf16_cell + -(-entry // TOKENS_PER_INDEX_ENTRY)
+        assert _after_compute_cell_size(bf16_cell, None, kvc(decode_attention_backend="flashinfer"), 32) == bf16_cell
+        monkeypatch.setenv("ZOOMR_INDEX_ENTRIES", "4096")  # a fixed size the user chose: not per token
+        assert _after_compute_cell_size(bf16_cell, None, kvc(), 32) == bf16_cell

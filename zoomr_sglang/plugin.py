@@ -20,6 +20,37 @@ BACKEND_NAME = "zoomr"
 _registered = False
 
 
+SGLANG_VERSION = "0.5.23"  # the SGLang these hooks' targets were read from (pyproject pins it)
+
+
+def _hook_table():
+    """Every ``HookRegistry`` hook of the plug-in: ``(target, hook, kind)``."""
+    from zoomr_sglang import host_tier_hooks
+
+    return (
+        ("sglang.srt.managers.schedule_batch.release_req", _before_release_req, "BEFORE"),
+        ("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats", _after_log_stats, "AFTER"),
+        ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, "AFTER"),
+        ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, "AFTER"),
+        # Per-request policy settings: checked where the request enters (a bad value is the client's
+        # error), handed to the backend when the request takes its pool row.
+        ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _before_validate_request,
+         "BEFORE"),
+        ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.alloc", _after_alloc_rows, "AFTER"),
+        ("sglang.srt.model_executor.model_runner.ModelRunner.forward", _before_forward, "BEFORE"),
+        ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+         _around_can_run_graph, "AROUND"),
+        ("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+         _add_internal_state, "AFTER"),
+        # SGLang's per-token KV cost, before it sizes the pool: zoomr's index store is counted there.
+        ("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+         _after_compute_cell_size, "AFTER"),
+        # The host tier leaves holes in running requests' rows; SGLang's release path and admission
+        # learn about them here (zoomr_sglang/host_tier_hooks.py).
+        *host_tier_hooks.HOOKS,
+    )
+
+
 def register() -> None:
     global _registered
     if _registered:  # load_plugins() is idempotent per process; keep a direct second call harmless
@@ -28,43 +59,36 @@ def register() -> None:
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])  # takes an iterable of names
     register_attention_backend(BACKEND_NAME)(_create_backend)
-    from sglang.srt.mem_cache.registry import register_radix_cache_backend
-
     register_radix_cache_backend(BACKEND_NAME, _create_radix_cache)
-    HookRegistry.register("sglang.srt.managers.schedule_batch.release_req", _before_release_req, HookType.BEFORE)
-    HookRegistry.register("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
-                          _after_log_stats, HookType.AFTER)
     register_resolution_hook("handle_attention_backend_compatibility")(_resolve_server_args)
-    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, HookType.AFTER)
-    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, HookType.AFTER)
-    # Per-request policy settings: checked where the request enters (a bad value is the client's
-    # error), handed to the backend when the request takes its pool row.
-    HookRegistry.register(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _before_validate_request,
-        HookType.BEFORE,
-    )
-    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.alloc", _after_alloc_rows, HookType.AFTER)
-    HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", _before_forward, HookType.BEFORE)
-    HookRegistry.register(
-        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
-        _around_can_run_graph, HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
-        _add_internal_state,
-        HookType.AFTER,
-    )
-    # The host tier leaves holes in running requests' rows; SGLang's release path and admission
-    # learn about them here (zoomr_sglang/host_tier_hooks.py).
-    from zoomr_sglang import host_tier_hooks
-
-    for target, hook, kind in host_tier_hooks.HOOKS:
+    for target, hook, kind in _hook_table():
         HookRegistry.register(target, hook, getattr(HookType, kind))
+
+
+def check_hooks_applied() -> None:
+    """Refuse to serve unless SGLang applied every hook of the plug-in.
+
+    ``HookRegistry.apply_hooks`` logs a target it cannot patch (renamed or moved in another SGLang)
+    and goes on; ZoomR without its release or admission hooks would corrupt the KV pool, so the
+    backend stops the server instead. The registry records the targets it patched in ``_patched``
+    (no public accessor in SGLang 0.5.23).
+    """
+    import sglang
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    missing = [target for target, _, _ in _hook_table() if target not in HookRegistry._patched]
+    if missing:
+        raise RuntimeError(
+            f"zoomr: SGLang did not apply the plug-in's hook on {missing[0]}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; zoomr-sglang is built for SGLang "
+            f"{SGLANG_VERSION}, this is SGLang {sglang.__version__}: install sglang=={SGLANG_VERSION}"
+        )
 
 
 def _create_backend(model_runner):
@@ -77,6 +101,25 @@ def _create_radix_cache(ctx):
     from zoomr_sglang.radix_ext.tree import create_zoomr_radix_cache
 
     return create_zoomr_radix_cache(ctx)
+
+
+def _after_compute_cell_size(cell_size, configurator, kvc, num_layers, *args, **kwargs):
+    """zoomr as the decode backend with the automatic index size: each pool token also costs its
+    share of the index store (``ZOOMR_INDEX_ENTRIES`` set by hand is a fixed size on top)."""
+    from sglang.srt.arg_groups.overrides import attention_backends_of
+
+    if attention_backends_of(kvc.server_args)[1] != BACKEND_NAME or not cell_size:
+        return cell_size
+    from sglang.srt.runtime_context import get_parallel
+
+    from zoomr_sglang.attention_backend.factory import index_bytes_per_pool_token
+    from zoomr_sglang.config import load_config
+
+    if load_config().index_entries:
+        return cell_size
+    model_config = kvc.model_config
+    kv_heads = model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    return cell_size + int(-(-index_bytes_per_pool_token(num_layers, kv_heads, model_config.head_dim) // 1))
 
 
 def _after_log_stats(result, collector, *args, **kwargs):
@@ -98,8 +141,15 @@ def _resolve_server_args(server_args, previous) -> None:
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
     view = resolved_view(server_args)
-    if BACKEND_NAME not in attention_backends_of(view):
+    prefill, decode = attention_backends_of(view)
+    if BACKEND_NAME not in (prefill, decode):
         return
+    if decode != BACKEND_NAME:
+        raise ValueError(
+            f"--prefill-attention-backend zoomr with --decode-attention-backend {decode}: zoomr chooses what each "
+            f"decode step reads and moves cold KV off the device, so it must be the decode backend; use "
+            f"--decode-attention-backend zoomr (with any prefill backend)"
+        )
     from zoomr_sglang.config import load_config
 
     load_config()  # raises ValueError naming the bad ZOOMR_* variable
@@ -116,11 +166,40 @@ def _resolve_server_args(server_args, previous) -> None:
         if getattr(envs, flag).get():
             # Both would replay or move ZoomR's host-planned metadata without its planning.
             raise ValueError(f"--attention-backend zoomr does not support {flag}=1; unset it")
+    cfg = resolving_view(server_args)
+    graphs = cfg.cuda_graph_config
     if view.device == "cpu":  # SGLang's CPU graph runner compiles the forward: not ZoomR's host plan
-        cfg = resolving_view(server_args)
-        graphs = with_phase(cfg.cuda_graph_config, Phase.DECODE, backend=Backend.DISABLED)
-        graphs = with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED)
-        declare_resolution(server_args, "zoomr_plugin", cuda_graph_config=graphs)
+        graphs = with_phase(graphs, Phase.DECODE, backend=Backend.DISABLED)
+        declare_resolution(server_args, "zoomr_plugin",
+                           cuda_graph_config=with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED))
+        return
+    explicit = getattr(server_args, "_cuda_graph_config_locked", set())
+    problem = graph_mode_problem(prefill == BACKEND_NAME, graphs.decode.backend, graphs.prefill.backend,
+                                 prefill_explicit=(Phase.PREFILL, "backend") in explicit)
+    if problem:
+        raise ValueError(problem)
+    if prefill == BACKEND_NAME and graphs.prefill.backend != Backend.DISABLED:
+        # SGLang's default prefill graph, not asked for: zoomr's prefill runs eagerly (see graph_mode_problem).
+        declare_resolution(server_args, "zoomr_plugin",
+                           cuda_graph_config=with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED))
+
+
+def graph_mode_problem(zoomr_prefill: bool, decode_graph: str, prefill_graph: str, *, prefill_explicit: bool) -> str:
+    """Why a CUDA-graph mode cannot run with zoomr ("" when it can).
+
+    Decode: zoomr loads its host plan in SGLang's full-graph replay hooks; a breakable graph replays
+    the attention pieces without them. Prefill: a prefix whose cold thoughts are in the host tier is
+    attended per request in PyTorch (``extend_holes.py``), which no prefill graph can replay; only
+    a prefill graph the user asked for is refused, SGLang's default one is turned off.
+    """
+    if decode_graph not in ("full", "disabled"):
+        return (f"--cuda-graph-backend-decode {decode_graph}: zoomr replays decode steps as full CUDA graphs only; "
+                f"allowed: full (the default) or disabled")
+    if zoomr_prefill and prefill_explicit and prefill_graph != "disabled":
+        return (f"--cuda-graph-backend-prefill {prefill_graph} with zoomr as the prefill backend: zoomr's prefill over "
+                f"cold thoughts cannot replay in a CUDA graph; use --disable-prefill-cuda-graph, or "
+                f"--prefill-attention-backend flashinfer --decode-attention-backend zoomr")
+    return ""
 
 
 def _controller_of(req_to_token_pool):

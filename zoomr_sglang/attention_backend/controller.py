@@ -39,6 +39,7 @@ class ZoomRController:
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
         self.tiering = tiering  # None: the host tier is off, all KV stays in SGLang's pool
+        self.prefill_handles_holes = True  # False when SGLang routes prefill to another backend
         self.index_keys = IndexKeyStore(num_layers, num_kv_heads, head_dim, device, capacity=index_capacity)
         self.planner = StepPlanner(config=config, token_texts=token_texts, req_to_token_pool=req_to_token_pool,
                                    index_keys=self.index_keys, max_candidates=config.max_candidates, tiering=tiering)
@@ -115,7 +116,9 @@ class ZoomRController:
 
     # -- the zoomr radix tree (radix_ext) ----------------------------------------------------------
     def accepts_holes(self, req) -> bool:
-        return self.planner.accepts_holes(req)
+        """Whether ``req`` may inherit a prefix whose cold thoughts are in the host tier only: its
+        prefill must be zoomr's (it attends around them; another backend's would read the holes)."""
+        return self.prefill_handles_holes and self.planner.accepts_holes(req)
 
     def checkpoint_limit(self, req, up_to: int, *, holes_allowed: bool, leaving: bool) -> int:
         """How far a radix tree may insert ``req`` now (``up_to`` asked): unless it is ``leaving``

@@ -29,6 +29,13 @@ HOST_POOL_PER_DEVICE_POOL = 8
 _CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def index_bytes_per_pool_token(num_layers: int, num_kv_heads: int, head_dim: int) -> float:
+    """Device bytes of the default index store per KV-pool token: one entry (fp32 key sums and a
+    count per layer) per ``TOKENS_PER_INDEX_ENTRY`` pool tokens. SGLang adds this to its per-token
+    cost before it sizes the pool, so pool and index together stay within --mem-fraction-static."""
+    return num_layers * (num_kv_heads * head_dim + 1) * 4 / TOKENS_PER_INDEX_ENTRY
+
+
 def controller_for_pool(req_to_token_pool) -> Optional[ZoomRController]:
     return _CONTROLLERS.get(req_to_token_pool)
 
@@ -39,6 +46,9 @@ def all_controllers() -> List[ZoomRController]:
 
 def create_zoomr_backend(model_runner):
     """The factory registered as ``--attention-backend zoomr``."""
+    from zoomr_sglang.plugin import check_hooks_applied
+
+    check_hooks_applied()
     config = load_config()
     check_model_supported(model_runner)
     token_texts = load_token_texts(model_runner, config)
@@ -62,6 +72,10 @@ def create_zoomr_backend(model_runner):
         max_voters=min(model_runner.req_to_token_pool.size, MAX_VOTERS),
         tiering=build_tiering(model_runner, config, num_kv_heads, attn_tp_size),
     )
+    from sglang.srt.arg_groups.overrides import attention_backends_of
+
+    prefill_backend, _ = attention_backends_of(model_runner.server_args)
+    controller.prefill_handles_holes = prefill_backend == "zoomr"
     if str(model_runner.device).startswith("cuda"):
         from zoomr_sglang.attention_backend.flashinfer_backend import ZoomRFlashInferBackend as backend_class
     else:
