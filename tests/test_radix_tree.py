@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 
+import pytest
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
@@ -78,3 +79,31 @@ def test_reset_frees_every_host_piece():
     assert harness.controller.tiering.host.num_used == 0
     assert tree.stats() == {"device_tokens": 0, "host_tokens": 0, "thought_records": 0,
                             "evicted_device_tokens": 0, "evicted_host_tokens": 0, "retracted_kept": 0}
+
+
+@pytest.mark.parametrize("num_tokens,evicted,left", [(2, 2, 10), (5, 12, 0)])
+def test_evict_counts_device_tokens_of_deleted_leaves(num_tokens, evicted, left):
+    """A leaf frees its length less its host pieces, counted from the deleted leaves (frees deferred
+    by a free group included): the older leaf holds 2 device and 8 host tokens, the newer 10 device
+    ones, so a request for 5 takes both."""
+    harness = Harness(ZoomRConfig(sink=0, window=8), host_tier_tokens=256)
+    tree, allocator = _tree(harness), harness.allocator
+    free_device = allocator.available_size()
+    _insert_with_hole(tree, harness, list(range(1, 11)), (2, 10))
+    tree.insert(InsertParams(key=RadixKey(array("q", range(50, 60))), value=allocator.alloc(10)))
+    allocator.free_group_begin()
+    assert tree.evict(EvictParams(num_tokens=num_tokens)).num_tokens_evicted == evicted
+    allocator.free_group_end()
+    assert tree.evictable_size() == left and allocator.available_size() == free_device - left
+    assert tree.host_tokens == 0 and harness.controller.tiering.host.num_used == 0
+
+
+def test_sliding_window_pool_is_refused_at_construction():
+    from unittest.mock import MagicMock
+
+    from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+
+    swa_pool = MagicMock(spec=SWATokenToKVPoolAllocator)
+    with pytest.raises(ValueError, match=r"does not support sliding-window \(SWA\) KV pools"):
+        ZoomRRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=swa_pool,
+                                        page_size=1))

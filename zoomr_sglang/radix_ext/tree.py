@@ -12,14 +12,20 @@ node splits stay SGLang's. What it adds (notes in ``notes.py``):
   (another policy, another backend) has its match cut at the first host piece.
 - **Exact counts.** Host pieces are not device slots: ``evictable_size``/``protected_size`` leave
   them out, eviction frees device slots only (slot 0 is never handed back) and frees the
-  pieces' host slots, and ``evict`` keeps going until enough *device* tokens are free.
+  pieces' host slots, and ``evict`` counts the device tokens of the leaves it deletes.
+
+Wherever no host piece is in the tree, every call is SGLang's own (``evict`` included), so the
+tree answers as ``RadixCache`` does; ``tests/test_sglang_radix_cache_suite.py`` and
+``tests/test_radix_differential.py`` hold it to that.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
@@ -37,6 +43,12 @@ class PaddingSkippingAllocator:
     def __getattr__(self, name):
         return getattr(self._allocator, name)
 
+    @property
+    def __class__(self):
+        """isinstance() sees SGLang's allocator: SGLang branches on its type (e.g.
+        ``page_interleave_shard_size`` reads a page-interleaved pool's shard count)."""
+        return type(self._allocator)
+
     def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
         live = free_index != 0
         if bool(live.all()):
@@ -51,6 +63,10 @@ def _notes(node) -> Optional[NodeNotes]:
 
 class ZoomRRadixCache(RadixCache):
     def __init__(self, params) -> None:
+        if isinstance(params.token_to_kv_pool_allocator, SWATokenToKVPoolAllocator):
+            raise ValueError(
+                "--radix-cache-backend zoomr does not support sliding-window (SWA) KV pools "
+                f"({type(params.token_to_kv_pool_allocator).__name__}); use the default radix cache")
         self.host_tokens = 0  # tokens of host pieces in the tree
         self.host_tokens_protected = 0  # of those, in locked nodes
         self.thought_records = 0  # closed thoughts recorded on nodes
@@ -227,22 +243,29 @@ class ZoomRRadixCache(RadixCache):
 
     def _delete_leaf(self, node):
         super()._delete_leaf(node)
-        if _notes(node) is not None:
-            self.evicted_host_tokens += node.zoomr.host_tokens
-            self._drop_notes(node.zoomr)  # an evictable leaf is unlocked: its pieces were not protected
+        notes = _notes(node)
+        host = 0 if notes is None else notes.host_tokens
+        self.evicted_device_tokens += len(node.value) - host
+        if notes is not None:
+            self.evicted_host_tokens += host
+            self._drop_notes(notes)  # an evictable leaf is unlocked: its pieces were not protected
 
     def evict(self, params: EvictParams) -> EvictResult:
-        """SGLang's eviction, repeated until ``num_tokens`` device slots are free (a host piece
-        counts in SGLang's tally but frees no device slot)."""
-        allocator = self.token_to_kv_pool_allocator
-        before = allocator.available_size()
-        freed = 0
-        while freed < params.num_tokens:
-            if super().evict(EvictParams(num_tokens=params.num_tokens - freed)).num_tokens_evicted == 0:
+        """SGLang's eviction, counted in device tokens: a leaf frees its length less its host pieces.
+
+        SGLang's own tally counts host pieces too, so while the tree holds any, evict again until
+        ``num_tokens`` device tokens are counted or nothing is evictable (each pass stops at the
+        same leaf a single device-counting pass would). Counted from the deleted leaves, never from
+        the allocator's free count: a free group defers the frees, and a page-interleaved pool's
+        free count is a minimum over its page classes.
+        """
+        if not self.host_tokens:
+            return super().evict(params)
+        start = self.evicted_device_tokens
+        while (missing := params.num_tokens - (self.evicted_device_tokens - start)) > 0:
+            if super().evict(replace(params, num_tokens=missing)).num_tokens_evicted == 0:
                 break
-            freed = allocator.available_size() - before
-        self.evicted_device_tokens += freed
-        return EvictResult(num_tokens_evicted=freed)
+        return EvictResult(num_tokens_evicted=self.evicted_device_tokens - start)
 
 
 def create_zoomr_radix_cache(ctx):
