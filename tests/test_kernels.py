@@ -7,7 +7,9 @@ variable when the kernel is defined, i.e. at import) and an ahead-of-time compil
 sm_90 (no GPU needed). ``cuda`` suite: the compiled kernel on CUDA tensors (and that the dispatcher
 never syncs), ``IndexKeyStore``, ``score_thoughts``/``head_votes`` and ``gather_decode_attention``
 on ``device="cuda"``; their CPU twins are in test_index_keys.py, test_voting.py and
-test_backend_cpu.py. The vote and commit kernels are tested in test_batched_votes.py. Nothing here imports SGLang, so the ``cuda`` tests run on a bare torch+triton
+test_backend_cpu.py. The vote kernel on odd shapes (GQA group 3, head_dim 64, summaries around the
+scored width, ties) against its torch reference is here too; the vote and commit kernels' other tests
+are in test_batched_votes.py. Nothing here imports SGLang, so the ``cuda`` tests run on a bare torch+triton
 GPU machine.
 """
 
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from triton_checks import run_script
+from zoomr_sglang.algo.batched_votes import COUNT, MASS, MEAN_MASS, SummaryKeys, accumulate_votes
 from zoomr_sglang.kernels import kv_indices as kvi
 from zoomr_sglang.kernels.kv_indices import (
     flatten_ranges,
@@ -350,3 +353,136 @@ def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
     out, lse = gather_decode_attention(query, k_cache, v_cache, kv_indptr, kv_indices, scaling)
     assert out.is_cuda and out.dtype == dtype and out.shape == query.shape
     check_sparse_decode(case, out, lse, scaling, {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype])
+
+
+# -- The vote kernel (grid: voter slot, KV head, candidate split) on odd shapes ----------------------
+# Voter slots: a mass voter, a count voter, a mean-mass voter, an unused slot, a count voter whose 17
+# candidates share 3 index entries (ties at every rank), and a mass voter with 3 candidates.
+VOTE_KINDS_OF_SLOTS = [MASS, COUNT, MEAN_MASS, MASS, COUNT, MASS]
+VOTE_SLOT_CANDIDATES = [17, 17, 17, 0, 17, 3]
+SUMMARY_LENGTHS = [0, 1, 63, 64, 100]  # around the scored width 64 (ZOOMR_VOTE_SUMMARY_TOKENS' default)
+SUMMARY_WIDTH = 64
+VOTE_SHAPES = [(4, 128, 2), (3, 64, 3)]  # (GQA group, head_dim, KV heads)
+
+
+def odd_vote_case(group: int, head_dim: int, num_kv_heads: int, seed: int = 0, device="cpu"):
+    """Arguments of ``accumulate_votes`` (but votes, weights, scaling, topk) for the voter slots above,
+    17 candidate columns, summaries of ``SUMMARY_LENGTHS`` tokens in turn, bf16 query and KV pool.
+
+    Queries and keys are small integers and counts powers of two, so every score is exact in float32
+    whatever the order of the sums: equal scores are real ties for the kernel and the torch
+    reference alike (with random floats, the reference's batched matmul can round two columns of
+    the same index key apart)."""
+    gen = torch.Generator().manual_seed(seed)
+    max_candidates, n_entries, rows, max_len, n_slots = 17, 50, 8, 200, 400
+    bs, num_heads = 7, group * num_kv_heads
+    candidates = torch.randint(0, n_entries, (rows, max_candidates), generator=gen, dtype=torch.int32)
+    voter_rows = torch.tensor([5, 0, 7, 2, 3, 6])
+    candidates[voter_rows[4]] = torch.tensor([11, 4, 29])[torch.randint(0, 3, (max_candidates,), generator=gen)].int()
+    lengths = torch.tensor(SUMMARY_LENGTHS).repeat(rows * max_candidates // len(SUMMARY_LENGTHS) + 1)
+    spans = torch.stack([torch.randint(0, max_len - 100, (rows, max_candidates), generator=gen),
+                         lengths[: rows * max_candidates].reshape(rows, max_candidates)], dim=2).to(torch.int32)
+
+    def small_ints(*shape, bound=2):
+        return torch.randint(-bound, bound + 1, shape, generator=gen).float()
+
+    case = dict(
+        query=small_ints(bs, num_heads, head_dim).to(torch.bfloat16),
+        log_normalizer=torch.randn(bs, num_heads, generator=gen).abs() + 4,
+        sums=small_ints(n_entries, num_kv_heads, head_dim, bound=4),
+        counts=torch.tensor([0.0, 1, 2, 4, 8])[torch.randint(0, 5, (n_entries,), generator=gen)],
+        candidates=candidates, voter_rows=voter_rows, voter_batch=torch.tensor([6, 0, 3, 1, 2, 4]),
+        num_candidates=torch.tensor(VOTE_SLOT_CANDIDATES), vote_kind=torch.tensor(VOTE_KINDS_OF_SLOTS),
+        summary=SummaryKeys(spans, torch.randint(0, n_slots, (rows, max_len), generator=gen, dtype=torch.int32),
+                            small_ints(n_slots, num_kv_heads, head_dim).to(torch.bfloat16),
+                            SUMMARY_WIDTH),
+    )
+    return {k: SummaryKeys(*(t.to(device) for t in (v.spans, v.req_to_token, v.key_buffer)), v.width)
+            if k == "summary" else v.to(device) for k, v in case.items()}
+
+
+def cast_votes(fn, case, *, topk: int, **extra):
+    """``votes, weights`` ``[6, 17]`` after one call of ``fn`` (one layer's votes) on accumulators that
+    already hold other layers' values."""
+    earlier = torch.arange(len(VOTE_SLOT_CANDIDATES) * 17, device=case["query"].device).reshape(-1, 17) / 1024
+    votes, weights = earlier.clone(), earlier.flip(1).clone()
+    fn(**case, votes=votes, weights=weights, scaling=case["query"].shape[-1] ** -0.5, topk=topk, **extra)
+    return votes - earlier, weights - earlier.flip(1)
+
+
+VOTE_INTERPRETER_SCRIPT = r"""
+import json, time, torch
+from zoomr_sglang.algo.batched_votes import accumulate_votes as torch_votes
+from zoomr_sglang.kernels import thought_index as ti
+from test_kernels import VOTE_SHAPES, odd_vote_case, cast_votes
+assert ti.triton_interpreted(), "TRITON_INTERPRET=1 did not reach the kernels"
+group, head_dim, num_kv_heads = VOTE_SHAPES[{shape}]
+case = odd_vote_case(group, head_dim, num_kv_heads)
+out = []
+for topk in (1, 3, 20):
+    scratch = ti.vote_scratch(6, group * num_kv_heads, 17, "cpu")
+    began = time.perf_counter()
+    kernel = cast_votes(ti.accumulate_votes_triton, case, topk=topk, scratch=scratch)
+    seconds = time.perf_counter() - began
+    reference = cast_votes(torch_votes, case, topk=topk)
+    out.append(dict(kernel=[t.tolist() for t in kernel], torch=[t.tolist() for t in reference], seconds=seconds))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("shape", range(len(VOTE_SHAPES)), ids=[f"group{g}-dim{d}-kv{k}" for g, d, k in VOTE_SHAPES])
+def test_vote_kernel_in_interpreter_matches_torch_on_odd_shapes(shape):
+    """Group 3 and 4, head_dim 64 and 128, 2 and 3 KV heads, 17 candidates, summaries of 0 to 100
+    tokens (width 64), an unused slot, ties in count top-k, top-k 1, 3 and past the candidates."""
+    results = run_script(VOTE_INTERPRETER_SCRIPT.replace("{shape}", str(shape)), interpret=True, timeout=300)
+    assert len(results) == 3
+    for result in results:
+        (votes, weights), (ref_votes, ref_weights) = (map(torch.tensor, result[k]) for k in ("kernel", "torch"))
+        assert torch.equal(votes, ref_votes)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-4, atol=1e-4)
+        assert votes[3].abs().sum() == 0 and weights[3].abs().sum() == 0  # the unused slot
+        assert (weights[5, 3:] == 0).all()  # columns past a slot's candidates
+        assert votes[[0, 2, 5]].abs().sum() == 0 and (weights[[0, 2, 5]][:, :3] > 0).all()
+    # Top-1 among 3 index entries shared by 17 candidates: each head's vote goes to its best entry's oldest candidate.
+    group, _, num_kv_heads = VOTE_SHAPES[shape]
+    case = odd_vote_case(*VOTE_SHAPES[shape])
+    entries = case["candidates"][case["voter_rows"][4], :17].tolist()
+    oldest = [column for column, entry in enumerate(entries) if entries.index(entry) == column]
+    top1_votes = torch.tensor(results[0]["kernel"][0][4])
+    assert top1_votes.sum() == group * num_kv_heads and set(top1_votes.nonzero().flatten().tolist()) <= set(oldest)
+
+
+def test_odd_vote_case_exercises_summaries_and_ties():
+    """The case above is one the kernel can fail: mass votes differ from mean-mass votes where a
+    summary is scored, summaries past the width are scaled up, and count ties decide top-k."""
+    case = odd_vote_case(4, 128, 2)
+    _, mass = cast_votes(accumulate_votes, case, topk=3)
+    _, mean_mass = cast_votes(accumulate_votes, dict(case, vote_kind=torch.full((6,), MEAN_MASS)), topk=3)
+    lengths = case["summary"].spans[case["voter_rows"][0], :17, 1]
+    assert torch.equal(mass[0][lengths == 0], mean_mass[0][lengths == 0])
+    assert ((mass[0] - mean_mass[0]).abs() > 1e-3 * mean_mass[0])[lengths > 0].all()
+    assert set(lengths.tolist()) == set(SUMMARY_LENGTHS)
+    entries = case["candidates"][case["voter_rows"][4], :17]
+    assert len(set(entries.tolist())) == 3  # 17 candidates, 3 distinct scores per head
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("shape", VOTE_SHAPES)
+def test_vote_kernel_on_cuda_matches_torch_and_never_syncs(shape):
+    from zoomr_sglang.kernels import thought_index as ti
+
+    case = odd_vote_case(*shape, device="cuda")
+    cpu_case = odd_vote_case(*shape)
+    scratch = ti.vote_scratch(6, shape[0] * shape[2], 17, "cuda")
+    for topk in (1, 3, 20):
+        votes, weights = cast_votes(ti.accumulate_votes, case, topk=topk, scratch=scratch)
+        ref_votes, ref_weights = cast_votes(accumulate_votes, cpu_case, topk=topk)
+        assert torch.equal(votes.cpu(), ref_votes)
+        torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-3, atol=1e-3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cast_votes(ti.accumulate_votes, case, topk=3, scratch=scratch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -6,14 +6,28 @@
 * :func:`accumulate_votes`: every voting request's scores and votes (reference:
   :func:`zoomr_sglang.algo.batched_votes.accumulate_votes`, same arguments, same result).
 
-The vote kernel runs one program per voter slot; a slot with no candidates does no work, so the
-launch can stay in a CUDA graph at a fixed number of slots and cost almost nothing on steps where
-few requests vote. A program walks its request's candidates in blocks, once per KV head: the
-scores of the group of query heads that read that KV head against the candidates' mean keys,
-then the mass (or the summed score) added to ``weights``; a mass voter's candidates with a summary
-are scored once more, token by token, against the summary's keys in the KV pool. Count votes also
-store the scores in a scratch buffer and pick each head's top-k from it, so every pass compares the
-same floats.
+The vote kernel's grid is ``(voter slots, KV heads, splits)``; a program of a slot with no candidates
+returns at once, so the launch keeps a fixed size inside a CUDA graph. A program holds the query rows
+of the GQA group that reads its KV head and walks its voter's candidates in blocks of ``BLOCK`` (16;
+fewer for large groups, so that a step's products ``[group, BLOCK, head_dim]`` stay within
+``TILE_ELEMENTS``): the group's scores against the block's mean keys, then the mass (or, for count
+votes, the summed score) added to ``weights`` with atomics. A mass voter's blocks are dealt out over
+the ``splits`` programs (block i to split i mod splits) and its summaries are scored key by key: the
+block's scored tokens (each summary's first ``width``) are numbered one after another and scored
+``TOKENS`` at a time (16 for a group of 4 at head_dim 128) whatever summary they belong to, so a
+10-token summary costs 10 keys and a candidate without a summary none. A count voter has one program
+per KV head (split 0): each head's top-k needs all its scores, which it stores in a scratch buffer and
+reads back, so every pass compares the same floats.
+
+Estimated GPU cost (not measured; compiled here for sm_90a, ptxas reports at most 128 registers a
+thread and no spills for groups of 3 to 16 at head_dim 64-256, so four 4-warp programs fit on an
+SM): batch 64 with every request casting a mass vote over 64 candidates with 10-token summaries, 8
+KV heads of 128 (a Llama-3.1-8B layer): 64 x 8 x 4 = 2048 programs, each one block: one mean-key
+step and 10 summary steps of two dependent loads (slots, then keys), about 10-15 us of memory
+latency, in 4 waves on 132 SMs: roughly 30-60 us per voting layer, for 84 MB of summary keys (25 us
+at 3.35 TB/s). A step in which a few requests vote runs one wave: about 10-15 us per layer; count
+votes, 4 blocks and the top-k passes per program, about as much. The previous kernel (one program
+per voter, serial over KV heads, blocks and tokens) was estimated at 0.5-1 ms per layer.
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ from zoomr_sglang.algo.batched_votes import COUNT, MASS, SummaryKeys
 from zoomr_sglang.algo.batched_votes import accumulate_votes as accumulate_votes_torch
 from zoomr_sglang.kernels.kv_indices import tl, triton, triton_available, triton_interpreted
 
-BLOCK_CANDIDATES = 16
+BLOCK_CANDIDATES = 16  # candidates per block of a vote program (fewer for large GQA groups, see TILE_ELEMENTS)
+CANDIDATE_SPLITS = 4  # programs sharing a mass voter's candidate blocks, per KV head (a guess, not tuned on a GPU)
+TILE_ELEMENTS = 8192  # products a vote program holds per step: GQA group x (candidates or summary keys) x head_dim
 
 
 def _next_power_of_2(n: int) -> int:
@@ -33,29 +49,73 @@ def _next_power_of_2(n: int) -> int:
 
 if triton is not None:
 
+    TILE = tl.constexpr(TILE_ELEMENTS)
+
     @triton.jit
     def _summary_mass(q, head_lse, mean_mass, row_spans, stride_pc, c, c_ok, row_slots, head_keys, stride_kb,
-                      d, d_ok, scaling, width, GROUP_P2: tl.constexpr, BLOCK: tl.constexpr,
+                      g_ok, d, d_ok, scaling, width, BLOCK: tl.constexpr, TOKENS: tl.constexpr,
                       BOUND_ON_HOST: tl.constexpr):
-        """[GROUP_P2, BLOCK] mass of a block of candidates: over each summary's first ``width`` keys
-        (scaled up to its length), ``mean_mass`` for candidates without a summary."""
+        """[BLOCK] mass the group's heads (q [GROUP_P2, DIM_P2]) give a block of candidates' summaries,
+        summed over the heads: each summary's first ``width`` keys (scaled up to its length);
+        ``mean_mass`` for candidates without a summary.
+
+        The block's scored tokens are numbered one after another, candidate by candidate, and scored
+        ``TOKENS`` at a time whatever summary they belong to: no work on padding or missing summaries."""
         start = tl.load(row_spans + c * stride_pc, mask=c_ok, other=0)
         length = tl.load(row_spans + c * stride_pc + 1, mask=c_ok, other=0)
         scored = tl.minimum(length, width)
+        ends = tl.cumsum(scored, axis=0)  # [BLOCK]: one past each candidate's last token in the numbering
+        total = tl.sum(scored, axis=0)
         if BOUND_ON_HOST:
-            bound = width
+            bound = BLOCK * width
         else:
-            bound = tl.max(scored, axis=0)
-        token_mass = tl.zeros([GROUP_P2, BLOCK], tl.float32)
-        for t in range(0, bound):
-            t_ok = t < scored
-            slot = tl.load(row_slots + start + t, mask=t_ok, other=0).to(tl.int64)
-            key = tl.load(head_keys + slot[:, None] * stride_kb + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                          other=0.0).to(tl.float32)
-            score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)
-            token_mass += tl.where(t_ok[None, :], tl.exp(score * scaling - head_lse[:, None]), 0.0)
+            bound = total
+        shift = start - (ends - scored)  # [BLOCK]: a token's position in its row minus its number
+        column = tl.arange(0, BLOCK)
+        token_mass = tl.zeros([BLOCK], tl.float32)
+        for first in range(0, bound, TOKENS):
+            if first < total:  # false only past the block's tokens, under the interpreter's host bound
+                token = first + tl.arange(0, TOKENS)
+                t_ok = token < total
+                owner = tl.sum((token[:, None] >= ends[None, :]).to(tl.int32), axis=1)  # [TOKENS]: its candidate
+                mine = owner[:, None] == column[None, :]  # [TOKENS, BLOCK]
+                position = token + tl.sum(tl.where(mine, shift[None, :], 0), axis=1)
+                slot = tl.load(row_slots + position, mask=t_ok, other=0).to(tl.int64)
+                key = tl.load(head_keys + slot[:, None] * stride_kb + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                              other=0.0).to(tl.float32)
+                score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GROUP_P2, TOKENS]
+                mass = tl.exp(score * scaling - head_lse[:, None])
+                mass = tl.sum(tl.where(g_ok[:, None] & t_ok[None, :], mass, 0.0), axis=0)  # [TOKENS], over heads
+                token_mass += tl.sum(tl.where(mine, mass[:, None], 0.0), axis=0)
         scale = length.to(tl.float32) / tl.maximum(scored, 1).to(tl.float32)
-        return tl.where((length > 0)[None, :], token_mass * scale[None, :], mean_mass)
+        return tl.where(length > 0, token_mass * scale, mean_mass)
+
+    @triton.jit
+    def _top_k_votes(head_scores, voter_votes, n, bound, g_ok, GROUP_P2: tl.constexpr, BLOCK: tl.constexpr,
+                     TOPK: tl.constexpr):
+        """One vote to each head's top-k of the ``n`` scores at ``head_scores`` ([GROUP_P2, 1] pointers),
+        by (score desc, candidate asc); every pass reads back the same stored floats."""
+        prev_score = tl.full([GROUP_P2], float("inf"), tl.float32)
+        prev_index = tl.full([GROUP_P2], -1, tl.int64)
+        for _ in tl.static_range(TOPK):
+            best_score = tl.full([GROUP_P2], float("-inf"), tl.float32)
+            best_index = tl.full([GROUP_P2], 1 << 40, tl.int64)
+            for start in range(0, bound, BLOCK):
+                c = (start + tl.arange(0, BLOCK)).to(tl.int64)
+                ok = g_ok[:, None] & (c < n)[None, :]
+                score = tl.load(head_scores + c[None, :], mask=ok, other=float("-inf"))
+                after = (score < prev_score[:, None]) | (
+                    (score == prev_score[:, None]) & (c[None, :] > prev_index[:, None]))
+                ok = ok & after
+                block_best = tl.max(tl.where(ok, score, float("-inf")), axis=1)
+                block_index = tl.min(tl.where(ok & (score == block_best[:, None]), c[None, :], 1 << 40), axis=1)
+                better = (block_best > best_score) | ((block_best == best_score) & (block_index < best_index))
+                best_score = tl.where(better, block_best, best_score)
+                best_index = tl.where(better, block_index, best_index)
+            found = g_ok & (best_index < n)
+            tl.atomic_add(voter_votes + best_index, tl.full([GROUP_P2], 1.0, tl.float32), mask=found)
+            prev_score = best_score
+            prev_index = best_index
 
     @triton.jit
     def _vote_kernel(
@@ -71,14 +131,16 @@ if triton is not None:
         votes, weights, stride_v,  # [n_voters, max_candidates] float32
         scratch, stride_sv, stride_sh,  # [n_voters, num_heads, max_candidates] float32 (count votes)
         scaling,
-        num_kv_heads,
         host_bound,  # max_candidates, a host int (loop bound when BOUND_ON_HOST)
-        width,  # summary tokens scored per candidate (a host int; the token loop bound when BOUND_ON_HOST)
+        width,  # summary tokens scored per candidate (a host int; BLOCK * width: the token loop's host bound)
         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
         BLOCK: tl.constexpr, TOPK: tl.constexpr, BOUND_ON_HOST: tl.constexpr,
         MASS_KIND: tl.constexpr, COUNT_KIND: tl.constexpr,
     ):
         v = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)  # mass votes: this program's share of the candidate blocks
+        splits = tl.num_programs(2)
         n = tl.load(num_candidates + v)
         row = tl.load(voter_rows + v)
         b = tl.load(voter_batch + v)
@@ -88,18 +150,20 @@ if triton is not None:
         d = tl.arange(0, DIM_P2)
         g_ok = g < GROUP
         d_ok = d < HEAD_DIM
+        TOKENS: tl.constexpr = (TILE + GROUP_P2 * DIM_P2 - 1) // (GROUP_P2 * DIM_P2)  # summary keys per step, >= 1
         # Triton 3.6's interpreter cannot loop to a loaded bound; compiled kernels loop to n.
         if BOUND_ON_HOST:
             bound = host_bound
         else:
             bound = n
-        if n > 0:  # an unused voter slot does nothing
-            for kv_head in range(num_kv_heads):
-                heads = kv_head * GROUP + g
-                q = tl.load(query + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                            mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                head_lse = tl.load(lse + b * stride_lb + heads, mask=g_ok, other=0.0)
-                for start in range(0, bound, BLOCK):
+        # An unused voter slot does nothing; a count vote's top-k needs all of a head's scores: one split.
+        if (n > 0) & ((split == 0) | (kind != COUNT_KIND)):
+            heads = kv_head * GROUP + g
+            q = tl.load(query + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                        mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            head_lse = tl.load(lse + b * stride_lb + heads, mask=g_ok, other=0.0)
+            for start in range(0, bound, BLOCK):
+                if is_count | ((start // BLOCK) % splits == split):
                     c = start + tl.arange(0, BLOCK)
                     c_ok = c < n
                     entry = tl.load(candidates + row * stride_cr + c, mask=c_ok, other=0).to(tl.int64)
@@ -108,40 +172,20 @@ if triton is not None:
                                   mask=c_ok[:, None] & d_ok[None, :], other=0.0) / count[:, None]
                     score = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GROUP_P2, BLOCK]
                     mass = tl.exp(score * scaling + tl.log(count)[None, :] - head_lse[:, None])
-                    if kind == MASS_KIND:
-                        mass = _summary_mass(q, head_lse, mass, spans + row * stride_pr, stride_pc, c, c_ok,
-                                             req_to_token + row * stride_rr, key_buffer + kv_head * stride_kh,
-                                             stride_kb, d, d_ok, scaling, width, GROUP_P2, BLOCK, BOUND_ON_HOST)
                     added = tl.where(is_count, score, mass)
-                    added = tl.sum(tl.where(g_ok[:, None] & c_ok[None, :], added, 0.0), axis=0)
+                    added = tl.sum(tl.where(g_ok[:, None] & c_ok[None, :], added, 0.0), axis=0)  # [BLOCK]
+                    if kind == MASS_KIND:
+                        added = _summary_mass(q, head_lse, added, spans + row * stride_pr, stride_pc, c, c_ok,
+                                              req_to_token + row * stride_rr, key_buffer + kv_head * stride_kh,
+                                              stride_kb, g_ok, d, d_ok, scaling, width, BLOCK, TOKENS, BOUND_ON_HOST)
                     tl.atomic_add(weights + v * stride_v + c, added, mask=c_ok)
                     if is_count:
                         tl.store(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :], score,
                                  mask=g_ok[:, None] & c_ok[None, :])
-                if is_count:
-                    # Each head's top-k by (score desc, candidate asc), read back from the stored scores.
-                    prev_score = tl.full([GROUP_P2], float("inf"), tl.float32)
-                    prev_index = tl.full([GROUP_P2], -1, tl.int64)
-                    for _ in tl.static_range(TOPK):
-                        best_score = tl.full([GROUP_P2], float("-inf"), tl.float32)
-                        best_index = tl.full([GROUP_P2], 1 << 40, tl.int64)
-                        for start in range(0, bound, BLOCK):
-                            c = (start + tl.arange(0, BLOCK)).to(tl.int64)
-                            ok = g_ok[:, None] & (c < n)[None, :]
-                            score = tl.load(scratch + v * stride_sv + heads[:, None] * stride_sh + c[None, :],
-                                            mask=ok, other=float("-inf"))
-                            after = (score < prev_score[:, None]) | (
-                                (score == prev_score[:, None]) & (c[None, :] > prev_index[:, None]))
-                            ok = ok & after
-                            block_best = tl.max(tl.where(ok, score, float("-inf")), axis=1)
-                            block_index = tl.min(tl.where(ok & (score == block_best[:, None]), c[None, :], 1 << 40), axis=1)
-                            better = (block_best > best_score) | ((block_best == best_score) & (block_index < best_index))
-                            best_score = tl.where(better, block_best, best_score)
-                            best_index = tl.where(better, block_index, best_index)
-                        found = g_ok & (best_index < n)
-                        tl.atomic_add(votes + v * stride_v + best_index, tl.full([GROUP_P2], 1.0, tl.float32), mask=found)
-                        prev_score = best_score
-                        prev_index = best_index
+            if is_count:
+                tl.debug_barrier()  # the scores one thread stored are read back by others
+                _top_k_votes(scratch + v * stride_sv + heads[:, None] * stride_sh, votes + v * stride_v, n, bound,
+                             g_ok, GROUP_P2, BLOCK, TOPK)
 
     @triton.jit
     def _commit_kernel(
@@ -223,7 +267,10 @@ def accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, vot
     spans, req_to_token, key_buffer = summary.spans, summary.req_to_token, summary.key_buffer
     if spans.stride(-1) != 1 or req_to_token.stride(-1) != 1 or key_buffer.stride(-1) != 1:
         raise ValueError("summary spans, req_to_token and key_buffer must be contiguous in their last dimension")
-    _vote_kernel[(n_voters,)](
+    group_p2, dim_p2 = _next_power_of_2(group), _next_power_of_2(head_dim)
+    block = max(1, min(BLOCK_CANDIDATES, TILE_ELEMENTS // (group_p2 * dim_p2)))  # ptxas: 128 registers, no spill
+    splits = min(CANDIDATE_SPLITS, -(-max_candidates // block))
+    _vote_kernel[(n_voters, num_kv_heads, splits)](
         query, query.stride(0), query.stride(1),
         log_normalizer, log_normalizer.stride(0),
         sums, sums.stride(0), sums.stride(1),
@@ -235,10 +282,9 @@ def accumulate_votes_triton(query, log_normalizer, sums, counts, candidates, vot
         key_buffer, key_buffer.stride(0), key_buffer.stride(1),
         votes, weights, votes.stride(0),
         scratch, scratch.stride(0), scratch.stride(1),
-        float(scaling), num_kv_heads, max_candidates, summary.width,
-        GROUP=group, GROUP_P2=_next_power_of_2(group), HEAD_DIM=head_dim, DIM_P2=_next_power_of_2(head_dim),
-        BLOCK=BLOCK_CANDIDATES, TOPK=topk, BOUND_ON_HOST=triton_interpreted(), MASS_KIND=MASS, COUNT_KIND=COUNT,
-        num_warps=4,
+        float(scaling), max_candidates, summary.width,
+        GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, DIM_P2=dim_p2, BLOCK=block, TOPK=topk,
+        BOUND_ON_HOST=triton_interpreted(), MASS_KIND=MASS, COUNT_KIND=COUNT, num_warps=4,
     )
 
 
