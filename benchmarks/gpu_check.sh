@@ -1,103 +1,156 @@
 #!/usr/bin/env bash
-# Everything a lent GPU can tell about zoomr-sglang, in one call of under 8 minutes.
+# Everything a lent GPU can tell about zoomr-sglang, in two device calls of at most 6 minutes each
+# (the machine's start included: about 5 minutes of command time each), back to back.
 #
-#   here, once:   bash benchmarks/gpu_site.sh            (.whl/site.tar.xz: SGLang + FlashInfer for the GPU image)
-#   there:        OUT=/some/dir bash benchmarks/gpu_check.sh      (device tool: carry [".whl"])
+#   here, once:  bash benchmarks/gpu_site.sh       (.whl/site.tar.xz: SGLang + FlashInfer for the GPU
+#                                                   image; its size in benchmarks/gpu_site.json)
+#                python3 benchmarks/device_carry.py --carry .whl --summary     (must be under 64 MiB)
+#   call 1:      device run  command="bash benchmarks/gpu_check.sh 1"  carry=[".whl"]  timeout_s=330
+#   call 2:      device run  command="bash benchmarks/gpu_check.sh 2"  carry=[".whl"]  timeout_s=330
 #
-# Parts, each under a hard time limit so that what finished is always reported:
-#   1. install   unpack the archive into a temporary site folder, install this plug-in there (40 s)
-#   2. tests     the CUDA tests (kernels against their torch references, no host sync, FlashInfer's
-#                decode convention; FlashInfer compiles its decode kernels here, cached after) (110 s)
-#   3. decode    benchmarks/decode_step.py at Llama-3.1-8B shapes, CUDA graphs (130 s)
-#   4. serving   benchmarks/serving.py: launch_server on a random-weight Llama-3.1-8B (config only,
-#                --load-format dummy), dense FlashInfer decode vs zoomr, CUDA graphs on, long outputs,
-#                output tokens/s as a ratio; then zoomr's full policy against dense token for token
-#                (zoomr's whole CUDA-graph decode path) and zoomr's self-check counter (its
-#                FlashInfer decode against the float64 reference, inside the server) (190 s)
-# Writes to $OUT (default ./gpu_check_out): gpu_check.log (everything), decode_step.json,
-# serving.json, pytest.xml, summary.json. Exit status 0 only when every part passed. Without a GPU
-# or without the archive it still runs what it can (CPU sizes), which is how it is rehearsed.
+# A warm machine keeps the ignored folders .gpu_site/ (the unpacked archive) and .gpu_cache/
+# (FlashInfer's and Triton's compiled kernels, the model folder), so call 2 skips the unpack and
+# FlashInfer's compile; on a fresh machine it unpacks again (the same archive travels with it).
+#
+# Each part runs under its own limit, cut to what the call's budget (GPU_CHECK_BUDGET, 300 s) leaves
+# after the parts before it, so that the call ends, summary written, before the device's timeout_s.
+# Call 1 parts:
+#   install  unpack the archive into .gpu_site/site unless there already; the plug-in's entry point
+#            (.gpu_site/plugin, its package imported from this checkout) (60 s)
+#   smoke    import the server, bench_serving, FlashInfer and sgl_kernel; the plug-in registers
+#            through its entry point; one sgl_kernel op against torch (90 s)
+#   jit      FlashInfer's decode module at Llama-3.1-8B decode shapes (32/8 heads, head_dim 128, bf16,
+#            tensor cores, page size 1, log-sum-exp), compile timed, checked against torch (150 s)
+#   tests    the CUDA tests (pytest -m cuda over the test files that have them) (120 s)
+#   decode   benchmarks/decode_step.py at the device's sizes, rows written per cell (the rest)
+# Call 2 parts:
+#   install  as above (seconds when warm)
+#   model    a Llama-3.1-8B-shaped model folder and a 2-layer one with its heads for the probe (config
+#            and tokenizer; the servers load dummy weights)
+#   probe    serving.py --part probe on the 2-layer model: zoomr's full policy against dense token for
+#            token, self-checks (90 s)
+#   timing   serving.py --part timing: dense FlashInfer against zoomr (self-checks off), per context
+#            and batch, capacity at equal memory (the rest of the budget, passed as --time-budget)
+# Every server argument is in serving.py's presets (gpu, or rehearsal on a CPU); this script passes
+# none, and no ZOOMR_* setting (it unsets the environment's).
+#
+# Writes to $OUT (default ./gpu_check_out) as it goes, at most 8 files (what a device call returns):
+# gpu_check.log (everything), parts.txt (a "name rc seconds limit" line per finished part),
+# summary.json (rewritten after every part), checks.json (smoke, jit), pytest.xml, decode_step.json
+# (its last line), decode_step_rows.json; call 2: serving_probe.json, serving_timing.json and
+# server_logs_<part>.tgz (serving.py's --log-dir, packed after its part). Exit status 0 only when
+# every part passed. Without a GPU (no nvidia-smi) the same parts run at CPU sizes with this
+# machine's Python (the archive is not unpacked, FlashInfer's JIT is skipped), limits and budget
+# doubled: the rehearsal, tests/test_gpu_check.py (PATH=.venv/bin:$PATH bash benchmarks/gpu_check.sh 1).
+# GPU_SITE_DIR and GPU_CACHE_DIR move .gpu_site and .gpu_cache.
 set -uo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
+call=${1:-}
+[[ $call == 1 || $call == 2 ]] || { echo "usage: bash benchmarks/gpu_check.sh 1|2" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT"
+SITE=${GPU_SITE_DIR:-$PWD/.gpu_site}
+CACHE=${GPU_CACHE_DIR:-$PWD/.gpu_cache}
+RESERVE=10  # seconds kept for the summary and packing the logs after the last part
+mkdir -p "$OUT" "$CACHE"
+rm -f "$OUT/parts.txt" "$OUT/summary.json" "$OUT/checks.json"
 export OUT PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-unset TRITON_INTERPRET  # compiled kernels, not the interpreter
+inherited=$(compgen -e | grep '^ZOOMR_' | tr '\n' ' ')
+unset TRITON_INTERPRET $inherited  # compiled kernels; serving.py's presets alone set zoomr's settings
+# The SGLang build that travels needs these on torch 2.11 (its kernels are 0.4.5; its Rust radix-tree
+# core, removed from the archive, is built for torch 2.14); FlashInfer compiles for Hopper (9.0a).
+export SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python FLASHINFER_CUDA_ARCH_LIST=9.0a
+export FLASHINFER_WORKSPACE_BASE=$CACHE TRITON_CACHE_DIR=$CACHE/triton TVM_FFI_CACHE_DIR=$CACHE/tvm-ffi
+on_gpu=false
+command -v nvidia-smi >/dev/null && on_gpu=true  # as testbed/process_env.py decides (no cpu_shim then)
+slower=1  # the part limits are the GPU machine's (16 cores); a shared CPU runner gets twice each
+if $on_gpu; then
+  preset=gpu; decode_sizes=(--iters 10); model_shape=()
+  export PYTHONPATH=$SITE/plugin:$SITE/site:$PWD
+else
+  preset=rehearsal; decode_sizes=(--contexts 400,1200 --batches 1,2 --iters 1); slower=2
+  model_shape=(--layers 2 --hidden-size 256 --vocab-size 4096)
+  export PYTHONPATH=$SITE/plugin:$PWD
+fi
+BUDGET=${GPU_CHECK_BUDGET:-$((300 * slower))}
+deadline=$((SECONDS + BUDGET))
 
-part() {  # part NAME SECONDS COMMAND...: run under a limit, record "NAME rc seconds"
-  local name=$1 limit=$2 started=$SECONDS
+limit_for() {  # limit_for SECONDS: a part's limit (SECONDS on the GPU machine), within what the budget leaves
+  local limit=$(($1 * slower)) left=$((deadline - SECONDS - RESERVE))
+  echo $((limit < left ? limit : left))
+}
+
+part() {  # part NAME SECONDS COMMAND...: run COMMAND under limit_for SECONDS, record it, rewrite the summary
+  local name=$1 limit started=$SECONDS
+  limit=$(limit_for "$2")
   shift 2
-  echo "== $name (limit ${limit} s)"
-  timeout -k 10 "$limit" "$@"
-  local rc=$?
-  echo "[$name: rc=$rc, $((SECONDS - started)) s]"
-  echo "$name $rc $((SECONDS - started))" >> "$OUT/parts.txt"
-}
-
-install_site() {
-  if [[ ! -f .whl/site.tar.xz ]]; then
-    echo "no .whl/site.tar.xz: SGLang and FlashInfer come from this machine's Python, if it has them"
-    return 0
+  if (( limit < 5 )); then
+    echo "== $name: no time left in the ${BUDGET} s budget"
+    echo "$name 124 0 0" >> "$OUT/parts.txt"
+  else
+    echo "== $name (limit ${limit} s) $(date -u +%T)"
+    timeout -k 10 "$limit" "$@"
+    local rc=$?
+    echo "[$name: rc=$rc, $((SECONDS - started)) s]"
+    echo "$name $rc $((SECONDS - started)) $limit" >> "$OUT/parts.txt"
   fi
-  local site
-  site=$(mktemp -d)
-  tar -xJf .whl/site.tar.xz -C "$site" || return 1
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$site" . || return 1
-  echo "export PYTHONPATH=$site:$PWD" > "$OUT/env.sh"
+  python3 benchmarks/gpu_parts.py summary "$OUT" "$call" >/dev/null
 }
 
-run_all() {
-  echo "== gpu_check $(date -u +%FT%TZ) in $PWD"
-  rm -f "$OUT/parts.txt"
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+install_site() {  # unpack once per machine (a marker names the archive it came from); entry point always
+  if $on_gpu; then
+    local stamp
+    [[ -f .whl/site.tar.xz ]] || { echo "no .whl/site.tar.xz (carry [\".whl\"])"; return 1; }
+    stamp=$(sha256sum .whl/site.tar.xz | cut -c1-16)  # the copy's time stamps change from call to call
+    if [[ $(cat "$SITE/site/.unpacked" 2>/dev/null) != "$stamp" ]]; then
+      rm -rf "$SITE/site" && mkdir -p "$SITE/site" || return 1
+      tar -xJf .whl/site.tar.xz -C "$SITE/site" || return 1
+      echo "$stamp" > "$SITE/site/.unpacked"
+      echo "unpacked .whl/site.tar.xz into $SITE/site"
+    else
+      echo "$SITE/site already holds this archive (a warm machine)"
+    fi
+  else
+    echo "no GPU: this machine's Python serves the rehearsal (the archive is for the GPU image)"
+  fi
+  rm -rf "$SITE/plugin" && python3 benchmarks/gpu_parts.py dist-info "$SITE/plugin"
+}
+
+serving() {  # serving PART SECONDS MODEL: one serving.py part, its server logs packed after it
+  local limit
+  limit=$(limit_for "$2")  # serving.py stops starting work within it, leaving 20 s to stop its servers
+  part "$1" "$2" python3 benchmarks/serving.py --preset "$preset" --part "$1" --model-path "$3" \
+    --results "$OUT/serving_$1.json" --log-dir "$OUT/logs" --time-budget $((limit > 40 ? limit - 20 : limit / 2))
+  [[ -d $OUT/logs ]] && tar -czf "$OUT/server_logs_$1.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+}
+
+run_call() {
+  echo "== gpu_check.sh $call $(date -u +%FT%TZ) in $PWD, preset $preset, budget ${BUDGET} s"
+  [[ -n $inherited ]] && echo "unset ${inherited}(serving.py's presets alone set zoomr's settings)"
+  $on_gpu && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
   export -f install_site
-  part install 40 bash -c install_site
-  [[ -f "$OUT/env.sh" ]] && source "$OUT/env.sh"
-  # The SGLang build that travels needs these on torch 2.11 (its kernels are 0.4.5, its Rust radix
-  # tree core is built for torch 2.14); FlashInfer compiles for the H200 only.
-  export SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python FLASHINFER_CUDA_ARCH_LIST=9.0a
-  part tests 110 python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_batched_votes.py tests/test_flashinfer_cuda.py \
-    tests/test_host_tier_cuda.py tests/test_extend_holes.py --junitxml "$OUT/pytest.xml"
-  # Without a GPU (a rehearsal): small sizes through the same commands.
-  # Triton prefill on the GPU: FlashInfer's prefill kernels would compile for minutes at start.
-  local decode_sizes=(--iters 10) model_shape=() prefill=triton
-  local serving_sizes=(--concurrency 64 --input-len 512 --output-len 4096 --max-total-tokens 400000
-                       --server-arg=--cuda-graph-max-bs=64 --server-arg=--max-running-requests=64)
-  if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    decode_sizes=(--contexts 1024,2048 --batches 1,2 --iters 2)
-    model_shape=(--layers 2 --hidden-size 256 --vocab-size 4096)
-    prefill=torch_native
-    serving_sizes=(--concurrency 2 --input-len 64 --output-len 256)
+  export SITE on_gpu
+  part install 60 bash -c install_site
+  if [[ $call == 1 ]]; then
+    part smoke 90 python3 benchmarks/gpu_parts.py smoke --into "$OUT/checks.json"
+    part jit 150 python3 benchmarks/gpu_parts.py jit --into "$OUT/checks.json"
+    mapfile -t cuda_tests < <(grep -l 'mark\.cuda' tests/test_*.py)
+    part tests 120 python3 -m pytest -q -rs -p no:cacheprovider -m cuda --continue-on-collection-errors \
+      "${cuda_tests[@]}" --junitxml "$OUT/pytest.xml"
+    part decode 300 bash -c 'python3 benchmarks/decode_step.py "$@" --results "$OUT/decode_step_rows.json" \
+      | tee /dev/stderr | tail -n 1 > "$OUT/decode_step.json"; exit ${PIPESTATUS[0]}' decode "${decode_sizes[@]}"
+  else
+    # The probe checks the CUDA path token for token, not speed: a 2-layer model with Llama-3.1-8B's
+    # heads (head_dim 128, 4 query heads per KV head) starts in seconds; timing gets the 8B shape.
+    part model 60 bash -c 'python3 -m testbed.shaped_model "$1/model" "${@:2}" &&
+      python3 -m testbed.shaped_model "$1/probe_model" --layers 2 --hidden-size 1024 --vocab-size 4096' \
+      model "$CACHE" "${model_shape[@]}"
+    serving probe 90 "$CACHE/probe_model"
+    serving timing 300 "$CACHE/model"
   fi
-  part decode 130 bash -c 'python3 benchmarks/decode_step.py "$@" | tee "$OUT/decode_step.txt"; exit ${PIPESTATUS[0]}' \
-    decode "${decode_sizes[@]}"
-  tail -n 1 "$OUT/decode_step.txt" > "$OUT/decode_step.json" 2>/dev/null
-  local model=$OUT/llama-3.1-8b-shape
-  python3 -m testbed.shaped_model "$model" "${model_shape[@]}" >/dev/null
-  part serving 190 python3 benchmarks/serving.py --model-path "$model" --prefill-backend "$prefill" \
-    --server-arg=--load-format=dummy "${serving_sizes[@]}" --rounds 1 --probe 4 \
-    --zoomr-env ZOOMR_SELF_CHECK_INTERVAL=997 ZOOMR_MAX_THOUGHT_TOKENS=256 ZOOMR_HOST_POOL_GB=16 \
-    --results "$OUT/serving.json"
-  python3 - <<'EOF'
-import json, os
-from pathlib import Path
-out = Path(os.environ["OUT"])
-parts = {name: {"rc": int(rc), "seconds": int(s)} for name, rc, s in (l.split() for l in (out / "parts.txt").read_text().splitlines())}
-def load(name):
-    try:
-        return json.loads((out / name).read_text())
-    except (OSError, ValueError):
-        return None
-serving = load("serving.json") or {}
-summary = {"ok": all(p["rc"] == 0 for p in parts.values()), "parts": parts, "decode_step": load("decode_step.json"),
-           "serving": serving.get("summary"), "probe_identical": serving.get("probe_identical"),
-           "self_checks": (serving.get("zoomr") or {}).get("self_checks")}
-(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print("== summary", json.dumps(summary))
-EOF
+  python3 benchmarks/gpu_parts.py summary "$OUT" "$call"
   python3 -c "import json, sys; sys.exit(0 if json.load(open('$OUT/summary.json'))['ok'] else 1)"
 }
 
-run_all 2>&1 | tee "$OUT/gpu_check.log"
+run_call 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"

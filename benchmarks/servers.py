@@ -1,11 +1,12 @@
 """Local SGLang HTTP servers for the benchmarks, and the set-up they share.
 
-``launch_server`` starts ``python -m sglang.launch_server`` on a free loopback port, waits for
-``/health`` and kills the whole process tree afterwards (a plain SIGTERM leaves SGLang's scheduler
-running). ``read_metrics`` parses SGLang's Prometheus ``/metrics``; ``zoomr_state`` reads the
-backend's counters from ``/server_info`` (``internal_states[0]["zoomr"]``). The model and ZoomR
-settings arguments (``--model-path``, ``--zoomr-env``) and the request prompts are shared too, so
-every script reads and sends them the same way. Importing this module imports ``bench_setup`` first
+``serve`` starts a server command on a free loopback port, waits for ``/health`` and kills the
+whole process tree afterwards (a plain SIGTERM leaves SGLang's scheduler running);
+``launch_server`` is ``serve`` of a plain ``python -m sglang.launch_server`` for one backend.
+``read_metrics`` parses SGLang's Prometheus ``/metrics``; ``zoomr_state`` reads the backend's
+counters from ``/server_info`` (``internal_states[0]["zoomr"]``). The model and ZoomR settings
+arguments (``--model-path``, ``--zoomr-env``) and the request prompts are shared too, so every
+script reads and sends them the same way. Importing this module imports ``bench_setup`` first
 (the CPU engine's environment must be set before torch or sglang load).
 """
 
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import ON_CUDA  # noqa: E402  (before sglang: CPU engine set-up)
@@ -137,15 +138,12 @@ class Server:
 
 
 def server_command(model_path: str, backend: str, port: int, *, max_total_tokens: Optional[int], tiny: bool,
-                   context_length: Optional[int], prefill_backend: Optional[str] = None,
-                   extra_args: Sequence[str] = ()) -> list:
+                   context_length: Optional[int], extra_args: Sequence[str] = ()) -> list:
     """SGLang's CPU engine needs fp32, a tiny ``--mem-fraction-static`` and an explicit pool size
-    (otherwise the pool takes most of the RAM); on CUDA SGLang sizes the pool itself unless told.
-    With ``prefill_backend``, SGLang's hybrid routing sends prefill there and decode to ``backend``."""
-    backends = (["--attention-backend", backend] if prefill_backend is None else
-                ["--prefill-attention-backend", prefill_backend, "--decode-attention-backend", backend])
+    (otherwise the pool takes most of the RAM); on CUDA SGLang sizes the pool itself unless told."""
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
-               "--port", str(port), *backends, "--enable-metrics", "--skip-server-warmup", *extra_args]
+               "--port", str(port), "--attention-backend", backend, "--enable-metrics", "--skip-server-warmup",
+               *extra_args]
     if ON_CUDA:
         command += ["--device", "cuda"] + (["--dtype", "bfloat16"] if tiny else [])
     else:
@@ -160,30 +158,45 @@ def server_command(model_path: str, backend: str, port: int, *, max_total_tokens
 
 
 @contextlib.contextmanager
-def launch_server(model_path: str, backend: str, *, max_total_tokens: Optional[int], tiny: bool,
-                  context_length: Optional[int] = None, timeout: float = 300, prefill_backend: Optional[str] = None,
-                  extra_args: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> Iterator[Server]:
-    """A healthy ``launch_server`` on a free loopback port (``env``: variables set for it only). Its
-    stderr goes to a log file that is kept (and named) when anything fails, else removed."""
+def serve(command: Callable[[int], List[str]], name: str, *, env: Mapping[str, str], timeout: float = 300,
+          log_path: Optional[Path] = None) -> Iterator[Server]:
+    """A healthy server started by ``command(port)`` on a free loopback port with exactly ``env``,
+    its whole process tree killed afterwards. Its output goes to ``log_path`` (kept), else to a
+    temporary log that is kept (and named) only when something fails."""
     from sglang.srt.utils import kill_process_tree
 
     port = free_port()
-    command = server_command(model_path, backend, port, max_total_tokens=max_total_tokens, tiny=tiny,
-                             context_length=context_length, prefill_backend=prefill_backend, extra_args=extra_args)
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"zoomr-bench-{backend}-{port}.log"
+    keep = log_path is not None
+    log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"zoomr-bench-{name}-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     start = time.time()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log_file)
+        proc = subprocess.Popen(command(port), env=dict(env), stdout=log_file if keep else subprocess.DEVNULL,
+                                stderr=log_file)
         try:
-            wait_healthy(proc, url, log_path, backend, timeout)
-            yield Server(url=url, backend=backend, startup_seconds=round(time.time() - start, 1))
+            wait_healthy(proc, url, log_path, name, timeout)
+            yield Server(url=url, backend=name, startup_seconds=round(time.time() - start, 1))
         except BaseException:
-            log(f"    {backend} server log kept: {log_path}")
+            log(f"    {name} server log kept: {log_path}")
             raise
         finally:
             kill_process_tree(proc.pid)
-    log_path.unlink(missing_ok=True)
+    if not keep:
+        log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def launch_server(model_path: str, backend: str, *, max_total_tokens: Optional[int], tiny: bool,
+                  context_length: Optional[int] = None, timeout: float = 300, extra_args: Sequence[str] = (),
+                  env: Optional[Dict[str, str]] = None) -> Iterator[Server]:
+    """``serve`` of ``server_command`` (``env``: variables set for this server only)."""
+    def command(port: int) -> list:
+        return server_command(model_path, backend, port, max_total_tokens=max_total_tokens, tiny=tiny,
+                              context_length=context_length, extra_args=extra_args)
+
+    with serve(command, backend, env={**os.environ, **(env or {})}, timeout=timeout) as server:
+        yield server
 
 
 # -- what a server reports -------------------------------------------------------------------------

@@ -1,244 +1,309 @@
 #!/usr/bin/env python
-"""End-to-end serving throughput: dense attention against ZoomR, measured with SGLang's own
-``bench_serving`` against a local ``launch_server``.
+"""Serving that answers a user's question: dense attention against ZoomR through real SGLang
+servers, at long contexts and batch sizes, and how many requests each runs at once in the same
+GPU memory.
 
-For the dense backend (``torch_native`` on CPU, ``flashinfer`` on CUDA; ``--dense-backend``) and
-then ``zoomr``, with the same settings: start one server (the tiny local model unless
-``--model-path``), then for each ``--concurrency`` value run ``python -m sglang.benchmark.serving
---backend sglang`` (the module ``sglang.bench_serving`` forwards to) with its ``random-ids``
-dataset: ``rounds x concurrency`` prompts of exactly ``--input-len`` random token ids
-(``--tokenize-prompt``, ``--random-range-ratio 1``), each asking for exactly ``--output-len``
-tokens. bench_serving sends ``ignore_eos`` by default, so every request generates its full output;
-the script checks that from the run's own counts. ``--max-concurrency`` caps the requests in
-flight; bench_serving warms up with one short request first. The output token throughput is read
-from each run's ``--output-file`` JSON.
+    python benchmarks/serving.py --preset gpu|rehearsal --part probe|timing [--model-path MODEL]
+        [--results FILE.json] [--log-dir DIR] [--time-budget SECONDS]
 
-After the throughput runs, two checks on the same servers: ``--probe`` greedy requests sent to both
-servers, to zoomr with ``custom_params`` ``zoomr_policy: "full"`` (zoomr's whole planning, upload
-and decode path, CUDA graphs included, over every position: its tokens must equal dense's, bit for
-bit), and zoomr's self-check counters (``ZOOMR_SELF_CHECK_INTERVAL``: sampled steps compared with a
-float64 dense reference over the same working set inside the server).
+Presets (``serving_presets.py``): ``gpu`` serves a Llama-3.1-8B-shaped random-weight model
+(``--load-format dummy``) on one H100/H200, prefill ``triton`` and decode ``flashinfer`` (dense) or
+``zoomr``; ``rehearsal`` runs the same command lines at CPU sizes. Without ``--model-path`` the
+preset's shaped model (``testbed/shaped_model.py``) is written under ``--log-dir``.
 
-Prints a table (output tokens/s per backend and concurrency, their ratio) and writes the details
-to ``--results`` (JSON). The last stdout line is one JSON object (other tools read it):
-``{"device": "cpu"|"cuda", "output_throughput": {"dense": {"<concurrency>": tok_per_s, ...},
-"zoomr": {...}}, "throughput_ratio": {"<concurrency>": zoomr / dense, ...}}``.
+The load (``serving_load.py``): a random-weight model writes no blank line, summary or sentence
+end, so the reasoning is in the prompt: each is a question and then thoughts of 200 word ids, a
+blank line and a 10-token summary between the markers, up to the cell's context; ZoomR segments it
+as pasted reasoning and indexes, votes on and tiers its thoughts like generated ones. In the output
+a thought closes at the 256-token cap and a refresh (a vote) comes every 30 tokens
+(``ZOOMR_REFRESH_INTERVAL``). Both servers get the same token ids and run nothing extra. Not
+chosen: forcing the pattern into the output with a custom logit processor (``testbed/forcing.py``),
+which reaches a 16K context only by generating 16K tokens (minutes per request) and costs both
+servers a Python pass over the batch at every step that no user's server pays.
 
-ZoomR settings for the tiny model: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64 ZOOMR_MAX_THOUGHT_TOKENS=48``
-unless the environment or ``--zoomr-env`` says otherwise. On CPU both servers get a KV pool that
-holds the largest concurrency's requests whole (``--max-total-tokens`` overrides it); on CUDA
-SGLang sizes the pool itself unless ``--max-total-tokens`` is given.
+``--part timing`` (self-checks off): one server per backend in turn, dense first, each warmed up
+by one untimed request; then per cell ``(context, batch)`` of the preset, ``batch`` requests of
+``context`` prompt tokens sent at once, greedy, ``ignore_eos``, streamed. Per cell and backend:
+``output_throughput``, output tokens/s while every request was decoding (null when the server
+never ran them all at once); ``e2e_output_throughput`` (prefill and queueing included); the most
+requests SGLang ran at once (``sglang:num_running_reqs`` of ``/metrics``, sampled every 0.25 s) and
+ZoomR's activity (refreshes, thoughts, host-tier moves). ``--time-budget``: the dense server gets
+half the time left after its start (less zoomr's expected start); no cell starts that its
+prediction says would not end in its backend's share, and no request runs past the budget.
+
+``--part probe``: ``probe_requests`` greedy requests to dense, then to zoomr with its ``full``
+policy (its whole planning and decode path over every position: its tokens must equal dense's),
+then with its own policy while ``ZOOMR_SELF_CHECK_INTERVAL`` compares sampled steps with a float64
+reference over the same working set (the interval exceeds the full-policy run's steps, so none of
+those steps ran eagerly).
+
+``--results`` is rewritten after every cell; server logs go to ``--log-dir``. The last stdout line
+is one JSON object, the results' ``summary``. Timing: ``{"device", "output_throughput": {"dense"|
+"zoomr": {"<context>x<batch>": tok/s}}, "throughput_ratio": {cell: zoomr/dense}, "capacity": {cell:
+{"dense"|"zoomr": {"running", "output_throughput" (end to end)}}}}``. Probe: ``{"device",
+"probe_identical", "full_policy_self_checks", "self_checks": {"compared", "max_error"}, "ok"}``.
+Exit status 1 when a server or request failed or the probe found a difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import datetime
 import json
-import subprocess
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
-
-import requests
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-up)
-    ON_CUDA, add_model_arguments, check_zoomr_env, context_length_for, finish_run, launch_server, log,
-    machine, start_run, zoomr_state)
+from servers import ON_CUDA, check_zoomr_env, log, machine, read_metrics, serve, zoomr_state  # noqa: E402
 from bench_setup import REPO  # noqa: E402
+from serving_load import (  # noqa: E402
+    cell_stats, generate, reasoning_prompt, run_requests, vocabulary, zoomr_activity)
+from serving_presets import (  # noqa: E402
+    BACKENDS, BODY_TOKENS, PARTS, PRESETS, QUESTION_TOKENS, SUMMARY_TOKENS, Preset, server_command, zoomr_env)
 
-DEFAULT_DENSE = "flashinfer" if ON_CUDA else "torch_native"
-RESULT_KEYS = ("output_throughput", "duration", "completed", "total_output_tokens", "request_throughput",
-               "mean_ttft_ms", "mean_tpot_ms", "median_itl_ms", "mean_e2e_latency_ms")
 
-
-def positive_ints(parser, name: str, text: str) -> List[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        parser.error(f"--{name}={text!r}: distinct comma-separated integers >= 1 allowed")
-    return values
+def cell_key(context: int, batch: int) -> str:
+    return f"{context}x{batch}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", default="1,4,16", help="--max-concurrency values, comma-separated")
-    parser.add_argument("--input-len", type=int, default=16, help="prompt tokens per request")
-    parser.add_argument("--output-len", type=int, default=1024, help="output tokens per request")
-    parser.add_argument("--rounds", type=int, default=3, help="requests per level = rounds x concurrency")
-    parser.add_argument("--dense-backend", default=DEFAULT_DENSE, help="SGLang attention backend to compare with")
-    parser.add_argument("--max-total-tokens", type=int, default=None,
-                        help="KV pool size of both servers (default on CPU: the largest level's requests whole)")
-    parser.add_argument("--seed", type=int, default=1, help="bench_serving's random seed (prompts)")
-    parser.add_argument("--prefill-backend", default=None,
-                        help="prefill attention backend of both servers (SGLang's hybrid routing); default: the decode one")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="extra launch_server argument for both servers (repeatable, e.g. --server-arg=--load-format=dummy)")
-    parser.add_argument("--probe", type=int, default=4, help="greedy requests of the full-policy check (0: off)")
-    parser.add_argument("--bench-timeout", type=float, default=900, help="seconds one bench_serving run may take")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "serving.json"),
-                        help="JSON path for the full results")
-    add_model_arguments(parser)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if ON_CUDA else "rehearsal")
+    parser.add_argument("--part", choices=PARTS, default="timing")
+    parser.add_argument("--model-path", default=None, help="a shaped model; default: the preset's, under --log-dir")
+    parser.add_argument("--results", default=None, help="JSON path (default benchmarks/results/serving-<part>.json)")
+    parser.add_argument("--log-dir", default=None, help="server logs, kept (default: a new temporary folder)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds from start the run may take")
+    parser.add_argument("--cells", default=None, help="timing cells CONTEXTxBATCH,... (default: the preset's)")
+    parser.add_argument("--zoomr-env", nargs="*", default=[], metavar="ZOOMR_X=VALUE",
+                        help="ZoomR settings over the preset's (the environment's ZOOMR_* are not passed on)")
     args = parser.parse_args(argv)
-    args.concurrency = positive_ints(parser, "concurrency", args.concurrency)
-    for name in ("input_len", "output_len", "rounds", "max_total_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')}={value}: must be >= 1")
-    if args.probe < 0:
-        parser.error(f"--probe={args.probe}: must be >= 0")
-    if args.bench_timeout <= 0:
-        parser.error(f"--bench-timeout={args.bench_timeout}: must be > 0")
-    check_dense_backend(parser, args.dense_backend)
+    preset = PRESETS[args.preset]
+    if (preset.device == "cuda") != ON_CUDA:
+        parser.error(f"--preset {args.preset} runs on {preset.device}; this machine "
+                     f"{'has' if ON_CUDA else 'has no'} CUDA GPU")
     check_zoomr_env(parser, args.zoomr_env)
+    args.zoomr_overrides = dict(item.split("=", 1) for item in args.zoomr_env)
+    try:
+        zoomr_env(preset, args.part, args.zoomr_overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"--time-budget={args.time_budget}: must be > 0")
+    try:
+        args.cell_list = ([tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")] if args.cells
+                          else list(preset.cells))
+    except ValueError:
+        parser.error(f"--cells={args.cells!r}: CONTEXTxBATCH,... allowed (e.g. 16384x16)")
+    if any(len(c) != 2 or min(c) < 1 for c in args.cell_list):
+        parser.error(f"--cells={args.cells!r}: CONTEXTxBATCH,... of positive integers allowed")
     return args
 
 
-def check_dense_backend(parser, backend: str) -> None:
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+class Results:
+    """The results JSON, rewritten whole (then renamed into place) whenever something is added,
+    so a run stopped at any point leaves everything it measured."""
 
-    allowed = [name for name in ATTENTION_BACKEND_CHOICES if name != "zoomr"]
-    if backend not in allowed:
-        parser.error(f"--dense-backend={backend!r} is not allowed; SGLang's attention backends: {', '.join(allowed)}")
+    def __init__(self, path: Path, data: dict) -> None:
+        self.path, self.data = path, data
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.write()
 
-
-def check_bench_serving_installed() -> None:
-    """Fail before any server starts: ``sglang.benchmark.serving`` imports Hugging Face ``datasets``,
-    which SGLang's CPU requirements leave out."""
-    if importlib.util.find_spec("datasets") is None:
-        raise SystemExit("sglang.benchmark.serving needs the `datasets` package: pip install datasets")
-
-
-def pool_size(args) -> Optional[int]:
-    """Both servers' ``--max-total-tokens``: on CPU room for the largest level's requests whole
-    (plus 64 tokens of slack each), so dense is never throttled by admission; on CUDA SGLang's own."""
-    if args.max_total_tokens is not None or ON_CUDA:
-        return args.max_total_tokens
-    return max(args.concurrency) * (args.input_len + args.output_len + 64)
+    def write(self) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.data, indent=1) + "\n")
+        os.replace(partial, self.path)
 
 
-def bench_command(url: str, args, concurrency: int, output_file: Path) -> List[str]:
-    return [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", url,
-            "--dataset-name", "random-ids", "--tokenize-prompt", "--random-range-ratio", "1",
-            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-            "--num-prompts", str(args.rounds * concurrency), "--max-concurrency", str(concurrency),
-            "--seed", str(args.seed), "--disable-tqdm", "--output-file", str(output_file)]
-
-
-def run_bench(url: str, args, concurrency: int, workdir: Path, backend: str) -> dict:
-    """One bench_serving run; its result (``RESULT_KEYS``) after checking every request gave its
-    whole output, plus zoomr's host-tier counters from the server info bench_serving recorded."""
-    output_file = workdir / f"{backend}-c{concurrency}.jsonl"
-    proc = subprocess.run(bench_command(url, args, concurrency, output_file), capture_output=True, text=True,
-                          timeout=args.bench_timeout)
-    if proc.returncode != 0 or not output_file.exists():
-        raise RuntimeError(f"bench_serving failed ({backend}, concurrency {concurrency}, exit {proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-3000:]}")
-    result = json.loads(output_file.read_text().splitlines()[-1])
-    n_requests = args.rounds * concurrency
-    if result["completed"] != n_requests or result["total_output_tokens"] != n_requests * args.output_len:
-        raise RuntimeError(f"{backend}, concurrency {concurrency}: {result['completed']}/{n_requests} requests "
-                           f"completed, {result['total_output_tokens']} output tokens (want {n_requests * args.output_len})")
-    run = {key: result[key] for key in RESULT_KEYS}
-    zoomr = ((result.get("server_info") or {}).get("internal_states") or [{}])[0].get("zoomr")
-    if zoomr is not None:
-        run["host_tier_after"] = zoomr["host_tier"]
-    return run
-
-
-def measure_backend(backend: str, model_path: str, args, workdir: Path) -> dict:
-    """One server, every concurrency level in order, then the probe requests;
-    ``{"startup_seconds", "levels": {c: run}, "probe": [output ids], "self_checks"?}``."""
-    context = context_length_for(model_path, args.input_len + args.output_len + 8)
-    with launch_server(model_path, backend, max_total_tokens=pool_size(args), tiny=args.model_path is None,
-                       context_length=context, prefill_backend=args.prefill_backend,
-                       extra_args=args.server_arg) as server:
-        log(f"    {backend}: server up in {server.startup_seconds:.0f} s")
-        levels = {}
-        for concurrency in args.concurrency:
-            levels[concurrency] = run = run_bench(server.url, args, concurrency, workdir, backend)
-            log(f"    {backend}: concurrency {concurrency:>3}: {run['output_throughput']:8.1f} output tok/s "
-                f"({run['completed']} requests in {run['duration']:.1f} s, mean TPOT {run['mean_tpot_ms']:.1f} ms)")
-        measured = dict(startup_seconds=server.startup_seconds, levels=levels, probe=probe(server.url, args, backend))
-        if backend == "zoomr":
-            measured["self_checks"] = self_check_counters(zoomr_state(server.url))
-    return measured
-
-
-def probe(url: str, args, backend: str) -> List[List[int]]:
-    """Greedy outputs of ``--probe`` prompts; zoomr serves them with its ``full`` policy."""
-    params = {"temperature": 0, "max_new_tokens": min(args.output_len, 256), "ignore_eos": True}
+@contextlib.contextmanager
+def started(args, preset: Preset, backend: str, model_path: str, log_dir: Path, results: Results, deadline: float):
+    """The preset's server for ``backend`` in ``args.part``; what it was started with and its KV
+    pool go into the results."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOOMR_")}
     if backend == "zoomr":
-        params["custom_params"] = {"zoomr_policy": "full"}
-    prompts = [[1] + [(37 * i + 101 * n) % 400 + 6 for i in range(args.input_len)] for n in range(args.probe)]
-    if not prompts:
-        return []
-    reply = requests.post(f"{url}/generate", json={"input_ids": prompts, "sampling_params": params}, timeout=600)
-    reply.raise_for_status()
-    return [out["output_ids"] for out in reply.json()]
+        env.update(zoomr_env(preset, args.part, args.zoomr_overrides))
+    record = results.data["servers"].setdefault(backend, {"log": str(log_dir / f"{args.part}-{backend}.log")})
+    record["zoomr_env"] = {k: v for k, v in env.items() if k.startswith("ZOOMR_")}
+
+    def command(port: int) -> List[str]:
+        record["command"] = server_command(preset, args.part, backend, model_path, port)
+        return record["command"]
+
+    timeout = min(preset.startup_timeout, max(1.0, deadline - time.time()))
+    with serve(command, backend, env=env, timeout=timeout, log_path=Path(record["log"])) as server:
+        pool = read_metrics(server.url, ["sglang:max_total_num_tokens"]).get("sglang:max_total_num_tokens")
+        record.update(startup_seconds=server.startup_seconds, max_total_num_tokens=None if pool is None else int(pool))
+        results.write()
+        log(f"  {backend}: up in {server.startup_seconds:.0f} s, KV pool {record['max_total_num_tokens']} tokens")
+        yield server
 
 
-def self_check_counters(state: dict) -> dict:
-    """Sampled steps zoomr compared with the dense float64 reference over the same working set."""
-    finished = state["finished"].values()
-    return {"compared": sum(s["self_checks"] for s in finished),
-            "max_error": max((s["self_check_max_error"] for s in finished), default=0.0)}
+# -- timing ----------------------------------------------------------------------------------------
+def predicted_seconds(cell: Tuple[int, int], done: Dict[Tuple[int, int], dict], dense: Optional[dict]) -> float:
+    """A cell's expected duration from measured ones: zoomr's, 1.1 x dense's on it; dense's, the
+    largest done cell's, its time to the last first token scaled by prompt tokens (prefill) and
+    the rest (decode) kept; 0 before any."""
+    if dense is not None:
+        return 1.1 * dense["seconds"]
+    if not done:
+        return 0.0
+    (context, batch), ref = max(done.items(), key=lambda item: item[0][0] * item[0][1])
+    return ref["prefill_seconds"] * cell[0] * cell[1] / (context * batch) + ref["seconds"] - ref["prefill_seconds"]
 
 
-def print_table(runs: Dict[str, dict], dense_backend: str) -> None:
-    header = (f"{'concurrency':>11} {dense_backend + ' tok/s':>18} {'zoomr tok/s':>12} {'zoomr/dense':>11} "
-              f"{'dense TPOT ms':>13} {'zoomr TPOT ms':>13}")
-    log("\n" + header)
-    log("-" * len(header))
-    for concurrency, dense in runs["dense"]["levels"].items():
-        zoomr = runs["zoomr"]["levels"][concurrency]
-        log(f"{concurrency:>11} {dense['output_throughput']:>18.1f} {zoomr['output_throughput']:>12.1f} "
-            f"{throughput_ratio(runs, concurrency):>10.2f}x {dense['mean_tpot_ms']:>13.2f} {zoomr['mean_tpot_ms']:>13.2f}")
+def measure_cell(url: str, backend: str, cell: Tuple[int, int], preset: Preset, vocab, deadline: float) -> dict:
+    key = cell_key(*cell)
+    prompts = [reasoning_prompt(cell[0], f"{key}/{i}", vocab) for i in range(cell[1])]
+    rids = [f"{backend}-{key}-{i}" for i in range(cell[1])]
+    before = zoomr_state(url)
+    streams, sampler = run_requests(url, rids, prompts, preset.output_len, deadline)
+    result = cell_stats(streams)
+    result.update(peak_running=sampler.peak("sglang:num_running_reqs"), peak_queued=sampler.peak("sglang:num_queue_reqs"),
+                  peak_token_usage=sampler.peak("sglang:token_usage"))
+    if before is not None:
+        result["zoomr"] = zoomr_activity(zoomr_state(url), rids, before)
+    return result
 
 
-def throughput_ratio(runs: Dict[str, dict], concurrency: int) -> float:
-    """zoomr's output tokens/s over dense's at one concurrency."""
-    return (runs["zoomr"]["levels"][concurrency]["output_throughput"]
-            / runs["dense"]["levels"][concurrency]["output_throughput"])
+def run_timing(args, preset: Preset, model_path: str, vocab, log_dir: Path, results: Results, deadline: float) -> bool:
+    cells, ok = results.data["cells"], True
+    measured: Dict[str, Dict[Tuple[int, int], dict]] = {}
+    for backend in BACKENDS:
+        todo = args.cell_list if backend == "dense" else [c for c in args.cell_list if c in measured["dense"]]
+        measured[backend] = {}
+        if not todo:
+            break
+        try:
+            with started(args, preset, backend, model_path, log_dir, results, deadline) as server:
+                run_requests(server.url, [f"{backend}-warmup"], [reasoning_prompt(preset.warmup_context, "warmup", vocab)],
+                             16, deadline)
+                share_end = deadline
+                if backend == "dense":  # half of what is left once zoomr has started (about as long as dense)
+                    share_end = time.time() + max(0.0, deadline - time.time() - 1.25 * server.startup_seconds - 20) / 2
+                for cell in todo:
+                    key = cell_key(*cell)
+                    dense = measured["dense"].get(cell) if backend == "zoomr" else None
+                    if time.time() + predicted_seconds(cell, measured[backend], dense) > share_end:
+                        results.data["skipped"][backend].append(key)
+                        log(f"  {backend}: {key} skipped (time budget)")
+                        continue
+                    entry = cells.setdefault(key, {"context": cell[0], "batch": cell[1]})
+                    try:
+                        entry[backend] = measure_cell(server.url, backend, cell, preset, vocab, deadline)
+                    except Exception as error:  # the budget ran out, or the server may be gone: stop here
+                        out_of_time = time.time() >= deadline - 1
+                        entry[backend] = {"stopped": "time budget"} if out_of_time else {"error": repr(error)[:2000]}
+                        ok = ok and out_of_time
+                        results.write()
+                        break
+                    measured[backend][cell] = entry[backend]
+                    results.data["summary"] = summarize(cells)
+                    results.write()
+                    log(f"  {backend}: {key}: {entry[backend]['output_throughput']} tok/s all decoding, "
+                        f"{entry[backend]['e2e_output_throughput']} end to end, at most {entry[backend]['peak_running']} running")
+        except Exception as error:  # start-up or warm-up failed
+            results.data["errors"].append(f"{backend}: {error!r}"[:3000])
+            ok = False
+    results.data["summary"] = summarize(cells)
+    return ok
 
 
-def summarize(runs: Dict[str, dict]) -> dict:
-    throughput = {name: {str(c): round(run["output_throughput"], 2) for c, run in runs[name]["levels"].items()}
-                  for name in ("dense", "zoomr")}
-    ratio = {str(c): round(throughput_ratio(runs, c), 3) for c in runs["dense"]["levels"]}
-    return {"device": "cuda" if ON_CUDA else "cpu", "output_throughput": throughput, "throughput_ratio": ratio}
+def summarize(cells: dict) -> dict:
+    both = {key: cell for key, cell in cells.items()
+            if all("seconds" in cell.get(b, {}) for b in BACKENDS)}
+    throughput = {b: {key: cell[b]["output_throughput"] for key, cell in both.items()} for b in BACKENDS}
+    ratio = {key: (round(throughput["zoomr"][key] / throughput["dense"][key], 3)
+                   if throughput["zoomr"][key] and throughput["dense"][key] else None) for key in both}
+    capacity = {key: {b: {"running": cell[b]["peak_running"], "output_throughput": cell[b]["e2e_output_throughput"]}
+                      for b in BACKENDS} for key, cell in both.items()}
+    return {"device": "cuda" if ON_CUDA else "cpu", "output_throughput": throughput, "throughput_ratio": ratio,
+            "capacity": capacity}
 
 
-def main(argv=None) -> None:
+def print_table(summary: dict) -> None:
+    header = (f"{'cell':>12} {'dense tok/s':>12} {'zoomr tok/s':>12} {'ratio':>7} {'dense run':>9} "
+              f"{'zoomr run':>9} {'dense e2e':>10} {'zoomr e2e':>10}")
+    log("\n" + header + "\n" + "-" * len(header))
+    for key, capacity in summary["capacity"].items():
+        d, z = capacity["dense"], capacity["zoomr"]
+        log(f"{key:>12} {summary['output_throughput']['dense'][key]!s:>12} {summary['output_throughput']['zoomr'][key]!s:>12} "
+            f"{summary['throughput_ratio'][key]!s:>7} {d['running']!s:>9} {z['running']!s:>9} "
+            f"{d['output_throughput']:>10} {z['output_throughput']:>10}")
+
+
+# -- probe -----------------------------------------------------------------------------------------
+def run_probe(args, preset: Preset, model_path: str, vocab, log_dir: Path, results: Results, deadline: float) -> bool:
+    prompts = [reasoning_prompt(preset.probe_context, f"probe/{i}", vocab) for i in range(preset.probe_requests)]
+    full_rids = [f"probe-full-{i}" for i in range(len(prompts))]
+    own_rids = [f"probe-zoomr-{i}" for i in range(len(prompts))]
+    outputs, state = {}, None
+    try:
+        for backend in BACKENDS:
+            with started(args, preset, backend, model_path, log_dir, results, deadline) as server:
+                rids = [f"probe-dense-{i}" for i in range(len(prompts))] if backend == "dense" else full_rids
+                outputs[backend] = generate(server.url, prompts, preset.probe_full_tokens, rids, deadline,
+                                            None if backend == "dense" else "full")
+                if backend == "zoomr":
+                    generate(server.url, prompts, preset.probe_sparse_tokens, own_rids, deadline)
+                    state = zoomr_state(server.url)
+    except Exception as error:
+        results.data["errors"].append(repr(error)[:3000])
+        results.data["summary"] = {"device": "cuda" if ON_CUDA else "cpu", "ok": False}
+        return False
+    identical = [a == b for a, b in zip(outputs["dense"], outputs["zoomr"])]
+    first_difference = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                        for a, b in zip(outputs["dense"], outputs["zoomr"])]
+    full_checks = zoomr_activity(state, full_rids, None)["self_checks"]
+    own = zoomr_activity(state, own_rids, None)
+    summary = {"device": "cuda" if ON_CUDA else "cpu", "probe_identical": identical,
+               "full_policy_self_checks": full_checks,
+               "self_checks": {"compared": own["self_checks"], "max_error": own["self_check_max_error"]}}
+    summary["ok"] = all(identical) and full_checks == 0 and own["self_checks"] > 0
+    results.data.update(summary=summary, first_difference=first_difference, zoomr_own_policy=own)
+    log(f"  zoomr's full policy gave dense's greedy tokens on {sum(identical)} of {len(identical)} requests "
+        f"(first differences {first_difference}); self-checks {summary['self_checks']}")
+    return summary["ok"]
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
-    check_bench_serving_installed()
     began = time.time()
-    settings, model_path, model_name, today = start_run(args, "serving benchmark")
-    log(f"bench_serving: random-ids, {args.input_len} prompt + {args.output_len} output tokens per request, "
-        f"{args.rounds} x concurrency requests per level, --max-concurrency {args.concurrency}, "
-        f"--max-total-tokens {pool_size(args) or 'SGLang default'}")
+    deadline = began + (args.time_budget or 24 * 3600)
+    preset = PRESETS[args.preset]
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="zoomr-serving-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if args.model_path is None:
+        from testbed.shaped_model import shape_overrides, write_shaped_model
 
-    runs = {}
-    with tempfile.TemporaryDirectory(prefix="zoomr-serving-") as workdir:
-        for name, backend in (("dense", args.dense_backend), ("zoomr", "zoomr")):
-            runs[name] = dict(backend=backend, **measure_backend(backend, model_path, args, Path(workdir)))
-    print_table(runs, args.dense_backend)
-    identical = [a == b for a, b in zip(runs["dense"]["probe"], runs["zoomr"]["probe"])]
-    log(f"zoomr with its full policy gave dense's greedy tokens on {sum(identical)} of {len(identical)} probe requests;"
-        f" self-check: {runs['zoomr']['self_checks']}")
-
-    summary = summarize(runs)
-    full = dict(summary=summary, probe_identical=identical, date=today, machine=machine(), model=model_path,
-                zoomr_settings=settings, prefill_backend=args.prefill_backend, server_args=args.server_arg,
-                input_len=args.input_len, output_len=args.output_len, rounds=args.rounds, seed=args.seed,
-                max_total_tokens=pool_size(args), **runs, seconds=round(time.time() - began, 1), argv=sys.argv[1:])
-    finish_run(Path(args.results), summary, full, began)
+        args.model_path = str(write_shaped_model(log_dir / "model", **shape_overrides(*preset.model_shape)))
+    vocab = vocabulary(args.model_path)
+    path = Path(args.results or REPO / "benchmarks" / "results" / f"serving-{args.part}.json")
+    results = Results(path, {
+        "part": args.part, "preset": preset.name, "date": datetime.date.today().isoformat(), "machine": machine(),
+        "model": args.model_path, "time_budget": args.time_budget,
+        "workload": {"question_tokens": QUESTION_TOKENS, "thought_body_tokens": BODY_TOKENS,
+                     "summary_tokens": SUMMARY_TOKENS, "output_len": preset.output_len},
+        "servers": {}, "errors": [], "summary": {}, "argv": sys.argv[1:] if argv is None else list(argv)})
+    log(f"ZoomR serving, {args.part} part, preset {preset.name}, {results.data['date']}, {machine()}; "
+        f"model {args.model_path}; logs {log_dir}; results {path}")
+    if args.part == "timing":
+        results.data.update(cells_planned=[cell_key(*c) for c in args.cell_list], cells={},
+                            skipped={b: [] for b in BACKENDS})
+        ok = run_timing(args, preset, args.model_path, vocab, log_dir, results, deadline)
+        print_table(results.data["summary"])
+    else:
+        ok = run_probe(args, preset, args.model_path, vocab, log_dir, results, deadline)
+    results.data["seconds"] = round(time.time() - began, 1)
+    results.write()
+    log(f"total {results.data['seconds']:.0f} s; errors: {results.data['errors'] or 'none'}")
+    print(json.dumps(results.data["summary"]), flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

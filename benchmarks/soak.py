@@ -210,6 +210,13 @@ def idle_counts(state: dict, start: dict) -> Dict[str, bool]:
     }
 
 
+def without_finished(state: dict) -> dict:
+    """``state`` for the results file: the finished requests' own counters (one entry per request,
+    nearly all of a ten-minute soak's file) replaced by how many there were."""
+    kept = {key: value for key, value in state.items() if key != "finished"}
+    return {**kept, "finished_requests": len(state.get("finished", {}))}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     began = time.time()
@@ -260,7 +267,8 @@ def main(argv=None) -> None:
                "errors": errors, "retractions": retractions, "counts_restored": counts_restored}
     details = dict(summary=summary, date=today, model=model_path, zoomr_settings=settings, args=vars(args),
                    counts=load.counts, error_messages=load.errors, dense_mismatches=wrong, near_tie=NEAR_TIE, exact=len(load.exact),
-                   checks=checks, start=start, idle=idle, flushed=flushed, metrics=metrics, seconds=round(time.time() - began, 1))
+                   checks=checks, start=without_finished(start), idle=without_finished(idle),
+                   flushed=without_finished(flushed), metrics=metrics, seconds=round(time.time() - began, 1))
     finish_run(Path(args.out), summary, details, began)
 
 

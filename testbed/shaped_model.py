@@ -6,6 +6,10 @@ with one token per id (``w<id>``), plus a blank line and the summary markers as 
 that ZoomR's start-up checks pass. The model writes noise; what a server on it measures is speed.
 
     python -m testbed.shaped_model OUT_DIR [--layers N]      # seconds, no download
+
+``benchmarks/serving.py`` writes prompts for it whose ids hold the blank line and the summary
+markers at the places a reasoning trace would (every other id is one word, ``w<id>``, with no
+sentence end or blank line in it), so ZoomR segments them as pasted reasoning.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ def write_shaped_model(out_dir, **overrides) -> Path:
     return out
 
 
+def shape_overrides(layers: int, hidden_size: int, vocab_size: int) -> dict:
+    """``write_shaped_model`` overrides for a model of ``layers``, ``hidden_size`` and ``vocab_size``;
+    a smaller hidden size keeps the head shape (head_dim 128, four query heads per KV head where it can)."""
+    overrides = dict(num_hidden_layers=layers, hidden_size=hidden_size, vocab_size=vocab_size)
+    if hidden_size != LLAMA_31_8B["hidden_size"]:
+        overrides.update(intermediate_size=2 * hidden_size,
+                         num_attention_heads=hidden_size // 128, num_key_value_heads=max(1, hidden_size // 512))
+    return overrides
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
@@ -58,11 +72,7 @@ def main(argv=None) -> None:
     for name in ("layers", "hidden_size", "vocab_size"):
         if getattr(args, name) < (len(SPECIALS) + 1 if name == "vocab_size" else 1):
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: too small")
-    overrides = dict(num_hidden_layers=args.layers, hidden_size=args.hidden_size, vocab_size=args.vocab_size)
-    if args.hidden_size != LLAMA_31_8B["hidden_size"]:  # a smaller rehearsal model keeps the head shape
-        overrides.update(intermediate_size=2 * args.hidden_size,
-                         num_attention_heads=args.hidden_size // 128, num_key_value_heads=max(1, args.hidden_size // 512))
-    print(write_shaped_model(args.out_dir, **overrides))
+    print(write_shaped_model(args.out_dir, **shape_overrides(args.layers, args.hidden_size, args.vocab_size)))
 
 
 if __name__ == "__main__":

@@ -235,3 +235,25 @@ def test_gather_decode_attention_returns_the_softmax_denominators():
         logits = torch.log(dense_attention_weights(query[i], keys[slots], 0.5))  # log softmax
         raw = torch.einsum("hd,nhd->hn", query[i].double(), keys[slots].double().repeat_interleave(2, dim=1)) * 0.5
         torch.testing.assert_close(lse[i].double(), (raw - logits)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_ids_past_the_tokenizer_are_text_without_markers():
+    """issue 23: models pad their embedding beyond the tokenizer and sample those ids too. The host
+    segments them as empty text and the device's refresh mask reads them as no refresh token."""
+    harness = Harness(SMALL, host_tier_tokens=4096)
+    harness.add_request(5)
+    harness.add_request(9)
+    unknown = len(harness.controller.planner.token_texts) + 40
+    scripts = [scripted_tokens(random.Random(seed), 120, summaries=True) for seed in range(2)]
+    for step in range(120):
+        harness.decode_step([unknown if step % 7 == 3 else script[step] for script in scripts])
+    states = list(harness.states.values())
+    assert all(state.stats.thoughts_closed > 2 for state in states)
+    assert sum(state.stats.votes_held for state in states) > 0
+    selection = harness.controller.selection
+    mask = selection.refresh_mask
+    assert mask.shape == (len(harness.controller.planner.token_texts) + 1,) and not bool(mask[-1])
+    # Two requests that may vote, neither asked by the host: only the one decoding "." votes.
+    votes = torch.tensor([[1, 5, 0, 0], [2, 5, 0, 0]])
+    voting = selection._choose_voters(votes, torch.tensor([unknown, TOKEN["."]]))
+    assert voting.tolist() == [False, True]

@@ -179,10 +179,15 @@ def test_triton_kernels_on_cuda_match_torch_and_never_sync():
         assert torch.equal(kv.cpu(), tv) and torch.allclose(kw.cpu(), tw, rtol=1e-3, atol=1e-4)
     key_buffer, slots, entries = commit_case("cuda")
     sums, counts = torch.zeros(7, 2, 8, device="cuda"), torch.zeros(7, device="cuda")
+    # Device tensors are built before the checked region (torch.tensor(..., device="cuda") is a
+    # blocking host-to-device copy), and the commit kernel is compiled on a throwaway store first:
+    # the check is about the launches a decode step makes, not a first compile.
+    num_commits = torch.tensor([4], device="cuda")
+    ti.commit_keys(sums.clone(), counts.clone(), key_buffer, slots, entries, num_commits)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ti.commit_keys(sums, counts, key_buffer, slots, entries, torch.tensor([4], device="cuda"))
+        ti.commit_keys(sums, counts, key_buffer, slots, entries, num_commits)
         run_votes(ti.accumulate_votes, case, scratch=scratch)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -12,7 +12,7 @@ from zoomr_sglang.algo.policies import (
     mask_to_ranges, quest_upper_bound, recent_fill,
 )
 from zoomr_sglang.algo.segmentation import Thought
-from zoomr_sglang.algo.working_set import ranges_size
+from zoomr_sglang.algo.working_set import ranges_size, with_tail
 from zoomr_sglang.config import ZoomRConfig, load_config, request_settings
 
 
@@ -281,9 +281,10 @@ def test_cached_unbounded_working_set_equals_the_from_scratch_union():
     for trial in range(20):
         prompt_len, sink, window = rng.randint(0, 12), rng.choice([0, 4, 20]), rng.choice([3, 8, 40])
         policy = ZoomRPolicy(num_thoughts=2)
-        thoughts, position = [], prompt_len
+        thoughts, position, last_zoomed = [], prompt_len, None
         for step in range(60):
-            if rng.random() < 0.3:  # a thought closes, maybe with a summary
+            closes = rng.random() < 0.3
+            if closes:  # a thought closes, maybe with a summary
                 body = rng.randint(1, 9)
                 summary = rng.choice([0, 0, 2, 3])
                 thoughts.append(Thought(index=len(thoughts), start=position, body_end=position + body,
@@ -301,7 +302,13 @@ def test_cached_unbounded_working_set_equals_the_from_scratch_union():
                 seq_len=position, prompt_len=prompt_len, n_sink=sink, n_window=window, open_from=v.open_from,
                 summary_spans=[(t.summary_start, t.summary_end) for t in thoughts if t.summary_start is not None],
                 zoomed_spans=[(thoughts[i].start, thoughts[i].span_end()) for i in zoomed])
+            if not closes and zoomed == last_zoomed:  # only the sequence grew: no view needed
+                assert pairs(with_tail(*policy.working_set_next(position), position)) == expected, (trial, step)
             assert pairs(policy.working_set(v)) == expected, (trial, step)
+            last_zoomed = zoomed
+        assert policy.working_set_next(position + 1) is not None
+        policy.working_set(view(budget=40))
+        assert policy.working_set_next(71) is None  # a bounded step needs its view
 
 
 def test_fidelity_is_measured_at_every_step_without_self_checks():

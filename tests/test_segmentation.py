@@ -12,6 +12,7 @@ from zoomr_sglang.algo.segmentation import (
     key_role,
     prompt_reasoning_start,
 )
+from zoomr_sglang.algo.token_markers import TokenMarkers
 
 BODY, SUMMARY = TokenRole.BODY, TokenRole.SUMMARY
 VOCAB = [
@@ -289,11 +290,66 @@ def test_bad_feed_arguments():
     seg = make()
     with pytest.raises(ValueError, match="position"):
         seg.feed(0, FIRST + 1)
-    with pytest.raises(ValueError, match="token_id"):
-        seg.feed(len(VOCAB), FIRST)
     seg.feed(0, FIRST)
     with pytest.raises(ValueError, match="position"):
         seg.feed(0, FIRST)
+    assert seg.feed_quiet(0, FIRST) == -1 and seg.feed_quiet(0, FIRST + 2) == -1  # fed already / not next
+
+
+def _segment(seg: ThoughtSegmenter, ids: list[int], quiet: bool) -> tuple[list, list[Thought]]:
+    """Each token's (commits, finalized, sentence end, taken quietly), fed by ``feed`` alone or,
+    with ``quiet``, by ``feed_quiet`` first (its one commit written as ``feed`` reports it)."""
+    reports = []
+    for position, token in enumerate(ids, start=FIRST):
+        thought = seg.feed_quiet(token, position) if quiet else -1
+        if thought >= 0:
+            flags = seg._vocab.flags_of(token)
+            reports.append(([(thought, BODY, [position])], [], bool(flags & TokenMarkers.SENTENCE_END), True))
+        else:
+            events = seg.feed(token, position)
+            reports.append((events.commits, events.finalized, events.sentence_end, False))
+    return reports, seg.thoughts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quiet_feeding_settles_exactly_what_feeding_does(seed):
+    """Random streams of every token (split markers, blanks, sentence ends, ids past the tokenizer):
+    ``feed_quiet`` takes only tokens it can settle alone, and settles them as ``feed`` would."""
+    rng = random.Random(seed)
+    ids = [rng.choice(range(len(VOCAB) + 2)) for _ in range(400)]
+    kwargs = dict(max_thought_tokens=rng.choice([7, 30, 100]))
+    fed, fed_thoughts = _segment(make(**kwargs), ids, quiet=False)
+    quiet, quiet_thoughts = _segment(make(**kwargs), ids, quiet=True)
+    assert [r[:3] for r in quiet] == [r[:3] for r in fed] and quiet_thoughts == fed_thoughts
+    assert sum(len(r[1]) for r in fed) > 5 and sum(r[3] for r in quiet) > 50  # thoughts closed, tokens taken quietly
+
+
+def test_an_id_past_the_tokenizer_reads_as_empty_text():
+    """Models pad their embedding beyond the tokenizer and may sample those ids: such a token is
+    segmented as a token whose text is empty (it holds no marker, not even inside a split one)."""
+    with_empty = VOCAB + [""]
+    texts = ["a", "\n\n", "b", "<|", "", "begin", "_of_summary|>", "z", "", "<|end_of_summary|>", "", "a"]
+    padded = make(), [VOCAB.index(t) if t else len(VOCAB) + 7 for t in texts]
+    empty = ThoughtSegmenter(with_empty, boundaries=["\n\n"], summary_begin="<|begin_of_summary|>",
+                             summary_end="<|end_of_summary|>", sentence_ends=[".", "\n"], max_thought_tokens=100,
+                             first_position=FIRST), [with_empty.index(t) for t in texts]
+    reports = [_segment(seg, ids, quiet=True) for seg, ids in (padded, empty)]
+    assert reports[0] == reports[1]
+    thoughts = [(t.start, t.summary_start, t.final) for t in reports[0][1]]
+    assert thoughts == [(5, None, True), (7, 8, True), (15, None, False)]
+    markers = TokenMarkers(VOCAB, boundaries=["\n\n"], summary_begin="<|begin_of_summary|>",
+                           summary_end="<|end_of_summary|>", sentence_ends=["."])
+    assert markers.flags_of(len(VOCAB)) == markers.flags_of(-1) == 0
+    assert markers.flags_of(VOCAB.index(".")) == TokenMarkers.SENTENCE_END | TokenMarkers.REFRESH
+    assert markers.flags_of(VOCAB.index("<|")) == TokenMarkers.MARKER  # a marker's beginning
+    assert markers.flags_of(VOCAB.index("\n\n")) == TokenMarkers.MARKER | TokenMarkers.REFRESH
+
+
+def test_token_markers_must_match_the_segmenter():
+    markers = TokenMarkers(VOCAB, boundaries=["\n"], summary_begin="<|begin_of_summary|>",
+                           summary_end="<|end_of_summary|>", sentence_ends=[".", "\n"])
+    with pytest.raises(ValueError, match="token_markers"):
+        make(token_markers=markers)
 
 
 @pytest.mark.parametrize("texts, expected", [

@@ -88,3 +88,39 @@ def test_per_layer_work_reads_nothing_back_to_the_host():
         harness.decode_step([script[step] for script in scripts])
     assert any(commits for commits, _ in checked) and sum(voters for _, voters in checked) >= 2 * harness.num_layers
     assert sum(state.stats.votes_held for state in harness.states.values()) > 0
+
+
+def test_commits_past_a_steps_slots_are_added_within_that_step():
+    """A step that commits more keys than its slots (reasoning pasted into a prompt, a retracted
+    request's output fed again) has every key in its index entries once its forward ran: nothing
+    waits for later steps, so no commit outlives its request's row."""
+    from types import SimpleNamespace
+
+    from zoomr_sglang.attention_backend.controller import ZoomRController
+    from zoomr_sglang.attention_backend.selection import COMMITS_PER_REQUEST
+
+    layers, kv_heads, head_dim, prompt = 2, 2, 8, 8
+    vocab = [" w", ".", "\n\n", "<|begin_of_summary|>", "<|end_of_summary|>"]
+    output = ([0] * 9 + [1]) * 6 + [2, 3, 0, 0, 0, 4, 2] + [0] * 40  # a thought, its summary, a new thought
+    kv = [torch.randn(256, kv_heads, head_dim) for _ in range(layers)]
+    pools = SimpleNamespace(req_to_token=torch.randperm(255)[:200].add(1).int().view(2, 100),
+                            req_generation=torch.zeros(2, dtype=torch.int64))
+    controller = ZoomRController(
+        config=ZoomRConfig(), token_texts=vocab, req_to_token_pool=pools,
+        token_to_kv_pool=SimpleNamespace(get_key_buffer=lambda layer: kv[layer], get_value_buffer=lambda layer: kv[layer]),
+        num_layers=layers, num_heads=4, num_kv_heads=kv_heads, head_dim=head_dim, device="cpu", index_capacity=32,
+        max_voters=1)
+    req = SimpleNamespace(rid="r", origin_input_ids=[0] * prompt, output_ids=output, prefix_len=0,
+                          sampling_params=SimpleNamespace(custom_params=None, max_new_tokens=len(output)))
+    controller.note_request(1, req)
+    expected = torch.zeros_like(controller.index_keys.sums)
+    for seq_len in (prompt + 1, prompt + 90):  # the first step, then one that feeds 88 tokens at once
+        controller.begin_decode(["r"], [seq_len])
+        commits = controller.next_plan.commits
+        controller.load(1, torch.tensor([output[seq_len - 1 - prompt]]))
+        for layer in range(layers):
+            controller.after_attention(layer, torch.randn(1, 4, head_dim), torch.zeros(1, 4), 1.0)
+            slots = pools.req_to_token[commits[:, 0], commits[:, 1]].long()
+            expected[layer].index_add_(0, torch.from_numpy(commits[:, 2]), kv[layer][slots])
+    assert len(commits) > COMMITS_PER_REQUEST and controller.selection.commits_bulk == len(commits) - COMMITS_PER_REQUEST
+    torch.testing.assert_close(controller.index_keys.sums, expected)

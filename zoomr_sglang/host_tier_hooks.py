@@ -83,7 +83,7 @@ class _AdmissionPass:
 
     def __init__(self, controller) -> None:
         host = controller.tiering.host
-        self.host_room = HostRoom(host.capacity - host.num_used)
+        self.host_room = HostRoom(host.free_blocks * host.block_tokens)  # thoughts take whole blocks
         self.running: Dict[int, int] = {}
         self.admitting = None
 

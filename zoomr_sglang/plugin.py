@@ -242,7 +242,21 @@ def _before_forward(model_runner, forward_batch, *args, **kwargs):
         controller = _controller_of(model_runner.req_to_token_pool)
         if controller is not None:
             controller.begin_decode(forward_batch.rids, forward_batch.seq_lens_cpu.tolist())
+            _abort(controller.next_plan.failed)
     return None
+
+
+def _abort(failed) -> None:
+    """Finish the requests whose step zoomr could not plan with their error (HTTP 500): the step
+    runs (they attend every position), the scheduler and the other requests go on."""
+    if not failed:
+        return
+    from http import HTTPStatus
+
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    for req, message in failed:
+        req.to_finish = FINISH_ABORT(message, HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
 
 
 def _around_can_run_graph(original, graph_runner, forward_batch, *args, **kwargs):

@@ -33,6 +33,7 @@ search, not a pass over every thought. H2O and Quest also learn from each layer'
 
 from __future__ import annotations
 
+import bisect
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -45,7 +46,8 @@ from zoomr_sglang.algo.fine_zoom import FineZoom
 from zoomr_sglang.algo.policy_base import (
     Policy, StepView, add_within_budget, current_thought, fill_budget, mask_to_ranges, recent_fill,
 )
-from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, merge_ranges, ranges_size
+from zoomr_sglang.algo.working_set import (
+    Range, as_range_array, merge_range_array, merge_ranges, ranges_size, with_tail)
 
 __all__ = [
     "POLICIES", "POLICY_NAMES", "QUEST_PAGE_SIZE", "FullPolicy", "H2OPolicy", "OraclePolicy", "Policy", "QuestPolicy",
@@ -78,7 +80,9 @@ class ThoughtPolicy(Policy):
 
     The skeleton grows only when a thought closes and the selection changes only at refresh
     points, so their union is cached as a merged array; a step without a budget then attends that
-    union below ``cut = min(open_from, seq_len - window)`` plus ``[cut, seq_len)``.
+    union below ``cut = min(open_from, seq_len - window)`` plus ``[cut, seq_len)``. The ranges
+    below the cut change only when the cut crosses a range's edge, so they are cached too, with
+    the interval of cuts they hold for: a steady step is a few comparisons.
     """
 
     thought_level = True
@@ -89,7 +93,11 @@ class ThoughtPolicy(Policy):
         self._closed = 0  # closed thoughts whose summaries are in the skeleton
         self._summaries = 0  # how many of them have a summary
         self._static = np.zeros((0, 2), dtype=np.int64)
-        self._static_key: Tuple = ()
+        self._static_key: Tuple = (-1, ())  # (closed thoughts, zoomed) the static union was built for
+        # (lo, hi, fixed, tail_from): for cuts in (lo, hi], the static ranges below the tail and
+        # where the tail starts (None: at the cut; else the start of the range the tail merges with).
+        self._below: Tuple = (0, -1, self._static, None)
+        self._cut_from: Optional[Tuple[int, int]] = None  # the last unbounded view's (open_from, window)
 
     def _update_skeleton(self, view: StepView) -> None:
         if not self._skeleton:
@@ -115,27 +123,49 @@ class ThoughtPolicy(Policy):
             self._skeleton.append((start, end))
 
     def working_set(self, view: StepView) -> np.ndarray:
+        return with_tail(*self.working_set_parts(view), view.seq_len)
+
+    def working_set_parts(self, view: StepView) -> Tuple[np.ndarray, int]:
         self._update_skeleton(view)
         zoomed = self.zoomed_thoughts(view)
-        spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in zoomed]
         if view.budget:
+            spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in zoomed]
             cap = view.seq_len if view.window_cap is None else view.window_cap
             skeleton = [(start, min(end, view.seq_len)) for start, end in self._skeleton if start < view.seq_len]
             # The open thought's first tokens say what it is doing; without a budget it is attended whole.
             head_end = min(view.open_from + view.thought_sink, view.seq_len)
             if head_end > view.open_from:
                 skeleton = merge_ranges([*skeleton, (view.open_from, head_end)])
-            return self.fill(view, skeleton, spans, cap)
+            self._cut_from = None
+            return self.fill(view, skeleton, spans, cap), view.seq_len
         key = (self._closed, tuple(zoomed))
         if key != self._static_key:
+            spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in zoomed]
             self._static = merge_range_array(as_range_array([*self._skeleton, *spans]))
             self._static_key = key
-        cut = max(0, min(view.open_from, view.seq_len - view.window))
-        below = self._static[: int(np.searchsorted(self._static[:, 0], cut, side="left"))]
-        if len(below) and below[-1, 1] >= cut:  # the tail starts inside (or right after) the last range
-            cut = int(below[-1, 0])
-            below = below[:-1]
-        return np.concatenate([below, np.array([[cut, view.seq_len]], dtype=np.int64)])
+            self._below = (0, -1, self._static, None)  # holds for no cut: recomputed below
+        self._cut_from = (view.open_from, view.window)
+        return self.working_set_next(view.seq_len)
+
+    def working_set_next(self, seq_len: int) -> Optional[Tuple[np.ndarray, int]]:
+        if self._cut_from is None:  # the last view had a budget
+            return None
+        open_from, window = self._cut_from
+        cut = max(0, min(open_from, seq_len - window))
+        lo, hi, fixed, tail_from = self._below
+        if not lo < cut <= hi:
+            self._below = lo, hi, fixed, tail_from = self._ranges_below(cut)
+        return fixed, cut if tail_from is None else tail_from
+
+    def _ranges_below(self, cut: int) -> Tuple[int, int, np.ndarray, Optional[int]]:
+        """The static ranges that start below ``cut``, for every cut with the same answer (see
+        ``_below``); a tail that starts inside (or right after) the last of them absorbs it."""
+        starts, ends = self._static[:, 0].tolist(), self._static[:, 1].tolist()
+        below = bisect.bisect_left(starts, cut)
+        if below and ends[below - 1] >= cut:
+            return starts[below - 1], ends[below - 1], self._static[: below - 1], starts[below - 1]
+        upper = starts[below] if below < len(starts) else float("inf")
+        return (ends[below - 1] if below else -1), upper, self._static[:below], None
 
     def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
         """Within a budget: the skeleton, the window, the zoomed thoughts whole while they fit."""

@@ -8,7 +8,7 @@ budget. See ``policies.py`` for the methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -119,12 +119,26 @@ class Policy:
     def working_set(self, view: StepView) -> np.ndarray:
         raise NotImplementedError
 
+    def working_set_parts(self, view: StepView) -> Tuple[np.ndarray, int]:
+        """The working set as ``(fixed, tail_from)``: the ranges ``fixed`` ``[n, 2]``, then
+        ``[tail_from, view.seq_len)`` when ``tail_from < view.seq_len``. A policy whose set only
+        grows at its end from one step to the next returns the same ``fixed`` (never modified
+        afterwards), so a planner packs it with no per-request array work."""
+        return self.working_set(view), view.seq_len
+
+    def working_set_next(self, seq_len: int) -> Optional[Tuple[np.ndarray, int]]:
+        """:meth:`working_set_parts` at ``seq_len`` when nothing but the sequence length changed
+        since the last call (the same thoughts, open thought and selection), if the policy can
+        tell without a view; None: ask :meth:`working_set_parts`."""
+        return None
+
     def choose_thoughts(self, view: StepView) -> Optional[List[int]]:
         """At a refresh point, the thoughts to zoom into (None: keep the selection, or vote)."""
         return None
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        """Positions whose keys :meth:`observe` needs at every layer this step (None: no observing)."""
+        """Positions whose keys :meth:`observe` needs at every layer this step (None: no observing).
+        Asked only at steps under a budget (without one every policy attends all it needs)."""
         return None
 
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,

@@ -2,7 +2,9 @@
 
 Markers are matched on decoded token text, not token ids, so a marker split over several
 tokens ("\\n" + "\\n") or hidden inside one token (".\\n\\nThe") is still found. Positions are
-assigned whole: a token belongs to exactly one thought's body or summary span.
+assigned whole: a token belongs to exactly one thought's body or summary span. Most tokens can take
+no part in any marker: :class:`TokenMarkers` knows them by id, and the segmenter settles them
+without string work.
 """
 
 import bisect
@@ -11,12 +13,18 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from zoomr_sglang.algo.token_markers import TokenMarkers
+
 
 class TokenRole(enum.Enum):
     """Which index key of a thought a token's key is added to."""
 
     BODY = "body"  # the thought's own tokens (implicit summary key)
     SUMMARY = "summary"  # summary content tokens (between the markers, markers excluded)
+
+    # Members are singletons: hash by identity in C (Enum's own hashes the name in Python), as
+    # (thought, role) keys are looked up for every decoded token.
+    __hash__ = object.__hash__
 
 
 @dataclass
@@ -43,7 +51,7 @@ class Thought:
         return self.summary_end if self.summary_end is not None else self.body_end
 
 
-@dataclass
+@dataclass(slots=True)
 class SegmentEvents:
     """What one `ThoughtSegmenter.feed` call changed."""
 
@@ -103,7 +111,10 @@ class ThoughtSegmenter:
         sentence_ends: Sequence[str],
         max_thought_tokens: int,
         first_position: int,
+        token_markers: Optional[TokenMarkers] = None,
     ):
+        """``token_markers``: built from the same ``token_texts`` and markers (shared by every
+        request of one tokenizer); None builds them here."""
         named_markers = [(f"boundaries[{i}]", m) for i, m in enumerate(boundaries)]
         named_markers += [(f"sentence_ends[{i}]", m) for i, m in enumerate(sentence_ends)]
         named_markers += [("summary_begin", summary_begin), ("summary_end", summary_end)]
@@ -114,11 +125,16 @@ class ThoughtSegmenter:
             raise ValueError(f"max_thought_tokens must be >= 1, got {max_thought_tokens}")
         if first_position < 0:
             raise ValueError(f"first_position must be >= 0, got {first_position}")
-        self._token_texts = token_texts
+        settings = (tuple(boundaries), summary_begin, summary_end, tuple(sentence_ends))
+        if token_markers is None:
+            token_markers = TokenMarkers(token_texts, boundaries=boundaries, summary_begin=summary_begin,
+                                         summary_end=summary_end, sentence_ends=sentence_ends)
+        elif token_markers.texts is not token_texts or token_markers.settings != settings:
+            raise ValueError("token_markers must be built from these token_texts and markers")
+        self._vocab = token_markers
         self._boundaries = tuple(boundaries)
         self._summary_begin = summary_begin
         self._summary_end = summary_end
-        self._sentence_ends = tuple(sentence_ends)
         self._max_tokens = max_thought_tokens
         self._first_position = first_position
         self._next_position = first_position
@@ -140,18 +156,39 @@ class ThoughtSegmenter:
         """Take the token generated at `position` and report the keys and thoughts it settled."""
         if position != self._next_position:
             raise ValueError(f"position must be {self._next_position} (consecutive), got {position}")
-        if not 0 <= token_id < len(self._token_texts):
-            raise ValueError(f"token_id must be in [0, {len(self._token_texts)}), got {token_id}")
         self._next_position += 1
-        text = self._token_texts[token_id]
-        events = SegmentEvents(sentence_end=any(s in text for s in self._sentence_ends))
-        offset = self._pending[-1].end() if self._pending else 0
-        self._pending.append(_Pending(position, text, offset))
-        while self._complete_marker(events):
-            pass
+        vocab = self._vocab
+        flags = vocab.flags_of(token_id)
+        events = SegmentEvents(sentence_end=bool(flags & TokenMarkers.SENTENCE_END))
+        text = vocab.texts[token_id] if 0 <= token_id < len(vocab.texts) else ""  # unknown: empty
+        if not self._pending and not flags & TokenMarkers.MARKER:
+            # Nothing waits to complete a marker and this text can be no part of one: what the
+            # marker search would conclude, without it.
+            self._assign(position, text, text, events)
+        else:
+            offset = self._pending[-1].end() if self._pending else 0
+            self._pending.append(_Pending(position, text, offset))
+            while self._complete_marker(events):
+                pass
         if self._state is _State.SUMMARY:
             self._cap_summary(position, events)
         return events
+
+    def feed_quiet(self, token_id: int, position: int) -> int:
+        """:meth:`feed` for the common token, with nothing to report but one commit: one that takes
+        no part in a marker, extending the open thought's body while nothing waits. Returns that
+        thought's index (the position's key goes to its BODY key); -1 when the token is not such a
+        one, and then nothing was done: :meth:`feed` it. No events are made: the caller reads a
+        sentence end from :class:`TokenMarkers`."""
+        if self._state is not _State.BODY or self._open is None or self._pending or position != self._next_position:
+            return -1
+        vocab = self._vocab
+        known = 0 <= token_id < len(vocab.texts)
+        if known and vocab.flags[token_id] & TokenMarkers.MARKER:
+            return -1
+        self._next_position += 1
+        self._grow_body(position, vocab.texts[token_id] if known else "")  # unknown: empty text
+        return self._open.index
 
     # --- marker matching -------------------------------------------------------------------
 
@@ -232,10 +269,15 @@ class ThoughtSegmenter:
             self._open = Thought(index=len(self.thoughts), start=position, body_end=position)
             self.thoughts.append(self._open)
             self._open_nonblank = False
-        self._open.body_end = position + 1
-        self._open_nonblank = self._open_nonblank or not _is_blank(counted_text)
         self._commit(events, self._open, TokenRole.BODY, position)
-        if self._open.body_end - self._open.start >= self._max_tokens:
+        self._grow_body(position, counted_text)
+
+    def _grow_body(self, position: int, counted_text: str) -> None:
+        """The open thought's body takes ``position`` (BODY state)."""
+        thought = self._open
+        thought.body_end = position + 1
+        self._open_nonblank = self._open_nonblank or not _is_blank(counted_text)
+        if thought.body_end - thought.start >= self._max_tokens:
             # Forced cap: a model that never writes a boundary still gets bounded thoughts.
             self._state = _State.AWAIT
 

@@ -65,6 +65,14 @@ def as_range_array(ranges: Sequence[Range]) -> np.ndarray:
     return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
 
 
+def with_tail(fixed: np.ndarray, tail_from: int, seq_len: int) -> np.ndarray:
+    """``fixed`` ``[n, 2]`` followed by ``[tail_from, seq_len)`` when that is not empty (see
+    ``Policy.working_set_parts``)."""
+    if tail_from >= seq_len:
+        return fixed
+    return np.concatenate([fixed, np.array([[tail_from, seq_len]], dtype=np.int64)])
+
+
 def merge_range_array(ranges: np.ndarray) -> np.ndarray:
     """:func:`merge_ranges` on an ``[n, 2]`` array: sorted, overlapping or adjacent ranges joined,
     empty ones dropped (vectorized)."""

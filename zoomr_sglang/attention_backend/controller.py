@@ -22,7 +22,8 @@ import torch
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.segmentation import key_role
 from zoomr_sglang.attention_backend.diagnostics import check_outputs
-from zoomr_sglang.attention_backend.planning import HostPlan, StepPlanner
+from zoomr_sglang.attention_backend.host_plan import HostPlan
+from zoomr_sglang.attention_backend.planning import StepPlanner
 from zoomr_sglang.attention_backend.selection import DeviceSelection
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig
@@ -58,8 +59,7 @@ class ZoomRController:
 
     def begin_decode(self, rids: Sequence[str], seq_lens: Sequence[int]) -> None:
         """Plan the coming decode step (SGLang's host view; no device reads)."""
-        self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections(),
-                                           self.selection.deferred_from())
+        self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections())
 
     def needs_eager(self) -> bool:
         """Whether the coming step has per-layer host work that a CUDA graph cannot replay."""
@@ -189,7 +189,7 @@ class ZoomRController:
             "index_entries_reused": self.planner.index_entries_reused,
             "over_bound_steps": self.planner.over_bound_steps,
             "index_full": self.index_keys.exhausted,
-            "commits_deferred": self.selection.commits_deferred,
+            "commits_bulk": self.selection.commits_bulk,
             "host_tier": None if self.tiering is None else {
                 "capacity_tokens": self.tiering.host.capacity,
                 "used_tokens": self.tiering.host.num_used,

@@ -24,6 +24,8 @@ def check_outputs(plan: HostPlan, layer_id: int, query: torch.Tensor, output: to
     values = kv_pool.get_value_buffer(layer_id)
     for i in range(plan.batch_size) if plan.self_check else plan.fidelity_rows:
         state, seq_len = plan.states[i], plan.seq_lens[i]
+        if state is None:  # its planning failed before it had a state (HostPlan.failed)
+            continue
         slots = req_to_token[state.row, :seq_len].long()
         keep = torch.zeros(seq_len, dtype=torch.bool, device=keys.device)
         for start, end in plan.working_sets[i].tolist():

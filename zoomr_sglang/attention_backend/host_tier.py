@@ -1,65 +1,99 @@
 """Host-memory tier for cold thoughts' KV: a token-slot pool in CPU memory (pinned on CUDA).
 
-SGLang's HiCache host pool (``MHATokenToKVPoolHost``) is built around radix-tree pages and its
-transfer kernels need CUDA ``sgl_kernel``; the thoughts of a running request are plain token runs
-of one row, so this tier keeps its own tensors.
+Layout: slot-major, ``k[capacity, num_layers, num_kv_heads, head_dim]`` (and ``v`` alike), so a run
+of consecutive host slots holds every layer of its tokens in one contiguous chunk. Slots are handed
+out in whole blocks of ``block_tokens`` consecutive slots (a thought's blocks are consecutive while
+the tier is not fragmented), and a block returns to the free stack once every slot of it is freed:
+any subset of a thought's slots can be freed (the radix tree keeps suffixes of them). Host slot ids
+stay per token (int64).
 
-Copy out (:meth:`HostKVTier.store`): on CUDA it runs on a side stream that first waits for the
-forward stream (so it follows the forward that wrote the thought's last token), into pinned staging
-memory, and returns a :class:`Transfer`; the caller frees the device slots only once the transfer
-is done, which overlaps the copy with the next steps' compute. On CPU it completes at once.
-Copy in (:meth:`HostKVTier.load`): from pinned staging, non-blocking on the current (forward)
-stream, so it is ordered before the attention that reads the slots; PyTorch's pinned-memory cache
-keeps the staging block alive until the copy has run.
+Copies (:meth:`HostKVTier.store` out of the device, :meth:`HostKVTier.load` into it) return a
+:class:`Transfer`. On CUDA both run on one side stream that first waits for the current (forward)
+stream: a copy out gathers the device slots of every layer into a device staging buffer and copies
+each contiguous host run to the pinned tier with one non-blocking copy; a copy in does the reverse.
+The caller polls :meth:`Transfer.done` (``event.query()``, never a wait): the device slots of a copy
+out are freed, and those of a copy in are attended, only once it is done. On CPU the copies run
+directly between the pool and the tier (no staging) and are done at once.
+
+SGLang's HiCache host pool (``MHATokenToKVPoolHost``) is built around radix-tree pages and its
+transfer kernels need CUDA ``sgl_kernel``; a thought is a plain run of one row, so this tier keeps
+its own tensors.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+
+HOST_BLOCK_TOKENS = 32  # slots per allocation block: at most 31 unused slots per thought
 
 
 class Transfer:
-    """A copy out of the device that may still be running; ``finish`` runs once it is done."""
+    """A copy that may still be running on the side stream; holds the tensors it reads and writes
+    until it is known to be done. ``event`` None: done already (CPU)."""
 
-    def __init__(self, event: Optional["torch.cuda.Event"], finish: Callable[[], None]) -> None:
+    def __init__(self, event=None, keep: Sequence[torch.Tensor] = ()) -> None:
         self._event = event
-        self._finish: Optional[Callable[[], None]] = finish
-        if event is None:
-            self._complete()
+        self._keep = tuple(keep)
 
     def done(self) -> bool:
         """True once the copy has finished (never blocks)."""
-        if self._finish is not None and self._event.query():
-            self._complete()
-        return self._finish is None
+        if self._event is not None and self._event.query():
+            self._event, self._keep = None, ()
+        return self._event is None
 
     def wait(self) -> None:
-        if self._finish is not None:
+        """Block until the copy has finished (release path only)."""
+        if self._event is not None:
             self._event.synchronize()
-            self._complete()
+            self._event, self._keep = None, ()
 
-    def _complete(self) -> None:
-        finish, self._finish = self._finish, None
-        finish()
+
+def contiguous_runs(host_slots: torch.Tensor) -> List[Tuple[int, int, int]]:
+    """``(first host slot, offset in host_slots, length)`` of each run of consecutive slots.
+
+    host_slots: [n] int64 CPU.
+    """
+    slots = host_slots.numpy()
+    bounds = [0, *(np.flatnonzero(np.diff(slots) != 1) + 1).tolist(), len(slots)]
+    return [(int(slots[a]), a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def gather_layers(layers: Sequence[torch.Tensor], device_slots: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:, layer] = layers[layer][device_slots]``: layers [slots, heads, dim] each,
+    device_slots [n] int64, out [n, num_layers, heads, dim] (a strided view is fine)."""
+    for layer, buffer in enumerate(layers):
+        torch.index_select(buffer, 0, device_slots, out=out[:, layer])
+
+
+def scatter_layers(layers: Sequence[torch.Tensor], device_slots: torch.Tensor, src: torch.Tensor) -> None:
+    """``layers[layer][device_slots] = src[:, layer]``, the inverse of :func:`gather_layers`."""
+    for layer, buffer in enumerate(layers):
+        buffer.index_copy_(0, device_slots, src[:, layer])
 
 
 class HostKVTier:
     """Token slots for K and V of every layer in host memory.
 
-    Storage: ``k[num_layers, capacity, num_kv_heads, head_dim]`` and
-    ``v[num_layers, capacity, num_kv_heads, v_head_dim]``, ``dtype`` of the device KV pool.
+    Storage: ``k[capacity, num_layers, num_kv_heads, head_dim]`` and
+    ``v[capacity, num_layers, num_kv_heads, v_head_dim]``, ``dtype`` of the device KV pool;
+    ``capacity`` is ``capacity_tokens`` rounded down to whole blocks.
     """
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
-                 dtype: torch.dtype, capacity_tokens: int, pin_memory: bool) -> None:
-        self.capacity = capacity_tokens
-        self.k = torch.empty((num_layers, capacity_tokens, num_kv_heads, head_dim), dtype=dtype, pin_memory=pin_memory)
-        self.v = torch.empty((num_layers, capacity_tokens, num_kv_heads, v_head_dim), dtype=dtype, pin_memory=pin_memory)
-        self._free = torch.arange(capacity_tokens, dtype=torch.int64)
-        self._num_free = capacity_tokens
-        self._copy_stream = None  # CUDA side stream for copies out, made on first use
+                 dtype: torch.dtype, capacity_tokens: int, pin_memory: bool,
+                 block_tokens: int = HOST_BLOCK_TOKENS) -> None:
+        num_blocks = capacity_tokens // block_tokens
+        self.block_tokens = block_tokens
+        self.capacity = num_blocks * block_tokens
+        self.k = torch.empty((self.capacity, num_layers, num_kv_heads, head_dim), dtype=dtype, pin_memory=pin_memory)
+        self.v = torch.empty((self.capacity, num_layers, num_kv_heads, v_head_dim), dtype=dtype, pin_memory=pin_memory)
+        self._free_blocks: List[int] = list(range(num_blocks - 1, -1, -1))  # a stack; the lowest id on top
+        self._block_use = np.zeros(num_blocks, dtype=np.int64)  # allocated, not yet freed slots per block
+        self._num_used = 0
+        self._copy_stream = None  # CUDA side stream for copies out and in, made on first use
         self.token_bytes = self.bytes_per_token(num_layers, num_kv_heads, head_dim, v_head_dim, dtype)
 
     @staticmethod
@@ -68,66 +102,92 @@ class HostKVTier:
 
     @property
     def num_used(self) -> int:
-        return self.capacity - self._num_free
+        """Slots allocated and not yet freed (the unused tail of a thought's last block not counted)."""
+        return self._num_used
 
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    # -- slots -------------------------------------------------------------------------------------
     def alloc(self, n: int) -> Optional[torch.Tensor]:
-        """``n`` free host slots (int64 CPU), or None when the tier is full."""
-        if n > self._num_free:
+        """``n`` host slots [n] int64 CPU, the first ``n`` of ``ceil(n / block_tokens)`` whole free
+        blocks taken in ascending order; None when too few blocks are free."""
+        blocks_needed = -(-n // self.block_tokens)
+        if blocks_needed > len(self._free_blocks):
             return None
-        start = self._num_free - n
-        slots = self._free[start:self._num_free].clone()
-        self._num_free = start
-        return slots
+        blocks = sorted(self._free_blocks[len(self._free_blocks) - blocks_needed:])
+        del self._free_blocks[len(self._free_blocks) - blocks_needed:]
+        uses = np.full(blocks_needed, self.block_tokens, dtype=np.int64)
+        if blocks_needed:
+            uses[-1] = n - (blocks_needed - 1) * self.block_tokens
+        self._block_use[blocks] = uses
+        self._num_used += n
+        first = torch.tensor(blocks, dtype=torch.int64) * self.block_tokens
+        return (first[:, None] + torch.arange(self.block_tokens)).reshape(-1)[:n]
 
     def free(self, slots: torch.Tensor) -> None:
-        n = slots.numel()
-        self._free[self._num_free:self._num_free + n] = slots
-        self._num_free += n
+        """Free any subset of allocated slots; a block whose every slot is freed is free again."""
+        if slots.numel() == 0:
+            return
+        blocks, counts = np.unique(slots.numpy() // self.block_tokens, return_counts=True)
+        self._block_use[blocks] -= counts
+        emptied = blocks[self._block_use[blocks] == 0]
+        self._free_blocks.extend(emptied[::-1].tolist())  # the lowest on top: the next alloc is consecutive
+        self._num_used -= slots.numel()
+
+    # -- copies -------------------------------------------------------------------------------------
+    def _pairs(self, kv_pool):
+        """(per-layer device buffers, host tensor) for K and for V."""
+        layers = range(self.k.shape[1])
+        return (([kv_pool.get_key_buffer(layer) for layer in layers], self.k),
+                ([kv_pool.get_value_buffer(layer) for layer in layers], self.v))
+
+    def _side_stream(self, device: torch.device):
+        """The copy stream, ordered after everything the current (forward) stream has queued: the
+        forward that wrote a thought's KV, or the last reads of slots the allocator hands out again."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(device))
+        return self._copy_stream
 
     def store(self, kv_pool, device_slots: torch.Tensor, host_slots: torch.Tensor) -> Transfer:
         """Copy every layer's K and V of ``device_slots`` [n] into ``host_slots`` [n].
 
         The device slots must stay allocated until the returned transfer is done.
         """
-        num_layers = self.k.shape[0]
+        return self._copy(kv_pool, device_slots, host_slots, to_host=True)
+
+    def load(self, kv_pool, host_slots: torch.Tensor, device_slots: torch.Tensor) -> Transfer:
+        """Copy every layer's K and V of ``host_slots`` [n] into ``device_slots`` [n] (freshly
+        allocated). Nothing may read the device slots until the returned transfer is done."""
+        return self._copy(kv_pool, device_slots, host_slots, to_host=False)
+
+    def _copy(self, kv_pool, device_slots: torch.Tensor, host_slots: torch.Tensor, to_host: bool) -> Transfer:
+        runs = contiguous_runs(host_slots)
         device = kv_pool.get_key_buffer(0).device
-        if device.type != "cuda":
-            for layer in range(num_layers):
-                self.k[layer].index_copy_(0, host_slots, kv_pool.get_key_buffer(layer).index_select(0, device_slots))
-                self.v[layer].index_copy_(0, host_slots, kv_pool.get_value_buffer(layer).index_select(0, device_slots))
-            return Transfer(None, lambda: None)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device=device)
-        stream = self._copy_stream
-        stream.wait_stream(torch.cuda.current_stream(device))
+        if device.type != "cuda":  # straight between the pool and the tier, done at once
+            move = gather_layers if to_host else scatter_layers
+            for layers, host in self._pairs(kv_pool):
+                for first, offset, length in runs:
+                    move(layers, device_slots[offset:offset + length], host[first:first + length])
+            return Transfer()
+        stream = self._side_stream(device)
         device_slots.record_stream(stream)
+        staged = []
         with torch.cuda.stream(stream):
-            keys = torch.stack([kv_pool.get_key_buffer(layer).index_select(0, device_slots) for layer in range(num_layers)])
-            values = torch.stack([kv_pool.get_value_buffer(layer).index_select(0, device_slots) for layer in range(num_layers)])
-            staged_k = torch.empty(keys.shape, dtype=keys.dtype, pin_memory=True)
-            staged_v = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            staged_k.copy_(keys, non_blocking=True)
-            staged_v.copy_(values, non_blocking=True)
+            for layers, host in self._pairs(kv_pool):
+                staging = torch.empty((len(device_slots), *host.shape[1:]), dtype=host.dtype, device=device)
+                if to_host:
+                    gather_layers(layers, device_slots, staging)
+                for first, offset, length in runs:  # one copy per contiguous run of the pinned tier
+                    if to_host:
+                        host[first:first + length].copy_(staging[offset:offset + length], non_blocking=True)
+                    else:
+                        staging[offset:offset + length].copy_(host[first:first + length], non_blocking=True)
+                if not to_host:
+                    scatter_layers(layers, device_slots, staging)
+                staged.append(staging)
             event = torch.cuda.Event()
             event.record(stream)
-
-        def scatter() -> None:  # host side, after the copy has landed in staging
-            self.k.index_copy_(1, host_slots, staged_k)
-            self.v.index_copy_(1, host_slots, staged_v)
-
-        return Transfer(event, scatter)
-
-    def load(self, kv_pool, host_slots: torch.Tensor, device_slots: torch.Tensor) -> None:
-        """Copy every layer's K and V of ``host_slots`` [n] into ``device_slots`` [n], ordered on
-        the current stream before whatever reads them next."""
-        device = kv_pool.get_key_buffer(0).device
-        pinned = device.type == "cuda"
-        keys = self.k.index_select(1, host_slots)
-        values = self.v.index_select(1, host_slots)
-        if pinned:
-            keys, values = keys.pin_memory(), values.pin_memory()
-        keys = keys.to(device, non_blocking=pinned)
-        values = values.to(device, non_blocking=pinned)
-        for layer in range(self.k.shape[0]):
-            kv_pool.get_key_buffer(layer).index_copy_(0, device_slots, keys[layer])
-            kv_pool.get_value_buffer(layer).index_copy_(0, device_slots, values[layer])
+        return Transfer(event, (device_slots, *staged))

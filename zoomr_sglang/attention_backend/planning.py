@@ -14,66 +14,35 @@ adds the refreshes only it can see (a thought closed otherwise, the refresh inte
 at step t reaches the host through a pinned copy made at step t + 1 and takes effect at step t + 2,
 once the scheduler has synchronised on step t's output anyway: no extra sync, the same step in
 every mode.
+
+Most request steps change nothing but one token: the token takes no part in a marker
+(:meth:`ThoughtSegmenter.feed_quiet`), no refresh is due, nothing moves, and the policy's fixed
+ranges stay (:meth:`Policy.working_set_next`). Such a step costs a few attribute reads: no event
+objects, no view, no per-request array (the ranges are packed per request once and moved as a
+block, :mod:`host_plan`), and the batch's rows and states are the last step's while no row changed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.batched_votes import VOTE_KINDS
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES
-from zoomr_sglang.algo.segmentation import ThoughtSegmenter
-from zoomr_sglang.algo.working_set import ranges_size
+from zoomr_sglang.algo.segmentation import ThoughtSegmenter, TokenRole
+from zoomr_sglang.algo.token_markers import TokenMarkers
+from zoomr_sglang.algo.working_set import with_tail
+from zoomr_sglang.attention_backend.host_plan import HostPlan, batch_ranges, request_block, table
 from zoomr_sglang.attention_backend.prompt_reasoning import PromptReasoning, prompt_reasoning
 from zoomr_sglang.attention_backend.request_state import RequestState, hash_seed
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import RequestSettings, ZoomRConfig, request_settings
 
 
-@dataclass
-class HostPlan:
-    """One decode step, planned on the host (all arrays on the CPU).
-
-    Shapes: ``bs`` requests, ``n_ranges`` attended position ranges over the batch, ``n_commits``
-    keys to add to index entries.
-
-    kv_indptr ``[bs + 1]`` int32: request i attends ``kv_indptr[i + 1] - kv_indptr[i]`` KV tokens;
-    ranges ``[n_ranges, 4]`` int64: (pool row, start, length, output offset) per range, in request
-    order; commits ``[n_commits, 3]`` int64: (pool row, position, entry); fresh_entries: entries
-    handed out this step (zeroed on the device before any key is added); new_candidates
-    ``[m, 5]`` int64: (pool row, column, entry, summary start, summary length) appended to the rows'
-    candidate tables; votes ``[bs, 4]`` int64 per request: (pool row, candidates a vote would rank,
-    0 if it cannot vote; its vote kind, an index into ``VOTE_KINDS``; 1 if the host asks it to vote
-    this step whatever token it decodes).
-    """
-
-    rows: List[int]
-    seq_lens: List[int]
-    states: List[RequestState]
-    working_sets: List[np.ndarray]  # per request [n, 2] position ranges (diagnostics read them)
-    kv_indptr: torch.Tensor
-    ranges: np.ndarray
-    commits: np.ndarray
-    fresh_entries: List[int]
-    new_candidates: np.ndarray
-    votes: np.ndarray
-    observers: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
-    self_check: bool = False
-    fidelity_rows: List[int] = field(default_factory=list)  # batch indices measuring zoomr_fidelity
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.rows)
-
-    @property
-    def needs_eager(self) -> bool:
-        """Per-layer Python work (baseline observers, self-checks, fidelity) cannot replay in a graph."""
-        return bool(self.observers) or self.self_check or bool(self.fidelity_rows)
+logger = logging.getLogger(__name__)
 
 
 class StepPlanner:
@@ -95,7 +64,11 @@ class StepPlanner:
         self.index_entries_reused = 0  # index keys taken from the radix tree instead of recomputed
         self.over_bound_steps = 0  # request steps over their bound, all requests
         self.default_settings = request_settings(config, None)
-        self.refresh_tokens = refresh_token_mask(token_texts, config)
+        self.token_markers = TokenMarkers(token_texts, boundaries=config.boundaries, summary_begin=config.summary_begin,
+                                          summary_end=config.summary_end, sentence_ends=config.sentence_ends)
+        self.refresh_tokens = refresh_token_mask(self.token_markers)
+        self.rows_epoch = 0  # changes whenever a row's request or state does (see _batch)
+        self._last_batch: Optional[Tuple] = None  # (rows_epoch, rids, rows, reqs, states) of the last step
         self.decode_steps = 0
 
     def note_request(self, row: int, req) -> None:
@@ -103,6 +76,7 @@ class StepPlanner:
         where the request entered; a bad value here falls back to the server's defaults rather
         than failing the batch)."""
         settings = self._settings_of(req)
+        self.rows_epoch += 1
         self.requests[row] = (int(self.req_to_token_pool.req_generation[row]), req, settings)
         self.rows_by_rid[req.rid] = row
         reasoning = prompt_reasoning(req, self.config, self.token_texts) if POLICIES[settings.policy].thought_level else None
@@ -129,7 +103,7 @@ class StepPlanner:
 
     def tiered(self, state: RequestState) -> bool:
         """Whether the host tier may move this request's KV."""
-        return self._tierable(self.requests[state.row][1], state.settings)
+        return state.tiered
 
     def _tierable(self, req, settings: RequestSettings) -> bool:
         """Only a policy that attends whole thoughts, not while fidelity is measured against the full
@@ -138,91 +112,161 @@ class StepPlanner:
             return False
         return not 0 < len(req.origin_input_ids) + req.sampling_params.max_new_tokens <= settings.budget
 
-    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections,
-             deferred_from: Optional[Dict[int, int]] = None) -> HostPlan:
+    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections) -> HostPlan:
         """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
-        ``selections``: the device votes that reached the host since the last step;
-        ``deferred_from``: per row, the lowest position whose index-key commit still waits."""
+        ``selections``: the device votes that reached the host since the last step.
+
+        A steady request (its new token settles no marker, nothing moves) costs a few attribute
+        reads: its policy returns the same fixed ranges as at the last step plus a longer tail, and
+        their packing (row, offsets within the request) is cached, so the batch's ranges are the
+        cached blocks shifted to the request's offset, then one range per tail."""
         for state, chosen, agreement in selections:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
-        rows = [self._row_of(rid) for rid in rids]
-        states, commits, fresh, new_candidates, votes, committed = [], [], [], [], [], []
-        for row, seq_len in zip(rows, seq_lens):
-            state = self._state_for(row, seq_len, new_candidates)
-            # Keys of positions fed before this step were read by an earlier forward, unless deferred:
-            # a thought's KV may leave the device only after its keys were read.
-            committed.append(min(state.fed_until, (deferred_from or {}).get(row, state.fed_until)))
-            host_vote = False
-            for position in range(state.fed_until, min(seq_len - 1, self._known_length(row))):
-                token = self._token(row, position)
-                events = state.segmenter.feed(token, position)
+        config, tiering = self.config, self.tiering
+        rows, reqs, states = self._batch(rids)
+        commits, fresh, new_candidates, votes, observers, failed = [], [], [], [], [], []
+        blocks, bases, tails, indptr = [], [], [], [0]
+        for batch_index, (row, req, seq_len) in enumerate(zip(rows, reqs, seq_lens)):
+            marks = len(commits), len(new_candidates), len(votes), len(blocks), len(tails), len(observers)
+            try:
+                state = states[batch_index]
+                if state is None:
+                    state = states[batch_index] = self._new_state(row, seq_len, new_candidates)
+                # Keys of positions fed before this step were added to the index by an earlier step (the
+                # device adds every commit in the step that plans it): a thought's KV may leave the
+                # device only after its keys were read.
+                committed = fed = state.fed_until
+                end = min(seq_len - 1, len(req.origin_input_ids) + len(req.output_ids))
+                host_vote = fed < end and self._feed(state, req, end, seq_len, commits, fresh, new_candidates)
+                votes += (row, state.votable, state.vote_kind, host_vote)
+                if state.tiered:
+                    zoomed, window_cap = tiering.prepare(state, seq_len, committed), config.window
+                else:
+                    zoomed, window_cap = state.zoomed, None
+                # A bounded step always makes a view: its set depends on more than the sequence length.
+                steady = (not (state.budget or state.view_stale)
+                          and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
+                parts = state.policy.working_set_next(seq_len) if steady else None
+                if parts is None:
+                    view = state.view(seq_len, config, zoomed, window_cap)
+                    parts = state.policy.working_set_parts(view)
+                    state.view_stale, state.view_zoomed = False, zoomed
+                fixed, tail_from = parts
+                if state.packed_fixed is not fixed:
+                    state.packed_fixed = fixed
+                    state.packed_block, state.packed_size = request_block(row, fixed)
+                tail, base = max(seq_len - tail_from, 0), indptr[-1]
+                blocks.append(state.packed_block)
+                bases.append(base)
+                if tail:
+                    tails += (row, tail_from, tail, base + state.packed_size)
+                indptr.append(base + state.packed_size + tail)
+                offloaded = tiering.offloaded.get(row, 0) if state.tiered else 0
+                self.over_bound_steps += state.record_step(state.packed_size + tail, seq_len, config, offloaded)
+                if state.budget:  # only a bounded step observes (see Policy.observe_positions)
+                    watched = state.policy.observe_positions(view, with_tail(fixed, tail_from, seq_len))
+                    if watched is not None:
+                        observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
+            except Exception as error:  # one request's failure fails that request, never the batch
+                del commits[marks[0]:], new_candidates[marks[1]:], votes[marks[2]:], blocks[marks[3]:]
+                del bases[marks[3]:], tails[marks[4]:], observers[marks[5]:], indptr[marks[3] + 1:]
+                self._fail(req, row, seq_len, error, votes, blocks, bases, indptr)
+                failed.append((req, f"zoomr could not plan request {req.rid!r}: {type(error).__name__}: {error}"))
+        # A failed request's state was dropped: the next step looks the batch up again.
+        self._last_batch = None if failed else (self.rows_epoch, list(rids), rows, reqs, states)
+        self.decode_steps += 1
+        interval = config.self_check_interval
+        return HostPlan(
+            rows=rows, seq_lens=list(seq_lens), states=states,
+            kv_indptr=torch.from_numpy(np.array(indptr, dtype=np.int32)), ranges=batch_ranges(blocks, bases, tails), commits=table(commits, 3), fresh_entries=fresh,
+            new_candidates=table(new_candidates, 5), votes=table(votes, 4), observers=observers,
+            self_check=interval > 0 and self.decode_steps % interval == 0,
+            fidelity_rows=[i for i, state in enumerate(states) if state is not None and state.fidelity],
+            failed=failed,
+        )
+
+    def _fail(self, req, row: int, seq_len: int, error: Exception, votes: List[int], blocks: list, bases: List[int],
+              indptr: List[int]) -> None:
+        """This step of a request whose planning raised: it attends every position (its last step:
+        SGLang finishes it with the error, see ``HostPlan.failed``), votes for nothing, and its
+        state is dropped (the next step it may still take, under the overlap scheduler, starts anew)."""
+        logger.error("zoomr: planning request %r failed; it is aborted", req.rid, exc_info=error)
+        votes += (row, 0, 0, 0)
+        block, size = request_block(row, np.array([[0, seq_len]], dtype=np.int64))
+        blocks.append(block)
+        bases.append(indptr[-1])
+        indptr.append(indptr[-1] + size)
+        self.release_state(row)
+
+    def _batch(self, rids: Sequence[str]) -> Tuple[List[int], list, List[Optional[RequestState]]]:
+        """The batch's rows, their ``Req`` and their states (None: to be made); the last step's
+        while the batch and every row's request are the same (``rows_epoch`` counts row changes)."""
+        last = self._last_batch
+        if last is not None and last[0] == self.rows_epoch and last[1] == rids:
+            return last[2], last[3], last[4]
+        rows, reqs, states = [], [], []
+        for rid in rids:
+            row = self.rows_by_rid.get(rid)
+            if row is None:
+                raise RuntimeError(f"zoomr: decode batch holds request {rid!r}, whose pool row was never noted "
+                                   "(the ReqToTokenPool.alloc hook did not run for it)")
+            generation, req, _ = self.requests[row]
+            state = self.states.get(row)
+            rows.append(row)
+            reqs.append(req)
+            states.append(state if state is not None and state.generation == generation else None)
+        return rows, reqs, states
+
+    def _feed(self, state: RequestState, req, end: int, seq_len: int, commits: List[int], fresh: List[int],
+              new_candidates: List[int]) -> bool:
+        """Feed the segmenter the request's tokens up to position ``end``; their index commits and
+        closed thoughts (flat into ``commits`` and ``new_candidates``) and refreshes. Returns
+        whether the host asks the request to vote."""
+        row, prompt, output, segmenter = state.row, req.origin_input_ids, req.output_ids, state.segmenter
+        token_flags = self.token_markers.flags
+        host_vote = False
+        for position in range(state.fed_until, end):
+            token = prompt[position] if position < len(prompt) else output[position - len(prompt)]
+            flags = token_flags[token] if 0 <= token < len(token_flags) else 0  # past the tokenizer: no marker
+            thought = segmenter.feed_quiet(token, position)
+            if thought >= 0:  # one body token: its key goes to the thought's body key
+                last_thought, entry = state.body_entry
+                if thought != last_thought:
+                    entry = state.entry(thought, TokenRole.BODY, self.index_keys, fresh)
+                    if entry is not None:
+                        state.body_entry = (thought, entry)
+                if entry is not None:
+                    commits += (row, position, entry)
+                text_refresh = bool(flags & TokenMarkers.SENTENCE_END)
+            else:
+                state.view_stale = True
+                events = segmenter.feed(token, position)
                 for thought, role, positions in events.commits:
                     entry = state.entry(thought, role, self.index_keys, fresh)
                     if entry is not None:
-                        commits += [(row, p, entry) for p in positions]
-                added = state.close_thoughts(events.finalized, self.index_keys, self.max_candidates)
-                new_candidates += [(row, *candidate) for candidate in added]
-                host_vote |= state.refresh(events, bool(self.refresh_tokens[token]), self.config, seq_len)
-                state.fed_until = position + 1
-            states.append(state)
-            votes.append((row, state.votable_candidates(self.config), VOTE_KINDS.index(state.settings.vote),
-                          int(host_vote)))
-        working_sets, observers = [], []
-        for batch_index, (state, seq_len) in enumerate(zip(states, seq_lens)):
-            tiered = self.tiered(state)
-            zoomed = self.tiering.prepare(state, seq_len, committed[batch_index]) if tiered else None
-            view = state.view(seq_len, self.config, zoomed, self.config.window if tiered else None)
-            ranges = state.policy.working_set(view)
-            offloaded = self.tiering.offloaded_tokens(state.row) if tiered else 0
-            state.record_step(ranges_size(ranges), seq_len, self.config, offloaded)
-            self.over_bound_steps += state.stats.attended_last > state.stats.bound_last
-            working_sets.append(ranges)
-            watched = state.policy.observe_positions(view, ranges)
-            if watched is not None:
-                observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
-        self.decode_steps += 1
-        interval = self.config.self_check_interval
-        return HostPlan(
-            rows=rows, seq_lens=list(seq_lens), states=states, working_sets=working_sets,
-            kv_indptr=_kv_indptr(working_sets), ranges=_pack_ranges(rows, working_sets),
-            commits=np.asarray(commits, dtype=np.int64).reshape(-1, 3), fresh_entries=fresh,
-            new_candidates=np.asarray(new_candidates, dtype=np.int64).reshape(-1, 5),
-            votes=np.asarray(votes, dtype=np.int64).reshape(-1, 4), observers=observers,
-            self_check=interval > 0 and self.decode_steps % interval == 0,
-            fidelity_rows=[i for i, state in enumerate(states) if state.settings.fidelity],
-        )
+                        for p in positions:
+                            commits += (row, p, entry)
+                for candidate in state.close_thoughts(events.finalized, self.index_keys, self.max_candidates):
+                    new_candidates += (row, *candidate)
+                text_refresh = events.sentence_end or bool(events.finalized)
+            host_vote |= state.refresh(bool(flags & TokenMarkers.REFRESH), text_refresh, self.config, seq_len)
+            state.fed_until = position + 1
+        return host_vote
 
     @staticmethod
     def empty_plan() -> HostPlan:
         """A step with no request (a CUDA-graph capture batch is all padding)."""
-        return HostPlan(rows=[], seq_lens=[], states=[], working_sets=[], kv_indptr=_kv_indptr([]),
-                        ranges=_pack_ranges([], []), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
+        return HostPlan(rows=[], seq_lens=[], states=[], kv_indptr=torch.zeros(1, dtype=torch.int32),
+                        ranges=batch_ranges([], [], []), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
                         new_candidates=np.zeros((0, 5), dtype=np.int64), votes=np.zeros((0, 4), dtype=np.int64))
 
     # -- requests -----------------------------------------------------------------------------
-    def _row_of(self, rid: str) -> int:
-        row = self.rows_by_rid.get(rid)
-        if row is None:
-            raise RuntimeError(f"zoomr: decode batch holds request {rid!r}, whose pool row was never noted "
-                               "(the ReqToTokenPool.alloc hook did not run for it)")
-        return row
-
-    def _known_length(self, row: int) -> int:
-        req = self.requests[row][1]
-        return len(req.origin_input_ids) + len(req.output_ids)
-
-    def _token(self, row: int, position: int) -> int:
-        req = self.requests[row][1]
-        prompt = req.origin_input_ids
-        return prompt[position] if position < len(prompt) else req.output_ids[position - len(prompt)]
-
-    def _state_for(self, row: int, seq_len: int, new_candidates: list) -> RequestState:
+    def _new_state(self, row: int, seq_len: int, new_candidates: List[int]) -> RequestState:
+        """The state of the request now in ``row`` (replacing a former request's); its inherited
+        candidates go flat into ``new_candidates``."""
         generation, req, settings = self.requests[row]
-        state = self.states.get(row)
-        if state is not None and state.generation == generation:
-            return state
-        if state is not None:
+        if row in self.states:
             self.release_state(row)
         # The token decoded in a request's first decode step is its first generated token; a prompt
         # that holds reasoning is segmented from where it starts (or where the inherited part ends).
@@ -233,14 +277,17 @@ class StepPlanner:
             self.token_texts, boundaries=config.boundaries, summary_begin=config.summary_begin,
             summary_end=config.summary_end, sentence_ends=config.sentence_ends,
             max_thought_tokens=config.max_thought_tokens, first_position=reasoning.segment_from,
+            token_markers=self.token_markers,
         )
         state = RequestState(row=row, generation=generation, rid=req.rid, prompt_len=reasoning.reasoning_start,
                              segmenter=segmenter, settings=settings, num_thoughts=config.num_thoughts,
-                             seed=hash_seed(req.rid, row, generation), own_from=reasoning.own_from)
+                             seed=hash_seed(req.rid, row, generation), own_from=reasoning.own_from,
+                             tiered=self._tierable(req, settings))
         inheritance = reasoning.inheritance
         if inheritance is not None:
             added = state.inherit(inheritance, self.index_keys, self.max_candidates)
-            new_candidates += [(row, *candidate) for candidate in added]
+            for candidate in added:
+                new_candidates += (row, *candidate)
             self.index_entries_reused += len(added)
         self.states[row] = state
         return state
@@ -248,37 +295,21 @@ class StepPlanner:
     def release_state(self, row: int) -> Optional[RequestState]:
         """Forget the request in ``row``; returns its state (None if it never decoded)."""
         state = self.states.pop(row, None)
+        self.rows_epoch += 1
         if state is not None:
             state.release(self.index_keys)
         return state
 
     def forget_request(self, row: int) -> None:
+        self.rows_epoch += 1
         self.prompt_reasoning.pop(row, None)
         noted = self.requests.pop(row, None)
         if noted is not None and self.rows_by_rid.get(noted[1].rid) == row:
             del self.rows_by_rid[noted[1].rid]
 
 
-def refresh_token_mask(token_texts: Sequence[str], config: ZoomRConfig) -> np.ndarray:
-    """``[vocab]`` bool: tokens a request refreshes its selection at the moment it decodes them (text
-    holding a sentence end, a thought boundary or the summary end marker)."""
-    markers = (*config.sentence_ends, *config.boundaries, config.summary_end)
-    return np.fromiter((any(m in text for m in markers) for text in token_texts), dtype=bool, count=len(token_texts))
-
-
-def _kv_indptr(working_sets: Sequence[np.ndarray]) -> torch.Tensor:
-    sizes = np.fromiter((int((w[:, 1] - w[:, 0]).sum()) for w in working_sets), dtype=np.int64,
-                        count=len(working_sets))
-    return torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-
-
-def _pack_ranges(rows: Sequence[int], working_sets: Sequence[np.ndarray]) -> np.ndarray:
-    """``[n_ranges, 4]`` (row, start, length, output offset): each request's ranges laid out after
-    the previous request's."""
-    if not working_sets:
-        return np.zeros((0, 4), dtype=np.int64)
-    spans = np.concatenate(working_sets)
-    lengths = spans[:, 1] - spans[:, 0]
-    range_rows = np.repeat(np.asarray(rows, dtype=np.int64), [len(w) for w in working_sets])
-    offsets = np.cumsum(lengths) - lengths
-    return np.stack([range_rows, spans[:, 0], lengths, offsets], axis=1)
+def refresh_token_mask(token_markers: TokenMarkers) -> np.ndarray:
+    """``[vocab + 1]`` bool: tokens a request refreshes its selection at the moment it decodes them
+    (:attr:`TokenMarkers.REFRESH`). The last entry, False, stands for every id past the tokenizer
+    (models pad their embedding beyond it): look ids up clamped to it."""
+    return np.array([bool(f & TokenMarkers.REFRESH) for f in token_markers.flags] + [False], dtype=bool)

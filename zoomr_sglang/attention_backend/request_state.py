@@ -6,89 +6,20 @@ device holds the index-key sums and the vote (``selection.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from zoomr_sglang.algo.batched_votes import VOTE_KINDS
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
-from zoomr_sglang.algo.segmentation import SegmentEvents, Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
+from zoomr_sglang.algo.segmentation import Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
+from zoomr_sglang.attention_backend.request_stats import RequestStats
 from zoomr_sglang.config import RequestSettings, ZoomRConfig
 
 
 Candidate = Tuple[int, int, int, int]  # (column, index entry, summary start, summary length)
-
-
-@dataclass
-class RequestStats:
-    """Counters of one request, readable through SGLang's server info (``internal_states``)."""
-
-    rid: Optional[str]
-    prompt_len: int
-    policy: str = "zoomr"
-    budget: int = 0
-    steps: int = 0
-    attended_last: int = 0
-    attended_max: int = 0
-    attended_total: int = 0
-    dense_last: int = 0
-    dense_total: int = 0
-    bound_last: int = 0
-    over_bound_steps: int = 0  # steps over the bound: ZoomR's (must stay 0) or the budget's
-    refreshes: int = 0
-    votes_held: int = 0
-    selection_changes: int = 0
-    thoughts_closed: int = 0
-    summaries: int = 0
-    agreement_sum: float = 0.0  # count votes only: share of votes that landed in the chosen thoughts
-    agreement_votes: int = 0
-    inherited_thoughts: int = 0  # closed thoughts taken over from the radix tree (zoomr tree)
-    inherited_keys: int = 0  # of those, with an index key (entries reused, not recomputed)
-    resident_last: int = 0  # device-resident KV tokens of the request at its last step
-    resident_max: int = 0
-    offloaded_last: int = 0  # its tokens whose device slots were given back (in the host tier only)
-    self_checks: int = 0  # (step, layer) outputs compared with the dense masked reference
-    self_check_max_error: float = 0.0
-    zoomed: List[int] = field(default_factory=list)
-    zoom_history: List[List[int]] = field(default_factory=list)  # each distinct selection, in order
-    zoom_steps: List[int] = field(default_factory=list)  # the decode step each of them took effect at
-    # zoomr_fidelity: per layer, sums over steps of the share of dense attention probability mass
-    # inside the working set and of the relative error of the output against dense attention.
-    fidelity_steps: int = 0
-    fidelity_mass_sum: List[float] = field(default_factory=list)
-    fidelity_error_sum: List[float] = field(default_factory=list)
-    fidelity_step_mass: List[float] = field(default_factory=list)  # per decode step, summed over layers
-    # Per decode step, the least mass any (layer, query head) kept: low when one head's target is gone.
-    fidelity_step_min_head: List[float] = field(default_factory=list)
-
-    def add_fidelity(self, layer_id: int, mass: float, rel_error: float, min_head_mass: float) -> None:
-        while len(self.fidelity_mass_sum) <= layer_id:
-            self.fidelity_mass_sum.append(0.0)
-            self.fidelity_error_sum.append(0.0)
-        self.fidelity_mass_sum[layer_id] += mass
-        self.fidelity_error_sum[layer_id] += rel_error
-        self.fidelity_steps += layer_id == 0
-        if layer_id == 0:
-            self.fidelity_step_mass.append(0.0)
-            self.fidelity_step_min_head.append(1.0)
-        self.fidelity_step_mass[-1] += mass
-        self.fidelity_step_min_head[-1] = min(self.fidelity_step_min_head[-1], min_head_mass)
-
-    def as_dict(self) -> dict:
-        out = dict(self.__dict__)
-        out["agreement_mean"] = self.agreement_sum / self.agreement_votes if self.agreement_votes else None
-        out["resident_fraction"] = self.attended_total / self.dense_total if self.dense_total else None
-        if self.fidelity_steps:
-            out["fidelity"] = {
-                "steps": self.fidelity_steps,
-                "mass": [m / self.fidelity_steps for m in self.fidelity_mass_sum],
-                "rel_error": [e / self.fidelity_steps for e in self.fidelity_error_sum],
-                "step_mass": [m / len(self.fidelity_mass_sum) for m in self.fidelity_step_mass],  # mean over layers
-                "step_min_head_mass": list(self.fidelity_step_min_head),
-            }
-        return out
 
 
 class RequestState:
@@ -103,21 +34,40 @@ class RequestState:
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
                  segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int,
-                 own_from: Optional[int] = None) -> None:
+                 own_from: Optional[int] = None, tiered: bool = False) -> None:
         self.row = row
         self.generation = generation
         self.settings = settings
+        self.budget = settings.budget
+        self.fidelity = settings.fidelity
+        self.tiered = tiered  # the host tier may move this request's KV
+        self.vote_kind = VOTE_KINDS.index(settings.vote)
         self.policy: Policy = POLICIES[settings.policy](num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
+        self.votes = self.policy.votes
+        self.num_thoughts = num_thoughts
         self.prompt_len = prompt_len
         self.own_from = prompt_len if own_from is None else own_from
         self.segmenter = segmenter
         self.fed_until = segmenter.open_from()
         self.entries: Dict[Tuple[int, TokenRole], int] = {}
         self.candidates: List[int] = []  # closed thoughts with an index key, in closing order
+        self.votable = 0  # candidates a vote would rank now (0: this request does not vote)
         self.zoomed: List[int] = []
         self.pending_eviction: List[int] = []  # closed thoughts the host tier has not taken yet
         self.tokens_since_refresh = 0
         self.summary_tokens = 0
+        self._bound = (-1, 0)  # (summary tokens, ZoomR's working-set bound with them)
+        self._view: Optional[StepView] = None
+        # What the planner keeps from step to step (planning.py): whether the policy's inputs changed
+        # otherwise than by the sequence length since its last view (a segmenter event other than a
+        # quiet body token), the selection it saw, the packing of its last fixed ranges ([n, 2],
+        # as [n, 4] ranges and their size) and the body key of the last quiet token (thought, entry).
+        self.view_stale = True
+        self.view_zoomed: Optional[List[int]] = None
+        self.packed_fixed: Optional[np.ndarray] = None
+        self.packed_block: Optional[np.ndarray] = None
+        self.packed_size = 0
+        self.body_entry: Tuple[int, int] = (-1, -1)
         self.stats = RequestStats(rid=rid, prompt_len=prompt_len, policy=settings.policy, budget=settings.budget)
 
     # -- index entries ------------------------------------------------------------------------
@@ -153,6 +103,7 @@ class RequestState:
                 continue
             added.append((len(self.candidates), self.entries[(index, role)], *summary_span(thought)))
             self.candidates.append(index)
+        self._count_votable()
         return added
 
     def inherit(self, inheritance, store: IndexKeyStore, max_candidates: int) -> List[Candidate]:
@@ -178,6 +129,7 @@ class RequestState:
         if entries:
             store.load(torch.tensor(entries, dtype=torch.int64, device=store.device), torch.stack(sums, dim=1),
                        torch.stack(counts, dim=1))
+        self._count_votable()
         self.stats.inherited_thoughts = len(inheritance.records)
         self.stats.inherited_keys = len(entries)
         return added
@@ -193,16 +145,17 @@ class RequestState:
         self.entries.clear()
 
     # -- selection ----------------------------------------------------------------------------
-    def refresh(self, events: SegmentEvents, refresh_token: bool, config: ZoomRConfig, seq_len: int) -> bool:
+    def refresh(self, refresh_token: bool, text_refresh: bool, config: ZoomRConfig, seq_len: int) -> bool:
         """After the segmenter took one token: at a refresh point, let the policy choose thoughts.
 
         ``refresh_token``: the token is one the device itself votes at when it decodes it (a
-        sentence end, a boundary or the summary end), one step before the host sees it. Returns True
+        sentence end, a boundary or the summary end), one step before the host sees it;
+        ``text_refresh``: with it the segmenter saw a sentence end or closed a thought. Returns True
         when the device must vote for this request at the coming step because of a refresh it did
         not see (a thought closed otherwise, or the refresh interval ran out).
         """
         self.tokens_since_refresh += 1
-        due = refresh_token or events.sentence_end or events.finalized or self.tokens_since_refresh >= config.refresh_interval
+        due = refresh_token or text_refresh or self.tokens_since_refresh >= config.refresh_interval
         if not due or not self.policy.thought_level:
             return False
         self.tokens_since_refresh = 0
@@ -217,9 +170,8 @@ class RequestState:
             return False
         return not refresh_token
 
-    def votable_candidates(self, config: ZoomRConfig) -> int:
-        """Candidates a vote this step would rank (0: this request does not vote)."""
-        return len(self.candidates) if self.policy.votes and len(self.candidates) > config.num_thoughts else 0
+    def _count_votable(self) -> None:
+        self.votable = len(self.candidates) if self.votes and len(self.candidates) > self.num_thoughts else 0
 
     def apply_vote(self, chosen_columns: np.ndarray, agreement: float) -> None:
         """The device's choice for a vote this request cast (candidate columns, -1 for none)."""
@@ -240,30 +192,44 @@ class RequestState:
     # -- working set --------------------------------------------------------------------------
     def view(self, seq_len: int, config: ZoomRConfig, zoomed: Optional[List[int]] = None,
              window_cap: Optional[int] = None) -> StepView:
-        return StepView(
-            seq_len=seq_len, prompt_len=self.prompt_len, sink=config.sink, window=config.window,
-            budget=self.settings.budget, thoughts=self.segmenter.thoughts, candidates=self.candidates,
-            zoomed=self.zoomed if zoomed is None else zoomed, open_from=self.segmenter.open_from(),
-            window_cap=window_cap, thought_sink=config.thought_sink, zoom_pages=config.implicit_zoom == "pages",
-        )
+        """The policy's view of this step: one object per request, updated in place (a policy reads
+        it during the call only); what does not change from step to step is set once."""
+        view = self._view
+        if view is None:
+            view = self._view = StepView(
+                seq_len=seq_len, prompt_len=self.prompt_len, sink=config.sink, window=config.window,
+                budget=self.budget, thoughts=self.segmenter.thoughts, candidates=self.candidates,
+                zoomed=self.zoomed, open_from=0, thought_sink=config.thought_sink,
+                zoom_pages=config.implicit_zoom == "pages",
+            )
+        view.seq_len, view.window_cap, view.open_from = seq_len, window_cap, self.segmenter.open_from()
+        view.zoomed = self.zoomed if zoomed is None else zoomed
+        return view
 
-    def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> None:
+    def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> bool:
+        """Count one decode step; returns whether it attended more than its bound."""
         stats = self.stats
-        stats.resident_last = seq_len - offloaded
-        stats.resident_max = max(stats.resident_max, stats.resident_last)
-        stats.offloaded_last = offloaded
-        if self.settings.budget:
-            bound = self.settings.budget
-        elif self.policy.votes:
-            bound = config.working_set_bound(self.prompt_len, self.summary_tokens)
+        resident = seq_len - offloaded
+        stats.resident_last, stats.offloaded_last = resident, offloaded
+        if resident > stats.resident_max:
+            stats.resident_max = resident
+        if self.budget:
+            bound = self.budget
+        elif self.votes:
+            if self._bound[0] != self.summary_tokens:
+                self._bound = (self.summary_tokens, config.working_set_bound(self.prompt_len, self.summary_tokens))
+            bound = self._bound[1]
         else:
             bound = seq_len
         stats.steps += 1
         stats.attended_last, stats.dense_last, stats.bound_last = attended, seq_len, bound
-        stats.attended_max = max(stats.attended_max, attended)
+        if attended > stats.attended_max:
+            stats.attended_max = attended
         stats.attended_total += attended
         stats.dense_total += seq_len
-        stats.over_bound_steps += attended > bound  # with a budget: the skeleton alone exceeded it
+        over = attended > bound  # with a budget: the skeleton alone exceeded it
+        stats.over_bound_steps += over
+        return over
 
 
 def hash_seed(rid: Optional[str], row: int, generation: int) -> int:

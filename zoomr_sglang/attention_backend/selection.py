@@ -16,14 +16,14 @@ unused slots the kernels skip, so the same calls can be captured once and replay
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from zoomr_sglang.algo.batched_votes import VOTE_KINDS, SummaryKeys, select_top
 from zoomr_sglang.algo.index_keys import IndexKeyStore
-from zoomr_sglang.attention_backend.planning import HostPlan
+from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.config import ZoomRConfig
 from zoomr_sglang.kernels.kv_indices import ranges_to_kv_indices, triton_available, triton_interpreted
@@ -70,8 +70,7 @@ class DeviceSelection:
         self.scratch = vote_scratch(max_voters, num_heads, max_candidates, self.device)
         self.chosen = torch.full((max_voters, config.num_thoughts), -1, dtype=torch.int64, **dev)
         self.agreement = torch.ones(max_voters, dtype=torch.float32, **dev)
-        self.deferred_commits = np.zeros((0, 3), dtype=np.int64)  # over a step's commit slots
-        self.commits_deferred = 0
+        self.commits_bulk = 0  # commits past a step's slots, added before its forward (see load)
         self._last_states: Optional[List[RequestState]] = None  # the last loaded step's requests
         self._readback: Optional[Tuple[Optional[torch.cuda.Event], List[torch.Tensor], List[RequestState]]] = None
         # The torch path's sizes of this step's work: commits, voters, widest candidate list.
@@ -92,13 +91,6 @@ class DeviceSelection:
         chosen, agreement = chosen.numpy(), agreement.numpy()
         return [(states[batch_index[v]], chosen[v], float(agreement[v])) for v in np.flatnonzero(candidates > 0)]
 
-    def deferred_from(self) -> Dict[int, int]:
-        """Per pool row, the lowest position whose key commit waits for a later step."""
-        out: Dict[int, int] = {}
-        for row, position in self.deferred_commits[:, :2].tolist():
-            out[row] = min(out.get(row, position), position)
-        return out
-
     def load(self, plan: HostPlan, input_ids: torch.Tensor, padded_bs: int,
              kv_indices_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Upload ``plan`` and build the step's sparse KV list for ``padded_bs`` requests (CUDA-graph
@@ -108,12 +100,11 @@ class DeviceSelection:
         self._queue_readback()
         # A graph captured for ``padded_bs`` requests launches the per-layer kernels over this many slots.
         self.slots = (min(self.max_commits, COMMITS_PER_REQUEST * padded_bs), min(self.max_voters, padded_bs))
-        commits = np.concatenate([self.deferred_commits, plan.commits])
-        self.deferred_commits = commits[self.slots[0]:]
-        self.commits_deferred += len(self.deferred_commits)
-        commits = commits[: self.slots[0]]
+        commits = plan.commits
         padding = padded_bs - plan.batch_size
-        ranges = np.concatenate([plan.ranges, _padding_ranges(padding, int(plan.kv_indptr[-1]))])
+        ranges = plan.ranges
+        if padding:
+            ranges = np.concatenate([ranges, _padding_ranges(padding, int(plan.kv_indptr[-1]))])
         # Ranges go column by column: the KV-index kernel reads each field as a contiguous array.
         parts = [ranges.T.reshape(-1), commits.reshape(-1), plan.new_candidates.reshape(-1),
                  np.asarray(plan.fresh_entries, dtype=np.int64), plan.votes.reshape(-1)]
@@ -128,6 +119,12 @@ class DeviceSelection:
             self.row_summaries[candidates_d[:, 0], candidates_d[:, 1]] = candidates_d[:, 3:].to(torch.int32)
             widest = min(self.config.vote_summary_tokens, int(plan.new_candidates[:, 4].max()))
             self.summary_width = max(self.summary_width, widest)
+        # Every committed position was written by an earlier forward, so a step's commits past its
+        # slots (a prompt's pasted reasoning, a retracted request's output) are added now, per layer
+        # and outside any graph, rather than queued behind the rows that come next.
+        bulk, commits_d = commits_d[self.slots[0]:], commits_d[: self.slots[0]]
+        if len(bulk):
+            self._commit_now(bulk)
         n_commits = len(commits_d)
         if n_commits:
             self.commit_slots[:n_commits] = self.req_to_token[commits_d[:, 0], commits_d[:, 1]].long()
@@ -144,7 +141,7 @@ class DeviceSelection:
         if not self.fixed_shapes:  # the torch path sizes its work on the host (CPU: reading is free)
             self.active_commits, self.active_voters = n_commits, int(voting.sum())
             self.active_width = int(plan.votes[:, 1].max()) if may_vote.any() else 0
-            self.active_kinds = tuple(bool((voting & (votes_d[:, 2] == kind)).any()) for kind in range(len(VOTE_KINDS)))
+            self.active_kinds = tuple(torch.bincount(votes_d[:, 2][voting], minlength=len(VOTE_KINDS)).gt(0).tolist())
             if not self.active_voters:
                 self._last_states = None
             self.votes[: self.active_voters, : self.active_width].zero_()
@@ -158,10 +155,21 @@ class DeviceSelection:
         kv_indices = ranges_to_kv_indices(self.req_to_token, *ranges_d, int(kv_indptr[-1]), out=kv_indices_out)
         return kv_indptr, kv_indices
 
+    def _commit_now(self, commits: torch.Tensor) -> None:
+        """Add the keys of ``commits`` ``[n, 3]`` (row, position, entry; on the device) in every layer."""
+        slots = self.req_to_token[commits[:, 0], commits[:, 1]].long()
+        count = torch.full((1,), len(commits), dtype=torch.int64, device=self.device)
+        for layer in range(self.last_layer + 1):
+            commit_keys(self.index_keys.sums[layer], self.index_keys.counts[layer], self.kv_pool.get_key_buffer(layer),
+                        slots, commits[:, 2], count)
+        self.commits_bulk += len(commits)
+
     def _choose_voters(self, votes: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Pack the requests that vote now into voter slots, in batch order (device only; past
         ``max_voters`` a step's voters are dropped). Returns the ``[bs]`` bool mask of voters."""
-        voting = (self.refresh_mask[input_ids] | (votes[:, 3] > 0)) & (votes[:, 1] > 0)
+        # Ids past the tokenizer read the mask's last entry (False): see ``refresh_token_mask``.
+        refresh = self.refresh_mask[input_ids.clamp(0, self.refresh_mask.shape[0] - 1)]
+        voting = (refresh | (votes[:, 3] > 0)) & (votes[:, 1] > 0)
         slot = torch.cumsum(voting.long(), 0) - 1
         target = torch.where(voting & (slot < self.max_voters), slot, self.max_voters)
         table = torch.zeros(4, self.max_voters + 1, dtype=torch.int64, device=self.device)

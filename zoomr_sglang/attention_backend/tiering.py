@@ -8,6 +8,10 @@ thought that leaves the selection again is dropped from the device without a sec
 ``ZOOMR_ZOOM_CACHE`` such recently zoomed thoughts stay on the device beyond the selection, which
 avoids copy ping-pong.
 
+Copies are asynchronous on CUDA (``host_tier.py``) and ``prepare`` never waits for one: a copy out
+frees its device slots, and a copy in enters the row (and the working set), at the first step that
+finds it done. On CPU both are done at once, so a thought moves within the step.
+
 Holes are never attended (a thought is evicted only when it is closed, not selected and out of the
 recent window). SGLang's release path must skip them: the plug-in's radix-cache hooks cap the tree
 insert at the first hole and subtract holes from the ranges freed (see docs/host-tier.md).
@@ -15,52 +19,28 @@ insert at the first hole and subtract holes from the ranges freed (see docs/host
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from zoomr_sglang.attention_backend.host_tier import HostKVTier, Transfer
+from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.attention_backend.request_state import RequestState
+from zoomr_sglang.attention_backend.tier_records import ColdThought, CopyIn, InFlight, TieringCounters
 from zoomr_sglang.config import ZoomRConfig
 
 
-@dataclass
-class ColdThought:
-    start: int  # hole positions [start, end) of the row, page-aligned
-    end: int
-    host_slots: torch.Tensor  # [end - start] int64 host-tier slots
-    on_device: bool = False  # zoomed in: the row points at live device slots again
-    last_used: int = 0  # step of the last use while on the device (zoom cache order)
-    owns_host: int = -1  # host slots [0, owns_host) are the row's to free (-1: all; the radix tree owns the rest)
-
-
-@dataclass
-class InFlight:
-    """A thought whose copy to the host tier may still be running; its slots stay allocated."""
-
-    index: int
-    start: int
-    end: int
-    host_slots: torch.Tensor
-    transfer: Transfer
-
-
-@dataclass
-class TieringCounters:
-    evicted_tokens: int = 0  # device slots given back to SGLang's allocator
-    zoomed_in_tokens: int = 0  # tokens copied back from the host tier
-    dropped_tokens: int = 0  # zoomed-in tokens dropped again without a copy (host copy kept)
-    host_full: int = 0  # thoughts that stayed resident because the host tier was full
-    zoom_in_failures: int = 0  # zoom-ins the device pool could not serve (thought skipped that step)
-    copy_failures: int = 0  # copies out or in that raised: that thought stays (or stays off) the device
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+NEVER = 1 << 62  # a sequence length no request reaches
 
 
 class ThoughtTiering:
-    """Owns the holes of every row and the host tier they live in."""
+    """Owns the holes of every row and the host tier they live in.
+
+    Per row: ``cold`` (thought index -> :class:`ColdThought`), ``in_flight`` (copies out not yet
+    known finished), ``copying_in`` (indices of cold thoughts with a zoom-in under way),
+    ``resident`` (indices of cold thoughts on the device) and ``offloaded`` (tokens in the host
+    only). A row has a key in ``in_flight``, ``copying_in`` and ``resident`` only while the
+    collection is not empty, so a step with nothing to move costs a few dict lookups.
+    """
 
     def __init__(self, *, config: ZoomRConfig, host_tier: HostKVTier, allocator, req_to_token_pool,
                  kv_pool, page_size: int) -> None:
@@ -70,8 +50,19 @@ class ThoughtTiering:
         self.req_to_token = req_to_token_pool.req_to_token
         self.kv_pool = kv_pool
         self.page_size = page_size
-        self.cold: Dict[int, Dict[int, ColdThought]] = {}  # row -> thought index -> cold thought
-        self.in_flight: Dict[int, List[InFlight]] = {}  # row -> copies out not yet known finished
+        self.cold: Dict[int, Dict[int, ColdThought]] = {}
+        self.in_flight: Dict[int, List[InFlight]] = {}
+        self.copying_in: Dict[int, Set[int]] = {}
+        self.resident: Dict[int, Set[int]] = {}
+        self.offloaded: Dict[int, int] = {}
+        # Per row with closed thoughts waiting for the window to pass them: the sequence length
+        # before which none can leave, how many were waiting and the selection then (a new waiting
+        # thought or a new selection checks again).
+        self.evict_after: Dict[int, Tuple[int, int, List[int]]] = {}
+        # Per row whose selection is wholly on the device: that selection (the list object the vote
+        # set), the thoughts prepare returned and how many are cold. Any change to the row's cold
+        # thoughts drops it.
+        self.settled: Dict[int, Tuple[List[int], List[int], int]] = {}
         self.counters = TieringCounters()
         self.freed_since_admission = 0  # read and reset by the admission hook
         self.adopted_rows: set = set()  # rows holding holes inherited from the radix tree
@@ -79,63 +70,108 @@ class ThoughtTiering:
 
     # -- per step ------------------------------------------------------------------------------
     def prepare(self, state: RequestState, seq_len: int, committed_until: int) -> List[int]:
-        """Bring the selected thoughts onto the device and move cold ones off (only thoughts whose
-        body ends by ``committed_until``: their index keys were read from the device).
+        """Start zoom-ins of the selected cold thoughts, finish the copies that are done and move
+        cold thoughts off (only those whose body ends by ``committed_until``: their index keys were
+        read from the device). Never waits for a copy.
 
-        Returns the selected thoughts that are on the device (a failed zoom-in is skipped).
+        Returns the selected thoughts that are on the device (one whose zoom-in is still running,
+        or failed, is left out for this step).
         """
         self.step += 1
-        cold = self.cold.setdefault(state.row, {})
-        self._finish_copies(state, cold)
-        available = []
-        for index in state.zoomed:
-            thought = cold.get(index)
-            if thought is not None and not thought.on_device and not self._zoom_in(state.row, thought):
-                continue
-            if thought is not None:
-                thought.last_used = self.step
-            available.append(index)
-        self._evict_closed(state, seq_len, committed_until, cold)
-        self._trim_zoom_cache(state, cold)
+        row = state.row
+        if row in self.in_flight or row in self.copying_in:
+            self._finish_copies(state)
+        cold = self.cold.get(row)
+        settled = self.settled.get(row)
+        if not cold:
+            available, selected_resident = list(state.zoomed), 0
+        elif settled is not None and settled[0] is state.zoomed:
+            available, selected_resident = settled[1], settled[2]
+        else:
+            available, selected_resident = self._bring_in(state, cold, settled)
+        if state.pending_eviction and not self._waits_for_window(state, seq_len):
+            self._evict_closed(state, seq_len, committed_until)
+        resident = self.resident.get(row)
+        if resident is not None and len(resident) - selected_resident > self.config.zoom_cache:
+            self._trim_zoom_cache(state, resident)
         return available
 
-    def _zoom_in(self, row: int, thought: ColdThought) -> bool:
-        n = thought.end - thought.start
-        slots = self.allocator.alloc(n)
-        if slots is None:
-            self.counters.zoom_in_failures += 1
+    def _bring_in(self, state: RequestState, cold: Dict[int, ColdThought],
+                  settled: Optional[Tuple[List[int], List[int], int]]) -> Tuple[List[int], int]:
+        """The selected thoughts on the device (zoom-ins started or finished on the way) and how
+        many of them are cold. A thought's ``last_used`` (the zoom cache's order) is the step at
+        which it left the last selection that held it: stamped when the selection changes."""
+        if settled is not None:
+            for index in settled[0]:
+                thought = cold.get(index)
+                if thought is not None and index not in state.zoomed:
+                    thought.last_used = self.step
+        available, selected_resident = [], 0
+        for index in state.zoomed:
+            thought = cold.get(index)
+            if thought is not None:
+                if not thought.on_device and not self._zoom_in(state.row, index, thought):
+                    continue
+                thought.last_used = self.step
+                selected_resident += 1
+            available.append(index)
+        if len(available) == len(state.zoomed) and state.row not in self.copying_in:
+            self.settled[state.row] = (state.zoomed, available, selected_resident)
+        return available, selected_resident
+
+    def _zoom_in(self, row: int, index: int, thought: ColdThought) -> bool:
+        """Start the thought's copy in unless it is under way; True once it is on the device."""
+        if thought.copy_in is None:
+            slots = self.allocator.alloc(thought.end - thought.start)
+            if slots is None:
+                self.counters.zoom_in_failures += 1
+                return False
+            try:
+                transfer = self.host.load(self.kv_pool, thought.host_slots, slots)
+            except Exception:  # this request's thought stays off the device; nothing else is touched
+                self._give_back(slots, thought.start)
+                self.counters.copy_failures += 1
+                return False
+            thought.copy_in = CopyIn(slots, transfer)
+            self.copying_in.setdefault(row, set()).add(index)
+        if not thought.copy_in.transfer.done():
             return False
-        try:
-            self.host.load(self.kv_pool, thought.host_slots, slots)
-        except Exception:  # this request's thought stays off the device; nothing else is touched
-            self.allocator.free(slots)
-            self.counters.copy_failures += 1
-            return False
-        self.req_to_token[row, thought.start:thought.end] = slots.to(self.req_to_token.dtype)
-        thought.on_device = True
-        self.counters.zoomed_in_tokens += n
+        self._discard(self.copying_in, row, index)
+        self._complete_copy_in(row, index, thought)
         return True
 
-    def _evict_closed(self, state: RequestState, seq_len: int, committed_until: int,
-                      cold: Dict[int, ColdThought]) -> None:
-        """Evict closed thoughts that left the window, had their keys read and are not selected;
-        the rest wait."""
+    def _complete_copy_in(self, row: int, index: int, thought: ColdThought) -> None:
+        self.req_to_token[row, thought.start:thought.end] = thought.copy_in.device_slots.to(self.req_to_token.dtype)
+        thought.copy_in = None
+        thought.last_used = self.step
+        self._set_on_device(row, index, thought, True)
+        self.counters.zoomed_in_tokens += thought.end - thought.start
+
+    def _waits_for_window(self, state: RequestState, seq_len: int) -> bool:
+        until, waiting, zoomed = self.evict_after.get(state.row, (0, -1, None))
+        return seq_len < until and len(state.pending_eviction) == waiting and state.zoomed is zoomed
+
+    def _evict_closed(self, state: RequestState, seq_len: int, committed_until: int) -> None:
+        """Start the copies out of closed thoughts that left the window, had their keys read and
+        are not selected; the rest wait."""
         window_start = seq_len - self.config.window
         # Only generated tokens move: SGLang's prefix cache may own the prompt's slots
         # (``cache_protected_len``), never a running request's decode tokens.
         floor = max(state.own_from, self.config.sink)
-        waiting = []
+        waiting, window_passes = [], None  # the first length at which a waiting thought may leave
         for index in state.pending_eviction:
-            if index in state.zoomed:
-                waiting.append(index)
-                continue
             thought = state.segmenter.thoughts[index]
             start = -(-max(thought.start, floor) // self.page_size) * self.page_size
             end = thought.body_end // self.page_size * self.page_size
             if end <= start:
                 continue  # too short to free a whole page: stays resident
-            if end > window_start or thought.body_end > committed_until:
+            if index in state.zoomed or end > window_start or thought.body_end > committed_until:
                 waiting.append(index)
+                if index in state.zoomed:
+                    passes = NEVER  # while this selection holds (a new one checks again)
+                else:
+                    passes = end + self.config.window if thought.body_end <= committed_until else 0
+                window_passes = passes if window_passes is None else min(window_passes, passes)
                 continue
             host_slots = self.host.alloc(end - start)
             if host_slots is None:
@@ -149,39 +185,87 @@ class ThoughtTiering:
                 continue
             self.in_flight.setdefault(state.row, []).append(InFlight(index, start, end, host_slots, transfer))
         state.pending_eviction = waiting
-        self._finish_copies(state, cold)
+        if window_passes:
+            self.evict_after[state.row] = (window_passes, len(waiting), state.zoomed)
+        else:
+            self.evict_after.pop(state.row, None)
+        if state.row in self.in_flight:
+            self._finish_copies(state)
 
-    def _finish_copies(self, state: RequestState, cold: Dict[int, ColdThought]) -> None:
-        """Free the device slots of thoughts whose copy out has finished (a thought selected in the
-        meantime keeps its slots and becomes a zoomed-in cold thought)."""
+    def _finish_copies(self, state: RequestState) -> None:
+        """Complete the copies that are done (polled, never waited for): a copy out frees the
+        thought's device slots (a thought selected in the meantime keeps them and becomes a
+        zoomed-in cold thought); a copy in puts its slots into the row."""
+        row = state.row
+        cold = self.cold.setdefault(row, {})
         still_running = []
-        for copy in self.in_flight.get(state.row, []):
+        for copy in self.in_flight.pop(row, ()):
             if not copy.transfer.done():
                 still_running.append(copy)
                 continue
-            thought = ColdThought(copy.start, copy.end, copy.host_slots, on_device=copy.index in state.zoomed,
-                                  last_used=self.step)
-            if not thought.on_device:
-                self._free_device(state.row, copy.start, copy.end)
+            on_device = copy.index in state.zoomed
+            if not on_device:
+                self._free_device(row, copy.start, copy.end)
                 self.counters.evicted_tokens += copy.end - copy.start
-            cold[copy.index] = thought
-        self.in_flight[state.row] = still_running
+            self._add_cold(row, copy.index, ColdThought(copy.start, copy.end, copy.host_slots, on_device=on_device,
+                                                        last_used=self.step))
+        if still_running:
+            self.in_flight[row] = still_running
+        for index in list(self.copying_in.get(row, ())):
+            thought = cold[index]
+            if thought.copy_in.transfer.done():
+                self._discard(self.copying_in, row, index)
+                self._complete_copy_in(row, index, thought)
 
-    def _trim_zoom_cache(self, state: RequestState, cold: Dict[int, ColdThought]) -> None:
+    def _trim_zoom_cache(self, state: RequestState, resident: Set[int]) -> None:
         """Keep at most ``zoom_cache`` unselected zoomed-in thoughts on the device (least recent go)."""
-        extra = sorted(
-            (t.last_used, index) for index, t in cold.items() if t.on_device and index not in state.zoomed
-        )
+        cold = self.cold[state.row]
+        extra = sorted((cold[index].last_used, index) for index in resident if index not in state.zoomed)
         for _, index in extra[: max(0, len(extra) - self.config.zoom_cache)]:
             thought = cold[index]
             self._free_device(state.row, thought.start, thought.end)
-            thought.on_device = False
+            self._set_on_device(state.row, index, thought, False)
             self.counters.dropped_tokens += thought.end - thought.start
 
     def _free_device(self, row: int, start: int, end: int) -> None:
-        self.allocator.free(self.req_to_token[row, start:end].long())
+        self._give_back(self.req_to_token[row, start:end].long(), start)
         self.req_to_token[row, start:end] = 0  # the padding slot: a stray read never hits live KV
         self.freed_since_admission += end - start
+
+    def _give_back(self, slots: torch.Tensor, start: int) -> None:
+        """Free whole pages of device slots (a row range from the page-aligned ``start``). Paged:
+        ``free_segment``, which, unlike ``free``, needs no ``torch.unique`` (a host sync on CUDA)."""
+        if self.page_size > 1:
+            self.allocator.free_segment(slots, start_pos=start)
+        else:
+            self.allocator.free(slots)
+
+    # -- the per-row books --------------------------------------------------------------------------
+    def _add_cold(self, row: int, index: int, thought: ColdThought) -> None:
+        self.settled.pop(row, None)
+        self.cold.setdefault(row, {})[index] = thought
+        if thought.on_device:
+            self.resident.setdefault(row, set()).add(index)
+        else:
+            self.offloaded[row] = self.offloaded.get(row, 0) + thought.end - thought.start
+
+    def _set_on_device(self, row: int, index: int, thought: ColdThought, on_device: bool) -> None:
+        self.settled.pop(row, None)
+        thought.on_device = on_device
+        size = thought.end - thought.start
+        self.offloaded[row] = self.offloaded.get(row, 0) + (-size if on_device else size)
+        if on_device:
+            self.resident.setdefault(row, set()).add(index)
+        else:
+            self._discard(self.resident, row, index)
+
+    @staticmethod
+    def _discard(by_row: Dict[int, Set[int]], row: int, index: int) -> None:
+        members = by_row.get(row)
+        if members is not None:
+            members.discard(index)
+            if not members:
+                del by_row[row]
 
     # -- what SGLang's hooks ask -----------------------------------------------------------------
     def holes(self, row: int) -> List[Tuple[int, int]]:
@@ -191,9 +275,11 @@ class ThoughtTiering:
     def uncounted_device_tokens(self, row: int, protected_len: int) -> int:
         """Device slots the row holds minus what SGLang counts as its own (positions from its
         tree-owned prefix ``protected_len`` on): inherited thoughts zoomed into (below that
-        prefix) add, its own holes (above it) subtract."""
+        prefix) and zoom-ins under way add, its own holes (above it) subtract."""
         adjust = 0
         for t in self.cold.get(row, {}).values():
+            if t.copy_in is not None:
+                adjust += t.end - t.start
             if t.owns_host == 0 and t.on_device:
                 adjust += t.end - t.start
             elif not t.on_device and t.start >= protected_len:
@@ -202,26 +288,42 @@ class ThoughtTiering:
 
     def offloaded_tokens(self, row: int) -> int:
         """Tokens of the row that are in the host tier only (their device slots given back)."""
-        return sum(t.end - t.start for t in self.cold.get(row, {}).values() if not t.on_device)
+        return self.offloaded.get(row, 0)
 
     def zoom_headroom(self, row: int) -> int:
         """Device slots the next step's zoom-ins of this row may need (at most c cold thoughts)."""
-        sizes = sorted((t.end - t.start for t in self.cold.get(row, {}).values() if not t.on_device), reverse=True)
+        sizes = sorted((t.end - t.start for t in self.cold.get(row, {}).values()
+                        if not t.on_device and t.copy_in is None), reverse=True)
         return sum(sizes[: self.config.num_thoughts])
 
     def drain_row(self, row: int) -> None:
-        """Wait for the row's copies out before SGLang frees its slots; those thoughts keep their
-        device slots (SGLang frees them with the row) and their host copies (freed on release)."""
-        cold = self.cold.setdefault(row, {})
-        for copy in self.in_flight.pop(row, []):
+        """Wait for the row's copies before SGLang frees its slots (the release path, the one place
+        that waits): thoughts copied out keep their device slots (SGLang frees them with the row)
+        and their host copies (freed on release); zoom-ins put their slots into the row."""
+        for copy in self.in_flight.pop(row, ()):
             copy.transfer.wait()
-            cold[copy.index] = ColdThought(copy.start, copy.end, copy.host_slots, on_device=True)
+            self._add_cold(row, copy.index, ColdThought(copy.start, copy.end, copy.host_slots, on_device=True))
+        cold = self.cold.get(row, {})
+        for index in self.copying_in.pop(row, ()):
+            cold[index].copy_in.transfer.wait()
+            self._complete_copy_in(row, index, cold[index])
 
     def release_row(self, row: int) -> None:
         """Free the host copies of a row SGLang has released (its device slots are SGLang's to free,
-        except those of inherited thoughts it zoomed into: the tree owns those positions)."""
+        except those of inherited thoughts it zoomed into: the tree owns those positions). A zoom-in
+        still under way here was not drained before SGLang freed the row around its hole: its fresh
+        slots are freed here."""
+        cold = self.cold.get(row, {})
+        for index in self.copying_in.pop(row, ()):
+            cold[index].copy_in.transfer.wait()
+            self._give_back(cold[index].copy_in.device_slots, cold[index].start)
+            cold[index].copy_in = None
         self.drain_row(row)
         self.adopted_rows.discard(row)
+        self.resident.pop(row, None)
+        self.offloaded.pop(row, None)
+        self.evict_after.pop(row, None)
+        self.settled.pop(row, None)
         for thought in self.cold.pop(row, {}).values():
             if thought.owns_host == 0 and thought.on_device:
                 self._free_device(row, thought.start, thought.end)
@@ -233,13 +335,22 @@ class ThoughtTiering:
     def adopt(self, row: int, cold: List[Tuple[int, int, int, torch.Tensor]]) -> None:
         """Holes a new request inherits from the radix tree: ``(thought, start, end, host slots)``;
         the tree keeps their host slots."""
-        self.cold[row] = {index: ColdThought(start, end, slots, owns_host=0) for index, start, end, slots in cold}
+        self.cold[row] = {}
+        self.settled.pop(row, None)
+        self.resident.pop(row, None)
+        self.offloaded.pop(row, None)
+        for index, start, end, slots in cold:
+            self._add_cold(row, index, ColdThought(start, end, slots, owns_host=0))
         if cold:
             self.adopted_rows.add(row)
 
     def hand_to_tree(self, row: int, from_position: int) -> List[Tuple[int, int, torch.Tensor]]:
         """The row's own holes at or after ``from_position``, ``(start, end, host slots)``: their host
-        slots pass to the radix tree (the row keeps those below ``from_position``)."""
+        slots pass to the radix tree (the row keeps those below ``from_position``). A zoom-in under
+        way is drained first (the tree insert is on the release path): the thought is then on the
+        device and the tree takes its device slots, not a hole whose host slots a copy still reads."""
+        if row in self.copying_in:
+            self.drain_row(row)
         handed = []
         for thought in self.cold.get(row, {}).values():
             if thought.on_device or thought.owns_host >= 0 or thought.end <= from_position:
