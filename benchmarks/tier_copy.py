@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -102,8 +103,15 @@ def measure_tier_copy(device: str, *, thought_tokens: int = 300, repeats: int = 
 
 
 def measure_tier_copy_gbps(device: str, **kwargs) -> float:
-    """``tier_copy_gbps`` of :func:`measure_tier_copy` (``benchmarks/decode_step.py`` reports it)."""
-    return measure_tier_copy(device, **kwargs)["tier_copy_gbps"]
+    """``tier_copy_gbps`` of :func:`measure_tier_copy` as this script measures it alone, with
+    torch's threads for the machine's cores (``benchmarks/decode_step.py`` reports it from a process
+    that runs SGLang's CPU engine setting of one thread: on a GPU a copy is the DMA engine's work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return measure_tier_copy(device, **kwargs)["tier_copy_gbps"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv=None) -> dict:
