@@ -434,7 +434,7 @@ def main(argv=None) -> dict:
                   f"{1e3 * row['attention']:>8.2f} {row['ratio']:>5.2f}x {row['overhead']:>8.3f} {row['plan_us']:>9.1f} "
                   f"{row['worst_ratio']:>5.2f}x {row['worst_overhead']:>6.3f} {row['kv_tokens']:>10.0f}", flush=True)
             if args.results:
-                Path(args.results).write_text(json.dumps({"device": device, "rows": rows}, indent=1) + "\n")
+                write_results(args.results, device, shape, rows)
             if device == "cuda":
                 torch.cuda.empty_cache()
     largest = max(shape.batches)
@@ -445,8 +445,18 @@ def main(argv=None) -> dict:
               "tier_copy_gbps": round(tier_gbps, 2),
               "worst_step_ratio": {str(r["context"]): round(r["worst_ratio"], 3) for r in mine},
               "worst_selection_overhead": round(max(r["worst_overhead"] for r in mine), 4)}
+    if args.results:
+        write_results(args.results, device, shape, rows, result)
     print(json.dumps(result))
     return result
+
+
+def write_results(path: str, device: str, shape: Shape, rows: List[dict], summary: Optional[dict] = None) -> None:
+    """The run so far: its date, arguments and sizes, ZoomR's settings (the server defaults), every
+    finished cell's row and, at the end, the last-line JSON."""
+    settings = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "device": device,
+                "shape": {**shape.__dict__, "dtype": str(shape.dtype)}, "zoomr_config": CONFIG.__dict__}
+    Path(path).write_text(json.dumps({**settings, "rows": rows, "summary": summary}, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ ACTIVITY_SUMS = ("steps", "refreshes", "votes_held", "selection_changes", "thoug
 
 def zoomr_activity(state: Optional[dict], rids: Sequence[str], before: Optional[dict]) -> Optional[dict]:
     """What zoomr did for ``rids`` (finished): summed per-request counters, the largest device
-    residency, and the server's commit deferrals and host-tier moves since the state ``before``;
+    residency, and the server's bulk commits and host-tier moves since the state ``before``;
     None from a dense server."""
     if state is None:
         return None
@@ -215,7 +215,7 @@ def zoomr_activity(state: Optional[dict], rids: Sequence[str], before: Optional[
     activity = {key: sum(f[key] for f in finished) for key in ACTIVITY_SUMS}
     activity.update(requests_seen=len(finished), resident_max=max((f["resident_max"] for f in finished), default=0),
                     self_check_max_error=max((f["self_check_max_error"] for f in finished), default=0.0),
-                    **{key: state[key] - before.get(key, 0) for key in ("commits_deferred", "over_bound_steps")})
+                    **{key: state[key] - before.get(key, 0) for key in ("commits_bulk", "over_bound_steps")})
     tier = state.get("host_tier")
     if tier is not None:
         activity["host_tier"] = {key: value - (before.get("host_tier") or {}).get(key, 0) for key, value in tier.items()

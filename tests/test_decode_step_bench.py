@@ -20,7 +20,9 @@ def test_decode_step_prints_its_contract_for_the_largest_batch(tmp_path):
     assert -1.0 < result["selection_overhead"] < 1.0 and -1.0 < result["worst_selection_overhead"] < 1.0
     assert result["host_us_per_request"] > 0 and result["tier_copy_gbps"] > 0
     # The history is real: with the host tier on, cold thoughts left the device before the timed steps.
-    rows = json.loads(rows_file.read_text())["rows"]
+    written = json.loads(rows_file.read_text())
+    assert written["summary"] == result and written["zoomr_config"]["host_pool_gb"] is None  # the server default
+    rows = written["rows"]
     assert [(r["context"], r["batch"]) for r in rows] == [(400, 1), (1200, 1), (400, 2), (1200, 2)]
     assert all(r["slots"] == "tiered" for r in rows)
     assert all(r["tier"]["evicted_tokens"] > 0 for r in rows if r["context"] == 1200)
