@@ -203,15 +203,19 @@ class Cell:
         tokens = [req.output_ids[seq_len - 1 - PROMPT] for req in self.reqs]
         return torch.tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
 
-    def history_step(self, seq_len: int) -> None:
-        """A controller step without attention: plan, upload, every layer's commits and votes."""
+    def history_step(self, seq_len: int) -> float:
+        """A controller step without attention: plan, upload, every layer's commits and votes.
+        Returns the plan's wall seconds (``begin_decode``)."""
         self.give_slots(seq_len)
         controller = self.controller
+        started = time.perf_counter()
         controller.begin_decode([r.rid for r in self.reqs], [seq_len] * self.batch)
+        planned = time.perf_counter() - started
         controller.load(self.batch, self.decoded(seq_len))
         lse = torch.full((self.batch, self.shape.heads), float(seq_len), device=self.device).log_()
         for layer in range(self.shape.layers):
             controller.after_attention(layer, self.query, lse, self.scaling)
+        return planned
 
     def counters(self) -> dict:
         tiering = self.controller.tiering
@@ -351,19 +355,8 @@ def planner_us_per_request(device: str) -> float:
     shape, batch = PLANNER["shape"], PLANNER["batch"]
     cell = Cell(shape, PLANNER["context"], batch, device)
     assert cell.tiered, "the planner measurement runs with the host tier on"
-    seq_len, samples = PLANNER["context"], []
-    for step in range(shape.warmup + shape.iters):
-        seq_len += 1
-        cell.give_slots(seq_len)
-        started = time.perf_counter()
-        cell.controller.begin_decode([r.rid for r in cell.reqs], [seq_len] * batch)
-        if step >= shape.warmup:
-            samples.append((time.perf_counter() - started) / batch)
-        cell.controller.load(batch, cell.decoded(seq_len))
-        lse = torch.full((batch, shape.heads), float(seq_len), device=device).log_()
-        for layer in range(shape.layers):
-            cell.controller.after_attention(layer, cell.query, lse, cell.scaling)
-    return 1e6 * statistics.median(samples)
+    seconds = [cell.history_step(PLANNER["context"] + 1 + step) for step in range(shape.warmup + shape.iters)]
+    return 1e6 * statistics.median(seconds[shape.warmup:]) / batch
 
 
 def capture(host, layers) -> "torch.cuda.CUDAGraph":

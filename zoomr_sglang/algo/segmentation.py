@@ -160,7 +160,7 @@ class ThoughtSegmenter:
         vocab = self._vocab
         flags = vocab.flags_of(token_id)
         events = SegmentEvents(sentence_end=bool(flags & TokenMarkers.SENTENCE_END))
-        text = vocab.texts[token_id] if 0 <= token_id < len(vocab.texts) else ""  # unknown: empty
+        text = vocab.text_of(token_id)  # an id past the tokenizer: empty
         if not self._pending and not flags & TokenMarkers.MARKER:
             # Nothing waits to complete a marker and this text can be no part of one: what the
             # marker search would conclude, without it.
@@ -183,11 +183,10 @@ class ThoughtSegmenter:
         if self._state is not _State.BODY or self._open is None or self._pending or position != self._next_position:
             return -1
         vocab = self._vocab
-        known = 0 <= token_id < len(vocab.texts)
-        if known and vocab.flags[token_id] & TokenMarkers.MARKER:
+        if vocab.flags_of(token_id) & TokenMarkers.MARKER:
             return -1
         self._next_position += 1
-        self._grow_body(position, vocab.texts[token_id] if known else "")  # unknown: empty text
+        self._grow_body(position, vocab.text_of(token_id))
         return self._open.index
 
     # --- marker matching -------------------------------------------------------------------

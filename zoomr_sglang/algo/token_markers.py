@@ -35,3 +35,6 @@ class TokenMarkers:
 
     def flags_of(self, token_id: int) -> int:
         return self.flags[token_id] if 0 <= token_id < len(self.flags) else 0
+
+    def text_of(self, token_id: int) -> str:
+        return self.texts[token_id] if 0 <= token_id < len(self.texts) else ""

@@ -128,7 +128,8 @@ class StepPlanner:
         commits, fresh, new_candidates, votes, observers, failed = [], [], [], [], [], []
         blocks, bases, tails, indptr = [], [], [], [0]
         for batch_index, (row, req, seq_len) in enumerate(zip(rows, reqs, seq_lens)):
-            marks = len(commits), len(new_candidates), len(votes), len(blocks), len(tails), len(observers)
+            # Where this request's entries start in the flat lists (one vote row and one block each).
+            marks = len(commits), len(new_candidates), len(tails), len(observers)
             try:
                 state = states[batch_index]
                 if state is None:
@@ -169,8 +170,9 @@ class StepPlanner:
                     if watched is not None:
                         observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
             except Exception as error:  # one request's failure fails that request, never the batch
-                del commits[marks[0]:], new_candidates[marks[1]:], votes[marks[2]:], blocks[marks[3]:]
-                del bases[marks[3]:], tails[marks[4]:], observers[marks[5]:], indptr[marks[3] + 1:]
+                # Its index entries handed out stay in ``fresh`` (zeroed; freed with its state).
+                del commits[marks[0]:], new_candidates[marks[1]:], tails[marks[2]:], observers[marks[3]:]
+                del votes[4 * batch_index:], blocks[batch_index:], bases[batch_index:], indptr[batch_index + 1:]
                 self._fail(req, row, seq_len, error, votes, blocks, bases, indptr)
                 failed.append((req, f"zoomr could not plan request {req.rid!r}: {type(error).__name__}: {error}"))
         # A failed request's state was dropped: the next step looks the batch up again.

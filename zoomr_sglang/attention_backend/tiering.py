@@ -165,9 +165,10 @@ class ThoughtTiering:
             end = thought.body_end // self.page_size * self.page_size
             if end <= start:
                 continue  # too short to free a whole page: stays resident
-            if index in state.zoomed or end > window_start or thought.body_end > committed_until:
+            selected = index in state.zoomed
+            if selected or end > window_start or thought.body_end > committed_until:
                 waiting.append(index)
-                if index in state.zoomed:
+                if selected:
                     passes = NEVER  # while this selection holds (a new one checks again)
                 else:
                     passes = end + self.config.window if thought.body_end <= committed_until else 0
