@@ -17,7 +17,7 @@
 # Call 1 parts:
 #   install  unpack the archive into .gpu_site/site unless there already; the plug-in's entry point
 #            (.gpu_site/plugin, its package imported from this checkout) (60 s)
-#   smoke    import the server, bench_serving, FlashInfer and sgl_kernel; the plug-in registers
+#   smoke    import the server, FlashInfer and sgl_kernel; the plug-in registers
 #            through its entry point; one sgl_kernel op against torch (90 s)
 #   jit      FlashInfer's decode module at Llama-3.1-8B decode shapes (32/8 heads, head_dim 128, bf16,
 #            tensor cores, page size 1, log-sum-exp), compile timed, checked against torch (150 s)

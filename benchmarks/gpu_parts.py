@@ -59,7 +59,6 @@ def smoke() -> dict:
     load_plugins()
     if "zoomr" not in ATTENTION_BACKENDS:
         raise RuntimeError("load_plugins() did not register the zoomr attention backend")
-    import sglang.benchmark.serving  # noqa: F401  (bench_serving: datasets, aiohttp)
     import sglang.launch_server  # noqa: F401
     import sglang.srt.entrypoints.http_server  # noqa: F401  (fastapi, uvicorn, zmq, pydantic)
 
