@@ -14,6 +14,11 @@ The last stdout line is one JSON object (other tools read it):
 ``{"concurrent_dense": int, "concurrent_zoomr": int}`` (peaks of ``sglang:num_running_reqs``; zoomr:
 under the default rule ``observed``, which the rules must include; the others are in the JSON file).
 
+``--tp N`` serves every server with N tensor-parallel ranks (on CPU, SGLang's engine over gloo; the
+settings it needs are in ``testbed/process_env.py``): ``--max-total-tokens`` is then each rank's
+pool, whose tokens hold that rank's share of the KV heads, and zoomr's per-rank counts are checked
+to agree (``ranks_agree`` in the JSON; docs/tensor-parallel.md).
+
 ZoomR settings as in ``benchmarks/memory.py`` (tiny model: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64
 ZOOMR_MAX_THOUGHT_TOKENS=48`` unless the environment or ``--zoomr-env`` says otherwise).
 """
@@ -52,17 +57,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=3000, help="output tokens of each request")
     parser.add_argument("--rules", default=",".join(ADMISSION_MODES),
                         help=f"zoomr servers' ZOOMR_ADMISSION values, comma-separated (allowed: {ADMISSION_MODES})")
-    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "concurrency.png"),
-                        help="PNG path; the full results go next to it as .json")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of every server (--tp-size)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG path; the full results go next to it as .json (default: benchmarks/results/"
+                             "concurrency.png, concurrency_tp<N>.png with --tp N > 1)")
     parser.add_argument("--poll", type=float, default=0.3, help="seconds between two GET /metrics")
     parser.add_argument("--server-timeout", type=float, default=300,
                         help="seconds a load may run before the rest is abandoned (reported)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    for name in ("max_total_tokens", "requests", "max_new_tokens"):
+    for name in ("max_total_tokens", "requests", "max_new_tokens", "tp"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     args.rules = [r for r in args.rules.split(",") if r]
+    if args.plot is None:
+        args.plot = str(REPO / "benchmarks" / "results" / f"concurrency{'' if args.tp == 1 else f'_tp{args.tp}'}.png")
     if "observed" not in args.rules or not set(args.rules) <= set(ADMISSION_MODES):
         parser.error(f"--rules={','.join(args.rules)}: allowed: values of {ADMISSION_MODES}, including observed")
     if args.poll <= 0 or args.server_timeout <= 0:
@@ -130,6 +139,8 @@ def load_server(url: str, args, backend: str) -> dict:
         out["pools_after"] = zoomr["pools"]
         out["resident_max_per_request"] = max((s["resident_max"] for s in finished_stats), default=None)
         out["over_bound_steps"] = sum(s["over_bound_steps"] for s in finished_stats)
+        if "ranks" in zoomr:  # TP > 1: every rank's pool, tree, host tier and index counts
+            out["ranks_agree"] = all(rank == zoomr["ranks"][0] for rank in zoomr["ranks"])
     return out
 
 
@@ -142,7 +153,10 @@ def report(name: str, run: dict, args) -> None:
         return
     host = run["host_tier"] or {}
     log(f"           host tier: {json.dumps(host)}; per-request resident max "
-        f"{run.get('resident_max_per_request')}; over-bound steps {run.get('over_bound_steps')}")
+        f"{run.get('resident_max_per_request')}; over-bound steps {run.get('over_bound_steps')}"
+        + (f"; ranks' counts agree: {run['ranks_agree']}" if "ranks_agree" in run else ""))
+    if run.get("ranks_agree") is False:
+        log("    WARNING: the tensor-parallel ranks' counts differ (must agree)")
     if host.get("zoom_in_failures"):
         log(f"    WARNING: {host['zoom_in_failures']} zoom-ins found SGLang's pool empty (must be 0)")
     if host.get("host_full"):
@@ -152,11 +166,12 @@ def report(name: str, run: dict, args) -> None:
 
 def concurrency(args, model_path: str) -> Dict[str, dict]:
     context = context_length_for(model_path, PROMPT_LEN + args.max_new_tokens + 8)
-    log(f"\nconcurrent requests at --max-total-tokens {args.max_total_tokens}: {args.requests} requests "
-        f"of {PROMPT_LEN} + {args.max_new_tokens} tokens per server, peaks of SGLang's /metrics gauges")
+    log(f"\nconcurrent requests at --max-total-tokens {args.max_total_tokens} (--tp {args.tp}): {args.requests} "
+        f"requests of {PROMPT_LEN} + {args.max_new_tokens} tokens per server, peaks of SGLang's /metrics gauges")
+    parallel = ("--tp-size", str(args.tp)) if args.tp > 1 else ()
     # zoomr servers use the zoomr radix cache: a request SGLang retracts keeps its thoughts.
-    servers = [("dense", DENSE_BACKEND, {}, ())] + [
-        (f"zoomr {rule}", "zoomr", {"ZOOMR_ADMISSION": rule}, ZOOMR_TREE) for rule in args.rules]
+    servers = [("dense", DENSE_BACKEND, {}, parallel)] + [
+        (f"zoomr {rule}", "zoomr", {"ZOOMR_ADMISSION": rule}, ZOOMR_TREE + parallel) for rule in args.rules]
     runs = {}
     for name, backend, env, extra_args in servers:
         with launch_server(model_path, backend, max_total_tokens=args.max_total_tokens, tiny=args.model_path is None,
@@ -201,12 +216,12 @@ def main(argv=None) -> None:
     runs = concurrency(args, model_path)
 
     plot_path = Path(args.plot)
-    plot(runs, plot_path, f"Running requests at --max-total-tokens {args.max_total_tokens}, "
+    plot(runs, plot_path, f"Running requests at --max-total-tokens {args.max_total_tokens}, --tp {args.tp}, "
                           f"{args.requests} x {args.max_new_tokens} tokens\n{model_name}, {machine()}, {today}")
     summary = {"concurrent_dense": runs["dense"]["peak_running"],
                "concurrent_zoomr": runs["zoomr observed"]["peak_running"]}
     full = dict(summary=summary, date=today, machine=machine(), model=model_path, zoomr_settings=settings,
-                prompt_len=PROMPT_LEN, max_total_tokens=args.max_total_tokens, requests=args.requests,
+                prompt_len=PROMPT_LEN, max_total_tokens=args.max_total_tokens, tp=args.tp, requests=args.requests,
                 max_new_tokens=args.max_new_tokens, **runs, seconds=round(time.time() - began, 1), argv=sys.argv[1:])
     log(f"\nplot: {plot_path}")
     finish_run(plot_path.with_suffix(".json"), summary, full, began)

@@ -6,6 +6,11 @@
   ``sgl_kernel`` stand-in ``cpu_shim/`` (it must never be on the path on a GPU machine) and one
   OpenMP thread per process (measured: spinning OpenMP threads made each decode step over ten
   times slower on a shared 2-core machine; torch reads the variable once, at import).
+- Also without a GPU, what SGLang's CPU engine needs for ``--tp 2`` (two scheduler processes over
+  gloo): one OpenMP core set per rank (``SGLANG_CPU_OMP_THREADS_BIND``; without it SGLang asserts
+  that the ranks are no more than the NUMA nodes) and an NCCL library path that does not exist
+  (``SGLANG_NCCL_SO_PATH``: the torch wheel ships NCCL, which PyNccl would load and then ask for a
+  CUDA device; a failed load makes SGLang all-reduce over gloo instead).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Core sets of CPU ranks 0 and 1, one entry per rank ("|"-separated, as SGLang reads it). SGLang
+# reads the variable only with --tp > 1 on its CPU engine; more ranks need the user's own list.
+CPU_TP_THREADS_BIND = "0|1"
 
 
 def _prepend(path: str) -> None:
@@ -33,4 +41,6 @@ def prepare_process_env() -> bool:
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         _prepend(str(REPO / "cpu_shim"))
+        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", CPU_TP_THREADS_BIND)
+        os.environ.setdefault("SGLANG_NCCL_SO_PATH", str(REPO / "cpu_shim" / "no-nccl.so"))
     return has_gpu

@@ -23,3 +23,12 @@ def model_path() -> str:
     from testbed.tiny_model import tiny_model_dir
 
     return str(tiny_model_dir())
+
+
+@pytest.fixture(scope="session")
+def dense_outputs(model_path):
+    """``torch_native``'s tokens that every zoomr identity check compares with: one dense engine
+    for the whole session (``engine_utils.dense_reference``)."""
+    from engine_utils import dense_reference
+
+    return dense_reference(model_path)

@@ -15,6 +15,7 @@ from testbed.local_server import free_port, wait_healthy
 ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, mem_fraction_static=0.05,
                    skip_server_warmup=True)
 GREEDY = {"temperature": 0, "ignore_eos": True}
+IDENTITY_TOKENS = 300  # per prompt, in every check of zoomr against torch_native's tokens
 
 
 def prompts() -> List[List[int]]:
@@ -54,8 +55,25 @@ def engine(model_path: str, attention_backend: str, **kwargs) -> Iterator[object
         eng.shutdown()
 
 
-def generate(eng, input_ids: List[List[int]], max_new_tokens: int) -> List[dict]:
-    return eng.generate(input_ids=input_ids, sampling_params={**GREEDY, "max_new_tokens": max_new_tokens})
+def generate(eng, input_ids: List[List[int]], max_new_tokens: int, custom_params: Optional[dict] = None) -> List[dict]:
+    params = {**GREEDY, "max_new_tokens": max_new_tokens}
+    if custom_params:
+        params["custom_params"] = custom_params
+    return eng.generate(input_ids=input_ids, sampling_params=params)
+
+
+def generate_whole_budget(eng, input_ids: List[List[int]], max_new_tokens: int) -> List[dict]:
+    """Greedy, each request with a ``zoomr_budget`` covering its whole sequence: zoomr attends every
+    position (and the host tier leaves it alone), whatever the engine's ZOOMR_* settings."""
+    params = [{**GREEDY, "max_new_tokens": max_new_tokens, "custom_params": {"zoomr_budget": len(ids) + max_new_tokens}}
+              for ids in input_ids]
+    return eng.generate(input_ids=input_ids, sampling_params=params)
+
+
+def dense_reference(model_path: str) -> List[List[int]]:
+    """``torch_native``'s greedy tokens for :func:`prompts`, ``IDENTITY_TOKENS`` each."""
+    with engine(model_path, "torch_native") as eng:
+        return [out["output_ids"] for out in generate(eng, prompts(), IDENTITY_TOKENS)]
 
 
 def zoomr_state(eng) -> dict:

@@ -74,6 +74,18 @@ def test_bad_value_names_variable_value_and_allowed(name, value, words):
     assert name in message and repr(value) in message and words in message
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("ZOOMR_TOPK", "-1", "ZOOMR_TOPK='-1' is too small; allowed: an integer >= 1"),
+    ("ZOOMR_BOUNDARIES", "\\n\\n", "ZOOMR_BOUNDARIES='\\\\n\\\\n' is not valid JSON; allowed: a JSON list of non-empty strings"),
+    ("ZOOMR_BOUNDARIES", "[]", "ZOOMR_BOUNDARIES='[]' is not allowed; allowed: a JSON list of non-empty strings"),
+])
+def test_bad_value_message_reads_name_value_then_what_is_allowed(name, value, message):
+    """The whole message, as a server start prints it (the server test starts one bad server only)."""
+    with pytest.raises(ValueError) as error:
+        load_config({name: value})
+    assert str(error.value).startswith(message)
+
+
 def test_unknown_variable_is_refused():
     with pytest.raises(ValueError, match="unknown variable ZOOMR_TOP_K"):
         load_config({"ZOOMR_TOP_K": "2"})

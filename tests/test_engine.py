@@ -1,63 +1,87 @@
 """End to end through ``sglang.Engine`` on the tiny local model (CPU): the backend the entry point
 registers serves requests, equals ``torch_native`` with a whole-sequence budget, and keeps its
-working set bounded with a small one."""
+working set bounded with a small one, with the host tier off and on.
+
+An engine start costs tens of seconds here and a round of requests a few, so three engines serve
+every check: each answers the whole-budget requests, then (after a flush) the small-budget ones.
+Between them: pages of 1 and 16, chunked prefill, SGLang's radix cache off and on, the host tier
+off and on (where it is off, the working set and so the tokens do not depend on the page size).
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from engine_utils import engine, generate, prompts, zoomr_env, zoomr_state
+from engine_utils import IDENTITY_TOKENS, engine, generate, generate_whole_budget, prompts, zoomr_env, zoomr_state
 
 pytestmark = pytest.mark.engine
 
-FULL_BUDGET = dict(ZOOMR_SINK=0, ZOOMR_WINDOW=100_000)
-
-
-@pytest.fixture(scope="module")
-def dense_outputs(model_path):
-    with engine(model_path, "torch_native") as eng:
-        return [out["output_ids"] for out in generate(eng, prompts(), 300)]
-
-
-@pytest.mark.parametrize("engine_kwargs", [
-    dict(page_size=1, chunked_prefill_size=32),
-    dict(page_size=16, disable_radix_cache=True),
-    dict(page_size=16, chunked_prefill_size=64),
-], ids=["page1-chunk32-radix", "page16-noradix", "page16-chunk64-radix"])
-def test_full_budget_is_token_identical_to_torch_native(model_path, dense_outputs, engine_kwargs):
-    with zoomr_env(**FULL_BUDGET), engine(model_path, "zoomr", **engine_kwargs) as eng:
-        first = generate(eng, prompts(), 300)
-        again = generate(eng, prompts(), 300)  # with the radix cache on, prompts now hit the tree
-        state = zoomr_state(eng)
-    for outputs in (first, again):
-        assert [out["output_ids"] for out in outputs] == dense_outputs
-    for out in first + again:
-        stats = state["finished"][out["meta_info"]["id"]]
-        assert stats["steps"] == 299  # the zoomr decode path really ran, every step
-        assert stats["attended_total"] == stats["dense_total"]
-
-
+SMALL_BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_SELF_CHECK_INTERVAL=97)
 # Holes are whole pages: with 16-token pages, the tiny model's ~30-token thoughts free about half.
 # What stays besides: sinks, prompt, window, the zoomed thoughts, the zoom cache and the summaries,
 # which this random model often leaves open until the 48-token cap (5 of them are 26% of one request).
-@pytest.mark.parametrize("engine_kwargs, resident_share, vote", [
-    ({}, 0.3, "count"), (dict(page_size=16, chunked_prefill_size=64), 0.7, "mass"),
-], ids=["page1-count", "page16-chunk64-mass"])
-def test_small_budget_long_generation_stays_bounded_and_exact(model_path, engine_kwargs, resident_share, vote):
+TIERED = {  # engine arguments, vote, most of a request's KV left on the device
+    "page1-count": (dict(page_size=1, chunked_prefill_size=32), "count", 0.3),
+    "page16-mass": (dict(page_size=16, chunked_prefill_size=32), "mass", 0.7),
+}
+REFERENCE = "page16-noradix-host-off"  # the small-budget tokens of every vote, all KV on the device
+REFERENCE_ARGS = dict(page_size=16, chunked_prefill_size=32, disable_radix_cache=True)
+
+
+def _serve(model_path: str, name: str) -> dict:
+    """One engine's rounds: whole-budget twice (with the radix cache on, the second hits the tree),
+    then small-budget: on the reference every vote once; tiered, its vote twice, with the counts."""
+    tiered = name != REFERENCE
+    kwargs, vote, _ = TIERED[name] if tiered else (REFERENCE_ARGS, None, None)
+    env = dict(ZOOMR_VOTE=vote) if tiered else dict(ZOOMR_HOST_POOL_GB=0)
+    with zoomr_env(**SMALL_BUDGET, **env), engine(model_path, "zoomr", **kwargs) as eng:
+        run = dict(whole=[generate_whole_budget(eng, prompts(), IDENTITY_TOKENS) for _ in range(2)])
+        run["whole_state"] = zoomr_state(eng)
+        eng.flush_cache()  # the small-budget round computes its prefill as the reference does
+        if not tiered:
+            return {**run, **{v: generate(eng, prompts()[:3], 1600, {"zoomr_vote": v}) for _, v, _ in TIERED.values()}}
+        run["start"] = zoomr_state(eng)["pools"]
+        run["small"] = generate(eng, prompts()[:3], 1600)
+        run["again"] = generate(eng, prompts()[:3], 400)
+        run["state"] = zoomr_state(eng)
+        return run
+
+
+@pytest.fixture(scope="module")
+def served(model_path):
+    """``served(name)``: that engine's rounds, the engine started once, on first use."""
+    runs = {}
+
+    def get(name: str) -> dict:
+        if name not in runs:
+            runs[name] = _serve(model_path, name)
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", [REFERENCE, *TIERED])
+def test_whole_budget_is_token_identical_to_torch_native(served, dense_outputs, name):
+    run = served(name)
+    for outputs in run["whole"]:
+        assert [out["output_ids"] for out in outputs] == dense_outputs
+        for out in outputs:
+            stats = run["whole_state"]["finished"][out["meta_info"]["id"]]
+            assert stats["steps"] == IDENTITY_TOKENS - 1  # the zoomr decode path really ran, every step
+            assert stats["attended_total"] == stats["dense_total"]
+
+
+@pytest.mark.parametrize("name", list(TIERED))
+def test_small_budget_long_generation_stays_bounded_and_exact(served, name):
     """Host tier off and on (the default): the same tokens; on, most KV leaves SGLang's pool.
     The radix cache is on: the second round of the same prompts hits the tree that the first
     round's finished requests (with holes) were inserted into."""
-    budget = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_SELF_CHECK_INTERVAL=97,
-                  ZOOMR_VOTE=vote)
-    with zoomr_env(**budget, ZOOMR_HOST_POOL_GB=0), engine(model_path, "zoomr", **engine_kwargs) as eng:
-        all_on_device = [out["output_ids"] for out in generate(eng, prompts()[:3], 1600)]
-    with zoomr_env(**budget), engine(model_path, "zoomr", **engine_kwargs) as eng:
-        start = zoomr_state(eng)["pools"]
-        outputs = generate(eng, prompts()[:3], 1600)
-        again = generate(eng, prompts()[:3], 400)
-        state = zoomr_state(eng)
+    _, vote, resident_share = TIERED[name]
+    all_on_device = [out["output_ids"] for out in served(REFERENCE)[vote]]
+    run = served(name)
+    outputs, state, start = run["small"], run["state"], run["start"]
     assert [out["output_ids"] for out in outputs] == all_on_device
-    assert [out["output_ids"] for out in again] == [ids[:400] for ids in all_on_device]
+    assert [out["output_ids"] for out in run["again"]] == [ids[:400] for ids in all_on_device]
     for out in outputs:
         assert len(out["output_ids"]) == 1600
         stats = state["finished"][out["meta_info"]["id"]]

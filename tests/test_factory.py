@@ -74,9 +74,7 @@ def test_marker_the_tokenizer_cannot_write_is_refused(monkeypatch):
     assert "ZOOMR_SUMMARY_END" in str(error.value) and "'##'" in str(error.value)
 
 
-def test_host_tier_is_refused_with_tensor_parallelism_and_off_at_zero():
-    runner = _runner()
-    assert factory.build_tiering(runner, ZoomRConfig(host_pool_gb=0), num_kv_heads=2, attn_tp_size=4) is None
-    with pytest.raises(ValueError) as error:
-        factory.build_tiering(runner, ZoomRConfig(), num_kv_heads=2, attn_tp_size=4)
-    assert "ZOOMR_HOST_POOL_GB" in str(error.value) and "ZOOMR_HOST_POOL_GB=0" in str(error.value)
+def test_host_tier_is_off_at_zero():
+    """ZOOMR_HOST_POOL_GB=0 builds no tier, whatever the tensor parallelism (with TP > 1 the tier
+    is built per rank; tests/test_tp.py runs it)."""
+    assert factory.build_tiering(_runner(), ZoomRConfig(host_pool_gb=0), num_kv_heads=2, attn_tp_size=4) is None

@@ -33,7 +33,7 @@ def run(fail_at: int = -1):
                 raise RuntimeError("segmenter state corrupted")
 
             segmenter = harness.states[harness.rows[1]].segmenter
-            segmenter.feed_quiet = segmenter.feed = broken
+            segmenter.feed_quiet = segmenter.feed = segmenter.extend_body = broken  # full and quiet steps
         _, layers = harness.decode_step([script[step] for script in scripts])
         failures += [(req.rid, message) for req, message in harness.plan.failed]
         outputs.append(torch.stack([out[[0, 2]] for *_, out in layers]))

@@ -47,6 +47,83 @@ def test_imports_run_one_way():
     assert probe["after_config"] == ["zoomr_sglang"]
 
 
+def _imported_modules(path) -> set:
+    """Every module a file names in an import statement, at any depth (deferred imports included)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_radix_tree_and_backend_meet_only_in_the_shared_layer():
+    """radix_ext/ never imports attention_backend/ nor the other way, not even inside a function:
+    what they hand each other is in tree_port.py, which imports only algo/, and the tree finds the backend through
+    runtime.py."""
+    from pathlib import Path
+
+    import zoomr_sglang
+
+    package = Path(zoomr_sglang.__file__).parent
+    radix_files = sorted((package / "radix_ext").glob("*.py"))
+    assert len(radix_files) >= 3
+    for path in radix_files:
+        backward = [m for m in _imported_modules(path) if m.startswith("zoomr_sglang.attention_backend")]
+        assert not backward, f"{path.name} imports {backward}"
+    own = [m for m in _imported_modules(package / "tree_port.py") if m.startswith("zoomr_sglang")]
+    assert own and all(m.startswith("zoomr_sglang.algo") for m in own)
+    backend_files = sorted((package / "attention_backend").glob("*.py"))
+    assert len(backend_files) >= 10
+    for path in backend_files:
+        forward = [m for m in _imported_modules(path) if m.startswith("zoomr_sglang.radix_ext")]
+        assert not forward, f"{path.name} imports {forward}"
+
+
+REGISTER_PROBE = r"""
+import json, sys
+import zoomr_sglang.plugin
+on_import = sorted(m for m in sys.modules if m.split(".")[0] in ("zoomr_sglang", "torch", "numpy", "sglang"))
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
+load_plugins()  # SGLang's own loading: register() through the entry point, then every hook applied
+print(json.dumps({"on_import": on_import, "patched": len(HookRegistry._patched),
+                  "after_register": sorted(m for m in sys.modules if m.startswith("zoomr_sglang"))}))
+"""
+
+
+def test_register_imports_nothing_heavy():
+    """SGLang loads the plug-in in every process it starts; the entry point imports neither torch
+    nor numpy nor the backend, and registering and applying every hook adds nothing of the package:
+    the hooks import their modules at their first call."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", REGISTER_PROBE], capture_output=True, text=True, check=True).stdout
+    probe = json.loads(out.strip().splitlines()[-1])
+    assert probe["on_import"] == ["zoomr_sglang", "zoomr_sglang.plugin", "zoomr_sglang.runtime"]
+    assert probe["patched"] >= 20
+    assert probe["after_register"] == ["zoomr_sglang", "zoomr_sglang.plugin", "zoomr_sglang.runtime"]
+
+
+def test_a_deferred_hook_imports_its_module_at_the_first_call(tmp_path, monkeypatch):
+    import sys
+
+    from zoomr_sglang.plugin import _deferred
+
+    (tmp_path / "zoomr_probe_hooks.py").write_text("def around(original, x, *, y):\n    return original(x, y=y) + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hook = _deferred("zoomr_probe_hooks", "around")
+    assert "zoomr_probe_hooks" not in sys.modules
+    assert hook(lambda x, y: x * y, 3, y=4) == 13  # arguments and result pass through
+    assert "zoomr_probe_hooks" in sys.modules
+    monkeypatch.delitem(sys.modules, "zoomr_probe_hooks")
+
+
 def test_every_hook_applied_or_the_backend_refuses(monkeypatch):
     """SGLang's HookRegistry only logs a target it cannot patch; the backend must stop instead,
     naming the target and the SGLang version it was built for."""
@@ -67,7 +144,7 @@ def test_every_hook_applied_or_the_backend_refuses(monkeypatch):
 
 
 def test_graph_modes_zoomr_cannot_replay_are_named():
-    from zoomr_sglang.plugin import graph_mode_problem
+    from zoomr_sglang.server_checks import graph_mode_problem
 
     assert graph_mode_problem(True, "full", "disabled", prefill_explicit=True) == ""
     assert graph_mode_problem(True, "disabled", "full", prefill_explicit=False) == ""  # default: turned off
@@ -86,7 +163,7 @@ def test_index_store_is_counted_in_sglangs_per_token_cost(monkeypatch):
     from sglang.srt.runtime_context import get_parallel
 
     from zoomr_sglang.attention_backend.factory import TOKENS_PER_INDEX_ENTRY
-    from zoomr_sglang.plugin import _after_compute_cell_size
+    from zoomr_sglang.server_checks import after_compute_cell_size
 
     monkeypatch.delenv("ZOOMR_INDEX_ENTRIES", raising=False)
 
@@ -100,7 +177,49 @@ def test_index_store_is_counted_in_sglangs_per_token_cost(monkeypatch):
     bf16_cell = 32 * 8 * (128 + 128) * 2  # Llama-3.1-8B: 32 layers, 8 KV heads
     entry = 32 * (8 * 128 + 1) * 4
     with get_parallel().override(attn_tp_size=1):
-        assert _after_compute_cell_size(bf16_cell, None, kvc(), 32) == bf16_cell + -(-entry // TOKENS_PER_INDEX_ENTRY)
-        assert _after_compute_cell_size(bf16_cell, None, kvc(decode_attention_backend="flashinfer"), 32) == bf16_cell
+        assert after_compute_cell_size(bf16_cell, None, kvc(), 32) == bf16_cell + -(-entry // TOKENS_PER_INDEX_ENTRY)
+        assert after_compute_cell_size(bf16_cell, None, kvc(decode_attention_backend="flashinfer"), 32) == bf16_cell
         monkeypatch.setenv("ZOOMR_INDEX_ENTRIES", "4096")  # a fixed size the user chose: not per token
-        assert _after_compute_cell_size(bf16_cell, None, kvc(), 32) == bf16_cell
+        assert after_compute_cell_size(bf16_cell, None, kvc(), 32) == bf16_cell
+
+
+def test_an_admission_pass_lives_in_the_runtime_not_on_sglangs_adder():
+    """The admission hooks keep one scheduling round's host-tier room in the pool's runtime, keyed
+    by SGLang's PrefillAdder: the adder carries nothing of zoomr's and the pass goes with it. While a
+    request is admitted, SGLang's fit test counts its reservation instead of its whole output."""
+    import gc
+    import importlib
+    from types import SimpleNamespace
+
+    # Loaded first, as in a server: its first import, inside the hook, would keep the hook's frames
+    # (and the adder with them) alive.
+    importlib.import_module("sglang.srt.managers.schedule_policy")
+
+    from zoomr_sglang import host_tier_hooks
+    from zoomr_sglang.attention_backend.admission import new_request_charge
+    from zoomr_sglang.config import ZoomRConfig
+    from zoomr_sglang.runtime import attach
+
+    class Adder:  # SGLang's PrefillAdder, as far as the hooks read it
+        def __init__(self, pool) -> None:
+            self.tree_cache, self.new_token_ratio = SimpleNamespace(req_to_token_pool=pool), 0.1
+
+    config = ZoomRConfig(sink=4, window=64, max_thought_tokens=48, admission="observed")
+    host = SimpleNamespace(free_blocks=100, block_tokens=32)
+    controller = SimpleNamespace(config=config, tiering=SimpleNamespace(host=host),
+                                 planner=SimpleNamespace(accepts_holes=lambda req: True))
+    pool = object()  # SGLang's ReqToTokenPool, as far as the registry sees it
+    runtime = attach(pool, controller)
+    adder = Adder(pool)
+    req = SimpleNamespace(sampling_params=SimpleNamespace(max_new_tokens=1500), output_ids=[])
+
+    def add_one_req(adder, req):
+        return host_tier_hooks.before_check_prefill_budget(adder, req, total_tokens=10_000)[1]["total_tokens"]
+
+    charged = host_tier_hooks.around_admitting(add_one_req, adder, req)
+    assert charged == 10_000 - 1500 + new_request_charge(config, 1500, 0.1).device < 10_000
+    assert vars(adder).keys() == {"tree_cache", "new_token_ratio"} and list(runtime.admission_passes) == [adder]
+    assert runtime.admission_passes[adder].admitting is None  # only while add_one_req runs
+    del adder
+    gc.collect()
+    assert len(runtime.admission_passes) == 0

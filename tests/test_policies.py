@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from backend_harness import Harness, scripted_tokens
-from zoomr_sglang.algo.policies import (
-    POLICY_NAMES, H2OPolicy, OraclePolicy, QuestPolicy, RandomPolicy, StepView, StreamingPolicy,
-    SummaryOnlyPolicy, ZoomRPagesPolicy, ZoomRPolicy, FullPolicy, QUEST_PAGE_SIZE, add_within_budget, current_thought,
-    mask_to_ranges, quest_upper_bound, recent_fill,
-)
+from testbed.attention_baselines import H2OPolicy, QuestPolicy
+from testbed.baselines import OraclePolicy, RandomPolicy, StreamingPolicy, SummaryOnlyPolicy, ZoomRPagesPolicy
+from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, quest_upper_bound
+from zoomr_sglang.algo.policies import FullPolicy, StepView, ZoomRPolicy
+from zoomr_sglang.algo.policy_base import add_within_budget, current_thought, mask_to_ranges, recent_fill
+from zoomr_sglang.algo.policy_registry import POLICY_NAMES
 from zoomr_sglang.algo.segmentation import Thought
 from zoomr_sglang.algo.working_set import ranges_size, with_tail
 from zoomr_sglang.config import ZoomRConfig, load_config, request_settings
@@ -275,7 +276,7 @@ def test_cached_unbounded_working_set_equals_the_from_scratch_union():
     """Thought policies cache their skeleton and selection; step after step, as thoughts close
     (with and without summaries) and selections change, the result equals the union computed from
     scratch (sinks, prompt, summaries, zoomed thoughts, open region, window)."""
-    from zoomr_sglang.algo.working_set import working_set_ranges
+    from paper_working_set import working_set_ranges
 
     rng = random.Random(0)
     for trial in range(20):

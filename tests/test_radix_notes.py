@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from zoomr_sglang.algo.segmentation import Thought, TokenRole
-from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, ThoughtRecord, inherit
+from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, inherit
+from zoomr_sglang.tree_port import ThoughtRecord
 
 
 def _record(index, start, body_end, summary_end=None, key=True):

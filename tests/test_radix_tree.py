@@ -4,6 +4,7 @@ device sizes SGLang's leak check adds up, and eviction frees device and host slo
 from __future__ import annotations
 
 from array import array
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,14 +14,15 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from backend_harness import Harness
 from zoomr_sglang.algo.segmentation import Thought, TokenRole
-from zoomr_sglang.attention_backend.factory import _CONTROLLERS
 from zoomr_sglang.config import ZoomRConfig
-from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, ThoughtRecord
+from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes
 from zoomr_sglang.radix_ext.tree import ZoomRRadixCache
+from zoomr_sglang.runtime import attach
+from zoomr_sglang.tree_port import ThoughtRecord
 
 
 def _tree(harness: Harness) -> ZoomRRadixCache:
-    _CONTROLLERS[harness.req_to_token_pool] = harness.controller
+    attach(harness.req_to_token_pool, harness.controller)  # what the backend factory does
     return ZoomRRadixCache(CacheInitParams(disable=False, req_to_token_pool=harness.req_to_token_pool,
                                            token_to_kv_pool_allocator=harness.allocator, page_size=1))
 
@@ -34,8 +36,8 @@ def _insert_with_hole(tree, harness, tokens, hole):
     tree.insert(InsertParams(key=RadixKey(array("q", tokens)), value=value))
     leaf = tree.root_node.children[tokens[0]]
     thought = Thought(index=0, start=start - 2, body_end=end + 2, final=True)
-    leaf.zoomr = NodeNotes(pieces=[HostPiece(start, end, host_slots)],
-                           records=[ThoughtRecord(thought=thought, reasoning_start=0, role=TokenRole.BODY)])
+    tree.node_notes[leaf] = NodeNotes(pieces=[HostPiece(start, end, host_slots)],
+                                      records=[ThoughtRecord(thought=thought, reasoning_start=0, role=TokenRole.BODY)])
     tree.host_tokens += end - start
     tree.thought_records += 1
     return leaf
@@ -53,9 +55,10 @@ def test_pieces_split_lock_and_evict_with_exact_counts():
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens[:15] + [99]))))
     head = match.last_device_node
     assert match.device_prefix_len == 15 and len(head.key) == 15
-    assert [(p.start, p.end) for p in head.zoomr.pieces] == [(10, 15)]
+    assert [(p.start, p.end) for p in tree.node_notes[head].pieces] == [(10, 15)]
     tail = next(iter(head.children.values()))
-    assert [(p.start, p.end) for p in tail.zoomr.pieces] == [(0, 5)] and len(tail.zoomr.records) == 1
+    assert [(p.start, p.end) for p in tree.node_notes[tail].pieces] == [(0, 5)] and len(tree.node_notes[tail].records) == 1
+    assert not hasattr(head, "zoomr")  # SGLang's nodes carry nothing of zoomr's
     # Locking the head protects its 10 device tokens, not its 5 host ones.
     tree.inc_lock_ref(head)
     assert tree.protected_size() == 10 and tree.evictable_size() == 20
@@ -66,7 +69,52 @@ def test_pieces_split_lock_and_evict_with_exact_counts():
     assert tree.protected_size() == 0 and tree.evictable_size() == 10
     tree.evict(EvictParams(num_tokens=1000))
     assert allocator.available_size() == free_device and host.num_used == 0
-    assert tree.evictable_size() == 0 and tree.host_tokens == 0
+    assert tree.evictable_size() == 0 and tree.host_tokens == 0 and tree.node_notes == {}
+
+
+class _RecordingPort:
+    """A ``TreePort`` that accepts holes and records what the tree hands over and gives back."""
+
+    def __init__(self, host) -> None:
+        self.host, self.handed, self.freed = host, [], 0
+
+    def accepts_holes(self, req) -> bool:
+        return True
+
+    def hand_inheritance(self, req, inheritance) -> None:
+        self.handed.append((req, inheritance))
+
+    def free_host_slots(self, host_slots) -> None:
+        self.freed += len(host_slots)
+        self.host.free(host_slots)
+
+
+def test_the_tree_reaches_its_backend_only_through_the_port():
+    """A match hands the inheritance to the pool's port (the tree writes nothing on SGLang's Req),
+    eviction gives host slots back through it, and a tree whose pool zoomr does not decode hands
+    nothing over."""
+    harness = Harness(ZoomRConfig(sink=0, window=8), host_tier_tokens=256)
+    tree = _tree(harness)
+    port = _RecordingPort(harness.controller.tiering.host)
+    attach(harness.req_to_token_pool, port)
+    tokens = list(range(1, 41))
+    _insert_with_hole(tree, harness, tokens, (10, 20))
+    req = SimpleNamespace()
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens + [99])), req=req))
+    assert match.device_prefix_len == 40 and vars(req) == {}
+    (first, cleared), (second, inheritance) = port.handed
+    assert first is req and cleared is None and second is req
+    assert inheritance.prefix_len == 40 and len(inheritance.records) == 1
+    assert [(thought, start, end) for thought, start, end, _ in inheritance.cold] == [(0, 10, 20)]
+    tree.evict(EvictParams(num_tokens=1000))
+    assert port.freed == 10 and harness.controller.tiering.host.num_used == 0
+
+    other = Harness(ZoomRConfig(sink=0, window=8))  # another decode backend: no runtime for its pool
+    plain = ZoomRRadixCache(CacheInitParams(disable=False, req_to_token_pool=other.req_to_token_pool,
+                                            token_to_kv_pool_allocator=other.allocator, page_size=1))
+    plain.insert(InsertParams(key=RadixKey(array("q", tokens)), value=other.allocator.alloc(40)))
+    assert plain.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=req)).device_prefix_len == 40
+    assert vars(req) == {} and plain.node_notes == {}
 
 
 def test_reset_frees_every_host_piece():

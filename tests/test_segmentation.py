@@ -301,9 +301,9 @@ def _segment(seg: ThoughtSegmenter, ids: list[int], quiet: bool) -> tuple[list, 
     with ``quiet``, by ``feed_quiet`` first (its one commit written as ``feed`` reports it)."""
     reports = []
     for position, token in enumerate(ids, start=FIRST):
-        thought = seg.feed_quiet(token, position) if quiet else -1
+        flags = seg._vocab.flags_of(token)
+        thought = seg.feed_quiet(flags, position) if quiet else -1
         if thought >= 0:
-            flags = seg._vocab.flags_of(token)
             reports.append(([(thought, BODY, [position])], [], bool(flags & TokenMarkers.SENTENCE_END), True))
         else:
             events = seg.feed(token, position)
@@ -324,6 +324,29 @@ def test_quiet_feeding_settles_exactly_what_feeding_does(seed):
     assert sum(len(r[1]) for r in fed) > 5 and sum(r[3] for r in quiet) > 50  # thoughts closed, tokens taken quietly
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_token_quiet_run_admits_extends_the_body_as_feeding_does(seed):
+    """What the planner's quiet steps rely on: while ``quiet_run`` admits a position and the token
+    holds no marker, ``extend_body`` settles it as ``feed`` would."""
+    rng = random.Random(100 + seed)
+    ids = [rng.choice(range(len(VOCAB) + 2)) for _ in range(400)]
+    kwargs = dict(max_thought_tokens=[3, 5, 30, 100][seed])  # short caps: bodies end at the cap too
+    fed, fed_thoughts = _segment(make(**kwargs), ids, quiet=False)
+    seg, reports, extended = make(**kwargs), [], 0
+    for position, token in enumerate(ids, start=FIRST):
+        flags = seg._vocab.flags_of(token)
+        thought, limit = seg.quiet_run()
+        if thought >= 0 and position < limit and not flags & TokenMarkers.MARKER:
+            seg.extend_body(flags, position)
+            reports.append(([(thought, BODY, [position])], [], bool(flags & TokenMarkers.SENTENCE_END)))
+            extended += 1
+        else:
+            events = seg.feed(token, position)
+            reports.append((events.commits, events.finalized, events.sentence_end))
+    assert reports == [r[:3] for r in fed] and seg.thoughts == fed_thoughts
+    assert extended > 50
+
+
 def test_an_id_past_the_tokenizer_reads_as_empty_text():
     """Models pad their embedding beyond the tokenizer and may sample those ids: such a token is
     segmented as a token whose text is empty (it holds no marker, not even inside a split one)."""
@@ -340,8 +363,8 @@ def test_an_id_past_the_tokenizer_reads_as_empty_text():
     markers = TokenMarkers(VOCAB, boundaries=["\n\n"], summary_begin="<|begin_of_summary|>",
                            summary_end="<|end_of_summary|>", sentence_ends=["."])
     assert markers.flags_of(len(VOCAB)) == markers.flags_of(-1) == 0
-    assert markers.flags_of(VOCAB.index(".")) == TokenMarkers.SENTENCE_END | TokenMarkers.REFRESH
-    assert markers.flags_of(VOCAB.index("<|")) == TokenMarkers.MARKER  # a marker's beginning
+    assert markers.flags_of(VOCAB.index(".")) == TokenMarkers.SENTENCE_END | TokenMarkers.REFRESH | TokenMarkers.NONBLANK
+    assert markers.flags_of(VOCAB.index("<|")) == TokenMarkers.MARKER | TokenMarkers.NONBLANK  # a marker's beginning
     assert markers.flags_of(VOCAB.index("\n\n")) == TokenMarkers.MARKER | TokenMarkers.REFRESH
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from zoomr_sglang.algo.working_set import merge_ranges, ranges_size, ranges_to_positions, working_set_ranges
+from paper_working_set import ranges_to_positions, working_set_ranges
+from zoomr_sglang.algo.working_set import merge_ranges, ranges_size
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Tuple
 
 from zoomr_sglang.algo.batched_votes import VOTE_KINDS
-from zoomr_sglang.algo.policies import POLICY_NAMES
+from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.working_set import MIN_WINDOW
 
 
@@ -124,7 +124,11 @@ def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
 
 
 def _policy(name: str, raw: object) -> str:
-    return _choice(name, raw, POLICY_NAMES)
+    try:
+        policy_class(raw)  # a research policy's module is imported here, where its setting is read
+    except ValueError as error:
+        raise ValueError(f"{name}={raw!r}: {error}") from None
+    return raw
 
 
 def _check_budget(name: str, budget: int, config: "ZoomRConfig") -> None:

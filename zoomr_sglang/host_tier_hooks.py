@@ -1,7 +1,9 @@
 """SGLang hooks that make the host tier's row holes safe and turn freed slots into admissions.
 
-See docs/host-tier.md. Every hook is a no-op unless the pool belongs to a ZoomR backend whose
-host tier is on, except the insert cap below pasted reasoning, which needs only the backend.
+See docs/host-tier.md; ``plugin._hook_table`` names their targets and imports this module at the
+first call of one of them. Every hook is a no-op unless the pool belongs to a ZoomR decode backend
+(``runtime.runtime_of``) whose host tier is on, except the insert cap below pasted reasoning,
+which needs only the backend.
 - Release: a request's insert into SGLang's stock tree stops at its first hole (that tree must
   never own a hole's padding slot) and, while it runs, below its pasted reasoning; the ranges
   SGLang frees skip the holes (their slots were freed when the thought left the device).
@@ -19,28 +21,18 @@ from typing import Dict
 
 from zoomr_sglang.algo.working_set import subtract_ranges
 from zoomr_sglang.attention_backend.admission import HostRoom, new_request_charge, running_charge
-
-
-def _controller_of(req_to_token_pool):
-    from zoomr_sglang.attention_backend.factory import controller_for_pool
-
-    return controller_for_pool(req_to_token_pool)
+from zoomr_sglang.runtime import runtime_of
 
 
 def _tiering_of(req_to_token_pool):
-    controller = _controller_of(req_to_token_pool)
-    return None if controller is None else controller.tiering
-
-
-def _controller_with_tiering(req_to_token_pool):
-    controller = _controller_of(req_to_token_pool)
-    return controller if controller is not None and controller.tiering is not None else None
+    runtime = runtime_of(req_to_token_pool)
+    return None if runtime is None else runtime.controller.tiering
 
 
 def around_checkpoint(original, cache, req, *args, up_to, **kwargs):
-    controller = _controller_of(cache.req_to_token_pool)
-    if controller is not None:
-        up_to = controller.checkpoint_limit(req, up_to, holes_allowed=False, leaving=req.finished())
+    runtime = runtime_of(cache.req_to_token_pool)
+    if runtime is not None:
+        up_to = runtime.tree_port.checkpoint_limit(req, up_to, holes_allowed=False, leaving=req.finished())
     return original(cache, req, *args, up_to=up_to, **kwargs)
 
 
@@ -92,26 +84,31 @@ class _AdmissionPass:
         return self.host_room.device_tokens(new_request_charge(config, max_new_tokens, ratio), take)
 
 
-def _admission_controller(adder):
-    controller = _controller_with_tiering(adder.tree_cache.req_to_token_pool)
-    return None if controller is None or controller.config.admission == "sglang" else controller
+def _admission_runtime(adder):
+    """The runtime of the adder's pool when zoomr charges its admissions (host tier on, not
+    ``ZOOMR_ADMISSION=sglang``), else None."""
+    runtime = runtime_of(adder.tree_cache.req_to_token_pool)
+    if runtime is None or runtime.controller.tiering is None or runtime.controller.config.admission == "sglang":
+        return None
+    return runtime
 
 
-def _admission_pass(adder, controller) -> _AdmissionPass:
-    admission_pass = getattr(adder, "_zoomr_admission", None)
+def _admission_pass(adder, runtime) -> _AdmissionPass:
+    admission_pass = runtime.admission_passes.get(adder)
     if admission_pass is None:
-        admission_pass = adder._zoomr_admission = _AdmissionPass(controller)
+        admission_pass = runtime.admission_passes[adder] = _AdmissionPass(runtime.controller)
     return admission_pass
 
 
 def after_running_offset(result, adder, req, *args, **kwargs):
-    controller = _admission_controller(adder)
-    if controller is None or req.kv.req_pool_idx is None:
+    runtime = _admission_runtime(adder)
+    if runtime is None or req.kv.req_pool_idx is None:
         return result
+    controller = runtime.controller
     state = controller.planner.states.get(req.kv.req_pool_idx)
     if state is None or not controller.planner.tiered(state):
         return result  # a policy whose KV never leaves the device keeps SGLang's own charge
-    admission_pass = _admission_pass(adder, controller)
+    admission_pass = _admission_pass(adder, runtime)
     if id(req) not in admission_pass.running:
         remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
         charge = running_charge(controller.config, state, remaining, adder.new_token_ratio)
@@ -122,11 +119,11 @@ def after_running_offset(result, adder, req, *args, **kwargs):
 def around_admitting(original, adder, req, *args, **kwargs):
     """``PrefillAdder.add_one_req`` and ``add_chunked_req``: the two hooks below lower the charge
     of the request being admitted when the host tier may move its KV."""
-    controller = _admission_controller(adder)
-    if controller is None:
+    runtime = _admission_runtime(adder)
+    if runtime is None:
         return original(adder, req, *args, **kwargs)
-    admission_pass = _admission_pass(adder, controller)
-    admission_pass.admitting = req if controller.planner.accepts_holes(req) else None
+    admission_pass = _admission_pass(adder, runtime)
+    admission_pass.admitting = req if runtime.controller.planner.accepts_holes(req) else None
     try:
         return original(adder, req, *args, **kwargs)
     finally:
@@ -136,13 +133,13 @@ def around_admitting(original, adder, req, *args, **kwargs):
 def _admitting(adder, req=None):
     """``(controller, admission pass)`` while ``req`` (default: any request) is being admitted
     with a lowered charge, else None."""
-    controller = _admission_controller(adder)
-    admission_pass = None if controller is None else getattr(adder, "_zoomr_admission", None)
+    runtime = _admission_runtime(adder)
+    admission_pass = None if runtime is None else runtime.admission_passes.get(adder)
     if admission_pass is None or admission_pass.admitting is None:
         return None
     if req is not None and req is not admission_pass.admitting:
         return None
-    return controller, admission_pass
+    return runtime.controller, admission_pass
 
 
 def before_check_prefill_budget(adder, req, *args, **kwargs):
@@ -186,17 +183,3 @@ def before_prefill_admission(scheduler, *args, **kwargs):
             running_batch.batch_is_full = False
     return None
 
-
-HOOKS = (
-    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.checkpoint", around_checkpoint, "AROUND"),
-    ("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", around_free_kv_row, "AROUND"),
-    ("sglang.srt.managers.schedule_batch.ScheduleBatch.new_tokens_required_next_decode", after_new_tokens_required, "AFTER"),
-    ("sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset", after_running_offset, "AFTER"),
-    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", around_admitting, "AROUND"),
-    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req", around_admitting, "AROUND"),
-    ("sglang.srt.managers.schedule_policy.PrefillAdder._check_prefill_budget", before_check_prefill_budget, "BEFORE"),
-    ("sglang.srt.managers.schedule_policy.PrefillAdder._update_prefill_budget", before_update_prefill_budget, "BEFORE"),
-    ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", before_prefill_admission, "BEFORE"),
-    ("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes",
-     after_uncached_sizes, "AFTER"),
-)

@@ -8,8 +8,9 @@ scheduler process, through SGLang's multiprocess Prometheus directory. Gauges ar
 
 from __future__ import annotations
 
-import weakref
 from typing import Dict
+
+from zoomr_sglang.runtime import attached
 
 GAUGES = {
     "sglang:zoomr_resident_tokens": "Device-resident KV tokens of the running zoomr requests at their last step.",
@@ -25,8 +26,6 @@ COUNTERS = {
     "sglang:zoomr_over_bound_steps": "Request decode steps that attended more than their bound.",
     "sglang:zoomr_index_entries_reused": "Index keys taken from the zoomr radix cache instead of recomputed.",
 }
-
-_EXPORTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # controller -> its exporter
 
 
 class ZoomRMetrics:
@@ -52,11 +51,8 @@ class ZoomRMetrics:
 
 
 def after_log_stats(result, collector, *args, **kwargs):
-    from zoomr_sglang.attention_backend.factory import all_controllers
-
-    for controller in all_controllers():
-        exporter = _EXPORTERS.get(controller)
-        if exporter is None:
-            exporter = _EXPORTERS[controller] = ZoomRMetrics(dict(collector.labels))
-        exporter.update(controller.metric_values())
+    for runtime in attached():
+        if runtime.metrics is None:
+            runtime.metrics = ZoomRMetrics(dict(collector.labels))
+        runtime.metrics.update(runtime.controller.metric_values())
     return result

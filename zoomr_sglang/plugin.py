@@ -1,9 +1,11 @@
 """Entry point of the ``sglang.srt.plugins`` group: registers ``--attention-backend zoomr`` and
 ``--radix-cache-backend zoomr`` (``radix_ext``).
 
-``register()`` only registers; the backend module is imported lazily by its factory. It uses
-SGLang's extension points: the attention registry and its CLI choices, a resolution hook (checks
-the ``ZOOMR_*`` settings and the server arguments at start), and ``HookRegistry`` hooks:
+``register()`` only registers, importing no more of the package than ``runtime.py``: the backend,
+the tree and the host-tier hooks load in their factories and at a hook's first call
+(``_deferred``), so processes that build no backend never load them. It uses SGLang's extension
+points: the attention registry and its CLI choices, a resolution hook (checks the ``ZOOMR_*``
+settings and the server arguments at start: ``server_checks.py``), and ``HookRegistry`` hooks:
 
 - a request took or left a pool row (``ReqToTokenPool.alloc`` / ``free_rows`` / ``clear``);
 - a decode step is about to run (``ModelRunner.forward``): ZoomR plans it on the host from the
@@ -15,6 +17,10 @@ the ``ZOOMR_*`` settings and the server arguments at start), and ``HookRegistry`
 
 from __future__ import annotations
 
+import importlib
+
+from zoomr_sglang.runtime import runtime_of
+
 BACKEND_NAME = "zoomr"
 
 _registered = False
@@ -23,13 +29,32 @@ _registered = False
 SGLANG_VERSION = "0.5.23"  # the SGLang these hooks' targets were read from (pyproject pins it)
 
 
+def _deferred(module: str, name: str):
+    """A hook that imports ``module`` at its first call and hands every call to its ``name``."""
+    function = None
+
+    def hook(*args, **kwargs):
+        nonlocal function
+        if function is None:
+            function = getattr(importlib.import_module(module), name)
+        return function(*args, **kwargs)
+
+    hook.__qualname__ = f"{module}.{name}"
+    return hook
+
+
 def _hook_table():
     """Every ``HookRegistry`` hook of the plug-in: ``(target, hook, kind)``."""
-    from zoomr_sglang import host_tier_hooks
 
+    def host_tier(name: str):
+        return _deferred("zoomr_sglang.host_tier_hooks", name)
+
+    admission = "sglang.srt.managers.schedule_policy.PrefillAdder."
     return (
-        ("sglang.srt.managers.schedule_batch.release_req", _before_release_req, "BEFORE"),
-        ("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats", _after_log_stats, "AFTER"),
+        ("sglang.srt.managers.schedule_batch.release_req", _deferred("zoomr_sglang.radix_ext.tree", "before_release_req"),
+         "BEFORE"),
+        ("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
+         _deferred("zoomr_sglang.metrics", "after_log_stats"), "AFTER"),
         ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _after_free_rows, "AFTER"),
         ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _after_pool_clear, "AFTER"),
         # Per-request policy settings: checked where the request enters (a bad value is the client's
@@ -44,10 +69,23 @@ def _hook_table():
          _add_internal_state, "AFTER"),
         # SGLang's per-token KV cost, before it sizes the pool: zoomr's index store is counted there.
         ("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
-         _after_compute_cell_size, "AFTER"),
+         _deferred("zoomr_sglang.server_checks", "after_compute_cell_size"), "AFTER"),
         # The host tier leaves holes in running requests' rows; SGLang's release path and admission
         # learn about them here (zoomr_sglang/host_tier_hooks.py).
-        *host_tier_hooks.HOOKS,
+        ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.checkpoint", host_tier("around_checkpoint"),
+         "AROUND"),
+        ("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", host_tier("around_free_kv_row"), "AROUND"),
+        ("sglang.srt.managers.schedule_batch.ScheduleBatch.new_tokens_required_next_decode",
+         host_tier("after_new_tokens_required"), "AFTER"),
+        (admission + "_get_running_request_total_token_offset", host_tier("after_running_offset"), "AFTER"),
+        (admission + "add_one_req", host_tier("around_admitting"), "AROUND"),
+        (admission + "add_chunked_req", host_tier("around_admitting"), "AROUND"),
+        (admission + "_check_prefill_budget", host_tier("before_check_prefill_budget"), "BEFORE"),
+        (admission + "_update_prefill_budget", host_tier("before_update_prefill_budget"), "BEFORE"),
+        ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", host_tier("before_prefill_admission"),
+         "BEFORE"),
+        ("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes",
+         host_tier("after_uncached_sizes"), "AFTER"),
     )
 
 
@@ -66,7 +104,8 @@ def register() -> None:
         add_attention_backend_choices([BACKEND_NAME])  # takes an iterable of names
     register_attention_backend(BACKEND_NAME)(_create_backend)
     register_radix_cache_backend(BACKEND_NAME, _create_radix_cache)
-    register_resolution_hook("handle_attention_backend_compatibility")(_resolve_server_args)
+    register_resolution_hook("handle_attention_backend_compatibility")(
+        _deferred("zoomr_sglang.server_checks", "resolve_server_args"))
     for target, hook, kind in _hook_table():
         HookRegistry.register(target, hook, getattr(HookType, kind))
 
@@ -103,116 +142,11 @@ def _create_radix_cache(ctx):
     return create_zoomr_radix_cache(ctx)
 
 
-def _after_compute_cell_size(cell_size, configurator, kvc, num_layers, *args, **kwargs):
-    """zoomr as the decode backend with the automatic index size: each pool token also costs its
-    share of the index store (``ZOOMR_INDEX_ENTRIES`` set by hand is a fixed size on top)."""
-    from sglang.srt.arg_groups.overrides import attention_backends_of
-
-    if attention_backends_of(kvc.server_args)[1] != BACKEND_NAME or not cell_size:
-        return cell_size
-    from sglang.srt.runtime_context import get_parallel
-
-    from zoomr_sglang.attention_backend.factory import index_bytes_per_pool_token
-    from zoomr_sglang.config import load_config
-
-    if load_config().index_entries:
-        return cell_size
-    model_config = kvc.model_config
-    kv_heads = model_config.get_num_kv_heads(get_parallel().attn_tp_size)
-    return cell_size + int(-(-index_bytes_per_pool_token(num_layers, kv_heads, model_config.head_dim) // 1))
-
-
-def _after_log_stats(result, collector, *args, **kwargs):
-    from zoomr_sglang.metrics import after_log_stats
-
-    return after_log_stats(result, collector, *args, **kwargs)
-
-
-def _before_release_req(*args, **kwargs):
-    from zoomr_sglang.radix_ext.tree import before_release_req
-
-    return before_release_req(*args, **kwargs)
-
-
-def _resolve_server_args(server_args, previous) -> None:
-    """Validate what can be validated before any model loads, so bad input stops the server at start."""
-    previous(server_args)
-    from sglang.srt.arg_groups.overrides import attention_backends_of, declare_resolution, resolved_view, resolving_view
-    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
-
-    view = resolved_view(server_args)
-    prefill, decode = attention_backends_of(view)
-    if BACKEND_NAME not in (prefill, decode):
-        return
-    if decode != BACKEND_NAME:
-        raise ValueError(
-            f"--prefill-attention-backend zoomr with --decode-attention-backend {decode}: zoomr chooses what each "
-            f"decode step reads and moves cold KV off the device, so it must be the decode backend; use "
-            f"--decode-attention-backend zoomr (with any prefill backend)"
-        )
-    from zoomr_sglang.config import load_config
-
-    load_config()  # raises ValueError naming the bad ZOOMR_* variable
-    if view.speculative_algorithm is not None:
-        raise ValueError(
-            f"--attention-backend zoomr does not support speculative decoding "
-            f"(--speculative-algorithm {view.speculative_algorithm}); drop it or choose another backend"
-        )
-    if view.enable_mixed_chunk:
-        raise ValueError("--attention-backend zoomr does not support --enable-mixed-chunk; drop that flag")
-    from sglang.srt.environ import envs
-
-    for flag in ("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "SGLANG_ENABLE_OVERLAP_PLAN_STREAM"):
-        if getattr(envs, flag).get():
-            # Both would replay or move ZoomR's host-planned metadata without its planning.
-            raise ValueError(f"--attention-backend zoomr does not support {flag}=1; unset it")
-    cfg = resolving_view(server_args)
-    graphs = cfg.cuda_graph_config
-    if view.device == "cpu":  # SGLang's CPU graph runner compiles the forward: not ZoomR's host plan
-        graphs = with_phase(graphs, Phase.DECODE, backend=Backend.DISABLED)
-        declare_resolution(server_args, "zoomr_plugin",
-                           cuda_graph_config=with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED))
-        return
-    explicit = getattr(server_args, "_cuda_graph_config_locked", set())
-    problem = graph_mode_problem(prefill == BACKEND_NAME, graphs.decode.backend, graphs.prefill.backend,
-                                 prefill_explicit=(Phase.PREFILL, "backend") in explicit)
-    if problem:
-        raise ValueError(problem)
-    if prefill == BACKEND_NAME and graphs.prefill.backend != Backend.DISABLED:
-        # SGLang's default prefill graph, not asked for: zoomr's prefill runs eagerly (see graph_mode_problem).
-        declare_resolution(server_args, "zoomr_plugin",
-                           cuda_graph_config=with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED))
-
-
-def graph_mode_problem(zoomr_prefill: bool, decode_graph: str, prefill_graph: str, *, prefill_explicit: bool) -> str:
-    """Why a CUDA-graph mode cannot run with zoomr ("" when it can).
-
-    Decode: zoomr loads its host plan in SGLang's full-graph replay hooks; a breakable graph replays
-    the attention pieces without them. Prefill: a prefix whose cold thoughts are in the host tier is
-    attended per request in PyTorch (``extend_holes.py``), which no prefill graph can replay; only
-    a prefill graph the user asked for is refused, SGLang's default one is turned off.
-    """
-    if decode_graph not in ("full", "disabled"):
-        return (f"--cuda-graph-backend-decode {decode_graph}: zoomr replays decode steps as full CUDA graphs only; "
-                f"allowed: full (the default) or disabled")
-    if zoomr_prefill and prefill_explicit and prefill_graph != "disabled":
-        return (f"--cuda-graph-backend-prefill {prefill_graph} with zoomr as the prefill backend: zoomr's prefill over "
-                f"cold thoughts cannot replay in a CUDA graph; use --disable-prefill-cuda-graph, or "
-                f"--prefill-attention-backend flashinfer --decode-attention-backend zoomr")
-    return ""
-
-
-def _controller_of(req_to_token_pool):
-    from zoomr_sglang.attention_backend.factory import controller_for_pool
-
-    return controller_for_pool(req_to_token_pool)
-
-
 def _after_free_rows(result, pool, indices, *args, **kwargs):
-    controller = _controller_of(pool)
-    if controller is not None:
+    runtime = runtime_of(pool)
+    if runtime is not None:
         for row in indices:
-            controller.release_row(row)
+            runtime.controller.release_row(row)
     return result
 
 
@@ -229,18 +163,19 @@ def _before_validate_request(manager, obj, *args, **kwargs):
 
 
 def _after_alloc_rows(result, pool, reqs, *args, **kwargs):
-    controller = _controller_of(pool)
-    if controller is not None and result is not None:
+    runtime = runtime_of(pool)
+    if runtime is not None and result is not None:
         for req, row in zip(reqs, result):
-            controller.note_request(row, req)
+            runtime.controller.note_request(row, req)
     return result
 
 
 def _before_forward(model_runner, forward_batch, *args, **kwargs):
     """Plan a decode step on the host before its metadata is built (eager or graph replay alike)."""
     if forward_batch.forward_mode.is_decode():
-        controller = _controller_of(model_runner.req_to_token_pool)
-        if controller is not None:
+        runtime = runtime_of(model_runner.req_to_token_pool)
+        if runtime is not None:
+            controller = runtime.controller
             controller.begin_decode(forward_batch.rids, forward_batch.seq_lens_cpu.tolist())
             _abort(controller.next_plan.failed)
     return None
@@ -260,24 +195,27 @@ def _abort(failed) -> None:
 
 
 def _around_can_run_graph(original, graph_runner, forward_batch, *args, **kwargs):
-    controller = _controller_of(graph_runner.model_runner.req_to_token_pool)
-    if controller is not None and controller.needs_eager():
+    runtime = runtime_of(graph_runner.model_runner.req_to_token_pool)
+    if runtime is not None and runtime.controller.needs_eager():
         return False
     return original(graph_runner, forward_batch, *args, **kwargs)
 
 
 def _after_pool_clear(result, pool, *args, **kwargs):
-    controller = _controller_of(pool)
-    if controller is not None:
-        controller.release_all()
+    runtime = runtime_of(pool)
+    if runtime is not None:
+        runtime.controller.release_all()
     return result
+
+
+RANK_COUNTS = ("pools", "radix", "host_tier", "index_entries_live", "running")  # per rank with TP > 1
 
 
 def _add_internal_state(result, state_controller, *args, **kwargs):
     scheduler = state_controller.scheduler
-    controller = _controller_of(scheduler.req_to_token_pool)
-    if controller is not None:
-        stats = controller.stats()
+    runtime = runtime_of(scheduler.req_to_token_pool)
+    if runtime is not None:
+        stats = runtime.controller.stats()
         # SGLang's own pool counts, so that clients can check that nothing leaks.
         stats["pools"] = {
             "kv_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
@@ -288,5 +226,11 @@ def _add_internal_state(result, state_controller, *args, **kwargs):
         }
         if hasattr(scheduler.tree_cache, "stats"):  # --radix-cache-backend zoomr
             stats["radix"] = scheduler.tree_cache.stats()
+        if scheduler.tp_size > 1:  # every rank answers this request; rank 0's reply carries each rank's counts
+            import torch.distributed as dist
+
+            stats["ranks"] = [None] * scheduler.tp_size
+            counts = {key: stats[key] for key in RANK_COUNTS if key in stats}
+            dist.all_gather_object(stats["ranks"], counts, group=scheduler.tp_cpu_group)
         result.internal_state[BACKEND_NAME] = stats
     return result

@@ -24,7 +24,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.attention_policies import QUEST_PAGE_SIZE, PageScorer, attention_weights, page_ranges
+from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, attention_weights, page_ranges
 from zoomr_sglang.algo.policy_base import mask_to_ranges, recent_fill
 from zoomr_sglang.algo.working_set import Range, as_range_array, merge_ranges
 
@@ -83,6 +83,11 @@ class FineZoom:
         completed since the last observed step (their bounds)."""
         self.new_pages = self.scorer.new_pages(seq_len)[0]
         return merge_ranges([*map(tuple, self.attended.tolist()), self.new_pages])
+
+    def step_signals(self) -> List[torch.Tensor]:
+        """This step's per-position attention sums and page votes (see ``Policy.step_signals``)."""
+        scorer = self.scorer
+        return [t for t in (self.observing, scorer.page_votes, scorer.page_score_sums) if t is not None]
 
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:

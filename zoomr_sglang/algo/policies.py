@@ -1,4 +1,4 @@
-"""Working-set policies: which KV positions one request attends at one decode step.
+"""The working-set policies the server serves: which KV positions one request attends at one step.
 
 One small class per method behind one interface (the kvpress idea); each says only what it keeps
 and in which order it wants its units (thoughts, pages, tokens), and one shared step,
@@ -6,54 +6,38 @@ and in which order it wants its units (thoughts, pages, tokens), and one shared 
 
 =========== ==================================================================================
 full        every position (dense attention)
-streaming   sinks + a recent window (StreamingLLM)
-h2o         sinks + recent window + heavy hitters by accumulated attention; evictions are final
-sumr        sinks + prompt + every summary + recent window (summary-only, no zoom-in)
-quest       sinks + recent window + the pages whose min/max key bounds score highest (Quest)
 zoomr       sinks + prompt + summaries + the c voted thoughts + recent window; without summaries
             and under a budget, pages voted by key bounds and the tokens the last step attended most
-zoomr_pages as zoomr, but a voted thought that does not fit the budget whole gives its best pages
-oracle      as zoomr, but the thoughts are the ones the task says the step reads (a ceiling)
-random      as zoomr, but c random closed thoughts (a floor)
 =========== ==================================================================================
+
+The research baselines (streaming, sumr, h2o, quest, zoomr_pages, oracle, random) live in the
+repository's ``testbed/`` and register only when a setting names one (``policy_registry``).
 
 ``budget`` is the most KV tokens a request may attend per step (0: unbounded). With a budget every
 policy keeps what it cannot do without (its sinks, the last :data:`MIN_WINDOW` tokens and, for the
 thought policies, the prompt and the summaries), then fills the budget in its own order; the
 recent window is shrunk before anything else is dropped and grows into whatever is left. With no
-budget, ``zoomr`` is the paper's working set (the open thought attended whole) and ``h2o`` and
-``quest`` keep everything.
+budget, ``zoomr`` is the paper's working set (the open thought attended whole).
 
 A policy instance belongs to one request. The engine builds a :class:`StepView` each step and asks
 for :meth:`Policy.working_set`: sorted disjoint ``[n, 2]`` int64 position ranges (numpy). Thought
 policies cache their skeleton (sinks, prompt, summaries) so that an unbounded step costs a binary
-search, not a pass over every thought. H2O and Quest also learn from each layer's query
-(:meth:`Policy.observe`); their choice takes effect at the next step.
+search, not a pass over every thought.
 """
 
 from __future__ import annotations
 
 import bisect
-import random
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.attention_policies import (
-    QUEST_PAGE_SIZE, H2OPolicy, ObservesPages, PageScorer, QuestPolicy, page_ranges, quest_upper_bound)
 from zoomr_sglang.algo.fine_zoom import FineZoom
-from zoomr_sglang.algo.policy_base import (
-    Policy, StepView, add_within_budget, current_thought, fill_budget, mask_to_ranges, recent_fill,
-)
-from zoomr_sglang.algo.working_set import (
-    Range, as_range_array, merge_range_array, merge_ranges, ranges_size, with_tail)
+from zoomr_sglang.algo.policy_base import Policy, StepView, fill_budget, recent_fill
+from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, merge_ranges, with_tail
 
-__all__ = [
-    "POLICIES", "POLICY_NAMES", "QUEST_PAGE_SIZE", "FullPolicy", "H2OPolicy", "OraclePolicy", "Policy", "QuestPolicy",
-    "RandomPolicy", "StepView", "StreamingPolicy", "SummaryOnlyPolicy", "ThoughtPolicy", "ZoomRPagesPolicy", "ZoomRPolicy",
-    "add_within_budget", "current_thought", "fill_budget", "mask_to_ranges", "quest_upper_bound", "recent_fill",
-]
+__all__ = ["SERVED_POLICIES", "FullPolicy", "Policy", "StepView", "ThoughtPolicy", "ZoomRPolicy"]
 
 
 class FullPolicy(Policy):
@@ -61,18 +45,6 @@ class FullPolicy(Policy):
 
     def working_set(self, view: StepView) -> np.ndarray:
         return as_range_array([(0, view.seq_len)])
-
-
-class StreamingPolicy(Policy):
-    """StreamingLLM: attention sinks and a recent window, the window filling the budget."""
-
-    name = "streaming"
-
-    def working_set(self, view: StepView) -> np.ndarray:
-        sinks = [(0, min(view.sink, view.seq_len))]
-        if not view.budget:
-            return as_range_array(merge_ranges([*sinks, (max(0, view.seq_len - view.window), view.seq_len)]))
-        return fill_budget(sinks, view.seq_len, view.budget, view.seq_len, [], view.seq_len)
 
 
 class ThoughtPolicy(Policy):
@@ -157,6 +129,12 @@ class ThoughtPolicy(Policy):
             self._below = lo, hi, fixed, tail_from = self._ranges_below(cut)
         return fixed, cut if tail_from is None else tail_from
 
+    def steady_cuts(self) -> Optional[Tuple[int, int, int, int, Optional[int]]]:
+        if self._cut_from is None:
+            return None
+        lo, hi, _, tail_from = self._below
+        return (*self._cut_from, lo, hi, tail_from)
+
     def _ranges_below(self, cut: int) -> Tuple[int, int, np.ndarray, Optional[int]]:
         """The static ranges that start below ``cut``, for every cut with the same answer (see
         ``_below``); a tail that starts inside (or right after) the last of them absorbs it."""
@@ -173,15 +151,6 @@ class ThoughtPolicy(Policy):
 
     def zoomed_thoughts(self, view: StepView) -> Sequence[int]:
         return view.zoomed
-
-
-class SummaryOnlyPolicy(ThoughtPolicy):
-    """Summaries and a recent window, never a thought body once it left the window."""
-
-    name = "sumr"
-
-    def zoomed_thoughts(self, view: StepView) -> Sequence[int]:
-        return ()
 
 
 class ZoomRPolicy(ThoughtPolicy):
@@ -215,78 +184,8 @@ class ZoomRPolicy(ThoughtPolicy):
                 scaling: float) -> None:
         self.fine.observe(layer_id, query, keys, positions, scaling)
 
-
-class ZoomRPagesPolicy(ObservesPages, ThoughtPolicy):
-    """ZoomR with a third granularity: a voted thought the budget cannot take whole is attended by
-    its best pages instead (Quest's key bounds, :class:`PageScorer`, scored by the same step's
-    queries and read at the next step), never beyond the voted thoughts. Without a budget it is
-    ``zoomr``; it observes every layer's query, so its steps run eagerly."""
-
-    name = "zoomr_pages"
-    votes = True
-
-    def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
-        super().__init__(num_thoughts=num_thoughts)
-        self.scorer = PageScorer()
-
-    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
-        base = recent_fill(skeleton, view.seq_len, view.budget, min(view.window, cap))
-        whole = add_within_budget(base, spans, view.budget)
-        # Complete pages inside the voted thoughts that did not fit whole, outside what is attended.
-        attended = as_range_array(whole)
-        pages = []
-        for start, end in spans:
-            first, last = -(-start // QUEST_PAGE_SIZE), end // QUEST_PAGE_SIZE
-            pages.extend(p for p in range(first, last) if not _inside(attended, p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE))
-        candidates = set(pages)
-        chosen = add_within_budget(whole, page_ranges([p for p in self.scorer.ranking() if p in candidates]), view.budget)
-        self.scorer.ask(torch.tensor(pages, dtype=torch.int64), max(0, (view.budget - ranges_size(whole)) // QUEST_PAGE_SIZE))
-        return as_range_array(recent_fill(chosen, view.seq_len, view.budget, cap))
+    def step_signals(self) -> List[torch.Tensor]:
+        return self.fine.step_signals()
 
 
-def _inside(ranges: np.ndarray, start: int, end: int) -> bool:
-    """Whether ``[start, end)`` lies within one of the sorted disjoint ``ranges`` ``[n, 2]``."""
-    i = int(np.searchsorted(ranges[:, 0], start, side="right")) - 1
-    return i >= 0 and int(ranges[i, 1]) >= end
-
-
-class OraclePolicy(ThoughtPolicy):
-    """Zooms into the thoughts the current thought really reads, as the task generator states them.
-
-    ``oracle[i]``: thought indices that thought ``i`` reads, most needed first.
-    """
-
-    name = "oracle"
-
-    def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
-        super().__init__(num_thoughts=num_thoughts)
-        if oracle is None:
-            raise ValueError("the oracle policy needs the task's dependencies (zoomr_oracle)")
-        self.oracle = [list(deps) for deps in oracle]
-
-    def choose_thoughts(self, view: StepView) -> Optional[List[int]]:
-        current = current_thought(view.thoughts)
-        wanted = self.oracle[current] if current < len(self.oracle) else []
-        closed = set(view.candidates)
-        return [i for i in wanted if i in closed][: self.num_thoughts]
-
-
-class RandomPolicy(ThoughtPolicy):
-    """c closed thoughts drawn at random at every refresh point (seeded per request)."""
-
-    name = "random"
-
-    def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
-        super().__init__(num_thoughts=num_thoughts)
-        self.rng = random.Random(seed)
-
-    def choose_thoughts(self, view: StepView) -> Optional[List[int]]:
-        candidates = list(view.candidates)
-        return self.rng.sample(candidates, min(self.num_thoughts, len(candidates)))
-
-
-POLICIES: Dict[str, Type[Policy]] = {
-    cls.name: cls for cls in (FullPolicy, StreamingPolicy, H2OPolicy, SummaryOnlyPolicy, QuestPolicy,
-                              ZoomRPolicy, ZoomRPagesPolicy, OraclePolicy, RandomPolicy)
-}
-POLICY_NAMES = tuple(POLICIES)
+SERVED_POLICIES: Tuple[Type[Policy], ...] = (FullPolicy, ZoomRPolicy)

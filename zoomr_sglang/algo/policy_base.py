@@ -132,6 +132,13 @@ class Policy:
         tell without a view; None: ask :meth:`working_set_parts`."""
         return None
 
+    def steady_cuts(self) -> Optional[Tuple[int, int, int, int, Optional[int]]]:
+        """When :meth:`working_set_next` would answer without new work: ``(open_from, window, lo, hi,
+        tail_from)``, meaning that at a sequence length whose cut ``min(open_from, seq_len -
+        window)`` lies in ``(lo, hi]`` it returns the last fixed ranges again and a tail from
+        ``tail_from`` (None: from the cut). None: no such promise."""
+        return None
+
     def choose_thoughts(self, view: StepView) -> Optional[List[int]]:
         """At a refresh point, the thoughts to zoom into (None: keep the selection, or vote)."""
         return None
@@ -144,6 +151,12 @@ class Policy:
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:
         """query ``[num_heads, head_dim]``, keys ``[n, num_kv_heads, head_dim]`` of ``positions [n]``."""
+
+    def step_signals(self) -> List[torch.Tensor]:
+        """What this step's observations summed over every query head, read at the next step: with
+        tensor parallelism each rank sums its own heads, and the ranks add these up after the last
+        layer (so every rank ranks as one holding every head would). Sums only; none by default."""
+        return []
 
 
 def current_thought(thoughts: Sequence[Thought]) -> int:

@@ -11,7 +11,7 @@ import bisect
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from zoomr_sglang.algo.token_markers import TokenMarkers
 
@@ -146,6 +146,23 @@ class ThoughtSegmenter:
         self._open_nonblank = False  # the open thought's body has non-whitespace text
         self._pending: list[_Pending] = []
 
+    def quiet_run(self) -> Tuple[int, int]:
+        """``(thought, limit)``: until anything else is fed, a token at the next position ``p <
+        limit`` whose flags hold no :attr:`TokenMarkers.MARKER` extends thought ``thought``'s body
+        and changes nothing else, and :meth:`extend_body` feeds it so; ``(-1, -1)`` when no token
+        would (a marker may be pending, no thought is open, or its body is at its cap)."""
+        thought = self._open
+        if thought is None or self._state is not _State.BODY or self._pending:
+            return -1, -1
+        return thought.index, thought.start + self._max_tokens - 1
+
+    def extend_body(self, flags: int, position: int) -> None:
+        """:meth:`feed_quiet` of a token the caller knows :meth:`quiet_run` admits (no check: the
+        caller's promise)."""
+        self._next_position = self._open.body_end = position + 1
+        if flags & TokenMarkers.NONBLANK:
+            self._open_nonblank = True
+
     def open_from(self) -> int:
         """Smallest position not inside a final thought's span; all later positions stay attended."""
         if self._open is not None:
@@ -174,20 +191,24 @@ class ThoughtSegmenter:
             self._cap_summary(position, events)
         return events
 
-    def feed_quiet(self, token_id: int, position: int) -> int:
+    def feed_quiet(self, flags: int, position: int) -> int:
         """:meth:`feed` for the common token, with nothing to report but one commit: one that takes
-        no part in a marker, extending the open thought's body while nothing waits. Returns that
+        no part in a marker, extending the open thought's body while nothing waits. ``flags``: the
+        token's :meth:`TokenMarkers.flags_of` (the caller looked them up already). Returns that
         thought's index (the position's key goes to its BODY key); -1 when the token is not such a
         one, and then nothing was done: :meth:`feed` it. No events are made: the caller reads a
-        sentence end from :class:`TokenMarkers`."""
-        if self._state is not _State.BODY or self._open is None or self._pending or position != self._next_position:
+        sentence end from the flags. Written out (no :meth:`_grow_body` call): it runs for almost
+        every token of every request."""
+        thought = self._open
+        if (flags & TokenMarkers.MARKER or thought is None or self._state is not _State.BODY or self._pending
+                or position != self._next_position):
             return -1
-        vocab = self._vocab
-        if vocab.flags_of(token_id) & TokenMarkers.MARKER:
-            return -1
-        self._next_position += 1
-        self._grow_body(position, vocab.text_of(token_id))
-        return self._open.index
+        self._next_position = thought.body_end = position + 1
+        if flags & TokenMarkers.NONBLANK:
+            self._open_nonblank = True
+        if position + 1 - thought.start >= self._max_tokens:
+            self._state = _State.AWAIT  # the cap, as in _grow_body
+        return thought.index
 
     # --- marker matching -------------------------------------------------------------------
 

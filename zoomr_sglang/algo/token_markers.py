@@ -11,13 +11,14 @@ class TokenMarkers:
       earlier token waiting to complete a marker, the token can be no part of one);
     - :attr:`SENTENCE_END`: the text holds a sentence end;
     - :attr:`REFRESH`: the text holds a sentence end, a boundary or the summary end: a request
-      refreshes its selection as it decodes the token.
+      refreshes its selection as it decodes the token;
+    - :attr:`NONBLANK`: the text holds something other than whitespace.
 
     An id past ``token_texts`` (models pad their embedding beyond the tokenizer, and sample those
     ids too) reads as empty text: flags 0.
     """
 
-    MARKER, SENTENCE_END, REFRESH = 1, 2, 4
+    MARKER, SENTENCE_END, REFRESH, NONBLANK = 1, 2, 4, 8
 
     def __init__(self, token_texts: Sequence[str], *, boundaries: Sequence[str], summary_begin: str,
                  summary_end: str, sentence_ends: Sequence[str]):
@@ -30,6 +31,7 @@ class TokenMarkers:
             self.MARKER * (any(m in text for m in markers) or text.endswith(beginnings))
             + self.SENTENCE_END * any(e in text for e in sentence_ends)
             + self.REFRESH * any(m in text for m in refreshing)
+            + self.NONBLANK * bool(text.strip())
             for text in token_texts
         ]
 

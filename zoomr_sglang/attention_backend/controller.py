@@ -14,6 +14,7 @@ hook on ``ModelRunner.forward`` calls :meth:`ZoomRController.begin_decode` first
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
@@ -27,7 +28,7 @@ from zoomr_sglang.attention_backend.planning import StepPlanner
 from zoomr_sglang.attention_backend.selection import DeviceSelection
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig
-from zoomr_sglang.radix_ext.notes import ThoughtRecord
+from zoomr_sglang.tree_port import HostRun, Inheritance, ThoughtRecord
 
 
 class ZoomRController:
@@ -47,15 +48,16 @@ class ZoomRController:
         self.selection = DeviceSelection(config=config, index_keys=self.index_keys, req_to_token_pool=req_to_token_pool,
                                          kv_pool=token_to_kv_pool, num_layers=num_layers, num_heads=num_heads,
                                          max_voters=max_voters, max_candidates=config.max_candidates,
-                                         refresh_tokens=self.planner.refresh_tokens, device=device)
+                                         refresh_tokens=self.planner.ingest.refresh_tokens, device=device)
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
+        self.inheritances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Req -> tree_port.Inheritance
         self.next_plan: Optional[HostPlan] = None  # planned, not yet loaded
         self.step: Optional[HostPlan] = None  # loaded: the step the forward is running
         self.observed: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per observer: positions, slots
 
     # -- scheduler side (host) --------------------------------------------------------------------
     def note_request(self, row: int, req) -> None:
-        self.planner.note_request(row, req)
+        self.planner.note_request(row, req, self.inheritances.pop(req, None) if self.inheritances else None)
 
     def begin_decode(self, rids: Sequence[str], seq_lens: Sequence[int]) -> None:
         """Plan the coming decode step (SGLang's host view; no device reads)."""
@@ -94,6 +96,9 @@ class ZoomRController:
             for (batch_index, state, _), (positions, slots) in zip(self.step.observers, self.observed):
                 state.policy.observe(layer_id, query[batch_index].float(), key_buffer.index_select(0, slots).float(),
                                      positions, scaling)
+            if layer_id == self.selection.last_layer and self.selection.vote_group is not None:
+                sum_over_ranks([t for _, state, _ in self.step.observers for t in state.policy.step_signals()],
+                               self.selection.vote_group)
 
     def check_outputs(self, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float) -> None:
         if self.step is not None:
@@ -114,7 +119,7 @@ class ZoomRController:
         while len(self.finished) > self.config.stats_history:
             self.finished.popitem(last=False)
 
-    # -- the zoomr radix tree (radix_ext) ----------------------------------------------------------
+    # -- the zoomr radix tree (radix_ext): tree_port.TreePort ----------------------------------------
     def accepts_holes(self, req) -> bool:
         """Whether ``req`` may inherit a prefix whose cold thoughts are in the host tier only: its
         prefill must be zoomr's (it attends around them; another backend's would read the holes)."""
@@ -133,7 +138,7 @@ class ZoomRController:
         holes = [] if holes_allowed or self.tiering is None else self.tiering.holes(row)
         return min(up_to, holes[0][0]) if holes else up_to
 
-    def export_to_tree(self, row: int, new_from: int, end: int):
+    def export_to_tree(self, row: int, new_from: int, end: int) -> Tuple[List[ThoughtRecord], List[HostRun]]:
         """What the radix tree keeps of the request in ``row`` as it inserts positions
         ``[new_from, end)`` for the first time: ``(records, holes)``, the closed thoughts whose span
         ends in that range (``ThoughtRecord``, with a snapshot of their index keys) and the row's
@@ -158,6 +163,18 @@ class ZoomRController:
                 column += 1
             records.append(record)
         return records, holes
+
+    def hand_inheritance(self, req, inheritance: Optional[Inheritance]) -> None:
+        """What ``req``'s latest match inherits; the planner takes it when the request gets its pool
+        row (``note_request``), if that match is the one it was scheduled with. Kept by the ``Req``
+        weakly: a request aborted while it waits leaves nothing behind."""
+        if inheritance is None:
+            self.inheritances.pop(req, None)
+        else:
+            self.inheritances[req] = inheritance
+
+    def free_host_slots(self, host_slots: torch.Tensor) -> None:
+        self.tiering.host.free(host_slots)
 
     def release_all(self) -> None:
         for row in set(self.planner.requests) | set(self.planner.states):
@@ -197,3 +214,13 @@ class ZoomRController:
             },
             "config": dict(self.config.__dict__),
         }
+
+
+def sum_over_ranks(signals: List[torch.Tensor], group) -> None:
+    """Add up ``signals`` (each rank's, the same shapes on every rank: one plan) over the attention
+    tensor-parallel ``group`` in place, in one all-reduce (float64 holds the vote counts exactly)."""
+    if not signals:
+        return
+    flat = group.all_reduce(torch.cat([t.reshape(-1).to(torch.float64) for t in signals]))
+    for t, part in zip(signals, flat.split([t.numel() for t in signals])):
+        t.copy_(part.view_as(t))

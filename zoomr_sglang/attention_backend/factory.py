@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import weakref
 from typing import List, Optional
 
 import torch
 
 from zoomr_sglang.attention_backend.controller import ZoomRController
-from zoomr_sglang.attention_backend.host_tier import HostKVTier
+from zoomr_sglang.attention_backend.host_tier import TP_COPY_POLLS, HostKVTier
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import ZoomRConfig, load_config
+from zoomr_sglang.runtime import attach
 
 # Default index size: one entry (as large as one token's K and V in fp32 sums) per 32 pool tokens,
 # i.e. about 3% of the KV pool's memory; thoughts are rarely shorter.
@@ -24,24 +24,12 @@ MAX_VOTERS = 512
 # less than its sequence, so at full admission the tier holds several pools' worth of thoughts.
 HOST_POOL_PER_DEVICE_POOL = 8
 
-# ReqToTokenPool -> the controller of the backend that reads it. The plug-in's pool hooks
-# (row freed, pool cleared) and its server-info hook find the controller through here.
-_CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
 
 def index_bytes_per_pool_token(num_layers: int, num_kv_heads: int, head_dim: int) -> float:
     """Device bytes of the default index store per KV-pool token: one entry (fp32 key sums and a
     count per layer) per ``TOKENS_PER_INDEX_ENTRY`` pool tokens. SGLang adds this to its per-token
     cost before it sizes the pool, so pool and index together stay within --mem-fraction-static."""
     return num_layers * (num_kv_heads * head_dim + 1) * 4 / TOKENS_PER_INDEX_ENTRY
-
-
-def controller_for_pool(req_to_token_pool) -> Optional[ZoomRController]:
-    return _CONTROLLERS.get(req_to_token_pool)
-
-
-def all_controllers() -> List[ZoomRController]:
-    return list(_CONTROLLERS.values())
 
 
 def create_zoomr_backend(model_runner):
@@ -81,24 +69,19 @@ def create_zoomr_backend(model_runner):
     else:
         from zoomr_sglang.attention_backend.torch_backend import ZoomRTorchBackend as backend_class
     backend = backend_class(model_runner, controller)
-    _CONTROLLERS[model_runner.req_to_token_pool] = controller
+    # Whenever this factory runs, zoomr decodes from this pool (the plug-in refuses zoomr for
+    # prefill alone); the hooks, the radix tree and the metrics find the controller from the pool.
+    attach(model_runner.req_to_token_pool, controller)
     return backend
 
 
 def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_size: int) -> Optional[ThoughtTiering]:
-    """The host tier for cold thoughts, sized by ``ZOOMR_HOST_POOL_GB`` (default: room for
-    ``HOST_POOL_PER_DEVICE_POOL`` device pools, at most a quarter of the machine's memory), or None
-    when it is 0."""
+    """The host tier for cold thoughts, sized by ``ZOOMR_HOST_POOL_GB`` per rank (default: room for
+    ``HOST_POOL_PER_DEVICE_POOL`` device pools, at most a quarter of the machine's memory over all
+    its ranks), or None when it is 0. With attention TP > 1 every rank holds its heads' part of the
+    same thoughts, and a copy is done at a poll every rank agrees on (``TP_COPY_POLLS``)."""
     if config.host_pool_gb == 0:
         return None
-    if attn_tp_size > 1:
-        raise ValueError(
-            f"ZOOMR_HOST_POOL_GB: the host tier needs every tensor-parallel rank to move the same "
-            f"thoughts, which is not implemented yet (attention TP size {attn_tp_size}); "
-            f"allowed with TP > 1: ZOOMR_HOST_POOL_GB=0"
-        )
-    if model_runner.server_args.disaggregation_mode != "null":
-        raise ValueError("ZOOMR_HOST_POOL_GB: the host tier does not support PD disaggregation; allowed there: 0")
     model_config = model_runner.model_config
     allocator = model_runner.token_to_kv_pool_allocator
     bytes_per_token = HostKVTier.bytes_per_token(
@@ -107,8 +90,8 @@ def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_
     )
     if config.host_pool_gb is None:
         # Never more than a quarter of the machine's memory (pinned on CUDA), shared by the servers
-        # of every GPU the process sees.
-        servers = torch.cuda.device_count() if str(model_runner.device).startswith("cuda") else 1
+        # of every GPU the process sees (on CPU: by the ranks, which all run on this machine).
+        servers = torch.cuda.device_count() if str(model_runner.device).startswith("cuda") else attn_tp_size
         ram_tokens = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // max(servers, 1) // bytes_per_token
         capacity = min(HOST_POOL_PER_DEVICE_POOL * allocator.size, ram_tokens)
     else:
@@ -116,7 +99,7 @@ def build_tiering(model_runner, config: ZoomRConfig, num_kv_heads: int, attn_tp_
     host_tier = HostKVTier(
         num_layers=model_config.num_hidden_layers, num_kv_heads=num_kv_heads, head_dim=model_config.head_dim,
         v_head_dim=model_config.v_head_dim, dtype=model_runner.kv_cache_dtype, capacity_tokens=capacity,
-        pin_memory=str(model_runner.device).startswith("cuda"),
+        pin_memory=str(model_runner.device).startswith("cuda"), agreed_polls=TP_COPY_POLLS if attn_tp_size > 1 else 0,
     )
     return ThoughtTiering(
         config=config, host_tier=host_tier, allocator=allocator, req_to_token_pool=model_runner.req_to_token_pool,

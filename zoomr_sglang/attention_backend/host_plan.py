@@ -3,14 +3,15 @@
 A request attends ranges that change little from step to step (a policy's fixed ranges, until a
 thought closes or the selection changes) plus a recent tail that grows by one token. The planner
 keeps each request's fixed ranges packed (:func:`request_block`) and builds the batch's ranges from
-those blocks and the tails in a handful of numpy calls (:func:`batch_ranges`).
+those blocks and the tails in a handful of numpy calls (:class:`BatchRanges`).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ class HostPlan:
 
     kv_indptr ``[bs + 1]`` int32: request i attends ``kv_indptr[i + 1] - kv_indptr[i]`` KV tokens;
     ranges ``[n_ranges, 4]`` int64: (pool row, start, length, output offset) per range, in request
-    order except for the recent tails, after all the others (:func:`batch_ranges`); commits
+    order except for the recent tails, after all the others (:class:`BatchRanges`); commits
     ``[n_commits, 3]`` int64: (pool row, position, entry); fresh_entries: entries handed out this
     step (zeroed on the device before any key is added); new_candidates ``[m, 5]`` int64: (pool
     row, column, entry, summary start, summary length) appended to the rows' candidate tables;
@@ -82,11 +83,24 @@ def table(flat: List[int], width: int) -> np.ndarray:
     return np.array(flat, dtype=np.int64).reshape(-1, width)
 
 
-def batch_ranges(blocks: Sequence[np.ndarray], bases: Sequence[int], tails: List[int]) -> np.ndarray:
-    """``[n_ranges, 4]`` (row, start, length, output offset): every request's fixed ranges
-    (``blocks``, :func:`request_block`) moved to its output offset ``bases[i]``, in request order,
-    then the tails (flat, already placed). The KV-list kernel places each range by its offset, so
-    the order is free: this one needs no per-request array work."""
-    fixed = np.concatenate([np.zeros((0, 4), dtype=np.int64), *blocks])
-    fixed[:, 3] += np.repeat(np.array(bases, dtype=np.int64), [len(b) for b in blocks])
-    return np.concatenate([fixed, table(tails, 4)])
+class BatchRanges:
+    """``[n_ranges, 4]`` (row, start, length, output offset) of a batch, step after step: every
+    request's fixed ranges (its block, :func:`request_block`) moved to where its request starts in
+    the output, then the tails (flat, already placed). The KV-list kernel places each range by its
+    offset, so the order is free. The blocks' concatenation is kept while every request's block is
+    the last step's (most steps): then a step costs a repeat and an add."""
+
+    def __init__(self) -> None:
+        self.blocks: List[np.ndarray] = []
+        self.fixed = np.zeros((0, 4), dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def __call__(self, blocks: List[np.ndarray], indptr: np.ndarray, tails: List[int]) -> np.ndarray:
+        """``blocks``: per request its block; ``indptr`` ``[batch + 1]``; ``tails``: flat ranges."""
+        if len(blocks) != len(self.blocks) or not all(map(operator.is_, blocks, self.blocks)):
+            self.blocks = blocks
+            self.fixed = np.concatenate([np.zeros((0, 4), dtype=np.int64), *blocks])
+            self.counts = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
+        fixed = self.fixed.copy()
+        fixed[:, 3] += np.repeat(indptr[:len(blocks)], self.counts)
+        return np.concatenate([fixed, table(tails, 4)])

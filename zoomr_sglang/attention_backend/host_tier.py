@@ -15,6 +15,13 @@ The caller polls :meth:`Transfer.done` (``event.query()``, never a wait): the de
 out are freed, and those of a copy in are attended, only once it is done. On CPU the copies run
 directly between the pool and the tier (no staging) and are done at once.
 
+With tensor parallelism every rank copies its heads' part of the same thought, and every rank's
+allocator must free and take slots at the same step (SGLang's replicated schedulers admit and
+retract from what the allocator holds). So there a copy is done at an agreed poll,
+:data:`TP_COPY_POLLS`, whatever its event says: the tiering polls a copy once in the step that
+starts it and once in each later step, so it is done the step after it started, and the rank
+waits for it then if it has not finished yet (a thought's KV takes well under a decode step).
+
 SGLang's HiCache host pool (``MHATokenToKVPoolHost``) is built around radix-tree pages and its
 transfer kernels need CUDA ``sgl_kernel``; a thought is a plain run of one row, so this tier keeps
 its own tensors.
@@ -28,19 +35,29 @@ import numpy as np
 import torch
 
 HOST_BLOCK_TOKENS = 32  # slots per allocation block: at most 31 unused slots per thought
+TP_COPY_POLLS = 2  # with TP > 1, the poll at which every rank calls a copy done (see above)
 
 
 class Transfer:
     """A copy that may still be running on the side stream; holds the tensors it reads and writes
-    until it is known to be done. ``event`` None: done already (CPU)."""
+    until it is known to be done. ``event`` None: done already (CPU). ``agreed_polls`` > 0: the
+    poll of :meth:`done` that says True on every rank (TP > 1), waiting for the copy if need be."""
 
-    def __init__(self, event=None, keep: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, event=None, keep: Sequence[torch.Tensor] = (), agreed_polls: int = 0) -> None:
         self._event = event
         self._keep = tuple(keep)
+        self._polls_left = agreed_polls
 
     def done(self) -> bool:
-        """True once the copy has finished (never blocks)."""
-        if self._event is not None and self._event.query():
+        """True once the copy has finished (never blocks), or, with agreed polls, from that poll on
+        (blocks then, if the copy is still running)."""
+        if self._event is None:
+            return True
+        if self._polls_left:
+            self._polls_left -= 1
+            if self._polls_left == 0:
+                self.wait()
+        elif self._event.query():
             self._event, self._keep = None, ()
         return self._event is None
 
@@ -79,12 +96,14 @@ class HostKVTier:
 
     Storage: ``k[capacity, num_layers, num_kv_heads, head_dim]`` and
     ``v[capacity, num_layers, num_kv_heads, v_head_dim]``, ``dtype`` of the device KV pool;
-    ``capacity`` is ``capacity_tokens`` rounded down to whole blocks.
+    ``capacity`` is ``capacity_tokens`` rounded down to whole blocks. ``agreed_polls``: see
+    :class:`Transfer` (0: a copy is done when its event says so).
     """
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
                  dtype: torch.dtype, capacity_tokens: int, pin_memory: bool,
-                 block_tokens: int = HOST_BLOCK_TOKENS) -> None:
+                 block_tokens: int = HOST_BLOCK_TOKENS, agreed_polls: int = 0) -> None:
+        self.agreed_polls = agreed_polls
         num_blocks = capacity_tokens // block_tokens
         self.block_tokens = block_tokens
         self.capacity = num_blocks * block_tokens
@@ -190,4 +209,4 @@ class HostKVTier:
                 staged.append(staging)
             event = torch.cuda.Event()
             event.record(stream)
-        return Transfer(event, (device_slots, *staged))
+        return Transfer(event, (device_slots, *staged), self.agreed_polls)

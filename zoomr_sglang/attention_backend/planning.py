@@ -8,18 +8,20 @@ up to one step, so the segmenter is fed every token *before* the one being decod
 same outputs with overlap on or off. The one decode step of lag is covered by the recent window.
 
 Votes are decided on the device: a request votes at the step that decodes a refresh token (a
-sentence end, a boundary, the summary end: :func:`refresh_token_mask`), with that token's own
+sentence end, a boundary, the summary end: :func:`ingest.refresh_token_mask`), with that token's own
 queries, exactly when the paper does, although the host learns of the token a step later; the host
 adds the refreshes only it can see (a thought closed otherwise, the refresh interval). A vote cast
 at step t reaches the host through a pinned copy made at step t + 1 and takes effect at step t + 2,
 once the scheduler has synchronised on step t's output anyway: no extra sync, the same step in
 every mode.
 
-Most request steps change nothing but one token: the token takes no part in a marker
-(:meth:`ThoughtSegmenter.feed_quiet`), no refresh is due, nothing moves, and the policy's fixed
-ranges stay (:meth:`Policy.working_set_next`). Such a step costs a few attribute reads: no event
-objects, no view, no per-request array (the ranges are packed per request once and moved as a
-block, :mod:`host_plan`), and the batch's rows and states are the last step's while no row changed.
+Most request steps change nothing but one token: it extends the open thought's body, no refresh
+is due, nothing moves, and the policy's fixed ranges stay. A full step leaves the request a
+*ticket* (``RequestState.ticket``: what such a step needs) and the next step, if quiet, is planned
+from it (:meth:`StepPlanner._quiet_step`): no event objects, no view, no per-request array (the
+ranges are packed per request once and moved as a block, :mod:`host_plan`), and the batch's rows
+and states are the last step's while no row changed. ``tests/test_quiet_steps.py`` holds quiet
+steps to what full steps plan.
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
-from zoomr_sglang.algo.policies import POLICIES
-from zoomr_sglang.algo.segmentation import ThoughtSegmenter, TokenRole
-from zoomr_sglang.algo.token_markers import TokenMarkers
+from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.working_set import with_tail
-from zoomr_sglang.attention_backend.host_plan import HostPlan, batch_ranges, request_block, table
+from zoomr_sglang.attention_backend.host_plan import BatchRanges, HostPlan, request_block, table
+from zoomr_sglang.attention_backend.ingest import TokenIngest
 from zoomr_sglang.attention_backend.prompt_reasoning import PromptReasoning, prompt_reasoning
 from zoomr_sglang.attention_backend.request_state import RequestState, hash_seed
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import RequestSettings, ZoomRConfig, request_settings
+from zoomr_sglang.tree_port import Inheritance
 
 
 logger = logging.getLogger(__name__)
@@ -64,22 +66,24 @@ class StepPlanner:
         self.index_entries_reused = 0  # index keys taken from the radix tree instead of recomputed
         self.over_bound_steps = 0  # request steps over their bound, all requests
         self.default_settings = request_settings(config, None)
-        self.token_markers = TokenMarkers(token_texts, boundaries=config.boundaries, summary_begin=config.summary_begin,
-                                          summary_end=config.summary_end, sentence_ends=config.sentence_ends)
-        self.refresh_tokens = refresh_token_mask(self.token_markers)
+        self.ingest = TokenIngest(config, token_texts, index_keys, max_candidates)
+        self.fidelity_states = 0  # states measuring zoomr_fidelity (most steps have none)
         self.rows_epoch = 0  # changes whenever a row's request or state does (see _batch)
         self._last_batch: Optional[Tuple] = None  # (rows_epoch, rids, rows, reqs, states) of the last step
         self.decode_steps = 0
+        self.batch_ranges = BatchRanges()
+        self.quiet_steps = True  # plan steady requests from their tickets (tests turn it off to compare)
 
-    def note_request(self, row: int, req) -> None:
+    def note_request(self, row: int, req, inheritance: Optional[Inheritance] = None) -> None:
         """A request took ``row`` (SGLang's row allocation): remember it and its settings (validated
         where the request entered; a bad value here falls back to the server's defaults rather
-        than failing the batch)."""
+        than failing the batch) and what its radix-tree match inherits."""
         settings = self._settings_of(req)
         self.rows_epoch += 1
         self.requests[row] = (int(self.req_to_token_pool.req_generation[row]), req, settings)
         self.rows_by_rid[req.rid] = row
-        reasoning = prompt_reasoning(req, self.config, self.token_texts) if POLICIES[settings.policy].thought_level else None
+        reasoning = (prompt_reasoning(req, self.config, self.token_texts, inheritance)
+                     if policy_class(settings.policy).thought_level else None)
         self.prompt_reasoning.pop(row, None)
         if reasoning is not None:
             self.prompt_reasoning[row] = reasoning
@@ -108,87 +112,141 @@ class StepPlanner:
     def _tierable(self, req, settings: RequestSettings) -> bool:
         """Only a policy that attends whole thoughts, not while fidelity is measured against the full
         sequence, and not with a budget covering the whole request (it attends everything)."""
-        if self.tiering is None or not POLICIES[settings.policy].thought_level or settings.fidelity:
+        if self.tiering is None or not policy_class(settings.policy).thought_level or settings.fidelity:
             return False
         return not 0 < len(req.origin_input_ids) + req.sampling_params.max_new_tokens <= settings.budget
 
     def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections) -> HostPlan:
         """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
-        ``selections``: the device votes that reached the host since the last step.
-
-        A steady request (its new token settles no marker, nothing moves) costs a few attribute
-        reads: its policy returns the same fixed ranges as at the last step plus a longer tail, and
-        their packing (row, offsets within the request) is cached, so the batch's ranges are the
-        cached blocks shifted to the request's offset, then one range per tail."""
+        ``selections``: the device votes that reached the host since the last step. Per request a
+        quiet step or a full one, then its tail, indptr entry and counters."""
         for state, chosen, agreement in selections:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
         config, tiering = self.config, self.tiering
         rows, reqs, states = self._batch(rids)
         commits, fresh, new_candidates, votes, observers, failed = [], [], [], [], [], []
-        blocks, bases, tails, indptr = [], [], [], [0]
+        blocks, tails, indptr = [], [], [0]  # a request's ranges start at its indptr entry
         for batch_index, (row, req, seq_len) in enumerate(zip(rows, reqs, seq_lens)):
-            # Where this request's entries start in the flat lists (one vote row and one block each).
-            marks = len(commits), len(new_candidates), len(tails), len(observers)
             try:
                 state = states[batch_index]
                 if state is None:
                     state = states[batch_index] = self._new_state(row, seq_len, new_candidates)
-                # Keys of positions fed before this step were added to the index by an earlier step (the
-                # device adds every commit in the step that plans it): a thought's KV may leave the
-                # device only after its keys were read.
-                committed = fed = state.fed_until
-                end = min(seq_len - 1, len(req.origin_input_ids) + len(req.output_ids))
-                host_vote = fed < end and self._feed(state, req, end, seq_len, commits, fresh, new_candidates)
-                votes += (row, state.votable, state.vote_kind, host_vote)
-                if state.tiered:
-                    zoomed, window_cap = tiering.prepare(state, seq_len, committed), config.window
-                else:
-                    zoomed, window_cap = state.zoomed, None
-                # A bounded step always makes a view: its set depends on more than the sequence length.
-                steady = (not (state.budget or state.view_stale)
-                          and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
-                parts = state.policy.working_set_next(seq_len) if steady else None
-                if parts is None:
-                    view = state.view(seq_len, config, zoomed, window_cap)
-                    parts = state.policy.working_set_parts(view)
-                    state.view_stale, state.view_zoomed = False, zoomed
-                fixed, tail_from = parts
-                if state.packed_fixed is not fixed:
-                    state.packed_fixed = fixed
-                    state.packed_block, state.packed_size = request_block(row, fixed)
-                tail, base = max(seq_len - tail_from, 0), indptr[-1]
+                end = len(req.origin_input_ids) + len(req.output_ids)
+                if end >= seq_len:
+                    end = seq_len - 1
+                tail_from = -1
+                if state.ticket is not None and state.fed_until + 1 == end:
+                    tail_from = self._quiet_step(state, req, seq_len, end, commits, votes)
+                if tail_from < 0:
+                    tail_from = self._full_step(state, req, seq_len, end, batch_index, commits, fresh, new_candidates,
+                                                votes, observers)
+                tail, fixed_end = seq_len - tail_from, indptr[-1] + state.packed_size
                 blocks.append(state.packed_block)
-                bases.append(base)
-                if tail:
-                    tails += (row, tail_from, tail, base + state.packed_size)
-                indptr.append(base + state.packed_size + tail)
-                offloaded = tiering.offloaded.get(row, 0) if state.tiered else 0
-                self.over_bound_steps += state.record_step(state.packed_size + tail, seq_len, config, offloaded)
-                if state.budget:  # only a bounded step observes (see Policy.observe_positions)
-                    watched = state.policy.observe_positions(view, with_tail(fixed, tail_from, seq_len))
-                    if watched is not None:
-                        observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
+                if tail > 0:
+                    tails += (row, tail_from, tail, fixed_end)
+                else:
+                    tail = 0
+                indptr.append(fixed_end + tail)
+                if state.record_step(state.packed_size + tail, seq_len, tiering.offloaded.get(row, 0) if state.tiered else 0):
+                    self.over_bound_steps += 1
             except Exception as error:  # one request's failure fails that request, never the batch
-                # Its index entries handed out stay in ``fresh`` (zeroed; freed with its state).
-                del commits[marks[0]:], new_candidates[marks[1]:], tails[marks[2]:], observers[marks[3]:]
-                del votes[4 * batch_index:], blocks[batch_index:], bases[batch_index:], indptr[batch_index + 1:]
-                self._fail(req, row, seq_len, error, votes, blocks, bases, indptr)
+                # Its entries are the last ones of its row (a row is in a batch once); its index
+                # entries handed out stay in ``fresh`` (zeroed; freed with its state).
+                for flat, width in ((commits, 3), (new_candidates, 5), (tails, 4)):
+                    flat[:] = _without_row(flat, width, row)
+                observers[:] = [o for o in observers if o[0] != batch_index]
+                del votes[4 * batch_index:], blocks[batch_index:], indptr[batch_index + 1:]
+                self._fail(req, row, seq_len, error, votes, blocks, indptr)
                 failed.append((req, f"zoomr could not plan request {req.rid!r}: {type(error).__name__}: {error}"))
         # A failed request's state was dropped: the next step looks the batch up again.
         self._last_batch = None if failed else (self.rows_epoch, list(rids), rows, reqs, states)
         self.decode_steps += 1
         interval = config.self_check_interval
+        kv_indptr = np.array(indptr, dtype=np.int32)
         return HostPlan(
             rows=rows, seq_lens=list(seq_lens), states=states,
-            kv_indptr=torch.from_numpy(np.array(indptr, dtype=np.int32)), ranges=batch_ranges(blocks, bases, tails), commits=table(commits, 3), fresh_entries=fresh,
+            kv_indptr=torch.from_numpy(kv_indptr), ranges=self.batch_ranges(blocks, kv_indptr, tails), commits=table(commits, 3), fresh_entries=fresh,
             new_candidates=table(new_candidates, 5), votes=table(votes, 4), observers=observers,
             self_check=interval > 0 and self.decode_steps % interval == 0,
-            fidelity_rows=[i for i, state in enumerate(states) if state is not None and state.fidelity],
+            fidelity_rows=[i for i, state in enumerate(states) if state is not None and state.fidelity]
+            if self.fidelity_states else [],
             failed=failed,
         )
 
-    def _fail(self, req, row: int, seq_len: int, error: Exception, votes: List[int], blocks: list, bases: List[int],
+    def _quiet_step(self, state: RequestState, req, seq_len: int, end: int, commits: List[int],
+                    votes: List[int]) -> int:
+        """The common request step, planned from its ticket (set by its last full step) when the
+        step's one new token extends the open thought's body, no refresh is due, the host tier has
+        nothing to do and the policy's fixed ranges stay: the token's commit and the request's vote
+        row (no vote). Returns where its tail starts; -1, having changed nothing: plan it in full."""
+        open_from, window, lo, hi, tail_from, body_limit, entry, quiet = state.ticket
+        cut = seq_len - window
+        if cut > open_from:
+            cut = open_from
+        if not lo < cut <= hi or end > body_limit or state.tokens_since_refresh + 1 >= self.ingest.interval:
+            return -1
+        if quiet is not None and (seq_len >= quiet[2] or self.tiering.quiet.get(state.row) is not quiet):
+            return -1
+        if not self.ingest.feed_quiet(state, req, end, entry, commits):
+            return -1
+        if quiet is not None:
+            self.tiering.step += 1  # the zoom cache's clock counts every prepare
+        votes += (state.row, state.votable, state.vote_kind, False)
+        return cut if tail_from is None else tail_from
+
+    def _full_step(self, state: RequestState, req, seq_len: int, end: int, batch_index: int, commits: List[int],
+                   fresh: List[int], new_candidates: List[int], votes: List[int], observers: list) -> int:
+        """A request step in full: feed its new tokens, vote row, the host tier's moves, its working
+        set (packed into ``state.packed_block``), observers; then its ticket. Returns where its tail
+        starts."""
+        config, tiering, row = self.config, self.tiering, state.row
+        # Keys of positions fed before this step were added to the index by an earlier step (the
+        # device adds every commit in the step that plans it): a thought's KV may leave the
+        # device only after its keys were read.
+        committed = state.fed_until
+        host_vote = committed < end and self.ingest.feed(state, req, end, seq_len, commits, fresh, new_candidates)
+        votes += (row, state.votable, state.vote_kind, host_vote)
+        zoomed = tiering.prepare(state, seq_len, committed) if state.tiered else state.zoomed
+        # A bounded step always makes a view: its set depends on more than the sequence length.
+        steady = (not (state.budget or state.view_stale)
+                  and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
+        parts = state.policy.working_set_next(seq_len) if steady else None
+        if parts is None:
+            view = state.view(seq_len, config, zoomed, config.window if state.tiered else None)
+            parts = state.policy.working_set_parts(view)
+            state.view_stale, state.view_zoomed = False, zoomed
+        fixed, tail_from = parts
+        if state.packed_fixed is not fixed:
+            state.packed_fixed = fixed
+            state.packed_block, state.packed_size = request_block(row, fixed)
+        if state.budget:  # only a bounded step observes (see Policy.observe_positions)
+            watched = state.policy.observe_positions(view, with_tail(fixed, tail_from, seq_len))
+            if watched is not None:
+                observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
+        state.ticket = self._ticket(state)
+        return tail_from
+
+    def _ticket(self, state: RequestState) -> Optional[tuple]:
+        """What the request's quiet steps need (see ``RequestState.ticket``), if it may take them:
+        no budget (a bounded set depends on more than the length), no fidelity measurement, a
+        policy that promises its next ranges, a segmenter that would extend the thought whose
+        body key the request holds, and (tiered) a host tier with nothing to do."""
+        if state.budget or state.fidelity or not self.quiet_steps:
+            return None
+        cuts = state.policy.steady_cuts()
+        thought, entry = state.body_entry
+        quiet_thought, body_limit = state.segmenter.quiet_run()
+        if cuts is None or thought < 0 or quiet_thought != thought:
+            return None
+        quiet = None
+        if state.tiered:
+            quiet = self.tiering.quiet.get(state.row)
+            if quiet is None or quiet[0] is not state.zoomed or quiet[1] != len(state.pending_eviction):
+                return None
+        return (*cuts, body_limit, entry, quiet)
+
+    def _fail(self, req, row: int, seq_len: int, error: Exception, votes: List[int], blocks: list,
               indptr: List[int]) -> None:
         """This step of a request whose planning raised: it attends every position (its last step:
         SGLang finishes it with the error, see ``HostPlan.failed``), votes for nothing, and its
@@ -197,7 +255,6 @@ class StepPlanner:
         votes += (row, 0, 0, 0)
         block, size = request_block(row, np.array([[0, seq_len]], dtype=np.int64))
         blocks.append(block)
-        bases.append(indptr[-1])
         indptr.append(indptr[-1] + size)
         self.release_state(row)
 
@@ -220,47 +277,11 @@ class StepPlanner:
             states.append(state if state is not None and state.generation == generation else None)
         return rows, reqs, states
 
-    def _feed(self, state: RequestState, req, end: int, seq_len: int, commits: List[int], fresh: List[int],
-              new_candidates: List[int]) -> bool:
-        """Feed the segmenter the request's tokens up to position ``end``; their index commits and
-        closed thoughts (flat into ``commits`` and ``new_candidates``) and refreshes. Returns
-        whether the host asks the request to vote."""
-        row, prompt, output, segmenter = state.row, req.origin_input_ids, req.output_ids, state.segmenter
-        token_flags = self.token_markers.flags
-        host_vote = False
-        for position in range(state.fed_until, end):
-            token = prompt[position] if position < len(prompt) else output[position - len(prompt)]
-            flags = token_flags[token] if 0 <= token < len(token_flags) else 0  # past the tokenizer: no marker
-            thought = segmenter.feed_quiet(token, position)
-            if thought >= 0:  # one body token: its key goes to the thought's body key
-                last_thought, entry = state.body_entry
-                if thought != last_thought:
-                    entry = state.entry(thought, TokenRole.BODY, self.index_keys, fresh)
-                    if entry is not None:
-                        state.body_entry = (thought, entry)
-                if entry is not None:
-                    commits += (row, position, entry)
-                text_refresh = bool(flags & TokenMarkers.SENTENCE_END)
-            else:
-                state.view_stale = True
-                events = segmenter.feed(token, position)
-                for thought, role, positions in events.commits:
-                    entry = state.entry(thought, role, self.index_keys, fresh)
-                    if entry is not None:
-                        for p in positions:
-                            commits += (row, p, entry)
-                for candidate in state.close_thoughts(events.finalized, self.index_keys, self.max_candidates):
-                    new_candidates += (row, *candidate)
-                text_refresh = events.sentence_end or bool(events.finalized)
-            host_vote |= state.refresh(bool(flags & TokenMarkers.REFRESH), text_refresh, self.config, seq_len)
-            state.fed_until = position + 1
-        return host_vote
-
     @staticmethod
     def empty_plan() -> HostPlan:
         """A step with no request (a CUDA-graph capture batch is all padding)."""
         return HostPlan(rows=[], seq_lens=[], states=[], kv_indptr=torch.zeros(1, dtype=torch.int32),
-                        ranges=batch_ranges([], [], []), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
+                        ranges=np.zeros((0, 4), dtype=np.int64), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
                         new_candidates=np.zeros((0, 5), dtype=np.int64), votes=np.zeros((0, 4), dtype=np.int64))
 
     # -- requests -----------------------------------------------------------------------------
@@ -275,16 +296,12 @@ class StepPlanner:
         first_position = seq_len - 1
         config = self.config
         reasoning = self.prompt_reasoning.get(row) or PromptReasoning(first_position, first_position, first_position)
-        segmenter = ThoughtSegmenter(
-            self.token_texts, boundaries=config.boundaries, summary_begin=config.summary_begin,
-            summary_end=config.summary_end, sentence_ends=config.sentence_ends,
-            max_thought_tokens=config.max_thought_tokens, first_position=reasoning.segment_from,
-            token_markers=self.token_markers,
-        )
+        segmenter = self.ingest.segmenter(reasoning.segment_from)
         state = RequestState(row=row, generation=generation, rid=req.rid, prompt_len=reasoning.reasoning_start,
                              segmenter=segmenter, settings=settings, num_thoughts=config.num_thoughts,
                              seed=hash_seed(req.rid, row, generation), own_from=reasoning.own_from,
-                             tiered=self._tierable(req, settings))
+                             tiered=self._tierable(req, settings),
+                             zoomr_bound=config.working_set_bound(reasoning.reasoning_start, 0))
         inheritance = reasoning.inheritance
         if inheritance is not None:
             added = state.inherit(inheritance, self.index_keys, self.max_candidates)
@@ -292,6 +309,7 @@ class StepPlanner:
                 new_candidates += (row, *candidate)
             self.index_entries_reused += len(added)
         self.states[row] = state
+        self.fidelity_states += state.fidelity
         return state
 
     def release_state(self, row: int) -> Optional[RequestState]:
@@ -300,6 +318,7 @@ class StepPlanner:
         self.rows_epoch += 1
         if state is not None:
             state.release(self.index_keys)
+            self.fidelity_states -= state.fidelity
         return state
 
     def forget_request(self, row: int) -> None:
@@ -310,8 +329,6 @@ class StepPlanner:
             del self.rows_by_rid[noted[1].rid]
 
 
-def refresh_token_mask(token_markers: TokenMarkers) -> np.ndarray:
-    """``[vocab + 1]`` bool: tokens a request refreshes its selection at the moment it decodes them
-    (:attr:`TokenMarkers.REFRESH`). The last entry, False, stands for every id past the tokenizer
-    (models pad their embedding beyond it): look ids up clamped to it."""
-    return np.array([bool(f & TokenMarkers.REFRESH) for f in token_markers.flags] + [False], dtype=bool)
+def _without_row(flat: List[int], width: int, row: int) -> List[int]:
+    """``flat`` (entries of ``width`` ints, the row first) without the entries of ``row``."""
+    return [v for start in range(0, len(flat), width) if flat[start] != row for v in flat[start:start + width]]

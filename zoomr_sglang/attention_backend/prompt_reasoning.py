@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from zoomr_sglang.algo.segmentation import prompt_reasoning_start
 from zoomr_sglang.config import ZoomRConfig
-from zoomr_sglang.radix_ext.notes import Inheritance
+from zoomr_sglang.tree_port import Inheritance
 
 
 @dataclass
@@ -33,9 +33,10 @@ class PromptReasoning:
         return None if self.inheritance is not None else self.own_from
 
 
-def prompt_reasoning(req, config: ZoomRConfig, token_texts: Sequence[str]) -> Optional[PromptReasoning]:
-    """What SGLang's ``Req`` (matched, about to be prefilled) brings; None: nothing."""
-    inheritance = getattr(req, "zoomr_inheritance", None)
+def prompt_reasoning(req, config: ZoomRConfig, token_texts: Sequence[str],
+                     inheritance: Optional[Inheritance] = None) -> Optional[PromptReasoning]:
+    """What SGLang's ``Req`` (matched, about to be prefilled) brings, with what its radix-tree
+    match inherits (``inheritance``); None: nothing."""
     if inheritance is not None and inheritance.prefix_len == req.prefix_len:  # the match it was scheduled with
         prompt_len = len(req.origin_input_ids) + len(req.output_ids)
         return PromptReasoning(inheritance.reasoning_start, inheritance.resume_from, prompt_len, inheritance)

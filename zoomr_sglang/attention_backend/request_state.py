@@ -13,7 +13,8 @@ import torch
 
 from zoomr_sglang.algo.batched_votes import VOTE_KINDS
 from zoomr_sglang.algo.index_keys import IndexKeyStore
-from zoomr_sglang.algo.policies import POLICIES, Policy, StepView
+from zoomr_sglang.algo.policies import Policy, StepView
+from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.segmentation import Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
 from zoomr_sglang.attention_backend.request_stats import RequestStats
 from zoomr_sglang.config import RequestSettings, ZoomRConfig
@@ -34,7 +35,9 @@ class RequestState:
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
                  segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int,
-                 own_from: Optional[int] = None, tiered: bool = False) -> None:
+                 own_from: Optional[int] = None, tiered: bool = False, zoomr_bound: int = 0) -> None:
+        """``zoomr_bound``: ZoomR's working-set bound of this request before any summary
+        (:meth:`ZoomRConfig.working_set_bound`); each closed summary adds its tokens."""
         self.row = row
         self.generation = generation
         self.settings = settings
@@ -42,7 +45,7 @@ class RequestState:
         self.fidelity = settings.fidelity
         self.tiered = tiered  # the host tier may move this request's KV
         self.vote_kind = VOTE_KINDS.index(settings.vote)
-        self.policy: Policy = POLICIES[settings.policy](num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
+        self.policy: Policy = policy_class(settings.policy)(num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
         self.votes = self.policy.votes
         self.num_thoughts = num_thoughts
         self.prompt_len = prompt_len
@@ -56,7 +59,9 @@ class RequestState:
         self.pending_eviction: List[int] = []  # closed thoughts the host tier has not taken yet
         self.tokens_since_refresh = 0
         self.summary_tokens = 0
-        self._bound = (-1, 0)  # (summary tokens, ZoomR's working-set bound with them)
+        # What a step is checked against (record_step): the budget, ZoomR's bound, or 0: the dense
+        # sequence (a policy that neither votes nor has a budget attends everything).
+        self.step_bound = self.budget or (zoomr_bound if self.votes else 0)
         self._view: Optional[StepView] = None
         # What the planner keeps from step to step (planning.py): whether the policy's inputs changed
         # otherwise than by the sequence length since its last view (a segmenter event other than a
@@ -68,6 +73,11 @@ class RequestState:
         self.packed_block: Optional[np.ndarray] = None
         self.packed_size = 0
         self.body_entry: Tuple[int, int] = (-1, -1)
+        # What a quiet step needs, set by a full step (StepPlanner._ticket), dropped when the
+        # selection changes: (open_from, window, lo, hi, tail_from: Policy.steady_cuts; the end below
+        # which a quiet token extends the open thought: ThoughtSegmenter.quiet_run; that thought's
+        # body entry; the host tier's quiet record or None).
+        self.ticket: Optional[tuple] = None
         self.stats = RequestStats(rid=rid, prompt_len=prompt_len, policy=settings.policy, budget=settings.budget)
 
     # -- index entries ------------------------------------------------------------------------
@@ -107,7 +117,7 @@ class RequestState:
         return added
 
     def inherit(self, inheritance, store: IndexKeyStore, max_candidates: int) -> List[Candidate]:
-        """Take over the closed thoughts a radix-tree path recorded (``radix_ext.notes.Inheritance``;
+        """Take over the closed thoughts a radix-tree path recorded (``tree_port.Inheritance``;
         the segmenter starts at ``inheritance.resume_from``) and their index keys, loaded into new
         entries; returns their candidate-table columns as :meth:`close_thoughts` does."""
         self.segmenter.thoughts.extend(r.thought for r in inheritance.records)
@@ -138,6 +148,8 @@ class RequestState:
         self.stats.thoughts_closed += 1
         if thought.summary_start is not None:
             self.summary_tokens += thought.summary_end - thought.summary_start
+            if self.votes and not self.budget:
+                self.step_bound += thought.summary_end - thought.summary_start
             self.stats.summaries += 1
 
     def release(self, store: IndexKeyStore) -> None:
@@ -187,6 +199,7 @@ class RequestState:
             self.stats.zoom_history.append(sorted(zoomed))
             self.stats.zoom_steps.append(self.stats.steps)
         self.zoomed = zoomed
+        self.ticket = None
         self.stats.zoomed = sorted(zoomed)
 
     # -- working set --------------------------------------------------------------------------
@@ -206,31 +219,25 @@ class RequestState:
         view.zoomed = self.zoomed if zoomed is None else zoomed
         return view
 
-    def record_step(self, attended: int, seq_len: int, config: ZoomRConfig, offloaded: int = 0) -> bool:
-        """Count one decode step; returns whether it attended more than its bound."""
+    def record_step(self, attended: int, seq_len: int, offloaded: int = 0) -> bool:
+        """Count one decode step; returns whether it attended more than its bound. (Runs for every
+        request at every step: plain stores, no call.)"""
         stats = self.stats
         resident = seq_len - offloaded
-        stats.resident_last, stats.offloaded_last = resident, offloaded
+        bound = self.step_bound or seq_len
+        stats.steps += 1
+        stats.resident_last, stats.offloaded_last, stats.attended_last, stats.dense_last, stats.bound_last = (
+            resident, offloaded, attended, seq_len, bound)
         if resident > stats.resident_max:
             stats.resident_max = resident
-        if self.budget:
-            bound = self.budget
-        elif self.votes:
-            if self._bound[0] != self.summary_tokens:
-                self._bound = (self.summary_tokens, config.working_set_bound(self.prompt_len, self.summary_tokens))
-            bound = self._bound[1]
-        else:
-            bound = seq_len
-        stats.steps += 1
-        stats.attended_last, stats.dense_last, stats.bound_last = attended, seq_len, bound
         if attended > stats.attended_max:
             stats.attended_max = attended
         stats.attended_total += attended
         stats.dense_total += seq_len
-        over = attended > bound  # with a budget: the skeleton alone exceeded it
-        stats.over_bound_steps += over
-        return over
-
+        if attended > bound:  # with a budget: the skeleton alone exceeded it
+            stats.over_bound_steps += 1
+            return True
+        return False
 
 def hash_seed(rid: Optional[str], row: int, generation: int) -> int:
     """A per-request seed that does not depend on Python's salted str hash."""

@@ -9,6 +9,11 @@ against a per-vocabulary mask) or asked by the host, packed into voter slots. Pe
 their entries and one casts every voter's votes; after the last layer each voter's top-c lands in
 a fixed buffer, which the next step copies to pinned host memory.
 
+With attention tensor parallelism each rank holds some of the heads, so each rank's votes are a
+part of the vote. After the last layer one all-reduce over SGLang's attention TP group sums the
+parts (``votes`` and ``weights`` together, on the device, in the captured graph on CUDA, over gloo
+on CPU), so every rank chooses the thoughts one rank holding every head would choose.
+
 On CUDA (and under ``TRITON_INTERPRET=1``) every per-layer call works on fixed-size buffers whose
 unused slots the kernels skip, so the same calls can be captured once and replayed. The torch path
 (CPU) slices the buffers to the step's counts instead.
@@ -67,6 +72,7 @@ class DeviceSelection:
         self.voter_table = torch.zeros(4, max_voters, dtype=torch.int64, **dev)  # row, batch index, candidates, kind
         self.votes = torch.zeros(max_voters, max_candidates, dtype=torch.float32, **dev)
         self.weights = torch.zeros_like(self.votes)
+        self.vote_group = attention_tp_group()  # None: this rank holds every head
         self.scratch = vote_scratch(max_voters, num_heads, max_candidates, self.device)
         self.chosen = torch.full((max_voters, config.num_thoughts), -1, dtype=torch.int64, **dev)
         self.agreement = torch.ones(max_voters, dtype=torch.float32, **dev)
@@ -236,9 +242,24 @@ class DeviceSelection:
                              num_candidates, vote_kind, votes, weights, scaling=scaling, topk=self.config.topk,
                              summary=summary, scratch=self.scratch, kinds=self.active_kinds)
         if layer_id == self.last_layer:
+            if self.vote_group is not None:
+                summed = self.vote_group.all_reduce(torch.stack([votes, weights]))
+                votes.copy_(summed[0])
+                weights.copy_(summed[1])
             chosen, agreement = select_top(votes, weights, num_candidates, self.config.num_thoughts)
             self.chosen[: chosen.shape[0]] = chosen
             self.agreement[: agreement.shape[0]] = agreement
+
+
+def attention_tp_group():
+    """SGLang's attention tensor-parallel group (a ``GroupCoordinator``) when it has more than one
+    rank; None with one rank or outside an SGLang worker (no process group: unit tests)."""
+    if not torch.distributed.is_initialized():
+        return None
+    from sglang.srt.distributed.parallel_state import get_attn_tp_group
+
+    group = get_attn_tp_group()
+    return group if group.world_size > 1 else None
 
 
 def _padding_ranges(padding: int, offset: int) -> np.ndarray:

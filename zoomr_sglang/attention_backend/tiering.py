@@ -10,7 +10,9 @@ avoids copy ping-pong.
 
 Copies are asynchronous on CUDA (``host_tier.py``) and ``prepare`` never waits for one: a copy out
 frees its device slots, and a copy in enters the row (and the working set), at the first step that
-finds it done. On CPU both are done at once, so a thought moves within the step.
+finds it done. On CPU both are done at once, so a thought moves within the step. With tensor
+parallelism "done" is a poll every rank agrees on (``host_tier.py``, ``TP_COPY_POLLS``), so every
+rank frees and takes device slots at the same step and SGLang's replicated schedulers stay alike.
 
 Holes are never attended (a thought is evicted only when it is closed, not selected and out of the
 recent window). SGLang's release path must skip them: the plug-in's radix-cache hooks cap the tree
@@ -63,6 +65,10 @@ class ThoughtTiering:
         # set), the thoughts prepare returned and how many are cold. Any change to the row's cold
         # thoughts drops it.
         self.settled: Dict[int, Tuple[List[int], List[int], int]] = {}
+        # Per row whose last prepare found nothing to do and started nothing: the selection, the
+        # count of thoughts waiting to leave, the sequence length up to which they wait, and what
+        # prepare returned. While all hold, prepare has nothing to do again (most steps).
+        self.quiet: Dict[int, Tuple[List[int], int, int, List[int]]] = {}
         self.counters = TieringCounters()
         self.freed_since_admission = 0  # read and reset by the admission hook
         self.adopted_rows: set = set()  # rows holding holes inherited from the radix tree
@@ -79,12 +85,16 @@ class ThoughtTiering:
         """
         self.step += 1
         row = state.row
+        quiet = self.quiet.get(row)
+        if (quiet is not None and quiet[0] is state.zoomed and seq_len < quiet[2]
+                and len(state.pending_eviction) == quiet[1]):
+            return quiet[3]
         if row in self.in_flight or row in self.copying_in:
             self._finish_copies(state)
         cold = self.cold.get(row)
         settled = self.settled.get(row)
-        if not cold:
-            available, selected_resident = list(state.zoomed), 0
+        if not cold:  # the selection itself (never changed in place: a vote sets a new list)
+            available, selected_resident = state.zoomed, 0
         elif settled is not None and settled[0] is state.zoomed:
             available, selected_resident = settled[1], settled[2]
         else:
@@ -94,6 +104,10 @@ class ThoughtTiering:
         resident = self.resident.get(row)
         if resident is not None and len(resident) - selected_resident > self.config.zoom_cache:
             self._trim_zoom_cache(state, resident)
+        elif row not in self.in_flight and row not in self.copying_in:
+            waits_until = NEVER if not state.pending_eviction else self.evict_after.get(row, (0,))[0]
+            if not state.pending_eviction or self._waits_for_window(state, seq_len):
+                self.quiet[row] = (state.zoomed, len(state.pending_eviction), waits_until, available)
         return available
 
     def _bring_in(self, state: RequestState, cold: Dict[int, ColdThought],
@@ -243,7 +257,7 @@ class ThoughtTiering:
 
     # -- the per-row books --------------------------------------------------------------------------
     def _add_cold(self, row: int, index: int, thought: ColdThought) -> None:
-        self.settled.pop(row, None)
+        self._unsettle(row)
         self.cold.setdefault(row, {})[index] = thought
         if thought.on_device:
             self.resident.setdefault(row, set()).add(index)
@@ -251,7 +265,7 @@ class ThoughtTiering:
             self.offloaded[row] = self.offloaded.get(row, 0) + thought.end - thought.start
 
     def _set_on_device(self, row: int, index: int, thought: ColdThought, on_device: bool) -> None:
-        self.settled.pop(row, None)
+        self._unsettle(row)
         thought.on_device = on_device
         size = thought.end - thought.start
         self.offloaded[row] = self.offloaded.get(row, 0) + (-size if on_device else size)
@@ -259,6 +273,11 @@ class ThoughtTiering:
             self.resident.setdefault(row, set()).add(index)
         else:
             self._discard(self.resident, row, index)
+
+    def _unsettle(self, row: int) -> None:
+        """The row's cold thoughts changed: its cached prepare results no longer hold."""
+        self.settled.pop(row, None)
+        self.quiet.pop(row, None)
 
     @staticmethod
     def _discard(by_row: Dict[int, Set[int]], row: int, index: int) -> None:
@@ -324,7 +343,7 @@ class ThoughtTiering:
         self.resident.pop(row, None)
         self.offloaded.pop(row, None)
         self.evict_after.pop(row, None)
-        self.settled.pop(row, None)
+        self._unsettle(row)
         for thought in self.cold.pop(row, {}).values():
             if thought.owns_host == 0 and thought.on_device:
                 self._free_device(row, thought.start, thought.end)
@@ -337,7 +356,7 @@ class ThoughtTiering:
         """Holes a new request inherits from the radix tree: ``(thought, start, end, host slots)``;
         the tree keeps their host slots."""
         self.cold[row] = {}
-        self.settled.pop(row, None)
+        self._unsettle(row)
         self.resident.pop(row, None)
         self.offloaded.pop(row, None)
         for index, start, end, slots in cold:
@@ -352,6 +371,7 @@ class ThoughtTiering:
         device and the tree takes its device slots, not a hole whose host slots a copy still reads."""
         if row in self.copying_in:
             self.drain_row(row)
+        self._unsettle(row)
         handed = []
         for thought in self.cold.get(row, {}).values():
             if thought.on_device or thought.owns_host >= 0 or thought.end <= from_position:

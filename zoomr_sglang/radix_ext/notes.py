@@ -1,12 +1,12 @@
-"""What the zoomr tree attaches to its nodes, and what a request inherits from a matched path.
+"""What the zoomr tree keeps per node, and what a request inherits from a matched path.
 
 A node of SGLang's radix tree holds the KV slots of a run of tokens (``node.value``). The zoomr
-tree adds :class:`NodeNotes` (``node.zoomr``):
+tree keeps :class:`NodeNotes` beside it (``ZoomRRadixCache.node_notes``, by node):
 
 - ``pieces``: runs of the node whose KV lives in the host tier only (a cold thought's body, or
   part of it after a node split). Their ``node.value`` entries hold the padding slot 0; the host
   slots belong to the tree and are freed when the node is evicted.
-- ``records``: the closed thoughts whose span ends inside the node (:class:`ThoughtRecord`:
+- ``records``: the closed thoughts whose span ends inside the node (``tree_port.ThoughtRecord``:
   absolute positions and the thought's index key, a snapshot of its running sums).
 
 :func:`inherit` reads a matched path and says how much of it a request may take (``cut``) and
@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from zoomr_sglang.algo.segmentation import Thought, TokenRole
+from zoomr_sglang.tree_port import Inheritance, ThoughtRecord
 
 
 @dataclass
@@ -29,15 +29,6 @@ class HostPiece:
     start: int  # node-relative positions [start, end)
     end: int
     host_slots: torch.Tensor  # [end - start] int64 host-tier slots, owned by the tree
-
-
-@dataclass
-class ThoughtRecord:
-    thought: Thought  # absolute positions (index: the writer's ordinal, renumbered on inheritance)
-    reasoning_start: int  # the writer's first reasoning position (its prompt length)
-    role: TokenRole  # which key indexes the thought
-    key_sums: Optional[torch.Tensor] = None  # [layers, kv_heads, head_dim] float32; None: no key
-    key_counts: Optional[torch.Tensor] = None  # [layers] float32
 
 
 @dataclass
@@ -63,21 +54,6 @@ class NodeNotes:
         for r in self.records:
             (head if r.thought.span_end() <= node_start + split_len else tail).records.append(r)
         return head, tail
-
-
-@dataclass
-class Inheritance:
-    """What a request whose prompt matched ``prefix_len`` tokens of the tree takes over."""
-
-    prefix_len: int
-    reasoning_start: int
-    records: List[ThoughtRecord]  # thoughts renumbered 0..k-1, ascending
-    cold: List[Tuple[int, int, int, torch.Tensor]]  # (thought index, start, end, host slots)
-
-    @property
-    def resume_from(self) -> int:
-        """First position the request segments itself (after the last inherited thought)."""
-        return self.records[-1].thought.span_end()
 
 
 def inherit(path: Sequence[Tuple[int, int, Optional[NodeNotes]]], accept_holes: bool) -> Tuple[int, Optional[Inheritance]]:

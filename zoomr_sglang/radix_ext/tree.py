@@ -17,12 +17,16 @@ node splits stay SGLang's. What it adds (notes in ``notes.py``):
 Wherever no host piece is in the tree, every call is SGLang's own (``evict`` included), so the
 tree answers as ``RadixCache`` does; ``tests/test_sglang_radix_cache_suite.py`` and
 ``tests/test_radix_differential.py`` hold it to that.
+
+What the tree needs of the decode backend goes through ``tree_port.TreePort``, found through
+``zoomr_sglang.runtime`` from the tree's ``ReqToTokenPool`` (None: zoomr does not decode from it,
+and the tree keeps no thoughts). This package never imports ``attention_backend``.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
@@ -31,6 +35,8 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from zoomr_sglang.algo.policy_base import mask_to_ranges
 from zoomr_sglang.radix_ext.notes import HostPiece, NodeNotes, inherit
+from zoomr_sglang.runtime import runtime_of
+from zoomr_sglang.tree_port import TreePort
 
 
 class PaddingSkippingAllocator:
@@ -57,10 +63,6 @@ class PaddingSkippingAllocator:
             self._allocator.free_segment(free_index[a:b], start_pos=start_pos + a)
 
 
-def _notes(node) -> Optional[NodeNotes]:
-    return getattr(node, "zoomr", None)
-
-
 class ZoomRRadixCache(RadixCache):
     def __init__(self, params) -> None:
         if isinstance(params.token_to_kv_pool_allocator, SWATokenToKVPoolAllocator):
@@ -72,6 +74,9 @@ class ZoomRRadixCache(RadixCache):
         self.thought_records = 0  # closed thoughts recorded on nodes
         self.evicted_device_tokens = 0  # device slots eviction gave back
         self.evicted_host_tokens = 0  # host-tier slots eviction gave back (host pieces)
+        # TreeNode -> its notes, for the nodes that have any. Kept here, not on SGLang's nodes: the
+        # tree's own overrides are every place a node is split or leaves (split, delete, reset).
+        self.node_notes: Dict[object, NodeNotes] = {}
         super().__init__(params)
         if self.token_to_kv_pool_allocator is not None:
             self.token_to_kv_pool_allocator = PaddingSkippingAllocator(self.token_to_kv_pool_allocator)
@@ -80,16 +85,16 @@ class ZoomRRadixCache(RadixCache):
         self._retracting = False  # set while keep_retracted() inserts
         self.retracted_kept = 0  # retracted requests inserted whole (their re-prefill inherits)
 
-    # -- the zoomr backend of the same pool ----------------------------------------------------
-    def _controller(self):
-        from zoomr_sglang.attention_backend.factory import controller_for_pool
-
-        return None if self.req_to_token_pool is None else controller_for_pool(self.req_to_token_pool)
+    # -- the zoomr decode backend of the same pool -------------------------------------------------
+    def _port(self) -> Optional[TreePort]:
+        runtime = runtime_of(self.req_to_token_pool)
+        return None if runtime is None else runtime.tree_port
 
     def _drop_notes(self, notes: NodeNotes) -> None:
-        """A node left the tree: free its pieces' host slots and forget its records."""
+        """A node left the tree: free its pieces' host slots and forget its records (only a
+        backend's export puts pieces in the tree, so a node with pieces has a port)."""
         for piece in notes.pieces:
-            self._controller().tiering.host.free(piece.host_slots)
+            self._port().free_host_slots(piece.host_slots)
         self.host_tokens -= notes.host_tokens
         self.thought_records -= len(notes.records)
 
@@ -108,13 +113,9 @@ class ZoomRRadixCache(RadixCache):
         return self.protected_size_ - self.host_tokens_protected
 
     def reset(self):
-        if getattr(self, "root_node", None) is not None and (self.host_tokens or self.thought_records):
-            stack = [self.root_node]
-            while stack:
-                node = stack.pop()
-                stack.extend(node.children.values())
-                if _notes(node) is not None:
-                    self._drop_notes(node.zoomr)
+        for notes in self.node_notes.values():
+            self._drop_notes(notes)
+        self.node_notes.clear()
         super().reset()
         self.host_tokens = self.host_tokens_protected = self.thought_records = 0
 
@@ -124,21 +125,22 @@ class ZoomRRadixCache(RadixCache):
         req = params.req
         if req is None or self.disable:
             return result  # the tree's own re-match inside checkpoint(): no request to hand over to
-        req.zoomr_inheritance = None
+        port = self._port()
+        if port is not None:
+            port.hand_inheritance(req, None)  # until this match says otherwise
         if result.device_prefix_len == 0 or (not self.host_tokens and not self._has_records(result.last_device_node)):
             return result  # nothing the request could inherit
-        controller = self._controller()
-        accept = controller is not None and controller.accepts_holes(req)
-        cut, inheritance = inherit(self._path(result.last_device_node), accept)
+        cut, inheritance = inherit(self._path(result.last_device_node), port is not None and port.accepts_holes(req))
         if cut < result.device_prefix_len:
             result = super().match_prefix(MatchPrefixParams(key=params.key[:cut], cow_mamba=params.cow_mamba, req=req))
-        if controller is not None and inheritance is not None:
-            req.zoomr_inheritance = inheritance
+        if port is not None and inheritance is not None:
+            port.hand_inheritance(req, inheritance)
         return result
 
     def _has_records(self, node) -> bool:
         while node is not self.root_node:
-            if _notes(node) is not None and node.zoomr.records:
+            notes = self.node_notes.get(node)
+            if notes is not None and notes.records:
                 return True
             node = node.parent
         return False
@@ -157,7 +159,7 @@ class ZoomRRadixCache(RadixCache):
 
     def _path(self, node) -> List[Tuple[int, int, Optional[NodeNotes]]]:
         """(start, length, notes) of each node from the root's child down to ``node``."""
-        return [(start, len(n.key), _notes(n)) for start, n in self._path_nodes(node)]
+        return [(start, len(n.key), self.node_notes.get(n)) for start, n in self._path_nodes(node)]
 
     # -- insert: a finished request goes in whole ------------------------------------------------
     def insert(self, params):
@@ -169,29 +171,27 @@ class ZoomRRadixCache(RadixCache):
     def checkpoint(self, req, *, up_to: int):
         if self.disable:
             return
-        controller = self._controller()
-        if controller is not None:
-            up_to = controller.checkpoint_limit(req, up_to, holes_allowed=True,
-                                                leaving=req.finished() or self._retracting)
+        port = self._port()
+        if port is not None:
+            up_to = port.checkpoint_limit(req, up_to, holes_allowed=True, leaving=req.finished() or self._retracting)
         self._recording, self._new_from = True, None
         try:
             super().checkpoint(req, up_to=up_to)
             new_from = self._new_from
         finally:
             self._recording = False
-        if controller is None or new_from is None or req.kv.cache_protected_len <= new_from:
+        if port is None or new_from is None or req.kv.cache_protected_len <= new_from:
             return
-        records, holes = controller.export_to_tree(req.kv.req_pool_idx, new_from, req.kv.cache_protected_len)
+        records, holes = port.export_to_tree(req.kv.req_pool_idx, new_from, req.kv.cache_protected_len)
         for start, node in self._path_nodes(req.last_node):  # the request's lock covers the path: protected
             end = start + len(node.key)
             mine = [r for r in records if start < r.thought.span_end() <= end]
             pieces = [HostPiece(max(s, start) - start, min(e, end) - start, slots[max(s, start) - s: min(e, end) - s])
                       for s, e, slots in holes if s < end and e > start]
             if mine or pieces:
-                notes = node.zoomr if _notes(node) is not None else NodeNotes()
+                notes = self.node_notes.setdefault(node, NodeNotes())
                 notes.records += mine
                 notes.pieces = sorted(notes.pieces + pieces, key=lambda p: p.start)
-                node.zoomr = notes
                 self.thought_records += len(mine)
                 added = sum(p.end - p.start for p in pieces)
                 self.host_tokens += added
@@ -212,12 +212,15 @@ class ZoomRRadixCache(RadixCache):
     # -- splits, locks, eviction ----------------------------------------------------------------
     def _split_node(self, key, child, split_len: int):
         new_node = super()._split_node(key, child, split_len)
-        if _notes(child) is not None:
+        notes = self.node_notes.pop(child, None)
+        if notes is not None:
             node_start, node = 0, new_node.parent
             while node is not self.root_node:
                 node_start += len(node.key)
                 node = node.parent
-            new_node.zoomr, child.zoomr = child.zoomr.split(split_len, node_start)
+            for part, notes_of_part in zip((new_node, child), notes.split(split_len, node_start)):
+                if notes_of_part.pieces or notes_of_part.records:
+                    self.node_notes[part] = notes_of_part
         return new_node
 
     def inc_lock_ref(self, node):
@@ -236,14 +239,15 @@ class ZoomRRadixCache(RadixCache):
             return 0
         moved = 0
         while node is not self.root_node:
-            if node.lock_ref == lock_ref and _notes(node) is not None:
-                moved += node.zoomr.host_tokens
+            notes = self.node_notes.get(node) if node.lock_ref == lock_ref else None
+            if notes is not None:
+                moved += notes.host_tokens
             node = node.parent
         return moved
 
     def _delete_leaf(self, node):
         super()._delete_leaf(node)
-        notes = _notes(node)
+        notes = self.node_notes.pop(node, None)
         host = 0 if notes is None else notes.host_tokens
         self.evicted_device_tokens += len(node.value) - host
         if notes is not None:
