@@ -66,7 +66,7 @@ from bench_setup import ON_CUDA  # noqa: E402  (process environment first)
 import torch  # noqa: E402
 
 from tier_copy import measure_tier_copy_gbps  # noqa: E402
-from zoomr_sglang.algo.reference import gather_decode_attention  # noqa: E402
+from zoomr_sglang.algo.torch_attention import gather_decode_attention  # noqa: E402
 from zoomr_sglang.attention_backend.controller import ZoomRController  # noqa: E402
 from zoomr_sglang.attention_backend.host_tier import HostKVTier  # noqa: E402
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backend_harness import TOKEN, Harness, scripted_tokens
-from zoomr_sglang.algo.reference import masked_decode_reference
+from zoomr_sglang.algo.torch_attention import masked_decode_reference
 from zoomr_sglang.algo.segmentation import TokenRole
 from zoomr_sglang.config import ZoomRConfig
 
@@ -221,7 +221,7 @@ def test_self_check_records_the_error_against_the_dense_reference():
 def test_gather_decode_attention_returns_the_softmax_denominators():
     """Mass votes read each head's log softmax denominator over the working set; the CPU path
     takes it from the same kernel call as the output (CUDA twin: test_kernels.py)."""
-    from zoomr_sglang.algo.reference import dense_attention_weights, gather_decode_attention
+    from zoomr_sglang.algo.torch_attention import dense_attention_weights, gather_decode_attention
 
     gen = torch.Generator().manual_seed(1)
     keys, values = torch.randn(64, 2, 8, generator=gen), torch.randn(64, 2, 8, generator=gen)

@@ -100,3 +100,17 @@ def test_working_set_bound_counts_each_part():
     config = ZoomRConfig(num_thoughts=2, sink=4, window=16, max_thought_tokens=10)
     # sinks + prompt + summaries + 2 zoomed bodies + open region (body and summary) + window
     assert config.working_set_bound(prompt_len=7, summary_tokens=5) == 4 + 7 + 5 + 20 + 20 + 16
+
+
+def test_the_environment_is_parsed_once_per_set_of_values(monkeypatch):
+    """Every request's validation asks for the server's settings: the same object comes back until
+    a ZOOMR_* variable changes, and a bad value is refused at every ask."""
+    monkeypatch.setenv("ZOOMR_BUDGET", "64")
+    first = load_config()
+    assert load_config() is first and first.budget == 64
+    monkeypatch.setenv("ZOOMR_BUDGET", "96")
+    assert load_config().budget == 96
+    monkeypatch.setenv("ZOOMR_WINDOW", "1")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="ZOOMR_WINDOW='1' is too small"):
+            load_config()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoomr_sglang.algo.reference import extend_attention_around_holes
+from zoomr_sglang.algo.torch_attention import extend_attention_around_holes
 
 
 def _by_hand(query, keys, values, keep, prefix_len, scaling, group):

@@ -325,7 +325,7 @@ def sparse_decode_case(dtype):
 def check_sparse_decode(case, out, lse, scaling, tol) -> None:
     """``out`` equals the float64 masked reference per request, ``lse`` (natural log) the log-sum-exp
     of the scaled logits over each request's kept positions."""
-    from zoomr_sglang.algo.reference import masked_decode_reference
+    from zoomr_sglang.algo.torch_attention import masked_decode_reference
 
     k_cache, v_cache, table, _, _, query = case
     group = query.shape[1] // k_cache.shape[1]
@@ -345,7 +345,7 @@ def check_sparse_decode(case, out, lse, scaling, tol) -> None:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
-    from zoomr_sglang.algo.reference import gather_decode_attention
+    from zoomr_sglang.algo.torch_attention import gather_decode_attention
 
     case = sparse_decode_case(dtype)
     k_cache, v_cache, _, kv_indptr, kv_indices, query = case

@@ -199,11 +199,23 @@ ENV_VARS = tuple(_FIELDS)
 
 
 def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
-    """Parse every ``ZOOMR_*`` variable of ``environ`` (default ``os.environ``).
+    """Parse every ``ZOOMR_*`` variable of ``environ`` (default ``os.environ``: parsed once per
+    process and set of values, then the same object, as every request's validation asks for it).
 
     An unknown ``ZOOMR_*`` name is an error too: a typo must not silently fall back to a default.
     """
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ZOOMR_")))
+        if _LOADED[0] != key:
+            _LOADED[:] = [key, _parse(os.environ)]
+        return _LOADED[1]
+    return _parse(environ)
+
+
+_LOADED: list = [None, None]  # [the ZOOMR_* items of os.environ last parsed, their config]
+
+
+def _parse(environ: Mapping[str, str]) -> ZoomRConfig:
     unknown = sorted(k for k in environ if k.startswith("ZOOMR_") and k not in _FIELDS and k not in _PASSIVE)
     if unknown:
         raise ValueError(f"unknown variable {unknown[0]}; allowed ZOOMR_* variables: {', '.join(ENV_VARS)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from zoomr_sglang.algo.reference import dense_attention_weights, masked_decode_reference, weighted_values
+from zoomr_sglang.algo.torch_attention import dense_attention_weights, masked_decode_reference, weighted_values
 from zoomr_sglang.attention_backend.planning import HostPlan
 
 

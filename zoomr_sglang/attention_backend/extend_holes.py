@@ -1,7 +1,7 @@
 """Extend (prefill) over a prompt prefix with holes: requests that inherited cold thoughts from the
 zoomr radix tree (``radix_ext``). Both backends run SGLang's own extend unless a request of the
 batch has holes; then every request of the batch is computed by
-:func:`zoomr_sglang.algo.reference.extend_attention_around_holes`, once per request and layer.
+:func:`zoomr_sglang.algo.torch_attention.extend_attention_around_holes`, once per request and layer.
 It runs once per turn, not per decode step.
 """
 
@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from zoomr_sglang.algo.reference import extend_attention_around_holes
+from zoomr_sglang.algo.torch_attention import extend_attention_around_holes
 
 Holes = List[Tuple[int, int]]
 

@@ -1,7 +1,7 @@
 """CPU backend: SGLang's ``torch_native`` for prefill/extend, ZoomR sparse decode in torch.
 
 This is also the reference the CUDA backend is checked against: the attention kernel is
-:func:`zoomr_sglang.algo.reference.gather_decode_attention`, which issues the same SDPA call per
+:func:`zoomr_sglang.algo.torch_attention.gather_decode_attention`, which issues the same SDPA call per
 request as ``torch_native`` decode, over the request's working set instead of its whole row, and
 returns the softmax denominators the step's mass votes need from the same kernel call.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from zoomr_sglang.algo.reference import gather_decode_attention
+from zoomr_sglang.algo.torch_attention import gather_decode_attention
 from zoomr_sglang.attention_backend.controller import ZoomRController
 from zoomr_sglang.attention_backend.extend_holes import batch_holes, extend_around_holes
 

@@ -1,4 +1,5 @@
-"""Decode attention over a sparse set of KV slots: the CPU path and its independent reference.
+"""Attention in plain torch: the CPU backend's sparse decode and prefill around holes, and the
+dense references its self-check and tests compare with.
 
 ``gather_decode_attention`` is what the CPU backend runs. It runs the same attention kernel per
 request as SGLang's ``torch_native`` decode, so when the slot list of a request is its whole
