@@ -106,7 +106,7 @@ def after_running_offset(result, adder, req, *args, **kwargs):
         return result
     controller = runtime.controller
     state = controller.planner.states.get(req.kv.req_pool_idx)
-    if state is None or not controller.planner.tiered(state):
+    if state is None or not state.tiered:
         return result  # a policy whose KV never leaves the device keeps SGLang's own charge
     admission_pass = _admission_pass(adder, runtime)
     if id(req) not in admission_pass.running:

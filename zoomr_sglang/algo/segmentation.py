@@ -197,15 +197,12 @@ class ThoughtSegmenter:
         token's :meth:`TokenMarkers.flags_of` (the caller looked them up already). Returns that
         thought's index (the position's key goes to its BODY key); -1 when the token is not such a
         one, and then nothing was done: :meth:`feed` it. No events are made: the caller reads a
-        sentence end from the flags. Written out (no :meth:`_grow_body` call): it runs for almost
-        every token of every request."""
+        sentence end from the flags."""
         thought = self._open
         if (flags & TokenMarkers.MARKER or thought is None or self._state is not _State.BODY or self._pending
                 or position != self._next_position):
             return -1
-        self._next_position = thought.body_end = position + 1
-        if flags & TokenMarkers.NONBLANK:
-            self._open_nonblank = True
+        self.extend_body(flags, position)
         if position + 1 - thought.start >= self._max_tokens:
             self._state = _State.AWAIT  # the cap, as in _grow_body
         return thought.index

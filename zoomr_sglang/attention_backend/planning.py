@@ -105,10 +105,6 @@ class StepPlanner:
         """Whether ``req`` can take a prompt prefix whose cold thoughts are in the host tier only."""
         return self._tierable(req, self._settings_of(req))
 
-    def tiered(self, state: RequestState) -> bool:
-        """Whether the host tier may move this request's KV."""
-        return state.tiered
-
     def _tierable(self, req, settings: RequestSettings) -> bool:
         """Only a policy that attends whole thoughts, not while fidelity is measured against the full
         sequence, and not with a budget covering the whole request (it attends everything)."""
@@ -186,12 +182,10 @@ class StepPlanner:
             cut = open_from
         if not lo < cut <= hi or end > body_limit or state.tokens_since_refresh + 1 >= self.ingest.interval:
             return -1
-        if quiet is not None and (seq_len >= quiet[2] or self.tiering.quiet.get(state.row) is not quiet):
+        if quiet is not None and not self.tiering.quiet_holds(state.row, quiet, seq_len):
             return -1
         if not self.ingest.feed_quiet(state, req, end, entry, commits):
             return -1
-        if quiet is not None:
-            self.tiering.step += 1  # the zoom cache's clock counts every prepare
         votes += (state.row, state.votable, state.vote_kind, False)
         return cut if tail_from is None else tail_from
 

@@ -72,7 +72,7 @@ class ThoughtTiering:
         self.counters = TieringCounters()
         self.freed_since_admission = 0  # read and reset by the admission hook
         self.adopted_rows: set = set()  # rows holding holes inherited from the radix tree
-        self.step = 0
+        self.step = 0  # counts full prepares: a thought's last_used orders the zoom cache
 
     # -- per step ------------------------------------------------------------------------------
     def prepare(self, state: RequestState, seq_len: int, committed_until: int) -> List[int]:
@@ -105,10 +105,17 @@ class ThoughtTiering:
         if resident is not None and len(resident) - selected_resident > self.config.zoom_cache:
             self._trim_zoom_cache(state, resident)
         elif row not in self.in_flight and row not in self.copying_in:
-            waits_until = NEVER if not state.pending_eviction else self.evict_after.get(row, (0,))[0]
-            if not state.pending_eviction or self._waits_for_window(state, seq_len):
-                self.quiet[row] = (state.zoomed, len(state.pending_eviction), waits_until, available)
+            if not state.pending_eviction:
+                self.quiet[row] = (state.zoomed, 0, NEVER, available)
+            elif self._waits_for_window(state, seq_len):
+                self.quiet[row] = (state.zoomed, len(state.pending_eviction), self.evict_after[row][0], available)
         return available
+
+    def quiet_holds(self, row: int, record: Tuple[List[int], int, int, List[int]], seq_len: int) -> bool:
+        """Whether ``record``, the row's quiet record when a request step read it, still says that
+        ``prepare`` has nothing to do at ``seq_len`` (the planner's quiet steps then skip it; the
+        row's selection and waiting thoughts are the ones the record was made with)."""
+        return self.quiet.get(row) is record and seq_len < record[2]
 
     def _bring_in(self, state: RequestState, cold: Dict[int, ColdThought],
                   settled: Optional[Tuple[List[int], List[int], int]]) -> Tuple[List[int], int]:
