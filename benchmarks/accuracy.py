@@ -51,7 +51,7 @@ from bench_setup import REPO, add_policy_arguments, parse_policy_lists, plot_pol
 
 from testbed import program_trace as pt  # noqa: E402
 from testbed.policy_runs import (  # noqa: E402
-    TASK_ENV, ProgressBar, RunSpec, attended_per_step, budget_specs, run_specs, start_engine, summarize,
+    ProgressBar, RunSpec, attended_per_step, budget_specs, run_specs, start_engine, summarize,
 )
 from testbed.reasoner_model import load_tokenizer, reasoner_dir  # noqa: E402
 
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
                   ylabel="answer accuracy (greedy)")
     details = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "seconds": round(elapsed, 1),
-        "args": vars(args), "task_env": {k: os.environ[k] for k in TASK_ENV},
+        "args": vars(args), "task_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOOMR_")},
         "avg_prompt_tokens": sum(prompt_lens) / len(problems), "avg_sequence_tokens": avg_seq,
         "budgets_tokens": {f"{s.policy}@{s.budget_fraction}": s.budget for s in specs},
         "rows": [{**row, "attended_per_step": step} for row, step in zip(rows, per_step)],

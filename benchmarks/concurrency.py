@@ -3,7 +3,7 @@
 attention, in SGLang itself, under each admission rule.
 
 HTTP servers one after the other with the same KV pool (``--attention-backend torch_native``, then
-``zoomr`` once per ``--rules`` entry, each with that ``ZOOMR_ADMISSION``) each get ``--requests``
+``zoomr`` once per ``--rules`` entry, each with that ``admission`` in ``ZOOMR_CONFIG``) each get ``--requests``
 concurrent greedy ``ignore_eos`` requests of ``--max-new-tokens`` tokens. ``GET /metrics`` is polled every
 ``--poll`` seconds; the peaks of SGLang's own gauges ``sglang:num_running_reqs`` and
 ``sglang:num_used_tokens`` are recorded until every request finished. zoomr's host-tier counters
@@ -38,6 +38,7 @@ from servers import (  # noqa: E402  (imports bench_setup first: CPU engine set-
     GREEDY, PROMPT_LEN, add_model_arguments, check_zoomr_env, context_length_for,
     finish_run, launch_server, log, machine, prompt, save_figure, start_run, read_metrics, zoomr_state)
 from bench_setup import REPO  # noqa: E402
+from testbed.process_env import zoomr_environment  # noqa: E402
 from zoomr_sglang.config import ADMISSION_MODES  # noqa: E402
 
 import requests  # noqa: E402
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=48, help="concurrent requests sent to each server")
     parser.add_argument("--max-new-tokens", type=int, default=3000, help="output tokens of each request")
     parser.add_argument("--rules", default=",".join(ADMISSION_MODES),
-                        help=f"zoomr servers' ZOOMR_ADMISSION values, comma-separated (allowed: {ADMISSION_MODES})")
+                        help=f"zoomr servers' admission rules, comma-separated (allowed: {ADMISSION_MODES})")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of every server (--tp-size)")
     parser.add_argument("--plot", default=None,
                         help="PNG path; the full results go next to it as .json (default: benchmarks/results/"
@@ -171,7 +172,7 @@ def concurrency(args, model_path: str) -> Dict[str, dict]:
     parallel = ("--tp-size", str(args.tp)) if args.tp > 1 else ()
     # zoomr servers use the zoomr radix cache: a request SGLang retracts keeps its thoughts.
     servers = [("dense", DENSE_BACKEND, {}, parallel)] + [
-        (f"zoomr {rule}", "zoomr", {"ZOOMR_ADMISSION": rule}, ZOOMR_TREE + parallel) for rule in args.rules]
+        (f"zoomr {rule}", "zoomr", zoomr_environment(admission=rule), ZOOMR_TREE + parallel) for rule in args.rules]
     runs = {}
     for name, backend, env, extra_args in servers:
         with launch_server(model_path, backend, max_total_tokens=args.max_total_tokens, tiny=args.model_path is None,

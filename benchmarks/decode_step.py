@@ -18,7 +18,7 @@ steps of the controller (64 tokens each), so
 index keys hold the history's keys, candidate tables are filled, votes are cast and applied, and
 with the host tier on (the default server setting) cold thoughts sit in the host tier and their
 device slots went back to the allocator. Timed steps refresh where the text does (sentence ends,
-thought ends, every ``ZOOMR_REFRESH_INTERVAL`` tokens): ``step_ratio`` and ``selection_overhead``
+thought ends, every ``refresh_interval`` tokens): ``step_ratio`` and ``selection_overhead``
 are means over those steps. The worst step (every request votes at every layer) is measured too.
 
 When the host tier cannot hold a cell's history (``--host-gb``), that cell runs with the tier off

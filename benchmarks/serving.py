@@ -16,7 +16,7 @@ end, so the reasoning is in the prompt: each is a question and then thoughts of 
 blank line and a 10-token summary between the markers, up to the cell's context; ZoomR segments it
 as pasted reasoning and indexes, votes on and tiers its thoughts like generated ones. In the output
 a thought closes at the 256-token cap and a refresh (a vote) comes every 30 tokens
-(``ZOOMR_REFRESH_INTERVAL``). Both servers get the same token ids and run nothing extra. Not
+(``refresh_interval``). Both servers get the same token ids and run nothing extra. Not
 chosen: forcing the pattern into the output with a custom logit processor (``testbed/forcing.py``),
 which reaches a 16K context only by generating 16K tokens (minutes per request) and costs both
 servers a Python pass over the batch at every step that no user's server pays.
@@ -33,7 +33,7 @@ prediction says would not end in its backend's share, and no request runs past t
 
 ``--part probe``: ``probe_requests`` greedy requests to dense, then to zoomr with its ``full``
 policy (its whole planning and decode path over every position: its tokens must equal dense's),
-then with its own policy while ``ZOOMR_SELF_CHECK_INTERVAL`` compares sampled steps with a float64
+then with its own policy while ``self_check_interval`` in ``ZOOMR_CONFIG`` compares sampled steps with a float64
 reference over the same working set (the interval exceeds the full-policy run's steps, so none of
 those steps ran eagerly).
 

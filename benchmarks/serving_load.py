@@ -6,7 +6,7 @@ A random-weight model writes no blank line, summary or sentence end, so the cont
 every prompt is a question followed by thoughts (``BODY_TOKENS`` word ids, a blank line, a
 ``SUMMARY_TOKENS``-token summary between the markers, a blank line) up to the cell's context, ending
 inside an open thought that the output continues. ZoomR cuts such a prompt into thoughts like its
-own output (``ZOOMR_SEGMENT_PROMPT=markers``): indexed, voted on, moved to the host tier and back.
+own output (``segment_prompt`` ``markers`` in ``ZOOMR_CONFIG``): indexed, voted on, moved to the host tier and back.
 Both servers receive the same token ids; nothing runs in either server for the benchmark's sake.
 """
 

@@ -12,6 +12,7 @@ command line these functions build with SGLang's own parser.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
@@ -37,7 +38,7 @@ class Preset:
     max_running: Dict[str, int]  # --max-running-requests per part
     startup_timeout: float  # seconds a server may take to answer /health
     pool_tokens: int  # --max-total-tokens of both servers: the same KV pool, whatever the GPU
-    zoomr_env: Dict[str, str] = field(default_factory=dict)
+    zoomr_settings: Dict[str, object] = field(default_factory=dict)  # ZoomRConfig fields by name
 
 
 # Reasoning held in each prompt (see serving_load.reasoning_prompt): a question, then thoughts of a
@@ -45,10 +46,10 @@ class Preset:
 QUESTION_TOKENS, BODY_TOKENS, SUMMARY_TOKENS = 64, 200, 10
 # ZoomR for both presets: a thought closes by the 256-token cap in the output (a random model writes
 # no blank line), and a refresh (a vote) every 30 tokens (it writes no sentence end either).
-ZOOMR_WORKLOAD = {"ZOOMR_MAX_THOUGHT_TOKENS": "256", "ZOOMR_REFRESH_INTERVAL": "30"}
+ZOOMR_WORKLOAD = dict(max_thought_tokens=256, refresh_interval=30)
 # The probe's zoomr server: self-checks every 97 decode steps (more than the full-policy run takes,
 # so none of the steps compared with dense ran eagerly), and a host tier just large enough for it.
-ZOOMR_PROBE = {"ZOOMR_SELF_CHECK_INTERVAL": "97", "ZOOMR_HOST_POOL_GB": "1"}
+ZOOMR_PROBE = dict(self_check_interval=97, host_pool_gb=1)
 
 PRESETS = {
     "gpu": Preset(
@@ -62,7 +63,7 @@ PRESETS = {
         # 16,640-token dense requests, so the 32-request cell is beyond dense's capacity.
         pool_tokens=300_000,
         # The host tier, pinned: 16 GiB holds 131,072 tokens (8 GiB each for K and V, quick to pin).
-        zoomr_env={**ZOOMR_WORKLOAD, "ZOOMR_HOST_POOL_GB": "16"},
+        zoomr_settings={**ZOOMR_WORKLOAD, "host_pool_gb": 16},
     ),
     "rehearsal": Preset(
         name="rehearsal", device="cpu", dense_backend="torch_native", prefill_backend="torch_native",
@@ -72,7 +73,7 @@ PRESETS = {
         probe_context=1024, probe_requests=4, probe_full_tokens=64, probe_sparse_tokens=256,
         max_running={"timing": 16, "probe": 8}, startup_timeout=300,
         pool_tokens=9000,  # four 2,112-token dense requests: the 8-request cell is beyond dense's capacity
-        zoomr_env={**ZOOMR_WORKLOAD, "ZOOMR_HOST_POOL_GB": "1"},
+        zoomr_settings={**ZOOMR_WORKLOAD, "host_pool_gb": 1},
     ),
 }
 
@@ -117,8 +118,16 @@ def server_command_lines(preset: Preset, model_path: str, port: int = 30000) -> 
 
 
 def zoomr_env(preset: Preset, part: str, overrides: Dict[str, str]) -> Dict[str, str]:
-    """The zoomr server's ZoomR settings: the preset's, the probe's (self-checks: never in timing,
-    which must not run eager float64 reference steps), then ``overrides``."""
-    if part == "timing" and "ZOOMR_SELF_CHECK_INTERVAL" in overrides:
-        raise ValueError("ZOOMR_SELF_CHECK_INTERVAL runs eager float64 steps: the probe sets it, timing never")
-    return {**preset.zoomr_env, **(ZOOMR_PROBE if part == "probe" else {}), **overrides}
+    """The zoomr server's ZoomR variables: the preset's settings, the probe's (self-checks: never in
+    timing, which must not run eager float64 reference steps), then ``overrides`` (variables; the
+    keys of a ZOOMR_CONFIG among them join the preset's keys)."""
+    from testbed.process_env import zoomr_environment  # loads torch
+
+    extra = json.loads(overrides.get("ZOOMR_CONFIG", "{}"))
+    if not isinstance(extra, dict):
+        raise ValueError(f"ZOOMR_CONFIG={overrides['ZOOMR_CONFIG']!r}: allowed: a JSON object of settings by name")
+    if part == "timing" and "self_check_interval" in extra:
+        raise ValueError("ZOOMR_CONFIG key 'self_check_interval' runs eager float64 steps: the probe sets it,"
+                         " timing never")
+    settings = {**preset.zoomr_settings, **(ZOOMR_PROBE if part == "probe" else {}), **extra}
+    return {**zoomr_environment(**settings), **{k: v for k, v in overrides.items() if k != "ZOOMR_CONFIG"}}

@@ -6,7 +6,7 @@
 
 SmolLM2 writes no summaries, so ZoomR indexes each thought (text between blank lines) by its mean
 key (implicit summaries) and, under a budget, zooms into pages and tokens rather than whole thoughts
-(``ZOOMR_IMPLICIT_ZOOM``). One ``sglang.Engine(attention_backend="zoomr")``; each request picks its
+(``implicit_zoom`` in ``ZOOMR_CONFIG``). One ``sglang.Engine(attention_backend="zoomr")``; each request picks its
 policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``, ``zoomr_fidelity``):
 
 1. ``full`` (dense) writes ``--max-new-tokens`` greedy tokens (``ignore_eos``: the model may close
@@ -27,6 +27,10 @@ policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``,
 Progress goes to stderr; a table and, last, one JSON line go to stdout:
 ``{"model": "SmolLM2-135M-Instruct", "n_prompts": int, "avg_output_tokens": float, "results":
 [{"policy", "budget_fraction", "resident_fraction", "agreement", "mass_coverage", "rel_error", ...}]}``.
+``--defaults`` adds a row ``zoomr-defaults``: zoomr as a user gets it, in a second engine started
+with no ``ZOOMR_*`` variable (no budget, the host tier on), every request without ``custom_params``
+but fidelity; ``device_resident_fraction`` (every row) is each request's largest count of KV tokens
+on the device over its final length, from the free run, summed over prompts.
 ``--out`` also writes the per-prompt details as JSON. ``--dry-run`` checks the arguments, prepares
 the model and prints the plan without starting SGLang.
 
@@ -54,11 +58,11 @@ import bench_setup  # noqa: E402  (before sglang: CPU engine set-up)
 import torch  # noqa: E402
 
 from testbed.policy_runs import generate_all  # noqa: E402
+from testbed.process_env import default_zoomr_environment  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "zoomr_pages", "random")
-BENCH_ENV = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "256",
-             "ZOOMR_HOST_POOL_GB": "0", "ZOOMR_STATS_HISTORY": "100000"}
+BENCH_SETTINGS = dict(sink=4, window=64, max_thought_tokens=256, host_pool_gb=0, stats_history=100_000)
 QUESTIONS = (
     "A farmer has 17 sheep, buys 3 times as many goats as sheep, then sells 12 goats and half of "
     "the sheep (rounding down). How many animals are left? Think step by step, explain every step "
@@ -85,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="a converted model folder (default: prepare_smollm2())")
     parser.add_argument("--out", default=None, help="write the details as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; start no engine")
+    parser.add_argument("--defaults", action="store_true",
+                        help="also run zoomr with no ZOOMR_* setting and no budget, in its own engine")
     args = parser.parse_args(argv)
     bench_setup.parse_policy_lists(parser, args, POLICIES)
     if not 1 <= args.n_prompts <= len(QUESTIONS):
@@ -124,6 +130,32 @@ def run_batch(engine, prompts: Sequence[List[int]], jobs: Sequence[dict], max_ne
     return results
 
 
+def start_engine(model: str, *, n_requests: int, prompts: Sequence[List[int]], max_new_tokens: int):
+    """One zoomr engine with room for ``n_requests`` concurrent requests (and ``full``'s)."""
+    import sglang
+
+    max_seq = max(len(p) for p in prompts) + max_new_tokens + 8
+    # The pool is sized by max_total_tokens; the fraction only has to leave SGLang's memory probe
+    # room for the model's weights (540 MB in float32) beside them on a machine with little free.
+    return sglang.Engine(
+        model_path=model, attention_backend="zoomr", device="cuda" if torch.cuda.is_available() else "cpu",
+        dtype="float32", max_total_tokens=max(8000, (n_requests + 1) * max_seq),
+        mem_fraction_static=0.3, skip_server_warmup=True, max_running_requests=max(n_requests, len(prompts)),
+        disable_radix_cache=True, enable_custom_logit_processor=True)
+
+
+def free_and_forced(engine, prompts, jobs, full_ids, max_new_tokens: int):
+    """Every job decoded freely, then teacher-forced on full's output with ``zoomr_fidelity``;
+    returns both as lists of ``(job, result)``."""
+    free = list(zip(jobs, run_batch(engine, prompts, jobs, max_new_tokens, "free")))
+    forced_jobs = [{**job, "params": {**job["params"], "zoomr_fidelity": True}} for job in jobs]
+    forced_out = run_batch(engine, prompts, forced_jobs, max_new_tokens, "forced", force=full_ids)
+    for job, r in zip(forced_jobs, forced_out):
+        if r["output_ids"] != full_ids[job["prompt"]]:
+            raise RuntimeError(f"teacher forcing failed for {job['spec']} on prompt {job['prompt']}")
+    return free, list(zip(jobs, forced_out))
+
+
 def equal_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -161,19 +193,22 @@ def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
             "mass_coverage": _mean(mass_layers), "rel_error": _mean(error_layers),
             "free_resident_fraction": (sum(r["counters"]["attended_total"] for r in free_runs)
                                        / sum(r["counters"]["dense_total"] for r in free_runs)),
+            "device_resident_fraction": (sum(r["counters"]["resident_max"] for r in free_runs)
+                                         / sum(r["counters"]["dense_last"] for r in free_runs)),
             "mass_per_layer": mass_layers, "rel_error_per_layer": error_layers,
         })
     return rows
 
 
 def table(rows) -> str:
-    lines = [f"{'policy':<11} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} "
-             f"{'mass':>6} {'rel.err':>7} {'min-layer mass':>14}",
-             "-" * 80]
+    lines = [f"{'policy':<14} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} "
+             f"{'mass':>6} {'rel.err':>7} {'min-layer mass':>14} {'on device':>9}",
+             "-" * 93]
     for r in rows:
-        lines.append(f"{r['policy']:<11} {r['budget_fraction']:>6.2f} {r['budget_tokens']:>6} "
+        lines.append(f"{r['policy']:<14} {r['budget_fraction']:>6.2f} {r['budget_tokens']:>6} "
                      f"{r['resident_fraction']:>8.3f} {r['agreement']:>6.3f} {r['equal_prefix_tokens']:>7.1f} "
-                     f"{r['mass_coverage']:>6.3f} {r['rel_error']:>7.3f} {min(r['mass_per_layer']):>14.3f}")
+                     f"{r['mass_coverage']:>6.3f} {r['rel_error']:>7.3f} {min(r['mass_per_layer']):>14.3f} "
+                     f"{r['device_resident_fraction']:>9.3f}")
     return "\n".join(lines)
 
 
@@ -189,8 +224,7 @@ def main(argv=None) -> dict:
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"])
                for q in QUESTIONS[:args.n_prompts]]
-    for key, value in BENCH_ENV.items():
-        os.environ.setdefault(key, value)
+    default_zoomr_environment(**BENCH_SETTINGS)
     from zoomr_sglang.algo.working_set import MIN_WINDOW
     from zoomr_sglang.config import load_config
 
@@ -204,15 +238,7 @@ def main(argv=None) -> dict:
     if args.dry_run:
         log("dry run: no engine started")
         return {}
-
-    import sglang
-
-    max_seq = max(len(p) for p in prompts) + args.max_new_tokens + 8
-    engine = sglang.Engine(
-        model_path=model, attention_backend="zoomr", device="cuda" if torch.cuda.is_available() else "cpu",
-        dtype="float32", max_total_tokens=max(8000, (n_requests + 1) * max_seq),
-        mem_fraction_static=0.05, skip_server_warmup=True, max_running_requests=max(n_requests, len(prompts)),
-        disable_radix_cache=True, enable_custom_logit_processor=True)
+    engine = start_engine(model, n_requests=n_requests, prompts=prompts, max_new_tokens=args.max_new_tokens)
     try:
         log(f"engine ready in {time.time() - started:.0f} s")
         full_jobs = [{"prompt": i, "params": {"zoomr_policy": "full", "zoomr_budget": 0}} for i in range(len(prompts))]
@@ -225,15 +251,23 @@ def main(argv=None) -> dict:
                  for policy in args.policy_list]
         jobs = [{"spec": spec, "prompt": i, "params": {"zoomr_policy": spec[0], "zoomr_budget": spec[2]}}
                 for spec in specs for i in range(len(prompts))]
-        free = list(zip(jobs, run_batch(engine, prompts, jobs, args.max_new_tokens, "free")))
-        forced_jobs = [{**job, "params": {**job["params"], "zoomr_fidelity": True}} for job in jobs]
-        forced_out = run_batch(engine, prompts, forced_jobs, args.max_new_tokens, "forced", force=full_ids)
-        for job, r in zip(forced_jobs, forced_out):
-            if r["output_ids"] != full_ids[job["prompt"]]:
-                raise RuntimeError(f"teacher forcing failed for {job['spec']} on prompt {job['prompt']}")
-        forced = list(zip(jobs, forced_out))
+        free, forced = free_and_forced(engine, prompts, jobs, full_ids, args.max_new_tokens)
     finally:
         engine.shutdown()
+    if args.defaults:
+        # Zoomr as a user gets it: no ZOOMR_* variable in the scheduler's environment, no budget.
+        saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("ZOOMR_") and k != "ZOOMR_CACHE_DIR"}
+        defaults_env = {k: v for k, v in os.environ.items() if k.startswith("ZOOMR_")}
+        engine = start_engine(model, n_requests=len(prompts), prompts=prompts, max_new_tokens=args.max_new_tokens)
+        try:
+            spec = ("zoomr-defaults", 0.0, 0)
+            specs.append(spec)
+            jobs = [{"spec": spec, "prompt": i, "params": {}} for i in range(len(prompts))]
+            more_free, more_forced = free_and_forced(engine, prompts, jobs, full_ids, args.max_new_tokens)
+            free, forced = free + more_free, forced + more_forced
+        finally:
+            engine.shutdown()
+            os.environ.update(saved)
     rows = summarize(specs, prompts, full_ids, free, forced)
     elapsed = time.time() - started
     print(table(rows))
@@ -242,6 +276,7 @@ def main(argv=None) -> dict:
     if args.out:
         details = {"model": MODEL, "seconds": round(elapsed, 1), "args": vars(args),
                    "env": {k: v for k, v in os.environ.items() if k.startswith("ZOOMR_")},
+                   "defaults_env": defaults_env if args.defaults else None,
                    "prompts": list(QUESTIONS[:args.n_prompts]),
                    "full_text": [tokenizer.decode(ids) for ids in full_ids], "rows": rows,
                    "free_prefix": [{"policy": job["spec"][0], "budget_fraction": job["spec"][1], "prompt": job["prompt"],
@@ -250,7 +285,7 @@ def main(argv=None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(details, indent=1) + "\n")
     keys = ("policy", "budget_fraction", "resident_fraction", "agreement", "mass_coverage", "rel_error",
-            "equal_prefix_tokens", "budget_tokens")
+            "equal_prefix_tokens", "budget_tokens", "device_resident_fraction")
     result = {"model": MODEL, "n_prompts": len(prompts), "avg_output_tokens": avg_output,
               "results": [{k: r[k] for k in keys} for r in rows]}
     print(json.dumps(result))

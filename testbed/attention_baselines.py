@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, attention_weights, page_ranges
-from zoomr_sglang.algo.policy_base import Policy, StepView, add_within_budget, mask_to_ranges, recent_fill
-from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, as_range_array, ranges_size
+from zoomr_sglang.algo.policy_base import (Filled, Policy, Ranking, Stage, StepView, mask_to_ranges, range_mask,
+                                            token_units)
+from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, as_range_array
 from zoomr_sglang.algo.policy_registry import register_policy
 
 
@@ -36,28 +37,33 @@ class H2OPolicy(Policy):
         self.scores: Optional[torch.Tensor] = None  # [positions seen] float64 accumulated attention (keys' device)
         self.evicted = torch.zeros(0, dtype=torch.bool)
 
-    def working_set(self, view: StepView) -> np.ndarray:
+    def rank_units(self, view: StepView) -> Ranking:
+        """Keeps the sinks and the recent window (never evicted); ranks the other tokens not evicted
+        yet by accumulated attention (ties: the newer one), all of them kept while they fit."""
         n = view.seq_len
         if self.evicted.numel() < n:
             self.evicted = torch.cat([self.evicted, torch.zeros(n - self.evicted.numel(), dtype=torch.bool)])
+        kept = ~self.evicted[:n]
+        if not view.budget:
+            return Ranking(keep=mask_to_ranges(kept))
+        scores = torch.zeros(n, dtype=torch.float64)
+        if self.scores is not None:
+            seen = self.scores[:n].cpu()  # the one read of this request's scores per step
+            scores[: seen.numel()] = seen
+        recent = max(MIN_WINDOW, min(view.window, view.budget // 2))
+        protected = torch.zeros(n, dtype=torch.bool)
+        protected[: min(view.sink, n)] = True
+        protected[max(0, n - recent):] = True
+        eligible = kept & ~protected
+        # Lowest first, ties to the older one (the eviction order), reversed: most attended first.
+        order = torch.argsort(torch.where(eligible, scores, torch.inf), stable=True)[: int(eligible.sum())]
+        tokens = Stage(token_units(order.flip(0).numpy()), whole=False)
+        return Ranking(keep=mask_to_ranges(kept & protected), stages=(tokens,))
+
+    def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
+        """A token the budget left out is evicted for good."""
         if view.budget:
-            scores = torch.zeros(n, dtype=torch.float64)
-            if self.scores is not None:
-                seen = self.scores[:n].cpu()  # the one read of this request's scores per step
-                scores[: seen.numel()] = seen
-            recent = max(MIN_WINDOW, min(view.window, view.budget // 2))
-            protected = torch.zeros(n, dtype=torch.bool)
-            protected[: min(view.sink, n)] = True
-            protected[max(0, n - recent):] = True
-            kept = ~self.evicted[:n]
-            excess = int(kept.sum()) - view.budget
-            if excess > 0:
-                # Evict the lowest-scored unprotected kept tokens (ties: the older one).
-                eligible = kept & ~protected
-                order = torch.argsort(torch.where(eligible, scores, torch.inf), stable=True)
-                victims = order[: min(excess, int(eligible.sum()))]
-                self.evicted[victims] = True
-        return as_range_array(mask_to_ranges(~self.evicted[:n]))
+            self.evicted[: view.seq_len] = torch.from_numpy(~range_mask(filled.ranges, view.seq_len))
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
         return [tuple(r) for r in ranges.tolist()] if view.budget else None
@@ -107,16 +113,21 @@ class QuestPolicy(ObservesPages, Policy):
         super().__init__(num_thoughts=num_thoughts)
         self.scorer = PageScorer()
 
-    def working_set(self, view: StepView) -> np.ndarray:
+    def rank_units(self, view: StepView) -> Ranking:
+        """The sinks and a window, then the pages the last vote chose, most voted first; then the
+        window grows. Without a budget, everything."""
         if not view.budget:
-            return as_range_array([(0, view.seq_len)])
+            return Ranking(keep=[(0, view.seq_len)])
         recent = max(MIN_WINDOW, min(view.window, view.budget // 4))
-        base = recent_fill([(0, min(view.sink, view.seq_len))], view.seq_len, view.budget, recent)
-        chosen = add_within_budget(base, page_ranges(self.scorer.ranking()), view.budget)
-        # Pages already attended anyway (sinks, window) are not voted on.
+        pages = as_range_array(page_ranges(self.scorer.ranking()))
+        return Ranking(window=recent, stages=(Stage(pages),), window_cap=view.seq_len)
+
+    def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
+        """Asks this step's queries to vote on the pages that the sinks and window do not touch."""
+        if not view.budget:
+            return
+        base = filled.reached[0]
         complete = view.seq_len // QUEST_PAGE_SIZE
-        covered = torch.zeros(complete, dtype=torch.bool)
-        for start, end in base:
-            covered[start // QUEST_PAGE_SIZE: -(-end // QUEST_PAGE_SIZE)] = True
-        self.scorer.ask(torch.nonzero(~covered).flatten(), max(0, (view.budget - ranges_size(base)) // QUEST_PAGE_SIZE))
-        return as_range_array(recent_fill(chosen, view.seq_len, view.budget, view.seq_len))
+        touched = base[: complete * QUEST_PAGE_SIZE].reshape(complete, QUEST_PAGE_SIZE).any(axis=1)
+        wanted = max(0, (view.budget - int(np.count_nonzero(base))) // QUEST_PAGE_SIZE)
+        self.scorer.ask(torch.from_numpy(np.flatnonzero(~touched)), wanted)

@@ -16,6 +16,7 @@ random      as zoomr, but c random closed thoughts (a floor)
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -23,23 +24,22 @@ import torch
 
 from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, page_ranges
 from zoomr_sglang.algo.policies import ThoughtPolicy
-from zoomr_sglang.algo.policy_base import Policy, StepView, add_within_budget, current_thought, fill_budget, recent_fill
-from zoomr_sglang.algo.working_set import Range, as_range_array, merge_ranges, ranges_size
+from zoomr_sglang.algo.policy_base import Filled, Policy, Ranking, Stage, StepView, current_thought
+from zoomr_sglang.algo.working_set import as_range_array
 from zoomr_sglang.algo.policy_registry import register_policy
 from testbed.attention_baselines import ObservesPages
 
 
 @register_policy
 class StreamingPolicy(Policy):
-    """StreamingLLM: attention sinks and a recent window, the window filling the budget."""
+    """StreamingLLM: attention sinks and a recent window, the window filling the budget (without
+    one, ``view.window`` tokens)."""
 
     name = "streaming"
 
-    def working_set(self, view: StepView) -> np.ndarray:
-        sinks = [(0, min(view.sink, view.seq_len))]
-        if not view.budget:
-            return as_range_array(merge_ranges([*sinks, (max(0, view.seq_len - view.window), view.seq_len)]))
-        return fill_budget(sinks, view.seq_len, view.budget, view.seq_len, [], view.seq_len)
+    def rank_units(self, view: StepView) -> Ranking:
+        window = view.seq_len if view.budget else view.window
+        return Ranking(window=window, window_cap=window)
 
 
 @register_policy
@@ -66,25 +66,26 @@ class ZoomRPagesPolicy(ObservesPages, ThoughtPolicy):
         super().__init__(num_thoughts=num_thoughts)
         self.scorer = PageScorer()
 
-    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
-        base = recent_fill(skeleton, view.seq_len, view.budget, min(view.window, cap))
-        whole = add_within_budget(base, spans, view.budget)
-        # Complete pages inside the voted thoughts that did not fit whole, outside what is attended.
-        attended = as_range_array(whole)
-        pages = []
-        for start, end in spans:
-            first, last = -(-start // QUEST_PAGE_SIZE), end // QUEST_PAGE_SIZE
-            pages.extend(p for p in range(first, last) if not _inside(attended, p * QUEST_PAGE_SIZE, (p + 1) * QUEST_PAGE_SIZE))
-        candidates = set(pages)
-        chosen = add_within_budget(whole, page_ranges([p for p in self.scorer.ranking() if p in candidates]), view.budget)
-        self.scorer.ask(torch.tensor(pages, dtype=torch.int64), max(0, (view.budget - ranges_size(whole)) // QUEST_PAGE_SIZE))
-        return as_range_array(recent_fill(chosen, view.seq_len, view.budget, cap))
+    def rank_units(self, view: StepView) -> Ranking:
+        """The thoughts whole, then the pages the last vote chose inside them (as the last vote
+        ranked them; a page inside a thought attended whole costs nothing)."""
+        ranking = super().rank_units(view)
+        inside = set(_pages_inside(ranking.stages[0].units))
+        pages = [p for p in self.scorer.ranking() if p in inside]
+        return replace(ranking, stages=(*ranking.stages, Stage(as_range_array(page_ranges(pages)))))
+
+    def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
+        """Asks for votes on the complete pages of the voted thoughts that did not fit whole."""
+        whole = filled.reached[1]  # what was kept once the thoughts were in
+        pages = [p for p in _pages_inside(ranking.stages[0].units)
+                 if not whole[p * QUEST_PAGE_SIZE: (p + 1) * QUEST_PAGE_SIZE].all()]
+        wanted = max(0, (view.budget - int(np.count_nonzero(whole))) // QUEST_PAGE_SIZE)
+        self.scorer.ask(torch.tensor(pages, dtype=torch.int64), wanted)
 
 
-def _inside(ranges: np.ndarray, start: int, end: int) -> bool:
-    """Whether ``[start, end)`` lies within one of the sorted disjoint ``ranges`` ``[n, 2]``."""
-    i = int(np.searchsorted(ranges[:, 0], start, side="right")) - 1
-    return i >= 0 and int(ranges[i, 1]) >= end
+def _pages_inside(spans: np.ndarray) -> List[int]:
+    """The complete pages inside each of ``spans`` ``[n, 2]``, span by span, ascending."""
+    return [p for start, end in spans.tolist() for p in range(-(-start // QUEST_PAGE_SIZE), end // QUEST_PAGE_SIZE)]
 
 
 @register_policy

@@ -67,7 +67,7 @@ def quiet_engine_processes(log_fd: int):
 
 
 def start_quiet_engine():
-    """The engine serving the committed reasoner (TASK_ENV settings), and the file its processes log to."""
+    """The engine serving the committed reasoner (TASK_SETTINGS), and the file its processes log to."""
     log_fd, log_path = tempfile.mkstemp(prefix="zoomr-demo-sglang-", suffix=".log")
     try:
         with quiet_engine_processes(log_fd):

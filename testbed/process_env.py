@@ -11,6 +11,9 @@
   that the ranks are no more than the NUMA nodes) and an NCCL library path that does not exist
   (``SGLANG_NCCL_SO_PATH``: the torch wheel ships NCCL, which PyNccl would load and then ask for a
   CUDA device; a failed load makes SGLang all-reduce over gloo instead).
+
+:func:`zoomr_environment` writes ZoomR settings given by field name as the variables the plug-in
+reads (zoomr_sglang/config.py), for the tests, benchmarks and testbed that start engines.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Dict
 
 REPO = Path(__file__).resolve().parent.parent
 # Core sets of CPU ranks 0 and 1, one entry per rank ("|"-separated, as SGLang reads it). SGLang
@@ -44,3 +48,38 @@ def prepare_process_env() -> bool:
         os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", CPU_TP_THREADS_BIND)
         os.environ.setdefault("SGLANG_NCCL_SO_PATH", str(REPO / "cpu_shim" / "no-nccl.so"))
     return has_gpu
+
+
+def zoomr_environment(**fields: object) -> Dict[str, str]:
+    """The variables that set ``fields`` (names of ``ZoomRConfig``'s fields): a user setting as its
+    own variable, every other field in one ``ZOOMR_CONFIG`` JSON object (none when there is none).
+    Only the fields given: nothing is merged in, so callers combine field dicts, then call this once.
+    The values are checked where the plug-in reads them (``load_config``)."""
+    import json
+
+    from zoomr_sglang.config import CONFIG_KEYS, CONFIG_VARIABLE, USER_VARIABLES, variable_text  # loads torch
+
+    unknown = sorted(set(fields) - set(USER_VARIABLES) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown ZoomR field {unknown[0]!r}; allowed: {', '.join((*USER_VARIABLES, *CONFIG_KEYS))}")
+    variables = {USER_VARIABLES[f]: variable_text(v) for f, v in fields.items() if f in USER_VARIABLES}
+    config = {f: v for f, v in fields.items() if f in CONFIG_KEYS}
+    return {**variables, **({CONFIG_VARIABLE: json.dumps(config)} if config else {})}
+
+
+def default_zoomr_environment(**fields: object) -> None:
+    """Set ``fields`` (as :func:`zoomr_environment`) under this process's environment: a variable
+    already set wins, and a ``ZOOMR_CONFIG`` already set keeps its keys and gains the others (an
+    ablation names only what it changes)."""
+    import json
+
+    for key, value in zoomr_environment(**fields).items():
+        if key == "ZOOMR_CONFIG" and key in os.environ:
+            try:
+                given = json.loads(os.environ[key])
+            except ValueError:
+                continue  # load_config reports the bad value where it reads it
+            if isinstance(given, dict):
+                os.environ[key] = json.dumps({**json.loads(value), **given})
+        else:
+            os.environ.setdefault(key, value)

@@ -8,12 +8,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Mapping, Optional
 
 from testbed.local_server import free_port, wait_healthy
+from testbed.process_env import zoomr_environment
 
-ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, mem_fraction_static=0.05,
-                   skip_server_warmup=True)
+# The pool is sized by max_total_tokens; the fraction only has to pass SGLang's memory probe when
+# the machine has little free memory. An idle scheduler sleeps instead of spinning on a core that
+# the suite's other engines need.
+ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, mem_fraction_static=0.2,
+                   skip_server_warmup=True, sleep_on_idle=True)
 GREEDY = {"temperature": 0, "ignore_eos": True}
 IDENTITY_TOKENS = 300  # per prompt, in every check of zoomr against torch_native's tokens
 
@@ -30,8 +34,10 @@ def prompts() -> List[List[int]]:
 
 
 @contextlib.contextmanager
-def zoomr_env(**variables: object) -> Iterator[None]:
-    """Set ZOOMR_* variables for engines started inside the block (spawned processes inherit them)."""
+def zoomr_env(other_variables: Optional[Mapping[str, object]] = None, **fields: object) -> Iterator[None]:
+    """Set ZoomR settings by field name (``zoomr_environment``) and ``other_variables`` as given, for
+    engines started inside the block (spawned processes inherit them)."""
+    variables = {**(other_variables or {}), **zoomr_environment(**fields)}
     saved = {k: os.environ.get(k) for k in variables}
     os.environ.update({k: str(v) for k, v in variables.items()})
     try:
@@ -64,7 +70,7 @@ def generate(eng, input_ids: List[List[int]], max_new_tokens: int, custom_params
 
 def generate_whole_budget(eng, input_ids: List[List[int]], max_new_tokens: int) -> List[dict]:
     """Greedy, each request with a ``zoomr_budget`` covering its whole sequence: zoomr attends every
-    position (and the host tier leaves it alone), whatever the engine's ZOOMR_* settings."""
+    position (and the host tier leaves it alone), whatever the engine's ZoomR settings."""
     params = [{**GREEDY, "max_new_tokens": max_new_tokens, "custom_params": {"zoomr_budget": len(ids) + max_new_tokens}}
               for ids in input_ids]
     return eng.generate(input_ids=input_ids, sampling_params=params)
@@ -102,7 +108,8 @@ def server_command(model_path: str, port: int, *extra: str) -> List[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
         "--port", str(port), "--attention-backend", "zoomr", "--device", "cpu", "--dtype", "float32",
-        "--max-total-tokens", "4096", "--mem-fraction-static", "0.05", "--skip-server-warmup", *extra,
+        "--max-total-tokens", "4096", "--mem-fraction-static", "0.2", "--skip-server-warmup", "--sleep-on-idle",
+        *extra,
     ]
 
 

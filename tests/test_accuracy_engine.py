@@ -12,7 +12,7 @@ import pytest
 
 from engine_utils import zoomr_env
 from testbed import program_trace as pt
-from testbed.policy_runs import TASK_ENV, RunSpec, job_rid, run_specs, start_engine, summarize
+from testbed.policy_runs import TASK_SETTINGS, RunSpec, job_rid, run_specs, start_engine, summarize
 from testbed.reasoner_model import load_tokenizer, reasoner_dir
 
 pytestmark = pytest.mark.engine
@@ -33,7 +33,7 @@ def test_full_solves_and_sparse_policies_match_it_exactly():
     specs = [RunSpec("full", 1.0, 0), RunSpec("zoomr", 0.95, budget), RunSpec("oracle", 0.95, budget)]
     random_spec = RunSpec("random", 0.5, int(0.5 * avg_seq))
     random_histories = []
-    with zoomr_env(**TASK_ENV):
+    with zoomr_env(**TASK_SETTINGS):
         engine = start_engine(str(reasoner_dir()), max_total_tokens=40_000)
         try:
             runs = run_specs(engine, tokenizer, problems, specs, max_new_tokens=max_new)

@@ -1,5 +1,7 @@
-"""Admission charges (``attention_backend/admission.py``): what each ``ZOOMR_ADMISSION`` rule
-reserves for new and running requests, and what the host tier's room turns back into device tokens."""
+"""Admission charges (``attention_backend/admission.py``): what each ``admission`` rule
+reserves for new and running requests, and what the host tier's room turns back into device tokens;
+and SGLang 0.5.23's own ``PrefillAdder``, with the plug-in's hooks applied, charging them through
+zoomr's prefill budget (``host_tier_hooks.ZoomRPrefillBudget``)."""
 
 from types import SimpleNamespace
 
@@ -60,3 +62,135 @@ def test_host_room_turns_what_does_not_fit_back_into_device_tokens(free, expecte
     charges = [SimpleNamespace(device=50, host=1000) for _ in range(3)]
     assert [room.device_tokens(c) for c in charges] == expected
     assert room.free_tokens == max(0, free - 3000)
+
+
+# SGLang's PrefillAdder, driven for real: a pool whose runtime has the host tier on, one running
+# request whose KV the tier moves, and a new one of 200 prompt tokens asking for 3,000 more.
+NEW_TOKEN_RATIO = 0.3
+HOST_BLOCKS = 1000  # free host-tier blocks of 32 tokens: room for every host part here
+
+
+@pytest.fixture
+def scheduler_context():
+    """SGLang's default server arguments published for the test (the adder reads them), then the
+    previous ones restored; every hook of the plug-in applied, as SGLang's own loading does."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.runtime_context import get_context
+
+    load_plugins()
+    with get_context().override_server_args():
+        yield
+
+
+def _adder(mode: str, available: int, accepts_holes=lambda req: True):
+    from unittest.mock import MagicMock
+
+    import torch
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    from zoomr_sglang.runtime import attach
+
+    config = ZoomRConfig(**TINY, admission=mode)
+    pool = object()  # SGLang's ReqToTokenPool, as far as the runtime registry sees it
+    planner = SimpleNamespace(states={0: _running_state()}, accepts_holes=accepts_holes)
+    host = SimpleNamespace(free_blocks=HOST_BLOCKS, block_tokens=32)
+    attach(pool, SimpleNamespace(config=config, planner=planner, tiering=SimpleNamespace(host=host)))
+    tree = MagicMock(req_to_token_pool=pool, disable=False, buffer_pipeline=None)
+    tree.supports_mamba.return_value = False
+    tree.evictable_size.return_value = 0
+    allocator = TokenToKVPoolAllocator(available, torch.float32, "cpu", None, False)
+    running = SimpleNamespace(reqs=[_req("running", 100, 4000, output=600, row=0)])
+    adder = PrefillAdder(page_size=1, tree_cache=tree, token_to_kv_pool_allocator=allocator, running_batch=running,
+                         new_token_ratio=NEW_TOKEN_RATIO, rem_input_tokens=100_000, rem_chunk_tokens=None)
+    return adder, config
+
+
+def _running_state():
+    return SimpleNamespace(tiered=True, stats=SimpleNamespace(steps=300, resident_last=500), summary_tokens=30,
+                           own_from=16)
+
+
+def _req(rid: str, prompt: int, max_new_tokens: int, output: int = 0, row=None):
+    from unittest.mock import MagicMock
+
+    import torch
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(rid=rid, origin_input_text="", origin_input_ids=list(range(prompt)),
+              sampling_params=SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
+    req.full_untruncated_fill_ids = list(range(prompt))
+    req.prefix_indices = torch.empty(0, dtype=torch.int64)
+    req.last_node = MagicMock()
+    req.output_ids = list(range(output))
+    req.kv.req_pool_idx = row
+    return req
+
+
+def _add(adder, req):
+    return adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
+
+
+@pytest.mark.parametrize("mode", ["observed", "bound"])
+def test_sglangs_prefill_adder_charges_zoomrs_reservation_through_the_budget(scheduler_context, mode):
+    """The running request is charged what it keeps, the new one its reservation, both out of one
+    host room; the pool (2,000 slots) fits that, not SGLang's whole outputs."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    from zoomr_sglang.host_tier_hooks import ZoomRPrefillBudget
+
+    adder, config = _adder(mode, available=2000)
+    budget = adder.memory_budget
+    assert isinstance(budget, ZoomRPrefillBudget)
+    room = HostRoom(HOST_BLOCKS * 32)
+    running = room.device_tokens(running_charge(config, _running_state(), 4000 - 600, NEW_TOKEN_RATIO))
+    assert running < 3400 * NEW_TOKEN_RATIO  # SGLang's own running charge
+    assert budget.total_offset == running
+    new = _req("new", 200, 3000)
+    assert _add(adder, new) is AddReqResult.CONTINUE and new in adder.can_run_list
+    reservation = room.device_tokens(new_request_charge(config, 3000, NEW_TOKEN_RATIO))
+    assert 0 < reservation < 3000 and budget.admitting is None  # only while add_one_req runs
+    assert (budget.total_offset, budget.current_offset) == (running + 201 + reservation, 201)
+    assert budget.host_room.free_tokens == room.free_tokens  # both host parts taken from the room
+
+
+def test_a_request_the_tier_cannot_move_and_the_sglang_rule_keep_sglangs_charges(scheduler_context):
+    from sglang.srt.managers.schedule_policy import AddReqResult
+    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+    adder, _ = _adder("observed", available=20_000, accepts_holes=lambda req: False)
+    before = adder.memory_budget.total_offset
+    assert _add(adder, _req("dense", 200, 3000)) is AddReqResult.CONTINUE
+    assert adder.memory_budget.total_offset == before + 201 + 3000
+    adder, _ = _adder("sglang", available=2000)
+    assert type(adder.memory_budget) is PrefillBudget  # SGLang's own budget
+    assert adder.memory_budget.total_offset == 3400 * NEW_TOKEN_RATIO
+    assert _add(adder, _req("new", 200, 3000)) is AddReqResult.NO_TOKEN  # its whole output does not fit
+
+
+def test_the_tier_freeing_slots_reopens_sglangs_full_batch_latch():
+    """``Scheduler.get_new_batch_prefill`` (hooked) clears ``batch_is_full`` before SGLang reads it,
+    once per release of slots by the tier."""
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.plugins import load_plugins
+
+    from zoomr_sglang.runtime import attach
+
+    load_plugins()
+    pool, tiering = object(), SimpleNamespace(freed_since_admission=64)
+    attach(pool, SimpleNamespace(tiering=tiering))
+    scheduler = Scheduler.__new__(Scheduler)  # only what get_new_batch_prefill reads
+    scheduler.prefill_delayer, scheduler.req_to_token_pool = None, pool
+    seen = []
+
+    def prefill_raw(running_batch, **kwargs):  # SGLang's step that reads the latch
+        seen.append(running_batch.batch_is_full)
+        return None, running_batch
+
+    scheduler._get_new_batch_prefill_raw = prefill_raw
+    batch = SimpleNamespace(batch_is_full=True)
+    scheduler.get_new_batch_prefill(batch)
+    batch.batch_is_full = True
+    scheduler.get_new_batch_prefill(batch)
+    assert seen == [False, True] and tiering.freed_since_admission == 0

@@ -11,7 +11,7 @@ from engine_utils import GREEDY, assert_idle_counts, engine, prompts, zoomr_env,
 
 pytestmark = pytest.mark.engine
 
-BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=32, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_VOTE="count")
+BUDGET = dict(sink=4, window=32, max_thought_tokens=48, vote="count")
 N = 400
 POOL = 3000  # KV pool tokens: smaller than the model's context (8192)
 

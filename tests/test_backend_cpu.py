@@ -201,7 +201,7 @@ def test_a_vote_layer_the_model_lacks_stops_the_backend():
 
 
 def test_self_check_records_the_error_against_the_dense_reference():
-    """ZOOMR_SELF_CHECK_INTERVAL is what the engine tests read: it must report ~0 for the real
+    """The self_check_interval setting is what the engine tests read: it must report ~0 for the real
     output and a large error for a wrong one."""
     config = ZoomRConfig(sink=2, window=6, max_thought_tokens=12, self_check_interval=3)
     harness = Harness(config, seed=7)

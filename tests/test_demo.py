@@ -9,7 +9,7 @@ import pytest
 
 from engine_utils import zoomr_env
 from testbed import demo
-from testbed.policy_runs import TASK_ENV
+from testbed.policy_runs import TASK_SETTINGS
 
 pytestmark = pytest.mark.engine
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 def test_demo_shows_both_answers_less_kv_and_zoom_ins_into_closed_thoughts(capsys):
     # 5 steps, about 380 tokens per run; at 30% of the sequence the reasoner keeps the task's format
     # here (at 20% a problem this short leaves zoomr less budget than sinks + prompt + window).
-    with zoomr_env(**TASK_ENV):  # start_engine sets them for the demo; put the environment back after
+    with zoomr_env(**TASK_SETTINGS):  # start_engine sets them for the demo; put the environment back after
         shown = demo.main(["--seed", "0", "--steps", "5", "--problem", "2", "--budget", "0.3"])
     out = capsys.readouterr().out
     full, zoomr = shown["runs"]["full"], shown["runs"]["zoomr"]

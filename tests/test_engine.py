@@ -16,7 +16,7 @@ from engine_utils import IDENTITY_TOKENS, engine, generate, generate_whole_budge
 
 pytestmark = pytest.mark.engine
 
-SMALL_BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_SELF_CHECK_INTERVAL=97)
+SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48, self_check_interval=97)
 # Holes are whole pages: with 16-token pages, the tiny model's ~30-token thoughts free about half.
 # What stays besides: sinks, prompt, window, the zoomed thoughts, the zoom cache and the summaries,
 # which this random model often leaves open until the 48-token cap (5 of them are 26% of one request).
@@ -29,13 +29,14 @@ REFERENCE_ARGS = dict(page_size=16, chunked_prefill_size=32, disable_radix_cache
 
 
 def _serve(model_path: str, name: str) -> dict:
-    """One engine's rounds: whole-budget twice (with the radix cache on, the second hits the tree),
-    then small-budget: on the reference every vote once; tiered, its vote twice, with the counts."""
+    """One engine's rounds: whole-budget twice where the radix cache is on (the second hits the tree;
+    the reference, without one, answers once), then small-budget: on the reference every vote once;
+    tiered, its vote twice, with the counts."""
     tiered = name != REFERENCE
     kwargs, vote, _ = TIERED[name] if tiered else (REFERENCE_ARGS, None, None)
-    env = dict(ZOOMR_VOTE=vote) if tiered else dict(ZOOMR_HOST_POOL_GB=0)
+    env = dict(vote=vote) if tiered else dict(host_pool_gb=0)
     with zoomr_env(**SMALL_BUDGET, **env), engine(model_path, "zoomr", **kwargs) as eng:
-        run = dict(whole=[generate_whole_budget(eng, prompts(), IDENTITY_TOKENS) for _ in range(2)])
+        run = dict(whole=[generate_whole_budget(eng, prompts(), IDENTITY_TOKENS) for _ in range(2 if tiered else 1)])
         run["whole_state"] = zoomr_state(eng)
         eng.flush_cache()  # the small-budget round computes its prefill as the reference does
         if not tiered:

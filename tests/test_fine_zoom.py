@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from backend_harness import Harness, scripted_tokens
-from zoomr_sglang.algo.fine_zoom import FineZoom
 from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
 from zoomr_sglang.algo.segmentation import Thought
 from zoomr_sglang.algo.working_set import ranges_size
@@ -20,10 +19,10 @@ def covers(ranges, start, end):
     return any(a <= start and end <= b for a, b in ranges.tolist())
 
 
-def observe_all_layers(fine, watched, keys, query, layers=2):
+def observe_all_layers(policy, watched, keys, query, layers=2):
     positions = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in watched]))
     for layer in range(layers):
-        fine.observe(layer, query, keys[positions], positions, 1.0)
+        policy.observe(layer, query, keys[positions], positions, 1.0)
 
 
 def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vote_for():
@@ -33,20 +32,24 @@ def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vot
     query[:, 0] = 1.0
     keys[68, 0, 0] = 6.0  # attended at the first step (the far end of its grown window), drew the most attention
     keys[32:48, 0, 0] = 8.0  # page 2: never attended, its bounds match the query best
-    fine = FineZoom()
-    first = fine.fill([(0, 4), (118, 128)], SEQ, BUDGET, SEQ)
+    # Sinks [0, 4) and a window of 10 are kept; the thought [4, 60) closed without a summary.
+    implicit = dict(prompt_len=4, thoughts=[Thought(index=0, start=4, body_end=60, final=True)], zoomed=[0])
+    policy = ZoomRPolicy(num_thoughts=1)
+    first_view = _view(**implicit)
+    first = policy.working_set(first_view)
     assert ranges_size(first) == BUDGET and covers(first, 68, 128) and not covers(first, 32, 48)
-    assert fine.scorer.candidate_pages.tolist() == [0, 1, 2, 3, 4] and fine.scorer.pages_wanted == 1
-    watched = fine.watch(SEQ)
+    assert policy.fine.scorer.candidate_pages.tolist() == [0, 1, 2, 3, 4] and policy.fine.scorer.pages_wanted == 1
+    watched = policy.observe_positions(first_view, first)
     assert watched == [(0, SEQ)]  # the attended positions and every page completed so far
-    observe_all_layers(fine, watched, keys, query)
-    second = fine.fill([(0, 4), (119, 129)], SEQ + 1, BUDGET, SEQ + 1)
+    observe_all_layers(policy, watched, keys, query)
+    second_view = _view(seq_len=SEQ + 1, **implicit)
+    second = policy.working_set(second_view)
     assert ranges_size(second) == BUDGET and covers(second, 68, 69) and covers(second, 32, 48)
     # Without what the first step observed, the window alone reaches neither.
-    plain = FineZoom().fill([(0, 4), (119, 129)], SEQ + 1, BUDGET, SEQ + 1)
+    plain = ZoomRPolicy(num_thoughts=1).working_set(second_view)
     assert not covers(plain, 68, 69) and not covers(plain, 32, 48)
     # The next step watches only what it attends plus the pages completed since (none here).
-    assert fine.watch(SEQ + 1) == [tuple(r) for r in second.tolist()]
+    assert policy.observe_positions(second_view, second) == [tuple(r) for r in second.tolist()]
 
 
 def _view(thoughts, **overrides):

@@ -64,14 +64,14 @@ def run_call(call: int, tmp_path: Path) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOOMR_")}
     env.update(OUT=str(out), GPU_SITE_DIR=str(tmp_path / "site"), GPU_CACHE_DIR=str(tmp_path / "cache"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-               ZOOMR_SELF_CHECK_INTERVAL="3")  # the script unsets it: presets alone set zoomr's settings
+               ZOOMR_CONFIG='{"self_check_interval": 3}')  # the script unsets it: presets alone set zoomr's settings
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(call)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=CALL_TIMEOUT)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else proc.stdout
     assert proc.returncode == 0, log[-4000:] + proc.stderr[-2000:]
     returned = [p for p in out.rglob("*") if p.is_file()]
     assert len(returned) <= RETURNED_FILES and all(p.parent == out for p in returned), returned
-    assert "unset ZOOMR_SELF_CHECK_INTERVAL" in log  # timing runs never inherit a self-check interval
+    assert "unset ZOOMR_CONFIG" in log  # timing runs never inherit a self-check interval
     return out
 
 
@@ -94,10 +94,23 @@ def test_rehearsal_of_call_1_install_smoke_jit_tests_decode(tmp_path):
     assert "zoomr = zoomr_sglang.plugin:register" in (info / "entry_points.txt").read_text()
     suite = ElementTree.parse(out / "pytest.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) >= 5 and int(suite.get("skipped")) == int(suite.get("tests"))  # no GPU: all skip
+    # decode_step.py at the CPU sizes (its only run in the suite): its last line is its JSON contract.
     decode = json.loads((out / "decode_step.json").read_text())
-    assert decode["device"] == "cpu" and summary["results"]["decode_step.json"] == decode
-    rows = json.loads((out / "decode_step_rows.json").read_text())["rows"]
-    assert {(r["context"], r["batch"]) for r in rows} == {(400, 1), (1200, 1), (400, 2), (1200, 2)}
+    assert summary["results"]["decode_step.json"] == decode
+    assert set(decode) == {"device", "step_ratio", "selection_overhead", "batch", "host_us_per_request",
+                           "tier_copy_gbps", "worst_step_ratio", "worst_selection_overhead"}
+    assert decode["device"] == "cpu" and decode["batch"] == 2
+    assert set(decode["step_ratio"]) == set(decode["worst_step_ratio"]) == {"400", "1200"}
+    assert all(ratio > 0 for ratio in [*decode["step_ratio"].values(), *decode["worst_step_ratio"].values()])
+    assert -1.0 < decode["selection_overhead"] < 1.0 and -1.0 < decode["worst_selection_overhead"] < 1.0
+    assert decode["host_us_per_request"] > 0 and decode["tier_copy_gbps"] > 0
+    # The history is real: with the host tier on, cold thoughts left the device before the timed steps.
+    written = json.loads((out / "decode_step_rows.json").read_text())
+    assert written["summary"] == decode and written["zoomr_config"]["host_pool_gb"] is None  # the server default
+    rows = written["rows"]
+    assert [(r["context"], r["batch"]) for r in rows] == [(400, 1), (1200, 1), (400, 2), (1200, 2)]
+    assert all(r["slots"] == "tiered" for r in rows)
+    assert all(r["tier"]["evicted_tokens"] > 0 for r in rows if r["context"] == 1200)
 
 
 @pytest.mark.engine
@@ -122,7 +135,7 @@ def test_rehearsal_of_call_2_model_probe_timing(tmp_path):
     assert result["device"] == "cpu" and set(result["throughput_ratio"]) == {"1024x1", "2048x8"}
     assert all(result["output_throughput"][backend]["1024x1"] > 0 for backend in ("dense", "zoomr"))
     assert 1 <= result["capacity"]["2048x8"]["dense"]["running"] <= 4
-    assert timing["errors"] == [] and "ZOOMR_SELF_CHECK_INTERVAL" not in timing["servers"]["zoomr"]["zoomr_env"]
+    assert timing["errors"] == [] and "self_check_interval" not in timing["servers"]["zoomr"]["zoomr_env"].get("ZOOMR_CONFIG", "")
     activity = timing["cells"]["2048x8"]["zoomr"]["zoomr"]
     assert activity["requests_seen"] == 8 and activity["refreshes"] > 0 and activity["summaries"] > 0
     assert activity["over_bound_steps"] == 0 and activity["self_checks"] == 0

@@ -115,7 +115,7 @@ def test_offloading_is_lossless_frees_device_slots_and_returns_every_count():
             harness.release_all()
             assert harness.allocator.available_size() == harness.pool_tokens
             assert harness.controller.index_keys.num_live == 0
-        assert tiered.controller.tiering.host.num_used == 0 and tiered.controller.tiering.cold == {}
+        assert tiered.controller.tiering.host.num_used == 0 and tiered.controller.tiering.rows == {}
 
 
 def test_full_host_tier_keeps_thoughts_resident_and_stays_exact():
@@ -178,15 +178,14 @@ def test_copies_that_finish_late_free_slots_late_and_stay_exact(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(dense_outputs, tiered_outputs))
     tiering = tiered.controller.tiering
     assert tiering.counters.evicted_tokens > 300
-    in_flight = [copy for copies in tiering.in_flight.values() for copy in copies]
+    in_flight = [(row, copy) for row, tier in tiering.rows.items() for copy in tier.in_flight]
     assert in_flight, "the last steps' copies should still be running"
-    for copy in in_flight:
-        row = next(r for r, copies in tiering.in_flight.items() if copy in copies)
+    for row, copy in in_flight:
         assert (copy.start, copy.end) not in tiering.holes(row)  # slots still owned, not a hole
         assert bool((tiered.req_to_token_pool.req_to_token[row, copy.start:copy.end] != 0).all())
     tiered.release_all()
     assert tiered.allocator.available_size() == tiered.pool_tokens
-    assert tiering.host.num_used == 0 and tiering.in_flight == {}
+    assert tiering.host.num_used == 0 and tiering.rows == {}
 
 
 def test_zoom_ins_that_finish_late_are_attended_only_once_done(monkeypatch):
@@ -208,12 +207,13 @@ def test_zoom_ins_that_finish_late_are_attended_only_once_done(monkeypatch):
         harness.decode_step([s[step] for s in scripts])
         assert not bool((harness.backend.kv_indices == 0).any())
         for state in harness.states.values():
-            cold = tiering.cold.get(state.row, {})
+            tier = tiering.rows[state.row]
+            assert tier is state.tier  # the state reads the tier's record of its row directly
             for index in state.zoomed:  # a selected cold thought is on the device or on its way
-                thought = cold.get(index)
-                assert thought is None or thought.on_device or index in tiering.copying_in[state.row]
-            for index in tiering.copying_in.get(state.row, ()):
-                thought = cold[index]
+                thought = tier.cold.get(index)
+                assert thought is None or thought.on_device or index in tier.copying_in
+            for index in tier.copying_in:
+                thought = tier.cold[index]
                 assert not thought.on_device and (thought.start, thought.end) in tiering.holes(state.row)
                 assert bool((harness.req_to_token_pool.req_to_token[state.row, thought.start:thought.end] == 0).all())
                 loading_steps += 1
@@ -221,7 +221,7 @@ def test_zoom_ins_that_finish_late_are_attended_only_once_done(monkeypatch):
     assert _SlowEvent.waits == 0
     harness.release_all()
     assert harness.allocator.available_size() == harness.pool_tokens and tiering.host.num_used == 0
-    assert tiering.in_flight == {} and tiering.copying_in == {} and tiering.cold == {} and tiering.resident == {}
+    assert tiering.rows == {}  # release is one pop per row
 
 
 def test_host_slots_handed_to_the_tree_are_freed_in_pieces(monkeypatch):
@@ -238,11 +238,12 @@ def test_host_slots_handed_to_the_tree_are_freed_in_pieces(monkeypatch):
     holes = tiering.holes(row)
     assert len(holes) >= 3
     monkeypatch.setattr(HostKVTier, "load", _slow(HostKVTier.load, polls=9))
-    loading = next(i for i, t in tiering.cold[row].items() if (t.start, t.end) == holes[-1])
-    assert not tiering._zoom_in(row, loading, tiering.cold[row][loading]) and row in tiering.copying_in
+    tier = tiering.rows[row]
+    loading = next(i for i, t in tier.cold.items() if (t.start, t.end) == holes[-1])
+    assert not tiering._zoom_in(tier, row, loading, tier.cold[loading]) and tier.copying_in
     cut = (holes[0][0] + holes[0][1]) // 2
     handed = tiering.hand_to_tree(row, cut)
-    assert row not in tiering.copying_in and tiering.cold[row][loading].on_device
+    assert not tier.copying_in and tier.cold[loading].on_device
     assert sorted((start, end) for start, end, _ in handed) == [(cut, holes[0][1]), *holes[1:-1]]
     tree_tokens = sum(end - start for start, end, _ in handed)
     harness.release_all()
@@ -257,7 +258,7 @@ def test_host_slots_handed_to_the_tree_are_freed_in_pieces(monkeypatch):
 
 def test_prepare_with_nothing_to_move_costs_almost_nothing():
     """A request with cold thoughts, none selected, no pending eviction and no copy under way:
-    prepare is a few dict lookups (the planner's host budget is 10 us per request and step)."""
+    prepare reads its quiet record (the planner's host budget is 10 us per request and step)."""
     import time
 
     harness = Harness(CONFIG, host_tier_tokens=4096, seed=2)
@@ -268,10 +269,10 @@ def test_prepare_with_nothing_to_move_costs_almost_nothing():
         harness.decode_step([script[step]])
     tiering = harness.controller.tiering
     state = next(iter(harness.states.values()))
-    assert tiering.cold[state.row]
+    assert state.tier.cold
     state.zoomed, state.pending_eviction = [], []
     tiering.prepare(state, 10_000, 10_000)
-    assert state.row not in tiering.in_flight and state.row not in tiering.copying_in
+    assert not state.tier.in_flight and not state.tier.copying_in
     repeats = 20_000
     best = float("inf")
     for _ in range(5):
@@ -279,6 +280,7 @@ def test_prepare_with_nothing_to_move_costs_almost_nothing():
         for _ in range(repeats):
             tiering.prepare(state, 10_000, 10_000)
         best = min(best, (time.perf_counter() - begin) / repeats)
+    assert state.tier.quiet is not None  # the repeats returned the row's quiet record
     assert best < 2e-6, f"prepare with nothing to move: {best * 1e6:.2f} us"
 
 
@@ -300,7 +302,8 @@ def test_a_failing_copy_degrades_only_its_request(monkeypatch):
         return original_store(self, kv_pool, device_slots, host_slots)
 
     def load(self, kv_pool, host_slots, device_slots):
-        if any(bool(torch.isin(host_slots, t.host_slots).any()) for t in tiering.cold.get(no_copy_in, {}).values()):
+        tier = tiering.rows.get(no_copy_in)
+        if tier is not None and any(bool(torch.isin(host_slots, t.host_slots).any()) for t in tier.cold.values()):
             raise RuntimeError("copy in failed")
         return original_load(self, kv_pool, host_slots, device_slots)
 
@@ -315,8 +318,9 @@ def test_a_failing_copy_degrades_only_its_request(monkeypatch):
     for batch_index in (0, 2):  # the request that kept its KV and the healthy one
         assert all(torch.equal(a[:, batch_index], b[:, batch_index]) for a, b in zip(dense_outputs, outputs))
     assert tiering.counters.copy_failures > 0
-    assert tiering.offloaded_tokens(no_copy_out) == 0 and tiering.offloaded_tokens(healthy) > 0
-    assert tiering.cold[no_copy_in] and not any(t.on_device for t in tiering.cold[no_copy_in].values())  # never back
+    assert tiering.rows[no_copy_out].offloaded == 0 and tiering.rows[healthy].offloaded > 0
+    cold = tiering.rows[no_copy_in].cold
+    assert cold and not any(t.on_device for t in cold.values())  # never back
     harness.release_all()
     assert harness.allocator.available_size() == harness.pool_tokens and tiering.host.num_used == 0
 

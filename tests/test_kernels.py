@@ -360,7 +360,7 @@ def test_gather_decode_attention_on_cuda_matches_masked_reference(dtype):
 # candidates share 3 index entries (ties at every rank), and a mass voter with 3 candidates.
 VOTE_KINDS_OF_SLOTS = [MASS, COUNT, MEAN_MASS, MASS, COUNT, MASS]
 VOTE_SLOT_CANDIDATES = [17, 17, 17, 0, 17, 3]
-SUMMARY_LENGTHS = [0, 1, 63, 64, 100]  # around the scored width 64 (ZOOMR_VOTE_SUMMARY_TOKENS' default)
+SUMMARY_LENGTHS = [0, 1, 63, 64, 100]  # around the scored width 64 (vote_summary_tokens' default)
 SUMMARY_WIDTH = 64
 VOTE_SHAPES = [(4, 128, 2), (3, 64, 3)]  # (GQA group, head_dim, KV heads)
 

@@ -13,7 +13,7 @@ from engine_utils import (IDENTITY_TOKENS, assert_idle_counts, engine, generate,
 
 pytestmark = pytest.mark.engine
 
-SMALL_BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48)
+SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48)
 MESSAGE = [5, 6, 7, 8, 9, 10]
 
 

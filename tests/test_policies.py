@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,10 +11,10 @@ from testbed.attention_baselines import H2OPolicy, QuestPolicy
 from testbed.baselines import OraclePolicy, RandomPolicy, StreamingPolicy, SummaryOnlyPolicy, ZoomRPagesPolicy
 from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, quest_upper_bound
 from zoomr_sglang.algo.policies import FullPolicy, StepView, ZoomRPolicy
-from zoomr_sglang.algo.policy_base import add_within_budget, current_thought, mask_to_ranges, recent_fill
+from zoomr_sglang.algo.policy_base import Policy, Ranking, Stage, current_thought, mask_to_ranges, token_units
 from zoomr_sglang.algo.policy_registry import POLICY_NAMES
 from zoomr_sglang.algo.segmentation import Thought
-from zoomr_sglang.algo.working_set import ranges_size, with_tail
+from zoomr_sglang.algo.working_set import as_range_array, ranges_size, with_tail
 from zoomr_sglang.config import ZoomRConfig, load_config, request_settings
 
 
@@ -41,15 +42,35 @@ def view(**overrides):
     return StepView(**base)
 
 
-def test_recent_fill_walks_back_over_fixed_positions_for_free():
-    assert recent_fill([(0, 4), (10, 20)], 30, 20, 100) == [(0, 4), (10, 20), (24, 30)]
-    assert recent_fill([(0, 4), (10, 20)], 30, 25, 100) == [(0, 4), (9, 30)]
-    assert recent_fill([(0, 4)], 30, 100, 8) == [(0, 4), (22, 30)]  # max_window caps it
-    assert recent_fill([(0, 4)], 30, 5, 100) == [(0, 4), (27, 30)]  # never under 3 recent tokens
+def fill(ranking, **overrides):
+    """``Policy.fill`` of ``ranking`` on a bare view (``seq_len`` 30, sinks 4 unless overridden)."""
+    filled = Policy(num_thoughts=1).fill(view(**{"seq_len": 30, "thoughts": [], **overrides}), ranking)
+    return pairs(filled.ranges), filled.reached
 
 
-def test_add_within_budget_takes_whole_extras_in_order():
-    assert add_within_budget([(0, 10)], [(20, 30), (40, 45), (50, 52)], 17) == [(0, 10), (40, 45), (50, 52)]
+def test_the_window_walks_back_over_kept_positions_for_free_within_its_cap_and_never_under_three():
+    assert fill(Ranking(keep=[(10, 20)], window=100), budget=20)[0] == [(0, 4), (10, 20), (24, 30)]
+    assert fill(Ranking(keep=[(10, 20)], window=100), budget=25)[0] == [(0, 4), (9, 30)]
+    assert fill(Ranking(window=8), budget=100)[0] == [(0, 4), (22, 30)]  # the window's length caps it
+    assert fill(Ranking(window=100), budget=5)[0] == [(0, 4), (27, 30)]  # never under 3 recent tokens
+    # It grows last, into what the units leave, at most window_cap back; no budget: all it may.
+    assert fill(Ranking(window=3, stages=(Stage(as_range_array([(8, 12)])),), window_cap=6), budget=20)[0] == [
+        (0, 4), (8, 12), (24, 30)]
+    assert fill(Ranking(window=3, window_cap=6), budget=0)[0] == [(0, 4), (24, 30)]
+
+
+def test_units_are_taken_in_rank_order_whole_or_for_tokens_as_many_as_fit():
+    # Kept 10 + the last 3 = 13 of 20: the first thought (10 new) does not fit, the next two do.
+    thoughts = Stage(as_range_array([(20, 30), (40, 45), (50, 52)]))
+    ranges, reached = fill(Ranking(keep=[(0, 10)], stages=(thoughts,)), seq_len=60, budget=20)
+    assert ranges == [(0, 10), (40, 45), (50, 52), (57, 60)]
+    assert [int(mask.sum()) for mask in reached] == [13, 20]
+    # Tokens up to a stage's own limit (57 is kept already: free), then a token-level range gives what fits.
+    tokens = Stage(token_units(np.array([57, 12, 30, 31, 40])), whole=False, limit=16)
+    rest = Stage(as_range_array([(40, 50)]), whole=False)
+    ranges, reached = fill(Ranking(keep=[(0, 10)], stages=(tokens, rest), window_cap=10), seq_len=60, budget=20)
+    assert ranges == [(0, 10), (12, 13), (30, 32), (40, 44), (57, 60)]
+    assert [int(mask.sum()) for mask in reached] == [13, 16, 20]
     assert mask_to_ranges(torch.tensor([1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)) == [(0, 2), (3, 4), (6, 7)]
 
 
@@ -195,15 +216,15 @@ def test_request_settings_validate_and_name_the_bad_value():
     ]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[")):
             request_settings(config, params)
-    with pytest.raises(ValueError, match="ZOOMR_POLICY='sparse'"):
-        load_config({"ZOOMR_POLICY": "sparse"})
-    with pytest.raises(ValueError, match="ZOOMR_POLICY='oracle'"):
-        load_config({"ZOOMR_POLICY": "oracle"})
-    assert load_config({"ZOOMR_POLICY": "quest", "ZOOMR_BUDGET": "256"}).budget == 256
-    assert request_settings(load_config({"ZOOMR_VOTE": "count"}), None).vote == "count"
+    with pytest.raises(ValueError, match="ZOOMR_CONFIG key 'policy' = 'sparse'"):
+        load_config({"ZOOMR_CONFIG": '{"policy": "sparse"}'})
+    with pytest.raises(ValueError, match="ZOOMR_CONFIG key 'policy' = 'oracle'"):
+        load_config({"ZOOMR_CONFIG": '{"policy": "oracle"}'})
+    assert load_config({"ZOOMR_CONFIG": '{"policy": "quest"}', "ZOOMR_BUDGET": "256"}).budget == 256
+    assert request_settings(load_config({"ZOOMR_CONFIG": '{"vote": "count"}'}), None).vote == "count"
     assert request_settings(config, {"zoomr_vote": "count"}).vote == "count" and config.vote == "mass"
-    with pytest.raises(ValueError, match="ZOOMR_VOTE='top'"):
-        load_config({"ZOOMR_VOTE": "top"})
+    with pytest.raises(ValueError, match="ZOOMR_CONFIG key 'vote' = 'top'"):
+        load_config({"ZOOMR_CONFIG": '{"vote": "top"}'})
 
 
 def _params(policy, budget, fidelity=False):
@@ -339,7 +360,7 @@ def test_fidelity_is_measured_at_every_step_without_self_checks():
 @pytest.mark.parametrize("policy_class", [ZoomRPolicy, SummaryOnlyPolicy])
 def test_under_a_budget_the_open_thought_keeps_its_first_tokens(policy_class):
     """Thought 2 is open from 50 and 70 tokens long; prompt, summaries and a 10-token window leave
-    no room for its start, which ZOOMR_THOUGHT_SINK keeps (and nothing without a budget changes)."""
+    no room for its start, which thought_sink keeps (and nothing without a budget changes)."""
     thoughts = thoughts_fixture()
     thoughts[2].body_end = 120
     policy = policy_class(num_thoughts=2)

@@ -37,8 +37,9 @@ def test_every_name_resolves_to_its_policy():
 
 
 def test_a_policy_that_cannot_be_served_says_why(monkeypatch):
-    with pytest.raises(ValueError, match=r"ZOOMR_POLICY='nope': policy 'nope' is not allowed; allowed: full, zoomr, streaming"):
-        load_config({"ZOOMR_POLICY": "nope"})
+    with pytest.raises(ValueError, match=r"ZOOMR_CONFIG key 'policy' = 'nope': policy 'nope' is not allowed; allowed: "
+                                         r"full, zoomr, streaming"):
+        load_config({"ZOOMR_CONFIG": '{"policy": "nope"}'})
     monkeypatch.setitem(policy_registry.RESEARCH_POLICIES, "missing", "testbed.no_such_module")
     with pytest.raises(ValueError, match=r"zoomr_policy='missing': policy 'missing' is a research baseline in the "
                                          r"zoomr-sglang repository's testbed.no_such_module"):

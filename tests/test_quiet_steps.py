@@ -54,6 +54,7 @@ def run(quiet: bool):
     tier = harness.controller.tiering
     counters = tier.counters.as_dict()
     harness.release_all()
+    assert planner.records.by_row == {} and planner.records.rows_by_rid == {} and tier.rows == {}  # one pop each
     end = (harness.allocator.available_size(), harness.controller.index_keys.num_live, tier.host.num_used)
     return plans, torch.stack(outputs), stats, counters, start, end, taken
 

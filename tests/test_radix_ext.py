@@ -1,6 +1,10 @@
 """``--radix-cache-backend zoomr`` end to end (``sglang.Engine`` and ``launch_server``, CPU): a
 second turn whose prompt holds the first turn's reasoning hits the tree, inherits its thoughts,
-index keys and cold thoughts, stays small on the device, and every count comes back."""
+index keys and cold thoughts, stays small on the device, and every count comes back.
+
+The tests that only need the zoomr tree under the small budget share one engine (``tree_engine``,
+after the tests that start their own: an idle engine's scheduler keeps polling, a core's worth);
+each flushes the tree first and reads the engine's running totals as differences from its start."""
 
 from __future__ import annotations
 
@@ -9,57 +13,20 @@ import time
 import pytest
 import requests
 
-from engine_utils import assert_idle_counts, engine, generate, prompts, server, zoomr_env, zoomr_state
+from engine_utils import (assert_idle_counts, engine, generate, generate_whole_budget, prompts, server, zoomr_env,
+                          zoomr_state)
+from testbed.process_env import zoomr_environment
 
 pytestmark = pytest.mark.engine
 
-SMALL_BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_VOTE="count")
-FULL_BUDGET = dict(ZOOMR_SINK=0, ZOOMR_WINDOW=100_000)
+SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48, vote="count")
 MESSAGE = [5, 6, 7, 8, 9, 10]  # the short new message of turn 2 (a tool result, say)
 
 
-def _two_turns(eng, first_prompts, turn1_tokens=600, turn2_tokens=200):
-    turn1 = generate(eng, first_prompts, turn1_tokens)
+def _two_turns(eng, first_prompts, turn1_tokens=600, turn2_tokens=200, run=generate):
+    turn1 = run(eng, first_prompts, turn1_tokens)
     second_prompts = [p + out["output_ids"] + MESSAGE for p, out in zip(first_prompts, turn1)]
-    return turn1, second_prompts, generate(eng, second_prompts, turn2_tokens)
-
-
-def test_turn_two_hits_the_tree_inherits_the_index_and_stays_small(model_path):
-    first = prompts()[:2]
-    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
-        turn1, second, turn2 = _two_turns(eng, first)
-        state = zoomr_state(eng)
-        assert state["radix"]["host_tokens"] > 0  # cold thoughts went into the tree as host pieces
-        reused = 0
-        for one, prompt, two in zip(turn1, second, turn2):
-            before = state["finished"][one["meta_info"]["id"]]
-            after = state["finished"][two["meta_info"]["id"]]
-            turn1_len = len(prompt) - len(MESSAGE)
-            assert two["meta_info"]["cached_tokens"] >= 0.9 * turn1_len
-            assert after["inherited_keys"] > 0 and after["inherited_thoughts"] >= after["inherited_keys"]
-            # Device-resident KV stays near turn 1's (plus the new message and turn 2's own
-            # output), far below the whole sequence.
-            assert after["resident_max"] <= before["resident_max"] + len(MESSAGE) + 200
-            assert after["resident_max"] < 0.6 * (len(prompt) + 200)
-            assert after["prompt_len"] == before["prompt_len"]  # the reasoning still starts after turn 1's prompt
-            reused += after["inherited_keys"]
-        assert state["index_entries_reused"] == reused
-        assert state["host_tier"]["zoom_in_failures"] == 0
-        assert_idle_counts(eng, state)
-
-
-def test_full_budget_turn_two_equals_the_radix_cache_off(model_path):
-    first = prompts()[:2]
-    with zoomr_env(**FULL_BUDGET):
-        with engine(model_path, "zoomr", disable_radix_cache=True) as eng:
-            _, _, reference = _two_turns(eng, first)
-        with engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
-            _, second, turn2 = _two_turns(eng, first)
-            state = zoomr_state(eng)
-            assert [o["output_ids"] for o in turn2] == [o["output_ids"] for o in reference]
-            assert all(o["meta_info"]["cached_tokens"] >= len(p) - len(MESSAGE) - 1 for o, p in zip(turn2, second))
-            assert state["index_entries_reused"] > 0
-            assert_idle_counts(eng, state)
+    return turn1, second_prompts, run(eng, second_prompts, turn2_tokens)
 
 
 def test_concurrent_sessions_sharing_a_prefix_under_eviction_keep_every_count(model_path):
@@ -80,7 +47,7 @@ def test_concurrent_sessions_sharing_a_prefix_under_eviction_keep_every_count(mo
 def test_abort_mid_turn_two_returns_every_count(model_path):
     """launch_server with the zoomr tree: turn 2 (inheriting cold thoughts) is aborted while it
     zooms; the pool, rows, host tier and index come back, and the tree keeps turn 1."""
-    env = {k: str(v) for k, v in SMALL_BUDGET.items()}
+    env = zoomr_environment(**SMALL_BUDGET)
     with server(model_path, env=env, extra=("--radix-cache-backend", "zoomr")) as url:
         def info():
             return requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0]["zoomr"]
@@ -119,7 +86,53 @@ def test_abort_mid_turn_two_returns_every_count(model_path):
         assert flushed["host_tier"]["used_tokens"] == 0 and flushed["pools"]["kv_available"] == pools["kv_capacity"]
 
 
-def test_reasoning_pasted_into_a_prompt_is_segmented_tiered_and_inherited(model_path):
+@pytest.fixture(scope="module")
+def tree_engine(model_path):
+    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
+        yield eng
+
+
+def test_turn_two_hits_the_tree_inherits_the_index_and_stays_small(tree_engine):
+    eng = tree_engine
+    eng.flush_cache()
+    reused_before = zoomr_state(eng)["index_entries_reused"]
+    turn1, second, turn2 = _two_turns(eng, prompts()[:2])
+    state = zoomr_state(eng)
+    assert state["radix"]["host_tokens"] > 0  # cold thoughts went into the tree as host pieces
+    reused = 0
+    for one, prompt, two in zip(turn1, second, turn2):
+        before = state["finished"][one["meta_info"]["id"]]
+        after = state["finished"][two["meta_info"]["id"]]
+        turn1_len = len(prompt) - len(MESSAGE)
+        assert two["meta_info"]["cached_tokens"] >= 0.9 * turn1_len
+        assert after["inherited_keys"] > 0 and after["inherited_thoughts"] >= after["inherited_keys"]
+        # Device-resident KV stays near turn 1's (plus the new message and turn 2's own
+        # output), far below the whole sequence.
+        assert after["resident_max"] <= before["resident_max"] + len(MESSAGE) + 200
+        assert after["resident_max"] < 0.6 * (len(prompt) + 200)
+        assert after["prompt_len"] == before["prompt_len"]  # the reasoning still starts after turn 1's prompt
+        reused += after["inherited_keys"]
+    assert state["index_entries_reused"] - reused_before == reused
+    assert state["host_tier"]["zoom_in_failures"] == 0
+    assert_idle_counts(eng, state)
+
+
+def test_full_budget_turn_two_equals_its_prefill_without_the_tree(tree_engine):
+    """Each request's budget covers its sequence: turn 2 through the tree (inherited KV, thoughts
+    and index keys) gives the tokens of the same prompts prefilled whole once the tree is flushed."""
+    eng = tree_engine
+    eng.flush_cache()
+    reused_before = zoomr_state(eng)["index_entries_reused"]
+    _, second, turn2 = _two_turns(eng, prompts()[:2], run=generate_whole_budget)
+    state = zoomr_state(eng)
+    assert all(o["meta_info"]["cached_tokens"] >= len(p) - len(MESSAGE) - 1 for o, p in zip(turn2, second))
+    assert state["index_entries_reused"] > reused_before
+    assert_idle_counts(eng, state)  # ends with the tree flushed: nothing of turn 1 left to match
+    reference = generate_whole_budget(eng, second, 200)
+    assert [o["output_ids"] for o in turn2] == [o["output_ids"] for o in reference]
+
+
+def test_reasoning_pasted_into_a_prompt_is_segmented_tiered_and_inherited(model_path, tree_engine):
     """A prompt holding another run's reasoning (with summary markers) is cut into thoughts from
     where that reasoning starts: they leave the device like generated ones, and with the zoomr tree
     the next turn inherits them."""
@@ -128,19 +141,21 @@ def test_reasoning_pasted_into_a_prompt_is_segmented_tiered_and_inherited(model_
     from testbed.tiny_model import SUMMARY_BEGIN_TOKEN
 
     marker = AutoTokenizer.from_pretrained(model_path).convert_tokens_to_ids(SUMMARY_BEGIN_TOKEN)
-    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", disable_radix_cache=True) as eng:
-        runs = generate(eng, prompts()[:2], 600)
+    eng = tree_engine
+    eng.flush_cache()
+    runs = generate(eng, prompts()[:2], 600)
+    eng.flush_cache()  # the pasted prompts match nothing: their reasoning is segmented, not inherited
     pasted = [p + out["output_ids"] for p, out in zip(prompts()[:2], runs) if marker in out["output_ids"]]
     assert pasted, "the tiny model wrote no summary marker in 600 tokens"
-    with zoomr_env(**SMALL_BUDGET), engine(model_path, "zoomr", radix_cache_backend="zoomr") as eng:
-        [first] = generate(eng, pasted[:1], 200)
-        followup = pasted[0] + first["output_ids"] + MESSAGE
-        [second] = generate(eng, [followup], 100)
-        state = zoomr_state(eng)
-        stats = state["finished"][first["meta_info"]["id"]]
-        assert stats["prompt_len"] < len(pasted[0]) - 100  # the reasoning part is not prompt
-        assert stats["offloaded_last"] > 0 and stats["resident_max"] < 0.8 * (len(pasted[0]) + 200)
-        after = state["finished"][second["meta_info"]["id"]]
-        assert second["meta_info"]["cached_tokens"] >= 0.9 * (len(followup) - len(MESSAGE))
-        assert after["inherited_keys"] > 0 and after["prompt_len"] == stats["prompt_len"]
-        assert_idle_counts(eng, state)
+    [first] = generate(eng, pasted[:1], 200)
+    assert first["meta_info"]["cached_tokens"] == 0
+    followup = pasted[0] + first["output_ids"] + MESSAGE
+    [second] = generate(eng, [followup], 100)
+    state = zoomr_state(eng)
+    stats = state["finished"][first["meta_info"]["id"]]
+    assert stats["prompt_len"] < len(pasted[0]) - 100  # the reasoning part is not prompt
+    assert stats["offloaded_last"] > 0 and stats["resident_max"] < 0.8 * (len(pasted[0]) + 200)
+    after = state["finished"][second["meta_info"]["id"]]
+    assert second["meta_info"]["cached_tokens"] >= 0.9 * (len(followup) - len(MESSAGE))
+    assert after["inherited_keys"] > 0 and after["prompt_len"] == stats["prompt_len"]
+    assert_idle_counts(eng, state)

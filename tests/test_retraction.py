@@ -13,7 +13,7 @@ from engine_utils import assert_idle_counts, engine, generate, prompts, zoomr_en
 
 pytestmark = pytest.mark.engine
 
-SMALL = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=32, ZOOMR_MAX_THOUGHT_TOKENS=32, ZOOMR_ZOOM_CACHE=0)
+SMALL = dict(sink=4, window=32, max_thought_tokens=32, zoom_cache=0)
 RETRACT = dict(SGLANG_TEST_RETRACT=1, SGLANG_TEST_RETRACT_INTERVAL=300)
 OUTPUT = 700
 
@@ -22,7 +22,7 @@ OUTPUT = 700
 def test_a_retracted_request_keeps_its_thoughts_and_its_saving(model_path, tree):
     tree_args = {"radix_cache_backend": "zoomr"} if tree == "zoomr" else {}
     first = prompts()[:3]
-    with zoomr_env(**SMALL, **RETRACT), engine(model_path, "zoomr", **tree_args) as eng:
+    with zoomr_env(RETRACT, **SMALL), engine(model_path, "zoomr", **tree_args) as eng:
         outputs = generate(eng, first, OUTPUT)
         state = zoomr_state(eng)
         assert all(len(o["output_ids"]) == OUTPUT for o in outputs)

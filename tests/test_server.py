@@ -1,8 +1,10 @@
 """The HTTP server path: ``python -m sglang.launch_server --attention-backend zoomr`` on loopback,
 bad settings refused at start, and proof that the entry point is what registers ``zoomr``.
 
-One server serves every test that sends requests. Each ``ZOOMR_*`` value's refusal is checked in
-process (``test_config.py``); one here shows that such a refusal stops the server with its message."""
+One server serves every test that sends requests. Each ``ZOOMR_*`` value's refusal and its whole
+message are checked on the parser (``test_config.py``); here, in process, that a bad value or flag
+stops an engine's start (SGLang's argument resolution, which ``launch_server`` runs too), and, with
+a real ``launch_server``, that the entry point is what registers ``zoomr``."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 import pytest
 import requests
 
-from engine_utils import engine, server, server_command
+from engine_utils import engine, server, server_command, zoomr_env
 from testbed.local_server import free_port
 
 pytestmark = pytest.mark.engine
@@ -23,16 +25,15 @@ def _run_until_exit(command, env, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
 
 
-def test_bad_setting_stops_the_server_at_start(model_path):
-    result = _run_until_exit(server_command(model_path, free_port()), {"ZOOMR_WINDOW": "1"})
-    assert result.returncode != 0
-    assert "ZOOMR_WINDOW='1'" in result.stderr and "an integer >= 3" in result.stderr
-
-
-def test_unsupported_flag_is_refused_at_start(model_path):
-    """The same check as the server's ``--enable-mixed-chunk``, in process (no server to start)."""
-    with pytest.raises(ValueError, match="zoomr does not support --enable-mixed-chunk"):
-        with engine(model_path, "zoomr", enable_mixed_chunk=True):
+@pytest.mark.parametrize("variables, engine_args, message", [
+    ({"ZOOMR_WINDOW": "1"}, {}, r"ZOOMR_WINDOW='1' .*allowed: an integer >= 3"),
+    ({}, {"enable_mixed_chunk": True}, "zoomr does not support --enable-mixed-chunk"),
+], ids=["bad-setting", "unsupported-flag"])
+def test_bad_setting_or_flag_stops_the_start(model_path, variables, engine_args, message):
+    """In process: the engine resolves its arguments as ``launch_server`` does, and the plug-in's
+    resolution hook refuses them before any model loads (no server process to start)."""
+    with zoomr_env(variables), pytest.raises(ValueError, match=message):
+        with engine(model_path, "zoomr", **engine_args):
             pass
 
 

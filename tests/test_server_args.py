@@ -7,6 +7,7 @@ resolved in full against a shaped model on disk; the GPU preset's resolution nee
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -79,10 +80,13 @@ def test_self_checks_run_in_the_probe_only(preset_name):
     """Timing never samples eager float64 steps; the probe's interval exceeds its full-policy run,
     so none of the steps compared with dense token for token ran eagerly."""
     preset = PRESETS[preset_name]
-    assert "ZOOMR_SELF_CHECK_INTERVAL" not in zoomr_env(preset, "timing", {"ZOOMR_WINDOW": "128"})
-    assert int(zoomr_env(preset, "probe", {})["ZOOMR_SELF_CHECK_INTERVAL"]) > preset.probe_full_tokens + 2
+    timing = zoomr_env(preset, "timing", {"ZOOMR_WINDOW": "128", "ZOOMR_CONFIG": '{"vote": "count"}'})
+    assert timing["ZOOMR_WINDOW"] == "128"  # the override's ZOOMR_CONFIG keys join the preset's
+    assert json.loads(timing["ZOOMR_CONFIG"]) == {"refresh_interval": 30, "vote": "count"}
+    probe = json.loads(zoomr_env(preset, "probe", {})["ZOOMR_CONFIG"])
+    assert probe["self_check_interval"] > preset.probe_full_tokens + 2
     with pytest.raises(ValueError, match="timing never"):
-        zoomr_env(preset, "timing", {"ZOOMR_SELF_CHECK_INTERVAL": "997"})
+        zoomr_env(preset, "timing", {"ZOOMR_CONFIG": '{"self_check_interval": 997}'})
 
 
 def test_rehearsal_arguments_resolve_in_full(parser, tmp_path):

@@ -24,7 +24,7 @@ from zoomr_sglang.algo.batched_votes import COUNT, MASS, MEAN_MASS, SummaryKeys,
 from zoomr_sglang.attention_backend.host_tier import HostKVTier, Transfer
 from zoomr_sglang.config import ZoomRConfig
 
-BUDGET = dict(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48, ZOOMR_VOTE="count")
+BUDGET = dict(sink=4, window=64, max_thought_tokens=48, vote="count")
 ENGINE = dict(radix_cache_backend="zoomr")
 TURN1, TURN2 = 300, 120
 MESSAGE = [5, 6, 7, 8, 9, 10]  # turn 2's new message
@@ -115,37 +115,41 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
     exactly as one rank holding every head does, and one rank alone would not."""
     import numpy as np
 
-    from zoomr_sglang.algo.fine_zoom import FineZoom
+    from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
+    from zoomr_sglang.algo.segmentation import Thought
     from zoomr_sglang.attention_backend.controller import sum_over_ranks
 
     gen = torch.Generator().manual_seed(3)
     seq_len, layers = 160, 2
     queries = [torch.randn(8, 16, generator=gen) * 3 for _ in range(layers)]
     keys = [torch.randn(seq_len, 4, 16, generator=gen) for _ in range(layers)]
-    base = [(0, 4), (150, 161)]  # what the policy keeps: sinks and a window
 
-    def observed(heads: slice, kv_heads: slice) -> FineZoom:
-        fine = FineZoom()
-        fine.fill(base, seq_len, 64, 16)  # asks for page votes; attends base + window
-        watched = fine.watch(seq_len)
+    def view(n: int) -> StepView:  # a thought closed without a summary: zoomr fills the budget with the fine levels
+        return StepView(seq_len=n, prompt_len=4, sink=4, window=11, budget=64, candidates=[0], zoomed=[0],
+                        thoughts=[Thought(index=0, start=4, body_end=100, final=True)], open_from=100, zoom_pages=True)
+
+    def observed(heads: slice, kv_heads: slice) -> ZoomRPolicy:
+        policy = ZoomRPolicy(num_thoughts=1)
+        ranges = policy.working_set(view(seq_len))  # asks for page votes
+        watched = policy.observe_positions(view(seq_len), ranges)
         positions = torch.cat([torch.arange(start, end) for start, end in watched])
         for layer in range(layers):
-            fine.observe(layer, queries[layer][heads], keys[layer][positions][:, kv_heads], positions, 0.25)
-        return fine
+            policy.observe(layer, queries[layer][heads], keys[layer][positions][:, kv_heads], positions, 0.25)
+        return policy
 
     whole = observed(slice(None), slice(None))
     ranks = [observed(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
     alone = observed(slice(0, 4), slice(0, 2))
-    alone.fill(base, seq_len + 1, 64, 16)
+    alone.working_set(view(seq_len + 1))
     assert len(whole.step_signals()) == 3  # attention sums, page votes and their score sums
-    own = [torch.cat([t.reshape(-1).double() for t in fine.step_signals()]) for fine in ranks]
+    own = [torch.cat([t.reshape(-1).double() for t in policy.step_signals()]) for policy in ranks]
     for rank, other in ((0, 1), (1, 0)):
         sum_over_ranks(ranks[rank].step_signals(), _TwoRanks(own[other]))
-    expected = whole.fill(base, seq_len + 1, 64, 16)
-    for fine in ranks:
-        assert np.array_equal(fine.fill(base, seq_len + 1, 64, 16), expected)
-        assert fine.scorer.ranked == whole.scorer.ranked and fine.scorer.ranked
-    top = lambda fine: torch.argsort(fine.weights, descending=True, stable=True)[:20].tolist()  # noqa: E731
+    expected = whole.working_set(view(seq_len + 1))
+    for policy in ranks:
+        assert np.array_equal(policy.working_set(view(seq_len + 1)), expected)
+        assert policy.fine.scorer.ranked == whole.fine.scorer.ranked and policy.fine.scorer.ranked
+    top = lambda policy: torch.argsort(policy.fine.weights, descending=True, stable=True)[:20].tolist()  # noqa: E731
     assert top(ranks[0]) == top(whole) != top(alone)  # the tokens one rank's heads alone would keep
 
 
@@ -228,7 +232,7 @@ def tp1_tokens(model_path):
 
 @pytest.mark.engine
 def test_tp2_with_the_host_tier_off_gives_tp1_tokens(model_path, tp1_tokens):
-    with zoomr_env(**BUDGET, ZOOMR_HOST_POOL_GB=0), engine(model_path, "zoomr", tp_size=2, **ENGINE) as eng:
+    with zoomr_env(**BUDGET, host_pool_gb=0), engine(model_path, "zoomr", tp_size=2, **ENGINE) as eng:
         assert _first_turn(eng) == tp1_tokens[0]
         assert all(rank["host_tier"] is None for rank in _every_rank_idle(eng))
 
@@ -287,7 +291,7 @@ def test_tp2_retraction_through_the_zoomr_tree_keeps_the_ranks_in_step(model_pat
     cold KV, and every rank ends with the same counts, back where they started."""
     retract = dict(SGLANG_TEST_RETRACT=1, SGLANG_TEST_RETRACT_INTERVAL=150)
     output = 400
-    with zoomr_env(**BUDGET, **retract), engine(model_path, "zoomr", tp_size=2, **ENGINE) as eng:
+    with zoomr_env(retract, **BUDGET), engine(model_path, "zoomr", tp_size=2, **ENGINE) as eng:
         start = zoomr_state(eng)["ranks"]
         outputs = generate(eng, prompts()[:2], output)
         assert all(len(o["output_ids"]) == output for o in outputs)

@@ -25,7 +25,7 @@ def test_ids_past_the_tokenizer_are_served_and_inherited(model_path, tmp_path):
     unknown = list(range(512, PADDED_VOCAB, 9))
     first = [[0, 5, *unknown, 6, 7], [0, *unknown[::-1], 30, 31, 32]]
     sampling = {**GREEDY, "temperature": 1.0, "top_k": PADDED_VOCAB, "max_new_tokens": 400}
-    with zoomr_env(ZOOMR_SINK=4, ZOOMR_WINDOW=64, ZOOMR_MAX_THOUGHT_TOKENS=48), engine(
+    with zoomr_env(sink=4, window=64, max_thought_tokens=48), engine(
             str(padded), "zoomr", load_format="dummy", radix_cache_backend="zoomr") as eng:
         start = zoomr_state(eng)
         turn1 = eng.generate(input_ids=first, sampling_params=sampling)

@@ -1,10 +1,18 @@
-"""ZoomR settings: read once from ``ZOOMR_*`` environment variables into one frozen object.
+"""ZoomR settings: read once from the environment into one frozen object.
 
 SGLang has no channel for plug-in arguments, and its scheduler runs in spawned processes that
 inherit the environment, so the environment is the input. Nothing else in the package reads it.
-Every bad value raises ``ValueError`` naming the variable, the value and what is allowed; the
-plug-in's resolution hook calls :func:`load_config` while the server arguments are resolved, so
-a bad value stops the server at start.
+It comes in two kinds (docs/configuration.md):
+
+- user settings, each its own ``ZOOMR_*`` variable (``USER_VARIABLES``): the budget, the host
+  tier's size, the working set's shape, the model's thought and summary markers and the layers
+  that vote, what a user sets for a model and a machine;
+- ``ZOOMR_CONFIG``, one JSON object holding any other field of :class:`ZoomRConfig` by name, for
+  ablations and measurement, e.g. ``ZOOMR_CONFIG='{"vote": "count", "stats_history": 100000}'``.
+
+Every bad value raises ``ValueError`` naming the variable (or the ``ZOOMR_CONFIG`` key), the value
+and what is allowed; the plug-in's resolution hook calls :func:`load_config` while the server
+arguments are resolved, so a bad value stops the server at start.
 """
 
 from __future__ import annotations
@@ -92,43 +100,91 @@ class ZoomRConfig:
         return self.sink + prompt_len + summary_tokens + zoomed_tokens + open_tokens + self.window
 
 
-def _int(name: str, raw: str, minimum: int) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer; allowed: an integer >= {minimum}") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} is too small; allowed: an integer >= {minimum}")
-    return value
+@dataclass(frozen=True)
+class _Rule:
+    """What one field accepts: ``valid`` judges a ``ZOOMR_CONFIG`` value or a variable's text read by
+    ``from_text`` (it may raise ValueError saying why not); ``typed`` gives the field's type."""
+
+    allowed: str
+    valid: Callable[[object], bool]
+    from_text: Callable[[str], object] = str
+    reads_as: str = "text"  # what ``from_text`` needs, for its error
+    typed: Callable[[object], object] = lambda value: value
+
+    def check(self, subject: str, value: object) -> object:
+        """``value`` as the field holds it; ``subject`` opens the error (``NAME='value'``)."""
+        try:
+            if self.valid(value):
+                return self.typed(value)
+        except ValueError as error:
+            raise ValueError(f"{subject}: {error}") from None
+        raise ValueError(f"{subject} is not allowed; allowed: {self.allowed}")
+
+    def read_text(self, name: str, raw: str) -> object:
+        """Variable ``name``'s text ``raw`` as the field holds it."""
+        try:
+            value = self.from_text(raw)
+        except ValueError:  # json.JSONDecodeError is one
+            raise ValueError(f"{name}={raw!r} is not {self.reads_as}; allowed: {self.allowed}") from None
+        return self.check(f"{name}={raw!r}", value)
 
 
-def _gigabytes(name: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number; allowed: a number of GiB >= 0 (0 turns the host tier off)") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name}={raw!r} is not allowed; allowed: a number of GiB >= 0 (0 turns the host tier off)")
-    return value
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(minimum: int) -> _Rule:
+    return _Rule(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum,
+                 from_text=lambda raw: int(raw.strip()), reads_as="an integer")
+
+
+def _choice(allowed: Tuple[str, ...]) -> _Rule:
+    return _Rule(", ".join(allowed), lambda v: isinstance(v, str) and v in allowed)
+
+
+def _json_list(allowed: str, valid: Callable[[list], bool], typed: Callable[[list], tuple]) -> _Rule:
+    return _Rule(allowed, lambda v: isinstance(v, list) and valid(v), from_text=json.loads, reads_as="valid JSON",
+                 typed=typed)
 
 
 SEGMENT_PROMPT_MODES = ("markers", "off")
 IMPLICIT_ZOOM_UNITS = ("pages", "thoughts")
 ADMISSION_MODES = ("observed", "bound", "sglang")
+_GIGABYTES = _Rule("a number of GiB >= 0 (0 turns the host tier off)",
+                   lambda v: (_is_int(v) or isinstance(v, float)) and 0 <= v < float("inf"),
+                   from_text=lambda raw: float(raw.strip()), reads_as="a number", typed=float)
+_TEXT = _Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+_TEXTS = _json_list('a JSON list of non-empty strings, e.g. ["\\n\\n"]',
+                    lambda v: bool(v) and all(isinstance(s, str) and s for s in v), tuple)
+_LAYERS = _json_list("a JSON list of distinct layer indices >= 0, e.g. [0, 1] (empty: every layer)",
+                     lambda v: all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v),
+                     lambda v: tuple(sorted(v)))
+# policy_class imports a research policy's module where its setting is read, or raises saying what is allowed.
+_POLICY = _Rule("a policy name", lambda v: isinstance(v, str) and policy_class(v) is not None)
 
+_RULES: Mapping[str, _Rule] = {
+    "topk": _integer(1), "num_thoughts": _integer(0), "sink": _integer(0), "thought_sink": _integer(0),
+    "window": _integer(MIN_WINDOW), "max_thought_tokens": _integer(1), "boundaries": _TEXTS,
+    "summary_begin": _TEXT, "summary_end": _TEXT, "sentence_ends": _TEXTS, "refresh_interval": _integer(1),
+    "stats_history": _integer(0), "self_check_interval": _integer(0), "host_pool_gb": _GIGABYTES,
+    "zoom_cache": _integer(0), "policy": _POLICY, "budget": _integer(0), "vote": _choice(VOTE_KINDS),
+    "vote_summary_tokens": _integer(1), "vote_layers": _LAYERS, "implicit_zoom": _choice(IMPLICIT_ZOOM_UNITS),
+    "max_candidates": _integer(1), "index_entries": _integer(0), "segment_prompt": _choice(SEGMENT_PROMPT_MODES),
+    "admission": _choice(ADMISSION_MODES),
+}
 
-def _choice(name: str, raw: object, allowed: Tuple[str, ...]) -> str:
-    if raw not in allowed:
-        raise ValueError(f"{name}={raw!r} is not allowed; allowed: {', '.join(allowed)}")
-    return raw
-
-
-def _policy(name: str, raw: object) -> str:
-    try:
-        policy_class(raw)  # a research policy's module is imported here, where its setting is read
-    except ValueError as error:
-        raise ValueError(f"{name}={raw!r}: {error}") from None
-    return raw
+# User settings, each its own variable; every other field is a key of ZOOMR_CONFIG.
+USER_VARIABLES: Mapping[str, str] = {field: f"ZOOMR_{field.upper()}" for field in (
+    "budget", "host_pool_gb", "num_thoughts", "sink", "window", "max_thought_tokens", "boundaries",
+    "summary_begin", "summary_end", "vote_layers")}
+CONFIG_VARIABLE = "ZOOMR_CONFIG"
+CONFIG_KEYS = tuple(field for field in _RULES if field not in USER_VARIABLES)
+ENV_VARS = (*USER_VARIABLES.values(), CONFIG_VARIABLE)
+_CONFIG_EXAMPLE = """ZOOMR_CONFIG='{"vote": "count", "stats_history": 100000}'"""
+# Variables of earlier releases, one per key that ZOOMR_CONFIG now holds.
+_FORMER = {f"ZOOMR_{key.upper()}": key for key in CONFIG_KEYS}
+# Variables with the prefix that belong to tooling, not to the backend.
+_PASSIVE = frozenset({"ZOOMR_CACHE_DIR", "ZOOMR_VENV"})
 
 
 def _check_budget(name: str, budget: int, config: "ZoomRConfig") -> None:
@@ -138,68 +194,8 @@ def _check_budget(name: str, budget: int, config: "ZoomRConfig") -> None:
                          f" (ZOOMR_SINK + {MIN_WINDOW} recent tokens)")
 
 
-def _text(name: str, raw: str) -> str:
-    if not raw:
-        raise ValueError(f"{name}={raw!r} is empty; allowed: a non-empty string")
-    return raw
-
-
-def _json_list(name: str, raw: str, allowed: str, valid: Callable[[list], bool]) -> list:
-    """``raw`` parsed as a JSON list that ``valid`` accepts."""
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ValueError(f"{name}={raw!r} is not valid JSON; allowed: {allowed}") from None
-    if not isinstance(value, list) or not valid(value):
-        raise ValueError(f"{name}={raw!r} is not allowed; allowed: {allowed}")
-    return value
-
-
-def _layer_list(name: str, raw: str) -> Tuple[int, ...]:
-    value = _json_list(name, raw, "a JSON list of distinct layer indices >= 0, e.g. [0, 1] (empty: every layer)",
-                       lambda v: all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-                       and len(set(v)) == len(v))
-    return tuple(sorted(value))
-
-
-def _text_list(name: str, raw: str) -> Tuple[str, ...]:
-    return tuple(_json_list(name, raw, 'a JSON list of non-empty strings, e.g. ["\\n\\n"]',
-                            lambda v: bool(v) and all(isinstance(s, str) and s for s in v)))
-
-
-_FIELDS: Mapping[str, Tuple[str, Callable[[str, str], object]]] = {
-    "ZOOMR_TOPK": ("topk", lambda n, r: _int(n, r, 1)),
-    "ZOOMR_NUM_THOUGHTS": ("num_thoughts", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_SINK": ("sink", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_THOUGHT_SINK": ("thought_sink", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_WINDOW": ("window", lambda n, r: _int(n, r, MIN_WINDOW)),
-    "ZOOMR_MAX_THOUGHT_TOKENS": ("max_thought_tokens", lambda n, r: _int(n, r, 1)),
-    "ZOOMR_BOUNDARIES": ("boundaries", _text_list),
-    "ZOOMR_SUMMARY_BEGIN": ("summary_begin", _text),
-    "ZOOMR_SUMMARY_END": ("summary_end", _text),
-    "ZOOMR_SENTENCE_ENDS": ("sentence_ends", _text_list),
-    "ZOOMR_REFRESH_INTERVAL": ("refresh_interval", lambda n, r: _int(n, r, 1)),
-    "ZOOMR_STATS_HISTORY": ("stats_history", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_SELF_CHECK_INTERVAL": ("self_check_interval", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_HOST_POOL_GB": ("host_pool_gb", _gigabytes),
-    "ZOOMR_ZOOM_CACHE": ("zoom_cache", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_POLICY": ("policy", lambda n, r: _policy(n, r)),
-    "ZOOMR_BUDGET": ("budget", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_VOTE": ("vote", lambda n, r: _choice(n, r, VOTE_KINDS)),
-    "ZOOMR_VOTE_SUMMARY_TOKENS": ("vote_summary_tokens", lambda n, r: _int(n, r, 1)),
-    "ZOOMR_VOTE_LAYERS": ("vote_layers", _layer_list),
-    "ZOOMR_IMPLICIT_ZOOM": ("implicit_zoom", lambda n, r: _choice(n, r, IMPLICIT_ZOOM_UNITS)),
-    "ZOOMR_MAX_CANDIDATES": ("max_candidates", lambda n, r: _int(n, r, 1)),
-    "ZOOMR_INDEX_ENTRIES": ("index_entries", lambda n, r: _int(n, r, 0)),
-    "ZOOMR_SEGMENT_PROMPT": ("segment_prompt", lambda n, r: _choice(n, r, SEGMENT_PROMPT_MODES)),
-    "ZOOMR_ADMISSION": ("admission", lambda n, r: _choice(n, r, ADMISSION_MODES)),
-}
-
-ENV_VARS = tuple(_FIELDS)
-
-
 def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
-    """Parse every ``ZOOMR_*`` variable of ``environ`` (default ``os.environ``: parsed once per
+    """Parse the ``ZOOMR_*`` variables of ``environ`` (default ``os.environ``: parsed once per
     process and set of values, then the same object, as every request's validation asks for it).
 
     An unknown ``ZOOMR_*`` name is an error too: a typo must not silently fall back to a default.
@@ -215,21 +211,60 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
 _LOADED: list = [None, None]  # [the ZOOMR_* items of os.environ last parsed, their config]
 
 
-def _parse(environ: Mapping[str, str]) -> ZoomRConfig:
-    unknown = sorted(k for k in environ if k.startswith("ZOOMR_") and k not in _FIELDS and k not in _PASSIVE)
-    if unknown:
-        raise ValueError(f"unknown variable {unknown[0]}; allowed ZOOMR_* variables: {', '.join(ENV_VARS)}")
+def variable_text(value: object) -> str:
+    """A user setting's value as its variable's text: a string as it is, a number or list as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json_or_text(raw: str) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _check_names(environ: Mapping[str, str]) -> None:
+    names = sorted(k for k in environ if k.startswith("ZOOMR_") and k not in ENV_VARS and k not in _PASSIVE)
+    former = [name for name in names if name in _FORMER]
+    if former:
+        example = json.dumps({_FORMER[name]: _json_or_text(environ[name]) for name in former})
+        raise ValueError(f"{', '.join(former)} {'is' if len(former) == 1 else 'are'} now set through ZOOMR_CONFIG,"
+                         f" a JSON object of settings by name: ZOOMR_CONFIG='{example}'")
+    if names:
+        raise ValueError(f"unknown variable {names[0]}; allowed ZOOMR_* variables: {', '.join(ENV_VARS)}"
+                         f" (other settings go in {_CONFIG_EXAMPLE})")
+
+
+def _config_values(raw: str) -> dict:
+    """The fields ``ZOOMR_CONFIG``'s text ``raw`` sets."""
+    allowed = f"a JSON object of settings by name, e.g. {_CONFIG_EXAMPLE}"
+    given = _json_or_text(raw)
+    if not isinstance(given, dict):
+        raise ValueError(f"ZOOMR_CONFIG={raw!r} is not a JSON object; allowed: {allowed}")
     values = {}
-    for name, (field, parse) in _FIELDS.items():
-        if name in environ:
-            values[field] = parse(name, environ[name])
+    for key, value in given.items():
+        if key in USER_VARIABLES:
+            raise ValueError(f"ZOOMR_CONFIG key {key!r} = {value!r} is a user setting; allowed: its own variable"
+                             f" only, {USER_VARIABLES[key]}={variable_text(value)!r}")
+        if key not in CONFIG_KEYS:
+            raise ValueError(f"unknown ZOOMR_CONFIG key {key!r}; allowed keys: {', '.join(CONFIG_KEYS)}")
+        values[key] = _RULES[key].check(f"ZOOMR_CONFIG key {key!r} = {value!r}", value)
+    return values
+
+
+def _parse(environ: Mapping[str, str]) -> ZoomRConfig:
+    _check_names(environ)
+    values = {field: _RULES[field].read_text(name, environ[name])
+              for field, name in USER_VARIABLES.items() if name in environ}
+    if CONFIG_VARIABLE in environ:
+        values.update(_config_values(environ[CONFIG_VARIABLE]))
     if values.get("summary_begin", ZoomRConfig.summary_begin) == values.get("summary_end", ZoomRConfig.summary_end):
         raise ValueError("ZOOMR_SUMMARY_BEGIN and ZOOMR_SUMMARY_END are equal; allowed: two different strings")
     config = ZoomRConfig(**values)
     _check_budget("ZOOMR_BUDGET", config.budget, config)
     if config.policy == "oracle":
-        raise ValueError("ZOOMR_POLICY='oracle' needs each request's task dependencies; allowed as a server"
-                         " default: every other policy (a request selects oracle with custom_params)")
+        raise ValueError("ZOOMR_CONFIG key 'policy' = 'oracle' needs each request's task dependencies; allowed as a"
+                         " server default: every other policy (a request selects oracle with custom_params)")
     return config
 
 
@@ -257,12 +292,14 @@ def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, o
     unknown = sorted(set(params) - set(REQUEST_KEYS))
     if unknown:
         raise ValueError(f"unknown custom_params key {unknown[0]!r}; allowed zoomr keys: {', '.join(REQUEST_KEYS)}")
-    policy = _policy("zoomr_policy", params.get("zoomr_policy", config.policy))
+    policy = params.get("zoomr_policy", config.policy)
+    policy = _POLICY.check(f"zoomr_policy={policy!r}", policy)
     budget = params.get("zoomr_budget", config.budget)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+    if not _is_int(budget) or budget < 0:
         raise ValueError(f"zoomr_budget={budget!r} is not allowed; allowed: an integer >= 0 (0: unbounded)")
     _check_budget("zoomr_budget", budget, config)
-    vote = _choice("zoomr_vote", params.get("zoomr_vote", config.vote), VOTE_KINDS)
+    vote = params.get("zoomr_vote", config.vote)
+    vote = _RULES["vote"].check(f"zoomr_vote={vote!r}", vote)
     fidelity = params.get("zoomr_fidelity", False)
     if not isinstance(fidelity, bool):
         raise ValueError(f"zoomr_fidelity={fidelity!r} is not allowed; allowed: true or false")
@@ -272,13 +309,10 @@ def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, o
                          " allowed: zoomr_oracle exactly when the policy is 'oracle'")
     if oracle is not None:
         if not isinstance(oracle, list) or not all(
-                isinstance(d, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)
+                isinstance(d, list) and all(_is_int(i) and i >= 0 for i in d)
                 for d in oracle):
             raise ValueError("zoomr_oracle is not allowed; allowed: a list (one entry per thought) of lists of"
                              " earlier thought indices >= 0")
         oracle = tuple(tuple(d) for d in oracle)
     return RequestSettings(policy=policy, budget=budget, vote=vote, oracle=oracle, fidelity=fidelity)
 
-
-# Variables with the prefix that belong to tooling, not to the backend.
-_PASSIVE = frozenset({"ZOOMR_CACHE_DIR"})

@@ -10,14 +10,19 @@ which needs only the backend.
 - Decode memory check: the next step's possible zoom-ins count as required tokens, so SGLang
   evicts its tree or retracts before a zoom-in could find the pool empty.
 - Busy leak check: SGLang's own count of a running request's device slots, corrected for holes.
-- Admission: a ZoomR request is charged what it will keep on the device (``admission.py``,
-  ``ZOOMR_ADMISSION``), not its output length, and the "batch is full" latch reopens when the tier
-  frees slots.
+- Admission: a ZoomR request is charged what it will keep on the device (``admission.py``, the
+  ``admission`` key of ``ZOOMR_CONFIG``), not its output length, through the prefill budget that
+  SGLang's allocator makes for each ``PrefillAdder`` (``ZoomRPrefillBudget``), and the "batch is
+  full" latch reopens when the tier frees slots.
+Each hook that SGLang 0.5.23's public seams cannot replace says why (docs/sglang-integration.md,
+"Hooks without a public seam").
 """
 
 from __future__ import annotations
 
 from typing import Dict
+
+from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 
 from zoomr_sglang.algo.working_set import subtract_ranges
 from zoomr_sglang.attention_backend.admission import HostRoom, new_request_charge, running_charge
@@ -49,7 +54,11 @@ def around_free_kv_row(original, cache, kv, ranges, *args, **kwargs):
 def after_uncached_sizes(result, checker, *args, **kwargs):
     """SGLang's busy leak check counts each running request's positions from its tree-owned prefix
     to its allocated length as its device slots; correct that by the row's holes and by inherited
-    thoughts it zoomed into (``ThoughtTiering.uncounted_device_tokens``)."""
+    thoughts it zoomed into (``ThoughtTiering.uncounted_device_tokens``).
+
+    No public seam: the public ``self_check_during_busy`` sums these counts and asserts in one call,
+    and the per-request count it sums (``kv_private_tokens``) is handed a request's KV record only,
+    not the pool that would find the tier."""
     tiering = _tiering_of(checker.tree_cache.req_to_token_pool)
     if tiering is None:
         return result
@@ -68,118 +77,108 @@ def after_new_tokens_required(result, batch, selected_indices=None, *args, **kwa
     return result + sum(tiering.zoom_headroom(r.kv.req_pool_idx) for r in reqs if r.kv.req_pool_idx is not None)
 
 
-class _AdmissionPass:
-    """One ``PrefillAdder``'s view of the host tier: its free room, handed to the running requests'
-    charges (each charged once, however often SGLang asks) and then to the new ones'; and the
-    request being admitted when the host tier may move its KV."""
+class ZoomRPrefillBudget(PrefillBudget):
+    """The prefill budget of a pool whose host tier zoomr charges (docs/host-tier.md, "Admission").
 
-    def __init__(self, controller) -> None:
+    SGLang's allocator makes one per ``PrefillAdder`` (one scheduling round), and the adder asks it
+    whether each new request fits (``check_prefill``) and reserves through it (``reserve``). Like
+    SGLang's ``SWAPrefillBudget``, which charges a request its window rather than its output, this
+    one counts a request whose KV the tier may move at what it will keep on the device
+    (``admission.py``) instead of its whole output. It also holds the round's view of the tier: its
+    free room, handed to the running requests' charges (each charged once, however often SGLang
+    asks) and then to the new ones'.
+    """
+
+    def __init__(self, allocator, tree_cache, controller, *, num_mixed_decode_tokens: int = 0) -> None:
+        super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
+        self.controller = controller
         host = controller.tiering.host
         self.host_room = HostRoom(host.free_blocks * host.block_tokens)  # thoughts take whole blocks
-        self.running: Dict[int, int] = {}
-        self.admitting = None
+        self.running: Dict[int, int] = {}  # id(req) -> its charge this round
+        self.admitting = None  # the request being admitted, while the tier may move its KV
+        self.new_token_ratio = 1.0  # the adder's, set with ``admitting``
 
-    def reservation(self, config, max_new_tokens: int, ratio: float, take: bool) -> int:
+    def charge_running(self, req, sglang_charge: float, new_token_ratio: float) -> float:
+        """What a running request may still add to the pool: at most SGLang's own charge."""
+        state = None if req.kv.req_pool_idx is None else self.controller.planner.states.get(req.kv.req_pool_idx)
+        if state is None or not state.tiered:
+            return sglang_charge  # a policy whose KV never leaves the device keeps SGLang's own charge
+        if id(req) not in self.running:
+            remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
+            charge = running_charge(self.controller.config, state, remaining, new_token_ratio)
+            self.running[id(req)] = self.host_room.device_tokens(charge)
+        return min(sglang_charge, self.running[id(req)])
+
+    def _reservation(self, max_new_tokens: int, take: bool) -> int:
         """At most ``max_new_tokens``: the charge's device and host parts add up to it."""
-        return self.host_room.device_tokens(new_request_charge(config, max_new_tokens, ratio), take)
+        charge = new_request_charge(self.controller.config, max_new_tokens, self.new_token_ratio)
+        return self.host_room.device_tokens(charge, take)
+
+    def check_prefill(self, *, total_tokens: int, max_new_tokens: int, **kwargs):
+        """SGLang admits a request only while its prompt plus its whole remaining output
+        (``max_new_tokens``, within ``total_tokens``) is below the free room; count the reservation
+        instead of that output."""
+        if self.admitting is not None:
+            total_tokens -= max_new_tokens - self._reservation(max_new_tokens, take=False)
+        return super().check_prefill(total_tokens=total_tokens, max_new_tokens=max_new_tokens, **kwargs)
+
+    def reserve(self, extend_input_len: int, max_new_tokens: int, **kwargs) -> None:
+        """Reserve the admitted request's reservation and take its host room."""
+        if self.admitting is not None:
+            max_new_tokens = self._reservation(max_new_tokens, take=True)
+        super().reserve(extend_input_len, max_new_tokens, **kwargs)
 
 
-def _admission_runtime(adder):
-    """The runtime of the adder's pool when zoomr charges its admissions (host tier on, not
-    ``ZOOMR_ADMISSION=sglang``), else None."""
-    runtime = runtime_of(adder.tree_cache.req_to_token_pool)
-    if runtime is None or runtime.controller.tiering is None or runtime.controller.config.admission == "sglang":
-        return None
-    return runtime
-
-
-def _admission_pass(adder, runtime) -> _AdmissionPass:
-    admission_pass = runtime.admission_passes.get(adder)
-    if admission_pass is None:
-        admission_pass = runtime.admission_passes[adder] = _AdmissionPass(runtime.controller)
-    return admission_pass
+def around_create_prefill_budget(original, allocator, tree_cache, **kwargs):
+    """``BaseTokenToKVPoolAllocator.create_prefill_budget``, the allocator's public seam that every
+    ``PrefillAdder`` calls: a zoomr budget when zoomr charges the pool's admissions (host tier on,
+    not the ``sglang`` admission rule). Allocators with budgets of their own (sliding window, hybrid
+    pools: models zoomr refuses) override the method and never reach this hook."""
+    runtime = runtime_of(tree_cache.req_to_token_pool)
+    controller = None if runtime is None else runtime.controller
+    if controller is None or controller.tiering is None or controller.config.admission == "sglang":
+        return original(allocator, tree_cache, **kwargs)
+    return ZoomRPrefillBudget(allocator, tree_cache, controller, **kwargs)
 
 
 def after_running_offset(result, adder, req, *args, **kwargs):
-    runtime = _admission_runtime(adder)
-    if runtime is None or req.kv.req_pool_idx is None:
+    """``PrefillAdder._get_running_request_total_token_offset``: a running request's charge.
+
+    No public seam: the adder, not its budget, computes each running request's charge here and adds
+    the sum to the budget's ``total_offset`` (priority preemption subtracts the same figure), and
+    the budget is never handed the running requests."""
+    budget = adder.memory_budget
+    if not isinstance(budget, ZoomRPrefillBudget):
         return result
-    controller = runtime.controller
-    state = controller.planner.states.get(req.kv.req_pool_idx)
-    if state is None or not state.tiered:
-        return result  # a policy whose KV never leaves the device keeps SGLang's own charge
-    admission_pass = _admission_pass(adder, runtime)
-    if id(req) not in admission_pass.running:
-        remaining = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
-        charge = running_charge(controller.config, state, remaining, adder.new_token_ratio)
-        admission_pass.running[id(req)] = admission_pass.host_room.device_tokens(charge)
-    return min(result, admission_pass.running[id(req)])
+    return budget.charge_running(req, result, adder.new_token_ratio)
 
 
 def around_admitting(original, adder, req, *args, **kwargs):
-    """``PrefillAdder.add_one_req`` and ``add_chunked_req``: the two hooks below lower the charge
-    of the request being admitted when the host tier may move its KV."""
-    runtime = _admission_runtime(adder)
-    if runtime is None:
+    """``PrefillAdder.add_one_req`` and ``add_chunked_req``, the adder's entry points for one
+    request: tells the budget which request it is charging.
+
+    No public seam: the budget is handed each admission's token counts, never the request, and
+    whether the tier may move a request's KV is the request's own (its policy settings), as is the
+    adder's ``new_token_ratio`` that the charge scales by."""
+    budget = adder.memory_budget
+    if not isinstance(budget, ZoomRPrefillBudget):
         return original(adder, req, *args, **kwargs)
-    admission_pass = _admission_pass(adder, runtime)
-    admission_pass.admitting = req if runtime.controller.planner.accepts_holes(req) else None
+    budget.admitting = req if budget.controller.planner.accepts_holes(req) else None
+    budget.new_token_ratio = adder.new_token_ratio
     try:
         return original(adder, req, *args, **kwargs)
     finally:
-        admission_pass.admitting = None
+        budget.admitting = None
 
 
-def _admitting(adder, req=None):
-    """``(controller, admission pass)`` while ``req`` (default: any request) is being admitted
-    with a lowered charge, else None."""
-    runtime = _admission_runtime(adder)
-    admission_pass = None if runtime is None else runtime.admission_passes.get(adder)
-    if admission_pass is None or admission_pass.admitting is None:
-        return None
-    if req is not None and req is not admission_pass.admitting:
-        return None
-    return runtime.controller, admission_pass
+def before_prefill_batch(scheduler, running_batch, *args, **kwargs):
+    """``Scheduler.get_new_batch_prefill``: reopens the "batch is full" latch when the tier freed
+    slots since the last round.
 
-
-def before_check_prefill_budget(adder, req, *args, **kwargs):
-    """SGLang admits a request only while its prompt plus its whole remaining output
-    (``total_tokens``) is below the free room; count the reservation instead of that output."""
-    admitting = _admitting(adder, req)
-    if admitting is None or "total_tokens" not in kwargs:
-        return None
-    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
-
-    controller, admission_pass = admitting
-    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
-    reserved = admission_pass.reservation(controller.config, max_new, adder.new_token_ratio, take=False)
-    kwargs["total_tokens"] -= max_new - reserved
-    return (adder, req, *args), kwargs
-
-
-def before_update_prefill_budget(adder, *args, **kwargs):
-    """Lower the admitted request's reservation (``max_new_tokens``, third argument)."""
-    admitting = _admitting(adder)
-    if admitting is None:
-        return None
-    controller, admission_pass = admitting
-
-    def reservation(max_new_tokens: int) -> int:
-        return admission_pass.reservation(controller.config, max_new_tokens, adder.new_token_ratio, take=True)
-
-    if "max_new_tokens" in kwargs:
-        kwargs["max_new_tokens"] = reservation(kwargs["max_new_tokens"])
-    elif len(args) >= 3:
-        args = (*args[:2], reservation(args[2]), *args[3:])
-    return (adder, *args), kwargs
-
-
-def before_prefill_admission(scheduler, *args, **kwargs):
+    No public seam besides this scheduler step: the latch is read before any ``PrefillAdder`` (and
+    so any budget) exists, and SGLang clears it only when a request leaves."""
     tiering = _tiering_of(scheduler.req_to_token_pool)
     if tiering is not None and tiering.freed_since_admission > 0:
         tiering.freed_since_admission = 0
-        running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
-        if running_batch is not None:
-            running_batch.batch_is_full = False
+        running_batch.batch_is_full = False
     return None
-

@@ -77,13 +77,14 @@ def _hook_table():
         ("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", host_tier("around_free_kv_row"), "AROUND"),
         ("sglang.srt.managers.schedule_batch.ScheduleBatch.new_tokens_required_next_decode",
          host_tier("after_new_tokens_required"), "AFTER"),
+        # Admission goes through the prefill budget the allocator makes for each PrefillAdder; the
+        # adder hooks hand it what that budget is never given (host_tier_hooks.py says why).
+        ("sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.create_prefill_budget",
+         host_tier("around_create_prefill_budget"), "AROUND"),
         (admission + "_get_running_request_total_token_offset", host_tier("after_running_offset"), "AFTER"),
         (admission + "add_one_req", host_tier("around_admitting"), "AROUND"),
         (admission + "add_chunked_req", host_tier("around_admitting"), "AROUND"),
-        (admission + "_check_prefill_budget", host_tier("before_check_prefill_budget"), "BEFORE"),
-        (admission + "_update_prefill_budget", host_tier("before_update_prefill_budget"), "BEFORE"),
-        ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", host_tier("before_prefill_admission"),
-         "BEFORE"),
+        ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", host_tier("before_prefill_batch"), "BEFORE"),
         ("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes",
          host_tier("after_uncached_sizes"), "AFTER"),
     )

@@ -3,7 +3,7 @@
 The backend factory attaches one :class:`DecodeRuntime` per pool when it builds zoomr as the decode
 backend (the plug-in refuses zoomr for prefill alone, so a pool that only zoomr prefills never gets
 one). Everything else finds it with :func:`runtime_of`, from the pool that the SGLang object it is
-handed already holds (scheduler, tree cache, batch, model runner, prefill adder's tree); a pool
+handed already holds (scheduler, tree cache, batch, model runner, prefill budget's tree); a pool
 without one answers None and every hook then leaves SGLang alone.
 
 Light on purpose: ``plugin.py`` imports it when SGLang loads the plug-in, before torch.
@@ -11,8 +11,7 @@ Light on purpose: ``plugin.py`` imports it when SGLang loads the plug-in, before
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 if TYPE_CHECKING:
@@ -27,9 +26,6 @@ class DecodeRuntime:
     the metrics exporter. Per-request state is the controller's (docs/design.md, "Who holds what")."""
 
     controller: "ZoomRController"
-    # PrefillAdder -> its admission pass (host_tier_hooks.py): SGLang builds one adder per
-    # scheduling round and drops it after; the pass goes with it.
-    admission_passes: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
     metrics: Optional["ZoomRMetrics"] = None  # made at SGLang's first stats log (metrics.py)
 
     @property

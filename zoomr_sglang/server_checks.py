@@ -88,7 +88,7 @@ def graph_mode_problem(zoomr_prefill: bool, decode_graph: str, prefill_graph: st
 
 def after_compute_cell_size(cell_size, configurator, kvc, num_layers, *args, **kwargs):
     """zoomr as the decode backend with the automatic index size: each pool token also costs its
-    share of the index store (``ZOOMR_INDEX_ENTRIES`` set by hand is a fixed size on top)."""
+    share of the index store (``index_entries`` set by hand is a fixed size on top)."""
     from sglang.srt.arg_groups.overrides import attention_backends_of
 
     if attention_backends_of(kvc.server_args)[1] != BACKEND_NAME or not cell_size:

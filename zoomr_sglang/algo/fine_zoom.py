@@ -13,19 +13,20 @@ queries:
   over layers and query heads, stay for the next step; the rest of the budget goes to them.
 
 So a page zoomed into on a bound's promise keeps only the tokens that proved to matter, and the
-next pages take the freed room. Both levels read the keys of the positions :meth:`watch` lists
-(the attended ones and the pages completed since the last step): an observing step runs eagerly.
+next pages take the freed room. :meth:`FineZoom.stages` says this as ranked units for the shared
+budget step (``Policy.fill``). Both levels read the keys of the positions :meth:`watch` lists (the
+attended ones and the pages completed since the last step): an observing step runs eagerly.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, attention_weights, page_ranges
-from zoomr_sglang.algo.policy_base import mask_to_ranges, recent_fill
+from zoomr_sglang.algo.policy_base import Stage, range_mask, token_units
 from zoomr_sglang.algo.working_set import Range, as_range_array, merge_ranges
 
 PAGE_SHARE = 4  # 1 / PAGE_SHARE of the budget is kept for pages the bounds newly point at
@@ -41,42 +42,28 @@ class FineZoom:
         self.weights = torch.zeros(0, dtype=torch.float64)  # [positions] last observed step's sums (CPU)
         self.new_pages: Range = (0, 0)  # positions of the pages whose bounds this step adds
 
-    def fill(self, base: List[Range], seq_len: int, budget: int, window_cap: int) -> np.ndarray:
-        """``base`` (what the policy keeps, window included) + the tokens and pages the last step
-        chose, within ``budget``; the recent window grows into what is left (at most ``window_cap``
-        tokens back). Asks this step's queries to vote for the pages still outside."""
+    def stages(self, seq_len: int, budget: int) -> Tuple[Stage, Stage, Stage]:
+        """What fills the budget after the skeleton and the window, in order: the tokens the last
+        step attended most (until all but :data:`PAGE_SHARE`'s share of the budget is used), the
+        pages the last vote chose (whole), then more of those tokens."""
         if self.observing is not None:  # the last step's layers are all done: its sums are final
             self.weights, self.observing = self.observing.cpu(), None
-        keep = torch.zeros(seq_len, dtype=torch.bool)
-        for start, end in base:
-            keep[start:end] = True
-        page_room = budget // PAGE_SHARE
         weights = torch.zeros(seq_len, dtype=torch.float64)
         weights[: min(seq_len, self.weights.numel())] = self.weights[:seq_len]
         ranked = torch.argsort(weights, descending=True, stable=True)
-        ranked = ranked[weights[ranked] > 0]  # attended at the last step
-        self._take(keep, ranked, budget - page_room)
-        for start, end in page_ranges(self.scorer.ranking()):
-            if end <= seq_len and int(keep.sum()) + int((~keep[start:end]).sum()) <= budget:
-                keep[start:end] = True
-        self._take(keep, ranked, budget)
-        ranges = as_range_array(recent_fill(mask_to_ranges(keep), seq_len, budget, window_cap))
-        complete = seq_len // QUEST_PAGE_SIZE
-        covered = torch.zeros(seq_len, dtype=torch.bool)  # the final ranges hold every kept position
-        for start, end in ranges.tolist():
-            covered[start:end] = True
-        outside = ~covered[: complete * QUEST_PAGE_SIZE].reshape(complete, QUEST_PAGE_SIZE).all(dim=1)
-        self.scorer.ask(torch.nonzero(outside).flatten(), max(1, page_room // QUEST_PAGE_SIZE))
-        self.attended = ranges
-        return ranges
+        tokens = token_units(ranked[weights[ranked] > 0].numpy())  # attended at the last step, most first
+        pages = [page for page in self.scorer.ranking() if (page + 1) * QUEST_PAGE_SIZE <= seq_len]
+        return (Stage(tokens, whole=False, limit=budget - budget // PAGE_SHARE),
+                Stage(as_range_array(page_ranges(pages))), Stage(tokens, whole=False))
 
-    @staticmethod
-    def _take(keep: torch.Tensor, ranked: torch.Tensor, limit: int) -> None:
-        """Keep the first of ``ranked`` not yet kept until ``keep`` holds ``limit`` positions."""
-        room = limit - int(keep.sum())
-        if room > 0:
-            fresh = ranked[~keep[ranked]]
-            keep[fresh[:room]] = True
+    def attends(self, ranges: np.ndarray, seq_len: int, budget: int) -> None:
+        """This step attends ``ranges`` ``[n, 2]`` (within ``seq_len``): its queries vote for the
+        complete pages still outside, and :meth:`observe` sums the attention over ``ranges``."""
+        complete = seq_len // QUEST_PAGE_SIZE
+        covered = range_mask(ranges, seq_len)[: complete * QUEST_PAGE_SIZE]
+        outside = ~covered.reshape(complete, QUEST_PAGE_SIZE).all(axis=1)
+        self.scorer.ask(torch.from_numpy(np.flatnonzero(outside)), max(1, budget // PAGE_SHARE // QUEST_PAGE_SIZE))
+        self.attended = ranges
 
     def watch(self, seq_len: int) -> List[Range]:
         """Positions whose keys :meth:`observe` needs this step: the attended ones and the pages

@@ -1,8 +1,8 @@
 """The working-set policies the server serves: which KV positions one request attends at one step.
 
 One small class per method behind one interface (the kvpress idea); each says only what it keeps
-and in which order it wants its units (thoughts, pages, tokens), and one shared step,
-:func:`fill_budget`, turns that into a working set within the budget:
+and its units (thoughts, pages, tokens) in rank order (``Policy.rank_units``), and one shared
+step, ``Policy.fill``, turns that into a working set within the budget:
 
 =========== ==================================================================================
 full        every position (dense attention)
@@ -14,7 +14,7 @@ The research baselines (streaming, sumr, h2o, quest, zoomr_pages, oracle, random
 repository's ``testbed/`` and register only when a setting names one (``policy_registry``).
 
 ``budget`` is the most KV tokens a request may attend per step (0: unbounded). With a budget every
-policy keeps what it cannot do without (its sinks, the last :data:`MIN_WINDOW` tokens and, for the
+policy keeps what it cannot do without (its sinks, the last ``MIN_WINDOW`` tokens and, for the
 thought policies, the prompt and the summaries), then fills the budget in its own order; the
 recent window is shrunk before anything else is dropped and grows into whatever is left. With no
 budget, ``zoomr`` is the paper's working set (the open thought attended whole).
@@ -28,19 +28,22 @@ search, not a pass over every thought.
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 
 from zoomr_sglang.algo.fine_zoom import FineZoom
-from zoomr_sglang.algo.policy_base import Policy, StepView, fill_budget, recent_fill
-from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, merge_ranges, with_tail
+from zoomr_sglang.algo.policy_base import Filled, Policy, Ranking, Stage, StepView
+from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, with_tail
 
 __all__ = ["SERVED_POLICIES", "FullPolicy", "Policy", "StepView", "ThoughtPolicy", "ZoomRPolicy"]
 
 
 class FullPolicy(Policy):
+    """Dense attention: no budget applies, so it ranks nothing (its step stays one array)."""
+
     name = "full"
 
     def working_set(self, view: StepView) -> np.ndarray:
@@ -99,17 +102,10 @@ class ThoughtPolicy(Policy):
 
     def working_set_parts(self, view: StepView) -> Tuple[np.ndarray, int]:
         self._update_skeleton(view)
-        zoomed = self.zoomed_thoughts(view)
         if view.budget:
-            spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in zoomed]
-            cap = view.seq_len if view.window_cap is None else view.window_cap
-            skeleton = [(start, min(end, view.seq_len)) for start, end in self._skeleton if start < view.seq_len]
-            # The open thought's first tokens say what it is doing; without a budget it is attended whole.
-            head_end = min(view.open_from + view.thought_sink, view.seq_len)
-            if head_end > view.open_from:
-                skeleton = merge_ranges([*skeleton, (view.open_from, head_end)])
             self._cut_from = None
-            return self.fill(view, skeleton, spans, cap), view.seq_len
+            return super().working_set(view), view.seq_len  # rank_units, then the shared fill
+        zoomed = self.zoomed_thoughts(view)
         key = (self._closed, tuple(zoomed))
         if key != self._static_key:
             spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in zoomed]
@@ -145,9 +141,16 @@ class ThoughtPolicy(Policy):
         upper = starts[below] if below < len(starts) else float("inf")
         return (ends[below - 1] if below else -1), upper, self._static[:below], None
 
-    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
-        """Within a budget: the skeleton, the window, the zoomed thoughts whole while they fit."""
-        return fill_budget(skeleton, view.seq_len, view.budget, min(view.window, cap), spans, cap)
+    def rank_units(self, view: StepView) -> Ranking:
+        """Within a budget: keeps the skeleton, then a window, the zoomed thoughts whole in their
+        order while they fit, and the window grows (never past ``view.window_cap``)."""
+        cap = view.seq_len if view.window_cap is None else view.window_cap
+        skeleton = [(start, min(end, view.seq_len)) for start, end in self._skeleton if start < view.seq_len]
+        # The open thought's first tokens say what it is doing; without a budget it is attended whole.
+        skeleton.append((view.open_from, min(view.open_from + view.thought_sink, view.seq_len)))
+        spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in self.zoomed_thoughts(view)]
+        return Ranking(keep=skeleton, window=min(view.window, cap), stages=(Stage(as_range_array(spans)),),
+                       window_cap=cap)
 
     def zoomed_thoughts(self, view: StepView) -> Sequence[int]:
         return view.zoomed
@@ -158,7 +161,8 @@ class ZoomRPolicy(ThoughtPolicy):
 
     Under a budget, once thoughts have closed without any summary (a model that writes none) and
     ``view.zoom_pages`` allows it, the budget left by the skeleton and the window goes to pages and
-    tokens instead of whole thoughts (:class:`FineZoom`); such steps observe every layer's query.
+    tokens instead of whole thoughts (:class:`FineZoom`'s stages); such steps observe every layer's
+    query.
     Not for requests the host tier manages (``view.window_cap``): it moves whole thoughts."""
 
     name = "zoomr"
@@ -171,11 +175,17 @@ class ZoomRPolicy(ThoughtPolicy):
     def zooms_fine(self, view: StepView) -> bool:
         return bool(view.budget) and view.zoom_pages and view.window_cap is None and self.implicit_only
 
-    def fill(self, view: StepView, skeleton: List[Range], spans: List[Range], cap: int) -> np.ndarray:
+    def rank_units(self, view: StepView) -> Ranking:
+        """As the thought policies, or, zooming fine, the same skeleton and window with the fine
+        levels' stages (tokens, pages, tokens) in place of the thoughts."""
+        ranking = super().rank_units(view)
         if not self.zooms_fine(view):
-            return super().fill(view, skeleton, spans, cap)
-        base = recent_fill(skeleton, view.seq_len, view.budget, min(view.window, cap))
-        return self.fine.fill(base, view.seq_len, view.budget, cap)
+            return ranking
+        return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget))
+
+    def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
+        if self.zooms_fine(view):
+            self.fine.attends(filled.ranges, view.seq_len, view.budget)
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
         return self.fine.watch(view.seq_len) if self.zooms_fine(view) else None

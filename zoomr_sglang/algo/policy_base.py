@@ -1,20 +1,24 @@
 """What every working-set policy shares: the view of a step, the interface, and the budget step.
 
-A policy says only what it keeps and in which order it wants its units (thoughts, pages, tokens);
-:func:`fill_budget`, the one step all of them share, turns that into a working set within the
-budget. See ``policies.py`` for the methods.
+A policy says only what it keeps and its units (thoughts, pages, tokens) in rank order, a
+:class:`Ranking` (:meth:`Policy.rank_units`); :meth:`Policy.fill`, the one step all of them share,
+turns that into a working set within the budget (kvpress's ScorerPress shape: a press scores, the
+base class keeps). See ``policies.py`` for the methods.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import ClassVar, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from zoomr_sglang.algo.segmentation import Thought
-from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, as_range_array, merge_ranges, ranges_size
+from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, as_range_array
+
+UNBOUNDED = sys.maxsize  # the budget of a view without one (``view.budget == 0``)
 
 
 @dataclass
@@ -44,70 +48,118 @@ class StepView:
     zoom_pages: bool = False
 
 
-def recent_fill(fixed: Sequence[Range], seq_len: int, budget: int, max_window: int) -> List[Range]:
-    """``fixed`` plus the longest recent window ``[seq_len - w, seq_len)``, ``w <= max_window``,
-    that keeps the union within ``budget`` tokens (``w >= MIN_WINDOW`` whatever the budget).
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """Units in rank order, taken while the working set holds at most ``limit`` positions (None:
+    the budget).
 
-    Positions already in ``fixed`` cost nothing, so the window walks back over them for free.
-    """
-    fixed = merge_ranges(fixed)
-    free = budget - ranges_size(fixed)
-    start = lowest = max(0, seq_len - max_window)
-    for gap_start, gap_end in reversed(_gaps(fixed, lowest, seq_len)):
-        if free < gap_end - gap_start:
-            start = gap_end - max(free, 0)
-            break
-        free -= gap_end - gap_start
-    start = min(start, max(0, seq_len - MIN_WINDOW))
-    return merge_ranges([*fixed, (start, seq_len)])
+    units: ``[n, 2]`` int64 ranges, best first: thoughts, pages, or single tokens
+    (:func:`token_units`). whole: a unit is taken whole or not at all, and the next ones are still
+    tried; False (tokens): the positions of each unit that are not kept yet, in order, as many as
+    fit (the units must not overlap)."""
+
+    units: np.ndarray
+    whole: bool = True
+    limit: Optional[int] = None
 
 
-def _gaps(fixed: Sequence[Range], lo: int, hi: int) -> List[Range]:
-    """Parts of [lo, hi) outside the sorted disjoint ranges ``fixed``."""
-    gaps, cursor = [], lo
-    for start, end in fixed:
-        if end <= cursor:
-            continue
-        if start >= hi:
-            break
-        if start > cursor:
-            gaps.append((cursor, min(start, hi)))
-        cursor = max(cursor, end)
-    if cursor < hi:
-        gaps.append((cursor, hi))
-    return gaps
+@dataclass(frozen=True)
+class Ranking:
+    """What a policy asks of :meth:`Policy.fill`: ``keep``, ranges attended whatever the budget
+    (the fill adds the sinks and the last :data:`MIN_WINDOW` tokens); ``window``, the recent window
+    wanted before any unit (shrunk first when the budget is short); ``stages`` of ranked units;
+    ``window_cap``, how far back the window grows into what the units leave."""
+
+    keep: Sequence[Range] = ()
+    window: int = 0
+    stages: Sequence[Stage] = ()
+    window_cap: int = 0
 
 
-def add_within_budget(base: Sequence[Range], extras: Sequence[Range], budget: int) -> List[Range]:
-    """``base`` plus each of ``extras`` in order, whole, while the union stays within ``budget``."""
-    chosen = merge_ranges(base)
-    for extra in extras:
-        trial = merge_ranges([*chosen, extra])
-        if ranges_size(trial) <= budget:
-            chosen = trial
-    return chosen
+class Filled(NamedTuple):
+    """What :meth:`Policy.fill` made: ``ranges`` ``[n, 2]`` int64, the working set, and ``reached``,
+    bool masks over positions (at least ``seq_len`` long) of what was kept after the keep and the
+    first window (``reached[0]``), then after each stage (``reached[i]``, stage ``i - 1``)."""
+
+    ranges: np.ndarray
+    reached: List[np.ndarray]
 
 
-def fill_budget(fixed: Sequence[Range], seq_len: int, budget: int, first_window: int, units: Sequence[Range],
-                window_cap: int) -> np.ndarray:
-    """The step every bounded policy shares: what it keeps (``fixed``), a recent window of at most
-    ``first_window``, each of its ``units`` whole in its order while they fit, then the window grows
-    into what is left, never further back than ``window_cap`` tokens."""
-    base = recent_fill(fixed, seq_len, budget, first_window)
-    return as_range_array(recent_fill(add_within_budget(base, units, budget), seq_len, budget, window_cap))
+def token_units(positions: np.ndarray) -> np.ndarray:
+    """``[n, 2]`` one-token units of ``positions [n]`` (int64), in their order."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return np.stack([positions, positions + 1], axis=1)
+
+
+def range_positions(ranges: np.ndarray) -> np.ndarray:
+    """int64 positions of the ``[n, 2]`` ranges, range by range, each ascending (empty ones add none)."""
+    starts, ends = ranges[:, 0], ranges[:, 1]
+    lengths = np.maximum(ends - starts, 0)
+    # Range i's j-th position is starts[i] + j, and it comes after the lengths of ranges 0..i-1.
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+
+
+def range_mask(ranges: np.ndarray, length: int) -> np.ndarray:
+    """bool ``[length]``: True inside any of the ``[n, 2]`` ranges (ending at most at ``length``)."""
+    mask = np.zeros(length, dtype=bool)
+    if len(ranges) <= 32:  # one slice each costs less than the vectorized form's fixed cost
+        for start, end in ranges.tolist():
+            mask[start:end] = True
+    else:
+        mask[range_positions(ranges)] = True
+    return mask
+
+
+def mask_ranges(mask: np.ndarray) -> np.ndarray:
+    """``[n, 2]`` int64 ranges of the True runs of a 1-D bool mask, ascending."""
+    padded = np.concatenate(([False], mask, [False]))
+    return np.flatnonzero(padded[1:] != padded[:-1]).astype(np.int64).reshape(-1, 2)
 
 
 def mask_to_ranges(mask: torch.Tensor) -> List[Range]:
-    """Ranges of the True runs of a 1-D bool mask, ascending."""
-    if mask.numel() == 0:
-        return []
-    padded = torch.cat([torch.zeros(1, dtype=torch.int8), mask.to(torch.int8).cpu(), torch.zeros(1, dtype=torch.int8)])
-    edges = torch.nonzero(padded[1:] - padded[:-1]).flatten().tolist()
-    return list(zip(edges[0::2], edges[1::2]))
+    """:func:`mask_ranges` of a 1-D torch bool mask, as ``(start, end)`` pairs."""
+    return [tuple(r) for r in mask_ranges(mask.cpu().numpy()).tolist()]
+
+
+def _grow_window(kept: np.ndarray, count: int, seq_len: int, budget: int, max_window: int) -> int:
+    """Adds to ``kept`` (``count`` True) the longest recent window ``[seq_len - w, seq_len)``,
+    ``w <= max_window``, that keeps it within ``budget`` (``w >= MIN_WINDOW`` whatever the budget);
+    positions kept already cost nothing, so the window walks back over them for free. Returns the
+    new count."""
+    free = max(budget - count, 0)
+    lowest = max(0, seq_len - max_window)
+    # The last count + free + 1 positions hold more than ``free`` unkept ones: no need to look further.
+    search_from = max(lowest, seq_len - (count + free + 1))
+    unkept = np.flatnonzero(~kept[search_from:seq_len])
+    start = lowest if len(unkept) <= free else search_from + int(unkept[len(unkept) - free - 1]) + 1
+    start = min(start, max(0, seq_len - MIN_WINDOW))
+    added = int(np.count_nonzero(~kept[start:seq_len]))
+    kept[start:seq_len] = True
+    return count + added
+
+
+def _take(kept: np.ndarray, count: int, stage: Stage, limit: int) -> int:
+    """Adds ``stage``'s units to the bool mask ``kept`` (``count`` True) while it holds at most
+    ``limit`` positions; returns the new count."""
+    if stage.whole:
+        for start, end in stage.units.tolist():
+            fresh = end - start - int(np.count_nonzero(kept[start:end]))
+            if end > start and count + fresh <= limit:
+                kept[start:end] = True
+                count += fresh
+        return count
+    room = limit - count
+    if room <= 0 or len(stage.units) == 0:
+        return count
+    positions = range_positions(stage.units)
+    fresh = positions[~kept[positions]][:room]
+    kept[fresh] = True
+    return count + len(fresh)
 
 
 class Policy:
-    """One request's working-set rule. Subclasses set ``name`` and override what they need."""
+    """One request's working-set rule. Subclasses set ``name``, say what they keep and how they rank
+    their units (:meth:`rank_units`), and override what else they need."""
 
     name: ClassVar[str]
     thought_level: ClassVar[bool] = False  # attends whole thoughts: the host tier may offload the rest
@@ -117,7 +169,36 @@ class Policy:
         self.num_thoughts = num_thoughts
 
     def working_set(self, view: StepView) -> np.ndarray:
+        """Sorted disjoint ``[n, 2]`` int64 position ranges: :meth:`rank_units`, then :meth:`fill`."""
+        ranking = self.rank_units(view)
+        filled = self.fill(view, ranking)
+        self.after_fill(view, ranking, filled)
+        return filled.ranges
+
+    def rank_units(self, view: StepView) -> Ranking:
+        """What this policy keeps and its units in rank order at this step."""
         raise NotImplementedError
+
+    def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
+        """What the policy learns from the set it got (e.g. which pages to score for the next step)."""
+
+    def fill(self, view: StepView, ranking: Ranking) -> Filled:
+        """The budget step every policy shares: the sinks, ``ranking.keep`` and a recent window of at
+        most ``ranking.window`` tokens (shrunk first, never under :data:`MIN_WINDOW`); then each
+        stage's units in rank order while the set holds at most the stage's limit; then the window
+        grows into what is left, at most ``ranking.window_cap`` tokens back. Without a budget it
+        attends everything the ranking names."""
+        seq_len, budget = view.seq_len, view.budget or UNBOUNDED
+        keep = as_range_array([(0, min(view.sink, seq_len)), *ranking.keep])
+        ends = [int(ranges[:, 1].max()) for ranges in (keep, *(s.units for s in ranking.stages)) if len(ranges)]
+        kept = range_mask(keep, max(seq_len, *ends))
+        count = _grow_window(kept, int(np.count_nonzero(kept)), seq_len, budget, ranking.window)
+        reached = [kept.copy()]
+        for stage in ranking.stages:
+            count = _take(kept, count, stage, budget if stage.limit is None else stage.limit)
+            reached.append(kept.copy())
+        _grow_window(kept, count, seq_len, budget, ranking.window_cap)
+        return Filled(mask_ranges(kept), reached)
 
     def working_set_parts(self, view: StepView) -> Tuple[np.ndarray, int]:
         """The working set as ``(fixed, tail_from)``: the ranges ``fixed`` ``[n, 2]``, then

@@ -2,8 +2,9 @@
 
 SGLang charges a running request the output it may still write (``max_new_tokens`` minus its
 output) and a new one its whole ``max_new_tokens``. With the host tier on, a request's device
-footprint is its working set plus its summaries, not its output. ``ZOOMR_ADMISSION`` chooses
-what is charged instead (the hooks in ``host_tier_hooks.py`` apply it; docs/host-tier.md):
+footprint is its working set plus its summaries, not its output. The ``admission`` key of
+``ZOOMR_CONFIG`` chooses what is charged instead (``host_tier_hooks.ZoomRPrefillBudget``, SGLang's
+prefill budget, applies it; docs/host-tier.md):
 
 - ``observed`` (default): the growth expected from what the request really keeps: its summaries
   at the share they took so far, plus SGLang's ``new_token_ratio`` (its own over-admission

@@ -85,7 +85,7 @@ class ZoomRController:
 
     def plan_capture(self, batch_size: int) -> None:
         """A CUDA-graph capture batch: no request, ``batch_size`` padding lanes (see ``load``)."""
-        self.next_plan = self.planner.empty_plan()
+        self.next_plan = HostPlan.empty()
 
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor, scaling: float) -> None:
         """Per layer, after its KV write: index keys and votes (graph-safe), then the baselines'
@@ -110,8 +110,7 @@ class ZoomRController:
         """The request in ``row`` left the pool (finished, aborted or retracted)."""
         if self.tiering is not None:
             self.tiering.release_row(row)
-        state = self.planner.release_state(row)
-        self.planner.forget_request(row)
+        state = self.planner.release_row(row)
         if state is None or state.stats.rid is None or self.config.stats_history == 0:
             return
         self.finished[state.stats.rid] = state.stats.as_dict()
@@ -177,7 +176,7 @@ class ZoomRController:
         self.tiering.host.free(host_slots)
 
     def release_all(self) -> None:
-        for row in set(self.planner.requests) | set(self.planner.states):
+        for row in list(self.planner.records.by_row):
             self.release_row(row)
 
     def metric_values(self) -> dict:

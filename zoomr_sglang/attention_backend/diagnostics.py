@@ -1,6 +1,6 @@
 """Checks of a decode step's outputs against dense references (eager steps only).
 
-Self-check steps (``ZOOMR_SELF_CHECK_INTERVAL``): the largest error of each request's output
+Self-check steps (``self_check_interval`` in ``ZOOMR_CONFIG``): the largest error of each request's output
 against a float64 masked dense reference over the same working set. Requests with
 ``zoomr_fidelity``: the share of the dense (whole-sequence) attention mass the working set covers,
 averaged over heads, and ``||output - dense|| / ||dense||``. Both loop over requests in Python:

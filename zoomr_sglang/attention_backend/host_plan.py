@@ -1,9 +1,11 @@
-"""A decode step as the host plans it (:class:`HostPlan`) and the packing of its ranges.
+"""A decode step as the host plans it (:class:`HostPlan`) and the packing of its ranges: the last
+stage of the planner's pipeline.
 
 A request attends ranges that change little from step to step (a policy's fixed ranges, until a
 thought closes or the selection changes) plus a recent tail that grows by one token. The planner
-keeps each request's fixed ranges packed (:func:`request_block`) and builds the batch's ranges from
-those blocks and the tails in a handful of numpy calls (:class:`BatchRanges`).
+keeps each request's fixed ranges packed (:func:`request_block`), collects what each request adds
+to the step (:class:`StepLists`) and builds the batch's ranges from the blocks and the tails in a
+handful of numpy calls (:class:`BatchRanges`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,6 +53,14 @@ class HostPlan:
     fidelity_rows: List[int] = field(default_factory=list)  # batch indices measuring zoomr_fidelity
     failed: List[Tuple[object, str]] = field(default_factory=list)  # (Req, message): requests to abort
 
+    @staticmethod
+    def empty() -> "HostPlan":
+        """A step with no request (a CUDA-graph capture batch is all padding)."""
+        return HostPlan(rows=[], seq_lens=[], states=[], kv_indptr=torch.zeros(1, dtype=torch.int32),
+                        ranges=np.zeros((0, 4), dtype=np.int64), commits=np.zeros((0, 3), dtype=np.int64),
+                        fresh_entries=[], new_candidates=np.zeros((0, 5), dtype=np.int64),
+                        votes=np.zeros((0, 4), dtype=np.int64))
+
     @property
     def batch_size(self) -> int:
         return len(self.rows)
@@ -81,6 +91,47 @@ def request_block(row: int, fixed: np.ndarray) -> Tuple[np.ndarray, int]:
 def table(flat: List[int], width: int) -> np.ndarray:
     """``[len(flat) // width, width]`` int64 of the row-major values ``flat``."""
     return np.array(flat, dtype=np.int64).reshape(-1, width)
+
+
+class StepLists:
+    """What a step's requests add to its plan, flat, in batch order (the fields' widths are
+    :class:`HostPlan`'s): index commits, fresh entries, new candidates, vote rows, observers,
+    failures, and per request its block of fixed ranges, its tail and its ``kv_indptr`` entry (the
+    planner's loop appends those in line, :meth:`StepPlanner.plan`)."""
+
+    __slots__ = ("commits", "fresh", "new_candidates", "votes", "observers", "failed", "blocks", "tails", "indptr")
+
+    def __init__(self) -> None:
+        self.commits: List[int] = []
+        self.fresh: List[int] = []
+        self.new_candidates: List[int] = []
+        self.votes: List[int] = []
+        self.observers: List[Tuple[int, RequestState, np.ndarray]] = []
+        self.failed: List[Tuple[object, str]] = []
+        self.blocks: List[np.ndarray] = []
+        self.tails: List[int] = []  # (row, start, length, output offset) per tail, flat
+        self.indptr = [0]  # a request's ranges start at its entry
+
+    def drop(self, batch_index: int, row: int) -> None:
+        """Forget what the request at ``batch_index`` (in ``row``) added: its planning raised part
+        way. Its entries are the last ones of its row (a row is in a batch once); its fresh index
+        entries stay (zeroed; freed with its state)."""
+        for flat, width in ((self.commits, 3), (self.new_candidates, 5), (self.tails, 4)):
+            flat[:] = [v for start in range(0, len(flat), width) if flat[start] != row
+                       for v in flat[start:start + width]]
+        self.observers[:] = [o for o in self.observers if o[0] != batch_index]
+        del self.votes[4 * batch_index:], self.blocks[batch_index:], self.indptr[batch_index + 1:]
+
+    def plan(self, rows: List[int], seq_lens: Sequence[int], states: List[RequestState],
+             batch_ranges: "BatchRanges", self_check: bool, fidelity_rows: List[int]) -> HostPlan:
+        """The step's :class:`HostPlan`: the lists as tables, the ranges packed by ``batch_ranges``."""
+        kv_indptr = np.array(self.indptr, dtype=np.int32)
+        return HostPlan(
+            rows=rows, seq_lens=list(seq_lens), states=states, kv_indptr=torch.from_numpy(kv_indptr),
+            ranges=batch_ranges(self.blocks, kv_indptr, self.tails), commits=table(self.commits, 3),
+            fresh_entries=self.fresh, new_candidates=table(self.new_candidates, 5), votes=table(self.votes, 4),
+            observers=self.observers, self_check=self_check, fidelity_rows=fidelity_rows, failed=self.failed,
+        )
 
 
 class BatchRanges:

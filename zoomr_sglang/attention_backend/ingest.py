@@ -29,6 +29,7 @@ class TokenIngest:
                                           summary_end=config.summary_end, sentence_ends=config.sentence_ends)
         self.refresh_tokens = refresh_token_mask(self.token_markers)
         self.token_flags, self.interval = self.token_markers.flags, config.refresh_interval  # read per token
+        self.not_quiet = TokenMarkers.REFRESH | TokenMarkers.MARKER  # flags a quiet token has none of
 
     def segmenter(self, first_position: int) -> ThoughtSegmenter:
         """A new request's segmenter, starting at ``first_position``."""
@@ -72,7 +73,7 @@ class TokenIngest:
         position, prompt = end - 1, req.origin_input_ids
         token = prompt[position] if position < len(prompt) else req.output_ids[position - len(prompt)]
         flags = self.token_flags[token] if 0 <= token < len(self.token_flags) else 0
-        if flags & (TokenMarkers.REFRESH | TokenMarkers.MARKER):
+        if flags & self.not_quiet:
             return False
         state.segmenter.extend_body(flags, position)
         commits += (state.row, position, entry)

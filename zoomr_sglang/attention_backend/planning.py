@@ -1,5 +1,11 @@
 """The host half of a decode step: from SGLang's host view of the batch to a :class:`HostPlan`.
 
+Each request's step is a pipeline: ingest (its new tokens into its segmenter: index commits,
+closed thoughts, refreshes, :mod:`ingest`) -> move KV (the host tier's copies, :mod:`tiering`) ->
+select (its policy's working set) -> pack (its ranges into the step's lists, :mod:`host_plan`);
+then the batch's plan is packed. What the planner keeps per pool row is one record
+(:mod:`request_rows`).
+
 Runs once per decode step, before the forward (``ModelRunner.forward``'s hook), and reads nothing
 from the device: the batch's request ids and host sequence lengths, and each request's tokens from
 SGLang's own ``Req`` (``origin_input_ids`` + ``output_ids``). Under the overlap scheduler those lag
@@ -27,17 +33,17 @@ steps to what full steps plan.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.working_set import with_tail
-from zoomr_sglang.attention_backend.host_plan import BatchRanges, HostPlan, request_block, table
+from zoomr_sglang.attention_backend.host_plan import BatchRanges, HostPlan, StepLists, request_block
 from zoomr_sglang.attention_backend.ingest import TokenIngest
 from zoomr_sglang.attention_backend.prompt_reasoning import PromptReasoning, prompt_reasoning
+from zoomr_sglang.attention_backend.request_rows import RowRecord, RowRecords
 from zoomr_sglang.attention_backend.request_state import RequestState, hash_seed
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
 from zoomr_sglang.config import RequestSettings, ZoomRConfig, request_settings
@@ -48,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 
 class StepPlanner:
-    """Every running request's :class:`RequestState`, fed and planned once per decode step."""
+    """Every running request's record (:class:`RowRecord`), fed and planned once per decode step."""
 
     def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool,
                  index_keys: IndexKeyStore, max_candidates: int,
@@ -59,36 +65,29 @@ class StepPlanner:
         self.index_keys = index_keys
         self.max_candidates = max_candidates
         self.tiering = tiering
-        self.states: Dict[int, RequestState] = {}  # pool row -> state
-        self.requests: Dict[int, Tuple[int, object, RequestSettings]] = {}  # row -> (generation, Req, settings)
-        self.rows_by_rid: Dict[str, int] = {}
-        self.prompt_reasoning: Dict[int, PromptReasoning] = {}  # rows whose prompt holds reasoning
+        self.records = RowRecords()
+        self.states = self.records.states  # pool row -> RequestState of every request that has decoded
         self.index_entries_reused = 0  # index keys taken from the radix tree instead of recomputed
         self.over_bound_steps = 0  # request steps over their bound, all requests
         self.default_settings = request_settings(config, None)
         self.ingest = TokenIngest(config, token_texts, index_keys, max_candidates)
         self.fidelity_states = 0  # states measuring zoomr_fidelity (most steps have none)
-        self.rows_epoch = 0  # changes whenever a row's request or state does (see _batch)
-        self._last_batch: Optional[Tuple] = None  # (rows_epoch, rids, rows, reqs, states) of the last step
         self.decode_steps = 0
         self.batch_ranges = BatchRanges()
         self.quiet_steps = True  # plan steady requests from their tickets (tests turn it off to compare)
 
+    # -- requests -----------------------------------------------------------------------------
     def note_request(self, row: int, req, inheritance: Optional[Inheritance] = None) -> None:
         """A request took ``row`` (SGLang's row allocation): remember it and its settings (validated
         where the request entered; a bad value here falls back to the server's defaults rather
         than failing the batch) and what its radix-tree match inherits."""
         settings = self._settings_of(req)
-        self.rows_epoch += 1
-        self.requests[row] = (int(self.req_to_token_pool.req_generation[row]), req, settings)
-        self.rows_by_rid[req.rid] = row
         reasoning = (prompt_reasoning(req, self.config, self.token_texts, inheritance)
                      if policy_class(settings.policy).thought_level else None)
-        self.prompt_reasoning.pop(row, None)
-        if reasoning is not None:
-            self.prompt_reasoning[row] = reasoning
-            if reasoning.inheritance is not None and self.tiering is not None:
-                self.tiering.adopt(row, reasoning.inheritance.cold)
+        generation = int(self.req_to_token_pool.req_generation[row])
+        self.records.note(row, RowRecord(generation, req, settings, reasoning))
+        if reasoning is not None and reasoning.inheritance is not None and self.tiering is not None:
+            self.tiering.adopt(row, reasoning.inheritance.cold)
 
     def _settings_of(self, req) -> RequestSettings:
         try:
@@ -98,8 +97,8 @@ class StepPlanner:
 
     def tree_floor(self, row: int) -> Optional[int]:
         """While the request in ``row`` runs, SGLang's radix tree may take its positions below this."""
-        reasoning = self.prompt_reasoning.get(row)
-        return None if reasoning is None else reasoning.tree_floor
+        record = self.records.by_row.get(row)
+        return None if record is None or record.reasoning is None else record.reasoning.tree_floor
 
     def accepts_holes(self, req) -> bool:
         """Whether ``req`` can take a prompt prefix whose cold thoughts are in the host tier only."""
@@ -112,31 +111,77 @@ class StepPlanner:
             return False
         return not 0 < len(req.origin_input_ids) + req.sampling_params.max_new_tokens <= settings.budget
 
+    def _new_state(self, row: int, seq_len: int, new_candidates: List[int]) -> RequestState:
+        """The state of the request now in ``row`` (replacing a former request's); its inherited
+        candidates go flat into ``new_candidates``."""
+        record = self.records.by_row[row]
+        if record.state is not None:
+            self._drop_state(row)
+        # The token decoded in a request's first decode step is its first generated token; a prompt
+        # that holds reasoning is segmented from where it starts (or where the inherited part ends).
+        first_position = seq_len - 1
+        config, req, settings = self.config, record.req, record.settings
+        reasoning = record.reasoning or PromptReasoning(first_position, first_position, first_position)
+        state = RequestState(row=row, generation=record.generation, rid=req.rid, prompt_len=reasoning.reasoning_start,
+                             segmenter=self.ingest.segmenter(reasoning.segment_from), settings=settings,
+                             num_thoughts=config.num_thoughts, seed=hash_seed(req.rid, row, record.generation),
+                             own_from=reasoning.own_from,
+                             tier=self.tiering.tier_of(row) if self._tierable(req, settings) else None,
+                             zoomr_bound=config.working_set_bound(reasoning.reasoning_start, 0))
+        if reasoning.inheritance is not None:
+            added = state.inherit(reasoning.inheritance, self.index_keys, self.max_candidates)
+            for candidate in added:
+                new_candidates += (row, *candidate)
+            self.index_entries_reused += len(added)
+        record.state = state
+        self.fidelity_states += state.fidelity
+        return state
+
+    def _drop_state(self, row: int) -> None:
+        """Forget the state in ``row`` (its request stays noted: its next step starts anew)."""
+        state = self.records.take_state(row)
+        if state is not None:
+            self._release(state)
+
+    def release_row(self, row: int) -> Optional[RequestState]:
+        """The request in ``row`` left: its record goes; returns its state (None if it never decoded)."""
+        record = self.records.pop(row)
+        state = None if record is None else record.state
+        if state is not None:
+            self._release(state)
+        return state
+
+    def _release(self, state: RequestState) -> None:
+        state.release(self.index_keys)
+        self.fidelity_states -= state.fidelity
+
+    # -- the step -----------------------------------------------------------------------------
     def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections) -> HostPlan:
         """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
-        ``selections``: the device votes that reached the host since the last step. Per request a
-        quiet step or a full one, then its tail, indptr entry and counters."""
+        ``selections``: the device votes that reached the host since the last step. Per request
+        ingest -> move KV -> select (a quiet step from its ticket, or a full one) -> pack, then
+        the batch's plan."""
         for state, chosen, agreement in selections:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
-        config, tiering = self.config, self.tiering
-        rows, reqs, states = self._batch(rids)
-        commits, fresh, new_candidates, votes, observers, failed = [], [], [], [], [], []
-        blocks, tails, indptr = [], [], [0]  # a request's ranges start at its indptr entry
+        rows, reqs, states = self.records.batch(rids)
+        step = StepLists()
+        blocks, tails, indptr = step.blocks, step.tails, step.indptr
         for batch_index, (row, req, seq_len) in enumerate(zip(rows, reqs, seq_lens)):
             try:
                 state = states[batch_index]
                 if state is None:
-                    state = states[batch_index] = self._new_state(row, seq_len, new_candidates)
+                    state = states[batch_index] = self._new_state(row, seq_len, step.new_candidates)
                 end = len(req.origin_input_ids) + len(req.output_ids)
                 if end >= seq_len:
-                    end = seq_len - 1
+                    end = seq_len - 1  # never the token being decoded (see the module docstring)
+                # ingest -> move KV -> select: from its ticket when the step is quiet, else in full
                 tail_from = -1
                 if state.ticket is not None and state.fed_until + 1 == end:
-                    tail_from = self._quiet_step(state, req, seq_len, end, commits, votes)
+                    tail_from = self._quiet_step(state, req, seq_len, end, step)
                 if tail_from < 0:
-                    tail_from = self._full_step(state, req, seq_len, end, batch_index, commits, fresh, new_candidates,
-                                                votes, observers)
+                    tail_from = self._full_step(state, req, seq_len, end, batch_index, step)
+                # pack (in line: every request of every step): its fixed ranges' block, then its tail
                 tail, fixed_end = seq_len - tail_from, indptr[-1] + state.packed_size
                 blocks.append(state.packed_block)
                 if tail > 0:
@@ -144,34 +189,13 @@ class StepPlanner:
                 else:
                     tail = 0
                 indptr.append(fixed_end + tail)
-                if state.record_step(state.packed_size + tail, seq_len, tiering.offloaded.get(row, 0) if state.tiered else 0):
+                if state.record_step(state.packed_size + tail, seq_len, state.tier.offloaded if state.tiered else 0):
                     self.over_bound_steps += 1
             except Exception as error:  # one request's failure fails that request, never the batch
-                # Its entries are the last ones of its row (a row is in a batch once); its index
-                # entries handed out stay in ``fresh`` (zeroed; freed with its state).
-                for flat, width in ((commits, 3), (new_candidates, 5), (tails, 4)):
-                    flat[:] = _without_row(flat, width, row)
-                observers[:] = [o for o in observers if o[0] != batch_index]
-                del votes[4 * batch_index:], blocks[batch_index:], indptr[batch_index + 1:]
-                self._fail(req, row, seq_len, error, votes, blocks, indptr)
-                failed.append((req, f"zoomr could not plan request {req.rid!r}: {type(error).__name__}: {error}"))
-        # A failed request's state was dropped: the next step looks the batch up again.
-        self._last_batch = None if failed else (self.rows_epoch, list(rids), rows, reqs, states)
-        self.decode_steps += 1
-        interval = config.self_check_interval
-        kv_indptr = np.array(indptr, dtype=np.int32)
-        return HostPlan(
-            rows=rows, seq_lens=list(seq_lens), states=states,
-            kv_indptr=torch.from_numpy(kv_indptr), ranges=self.batch_ranges(blocks, kv_indptr, tails), commits=table(commits, 3), fresh_entries=fresh,
-            new_candidates=table(new_candidates, 5), votes=table(votes, 4), observers=observers,
-            self_check=interval > 0 and self.decode_steps % interval == 0,
-            fidelity_rows=[i for i, state in enumerate(states) if state is not None and state.fidelity]
-            if self.fidelity_states else [],
-            failed=failed,
-        )
+                self._fail(step, batch_index, req, row, seq_len, error)
+        return self._pack_batch(step, rids, rows, reqs, seq_lens, states)
 
-    def _quiet_step(self, state: RequestState, req, seq_len: int, end: int, commits: List[int],
-                    votes: List[int]) -> int:
+    def _quiet_step(self, state: RequestState, req, seq_len: int, end: int, step: StepLists) -> int:
         """The common request step, planned from its ticket (set by its last full step) when the
         step's one new token extends the open thought's body, no refresh is due, the host tier has
         nothing to do and the policy's fixed ranges stay: the token's commit and the request's vote
@@ -182,26 +206,40 @@ class StepPlanner:
             cut = open_from
         if not lo < cut <= hi or end > body_limit or state.tokens_since_refresh + 1 >= self.ingest.interval:
             return -1
-        if quiet is not None and not self.tiering.quiet_holds(state.row, quiet, seq_len):
+        if quiet is not None and not state.tier.quiet_holds(quiet, seq_len):
             return -1
-        if not self.ingest.feed_quiet(state, req, end, entry, commits):
+        if not self.ingest.feed_quiet(state, req, end, entry, step.commits):
             return -1
-        votes += (state.row, state.votable, state.vote_kind, False)
+        step.votes += (state.row, state.votable, state.vote_kind, False)
         return cut if tail_from is None else tail_from
 
-    def _full_step(self, state: RequestState, req, seq_len: int, end: int, batch_index: int, commits: List[int],
-                   fresh: List[int], new_candidates: List[int], votes: List[int], observers: list) -> int:
-        """A request step in full: feed its new tokens, vote row, the host tier's moves, its working
-        set (packed into ``state.packed_block``), observers; then its ticket. Returns where its tail
-        starts."""
-        config, tiering, row = self.config, self.tiering, state.row
+    def _full_step(self, state: RequestState, req, seq_len: int, end: int, batch_index: int,
+                   step: StepLists) -> int:
+        """A request step in full, stage by stage, then its ticket. Returns where its tail starts."""
         # Keys of positions fed before this step were added to the index by an earlier step (the
         # device adds every commit in the step that plans it): a thought's KV may leave the
         # device only after its keys were read.
         committed = state.fed_until
-        host_vote = committed < end and self.ingest.feed(state, req, end, seq_len, commits, fresh, new_candidates)
-        votes += (row, state.votable, state.vote_kind, host_vote)
-        zoomed = tiering.prepare(state, seq_len, committed) if state.tiered else state.zoomed
+        # ingest: its new tokens (index commits, closed thoughts, refreshes), then its vote row
+        host_vote = committed < end and self.ingest.feed(state, req, end, seq_len, step.commits, step.fresh,
+                                                         step.new_candidates)
+        step.votes += (state.row, state.votable, state.vote_kind, host_vote)
+        # move KV: the host tier's copies; the selected thoughts on the device
+        zoomed = self.tiering.prepare(state, seq_len, committed) if state.tiered else state.zoomed
+        # select: the policy's working set, its fixed ranges packed once while they stay
+        fixed, tail_from = self._select(state, seq_len, zoomed, batch_index, step)
+        if state.packed_fixed is not fixed:
+            state.packed_fixed = fixed
+            state.packed_block, state.packed_size = request_block(state.row, fixed)
+        state.ticket = self._ticket(state)
+        return tail_from
+
+    def _select(self, state: RequestState, seq_len: int, zoomed: List[int], batch_index: int,
+                step: StepLists) -> Tuple[np.ndarray, int]:
+        """The policy's working set ``(fixed [n, 2], tail_from)`` over ``zoomed`` (the selected
+        thoughts on the device): a new view only when its inputs changed otherwise than by the
+        sequence length; a bounded step's observers."""
+        config = self.config
         # A bounded step always makes a view: its set depends on more than the sequence length.
         steady = (not (state.budget or state.view_stale)
                   and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
@@ -210,16 +248,11 @@ class StepPlanner:
             view = state.view(seq_len, config, zoomed, config.window if state.tiered else None)
             parts = state.policy.working_set_parts(view)
             state.view_stale, state.view_zoomed = False, zoomed
-        fixed, tail_from = parts
-        if state.packed_fixed is not fixed:
-            state.packed_fixed = fixed
-            state.packed_block, state.packed_size = request_block(row, fixed)
         if state.budget:  # only a bounded step observes (see Policy.observe_positions)
-            watched = state.policy.observe_positions(view, with_tail(fixed, tail_from, seq_len))
+            watched = state.policy.observe_positions(view, with_tail(*parts, seq_len))
             if watched is not None:
-                observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
-        state.ticket = self._ticket(state)
-        return tail_from
+                step.observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
+        return parts
 
     def _ticket(self, state: RequestState) -> Optional[tuple]:
         """What the request's quiet steps need (see ``RequestState.ticket``), if it may take them:
@@ -235,94 +268,34 @@ class StepPlanner:
             return None
         quiet = None
         if state.tiered:
-            quiet = self.tiering.quiet.get(state.row)
+            quiet = state.tier.quiet
             if quiet is None or quiet[0] is not state.zoomed or quiet[1] != len(state.pending_eviction):
                 return None
         return (*cuts, body_limit, entry, quiet)
 
-    def _fail(self, req, row: int, seq_len: int, error: Exception, votes: List[int], blocks: list,
-              indptr: List[int]) -> None:
-        """This step of a request whose planning raised: it attends every position (its last step:
-        SGLang finishes it with the error, see ``HostPlan.failed``), votes for nothing, and its
-        state is dropped (the next step it may still take, under the overlap scheduler, starts anew)."""
+    def _fail(self, step: StepLists, batch_index: int, req, row: int, seq_len: int, error: Exception) -> None:
+        """This step of a request whose planning raised: what it added so far goes, it attends every
+        position (its last step: SGLang finishes it with the error, see ``HostPlan.failed``), votes
+        for nothing, and its state is dropped (the next step it may still take, under the overlap
+        scheduler, starts anew)."""
         logger.error("zoomr: planning request %r failed; it is aborted", req.rid, exc_info=error)
-        votes += (row, 0, 0, 0)
+        step.drop(batch_index, row)
+        step.votes += (row, 0, 0, 0)
         block, size = request_block(row, np.array([[0, seq_len]], dtype=np.int64))
-        blocks.append(block)
-        indptr.append(indptr[-1] + size)
-        self.release_state(row)
+        step.blocks.append(block)
+        step.indptr.append(step.indptr[-1] + size)
+        step.failed.append((req, f"zoomr could not plan request {req.rid!r}: {type(error).__name__}: {error}"))
+        self._drop_state(row)
 
-    def _batch(self, rids: Sequence[str]) -> Tuple[List[int], list, List[Optional[RequestState]]]:
-        """The batch's rows, their ``Req`` and their states (None: to be made); the last step's
-        while the batch and every row's request are the same (``rows_epoch`` counts row changes)."""
-        last = self._last_batch
-        if last is not None and last[0] == self.rows_epoch and last[1] == rids:
-            return last[2], last[3], last[4]
-        rows, reqs, states = [], [], []
-        for rid in rids:
-            row = self.rows_by_rid.get(rid)
-            if row is None:
-                raise RuntimeError(f"zoomr: decode batch holds request {rid!r}, whose pool row was never noted "
-                                   "(the ReqToTokenPool.alloc hook did not run for it)")
-            generation, req, _ = self.requests[row]
-            state = self.states.get(row)
-            rows.append(row)
-            reqs.append(req)
-            states.append(state if state is not None and state.generation == generation else None)
-        return rows, reqs, states
-
-    @staticmethod
-    def empty_plan() -> HostPlan:
-        """A step with no request (a CUDA-graph capture batch is all padding)."""
-        return HostPlan(rows=[], seq_lens=[], states=[], kv_indptr=torch.zeros(1, dtype=torch.int32),
-                        ranges=np.zeros((0, 4), dtype=np.int64), commits=np.zeros((0, 3), dtype=np.int64), fresh_entries=[],
-                        new_candidates=np.zeros((0, 5), dtype=np.int64), votes=np.zeros((0, 4), dtype=np.int64))
-
-    # -- requests -----------------------------------------------------------------------------
-    def _new_state(self, row: int, seq_len: int, new_candidates: List[int]) -> RequestState:
-        """The state of the request now in ``row`` (replacing a former request's); its inherited
-        candidates go flat into ``new_candidates``."""
-        generation, req, settings = self.requests[row]
-        if row in self.states:
-            self.release_state(row)
-        # The token decoded in a request's first decode step is its first generated token; a prompt
-        # that holds reasoning is segmented from where it starts (or where the inherited part ends).
-        first_position = seq_len - 1
-        config = self.config
-        reasoning = self.prompt_reasoning.get(row) or PromptReasoning(first_position, first_position, first_position)
-        segmenter = self.ingest.segmenter(reasoning.segment_from)
-        state = RequestState(row=row, generation=generation, rid=req.rid, prompt_len=reasoning.reasoning_start,
-                             segmenter=segmenter, settings=settings, num_thoughts=config.num_thoughts,
-                             seed=hash_seed(req.rid, row, generation), own_from=reasoning.own_from,
-                             tiered=self._tierable(req, settings),
-                             zoomr_bound=config.working_set_bound(reasoning.reasoning_start, 0))
-        inheritance = reasoning.inheritance
-        if inheritance is not None:
-            added = state.inherit(inheritance, self.index_keys, self.max_candidates)
-            for candidate in added:
-                new_candidates += (row, *candidate)
-            self.index_entries_reused += len(added)
-        self.states[row] = state
-        self.fidelity_states += state.fidelity
-        return state
-
-    def release_state(self, row: int) -> Optional[RequestState]:
-        """Forget the request in ``row``; returns its state (None if it never decoded)."""
-        state = self.states.pop(row, None)
-        self.rows_epoch += 1
-        if state is not None:
-            state.release(self.index_keys)
-            self.fidelity_states -= state.fidelity
-        return state
-
-    def forget_request(self, row: int) -> None:
-        self.rows_epoch += 1
-        self.prompt_reasoning.pop(row, None)
-        noted = self.requests.pop(row, None)
-        if noted is not None and self.rows_by_rid.get(noted[1].rid) == row:
-            del self.rows_by_rid[noted[1].rid]
-
-
-def _without_row(flat: List[int], width: int, row: int) -> List[int]:
-    """``flat`` (entries of ``width`` ints, the row first) without the entries of ``row``."""
-    return [v for start in range(0, len(flat), width) if flat[start] != row for v in flat[start:start + width]]
+    def _pack_batch(self, step: StepLists, rids: Sequence[str], rows: List[int], reqs: list,
+                    seq_lens: Sequence[int], states: List[Optional[RequestState]]) -> HostPlan:
+        """The batch's plan from what its requests added; the batch's lookup is kept for the next
+        step unless a request failed (its state was dropped: the next step looks the batch up again)."""
+        if not step.failed:
+            self.records.keep_batch(rids, rows, reqs, states)
+        self.decode_steps += 1
+        interval = self.config.self_check_interval
+        fidelity_rows = ([i for i, state in enumerate(states) if state is not None and state.fidelity]
+                         if self.fidelity_states else [])
+        return step.plan(rows, seq_lens, states, self.batch_ranges,
+                         interval > 0 and self.decode_steps % interval == 0, fidelity_rows)

@@ -2,7 +2,7 @@
 
 - Inherited: the zoomr radix cache (``radix_ext``) matched a path whose thoughts it recorded; the
   request takes them over and segments from where they end.
-- Pasted: the prompt holds the summary begin marker (``ZOOMR_SEGMENT_PROMPT=markers``); the request
+- Pasted: the prompt holds the summary begin marker (``segment_prompt`` ``markers`` in ``ZOOMR_CONFIG``); the request
   segments it from where that reasoning starts, and SGLang's tree is kept below that point while
   the request runs, so the host tier can move the pasted thoughts like generated ones.
 - Retracted: SGLang re-prefills a retracted request's earlier output as prompt; without an

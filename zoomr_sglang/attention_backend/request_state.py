@@ -6,7 +6,7 @@ device holds the index-key sums and the vote (``selection.py``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.segmentation import Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
 from zoomr_sglang.attention_backend.request_stats import RequestStats
 from zoomr_sglang.config import RequestSettings, ZoomRConfig
+
+if TYPE_CHECKING:
+    from zoomr_sglang.attention_backend.tier_records import RowTier
 
 
 Candidate = Tuple[int, int, int, int]  # (column, index entry, summary start, summary length)
@@ -35,15 +38,17 @@ class RequestState:
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
                  segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int,
-                 own_from: Optional[int] = None, tiered: bool = False, zoomr_bound: int = 0) -> None:
-        """``zoomr_bound``: ZoomR's working-set bound of this request before any summary
-        (:meth:`ZoomRConfig.working_set_bound`); each closed summary adds its tokens."""
+                 own_from: Optional[int] = None, tier: Optional[RowTier] = None, zoomr_bound: int = 0) -> None:
+        """``tier``: the host tier's record of this row (``ThoughtTiering.tier_of``) if the tier may
+        move this request's KV; ``zoomr_bound``: ZoomR's working-set bound of this request before
+        any summary (:meth:`ZoomRConfig.working_set_bound`); each closed summary adds its tokens."""
         self.row = row
         self.generation = generation
         self.settings = settings
         self.budget = settings.budget
         self.fidelity = settings.fidelity
-        self.tiered = tiered  # the host tier may move this request's KV
+        self.tier = tier  # read directly by every step (planning.py, tiering.py)
+        self.tiered = tier is not None  # the host tier may move this request's KV
         self.vote_kind = VOTE_KINDS.index(settings.vote)
         self.policy: Policy = policy_class(settings.policy)(num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
         self.votes = self.policy.votes

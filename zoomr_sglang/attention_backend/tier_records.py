@@ -1,9 +1,9 @@
-"""What ``tiering.py`` records per thought and per copy, and its counters."""
+"""What ``tiering.py`` records per row (:class:`RowTier`), per thought and per copy, and its counters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -38,6 +38,69 @@ class InFlight:
     end: int
     host_slots: torch.Tensor
     transfer: Transfer
+
+
+@dataclass(slots=True, eq=False)
+class RowTier:
+    """Everything the host tier keeps for one pool row (one record: a released row is one pop).
+
+    A row whose last ``prepare`` found nothing to do keeps it in ``quiet``; ``settled`` caches the
+    selection's resident part. Any change to the row's cold thoughts drops both (``add_cold``,
+    ``set_on_device``, ``unsettle``).
+    """
+
+    cold: Dict[int, ColdThought] = field(default_factory=dict)  # thought index -> its hole (or zoomed-in copy)
+    in_flight: List[InFlight] = field(default_factory=list)  # copies out not yet known finished
+    copying_in: Set[int] = field(default_factory=set)  # cold thoughts with a zoom-in under way
+    resident: Set[int] = field(default_factory=set)  # cold thoughts on the device
+    offloaded: int = 0  # tokens in the host tier only
+    # Closed thoughts waiting for the window to pass them: the sequence length before which none
+    # can leave, how many were waiting and the selection then (a new waiting thought or a new
+    # selection checks again).
+    evict_after: Optional[Tuple[int, int, List[int]]] = None
+    # The selection when it is wholly on the device (the list object the vote set), the thoughts
+    # prepare returned and how many are cold.
+    settled: Optional[Tuple[List[int], List[int], int]] = None
+    # The selection, the count of thoughts waiting to leave, the sequence length up to which they
+    # wait, and what prepare returned: while all hold, prepare has nothing to do again (most steps).
+    quiet: Optional[Tuple[List[int], int, int, List[int]]] = None
+
+    def quiet_holds(self, record: Tuple[List[int], int, int, List[int]], seq_len: int) -> bool:
+        """Whether ``record``, this row's quiet record when a request step read it, still says
+        that ``prepare`` has nothing to do at ``seq_len`` (the planner's quiet steps then skip it;
+        the row's selection and waiting thoughts are the ones the record was made with)."""
+        return self.quiet is record and seq_len < record[2]
+
+    def waits_for_window(self, waiting: int, zoomed: List[int], seq_len: int) -> bool:
+        """Whether the row's ``waiting`` closed thoughts, under the selection ``zoomed``, still wait
+        for the window at ``seq_len`` (as ``evict_after`` recorded: nothing to check before)."""
+        if self.evict_after is None:
+            return False
+        until, count, selection = self.evict_after
+        return seq_len < until and waiting == count and zoomed is selection
+
+    def add_cold(self, index: int, thought: ColdThought) -> None:
+        self.settled = self.quiet = None
+        self.cold[index] = thought
+        if thought.on_device:
+            self.resident.add(index)
+        else:
+            self.offloaded += thought.end - thought.start
+
+    def set_on_device(self, index: int, thought: ColdThought, on_device: bool) -> None:
+        self.settled = self.quiet = None
+        thought.on_device = on_device
+        size = thought.end - thought.start
+        if on_device:
+            self.offloaded -= size
+            self.resident.add(index)
+        else:
+            self.offloaded += size
+            self.resident.discard(index)
+
+    def unsettle(self) -> None:
+        """The row's cold thoughts changed: its cached prepare results no longer hold."""
+        self.settled = self.quiet = None
 
 
 @dataclass

@@ -5,7 +5,7 @@ sinks) are copied to the host tier, their device slots are given back to SGLang'
 ``req_to_token[row, start:end]`` is set to the padding slot 0: a *hole*. Zooming in allocates fresh
 slots, copies the KV back and writes the new slots into the row; the host copy is kept, so a
 thought that leaves the selection again is dropped from the device without a second copy. Up to
-``ZOOMR_ZOOM_CACHE`` such recently zoomed thoughts stay on the device beyond the selection, which
+``zoom_cache`` (a ``ZOOMR_CONFIG`` key) such recently zoomed thoughts stay on the device beyond the selection, which
 avoids copy ping-pong.
 
 Copies are asynchronous on CUDA (``host_tier.py``) and ``prepare`` never waits for one: a copy out
@@ -21,13 +21,13 @@ insert at the first hole and subtract holes from the ranges freed (see docs/host
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.attention_backend.request_state import RequestState
-from zoomr_sglang.attention_backend.tier_records import ColdThought, CopyIn, InFlight, TieringCounters
+from zoomr_sglang.attention_backend.tier_records import ColdThought, CopyIn, InFlight, RowTier, TieringCounters
 from zoomr_sglang.config import ZoomRConfig
 
 
@@ -35,13 +35,11 @@ NEVER = 1 << 62  # a sequence length no request reaches
 
 
 class ThoughtTiering:
-    """Owns the holes of every row and the host tier they live in.
-
-    Per row: ``cold`` (thought index -> :class:`ColdThought`), ``in_flight`` (copies out not yet
-    known finished), ``copying_in`` (indices of cold thoughts with a zoom-in under way),
-    ``resident`` (indices of cold thoughts on the device) and ``offloaded`` (tokens in the host
-    only). A row has a key in ``in_flight``, ``copying_in`` and ``resident`` only while the
-    collection is not empty, so a step with nothing to move costs a few dict lookups.
+    """Owns the holes of every row and the host tier they live in: per row one :class:`RowTier`
+    (cold thoughts, copies under way, resident zoom-ins, tokens offloaded, cached prepare results),
+    made when the planner makes a tiered request's state (``tier_of``) or the row adopts holes,
+    popped at release. The request's state holds the record (``RequestState.tier``): a step reads
+    it directly, with no lookup by row.
     """
 
     def __init__(self, *, config: ZoomRConfig, host_tier: HostKVTier, allocator, req_to_token_pool,
@@ -52,27 +50,18 @@ class ThoughtTiering:
         self.req_to_token = req_to_token_pool.req_to_token
         self.kv_pool = kv_pool
         self.page_size = page_size
-        self.cold: Dict[int, Dict[int, ColdThought]] = {}
-        self.in_flight: Dict[int, List[InFlight]] = {}
-        self.copying_in: Dict[int, Set[int]] = {}
-        self.resident: Dict[int, Set[int]] = {}
-        self.offloaded: Dict[int, int] = {}
-        # Per row with closed thoughts waiting for the window to pass them: the sequence length
-        # before which none can leave, how many were waiting and the selection then (a new waiting
-        # thought or a new selection checks again).
-        self.evict_after: Dict[int, Tuple[int, int, List[int]]] = {}
-        # Per row whose selection is wholly on the device: that selection (the list object the vote
-        # set), the thoughts prepare returned and how many are cold. Any change to the row's cold
-        # thoughts drops it.
-        self.settled: Dict[int, Tuple[List[int], List[int], int]] = {}
-        # Per row whose last prepare found nothing to do and started nothing: the selection, the
-        # count of thoughts waiting to leave, the sequence length up to which they wait, and what
-        # prepare returned. While all hold, prepare has nothing to do again (most steps).
-        self.quiet: Dict[int, Tuple[List[int], int, int, List[int]]] = {}
+        self.rows: Dict[int, RowTier] = {}
         self.counters = TieringCounters()
         self.freed_since_admission = 0  # read and reset by the admission hook
         self.adopted_rows: set = set()  # rows holding holes inherited from the radix tree
         self.step = 0  # counts full prepares: a thought's last_used orders the zoom cache
+
+    def tier_of(self, row: int) -> RowTier:
+        """The row's record, made if it has none."""
+        tier = self.rows.get(row)
+        if tier is None:
+            tier = self.rows[row] = RowTier()
+        return tier
 
     # -- per step ------------------------------------------------------------------------------
     def prepare(self, state: RequestState, seq_len: int, committed_until: int) -> List[int]:
@@ -84,46 +73,38 @@ class ThoughtTiering:
         or failed, is left out for this step).
         """
         self.step += 1
-        row = state.row
-        quiet = self.quiet.get(row)
+        tier = state.tier
+        quiet = tier.quiet
         if (quiet is not None and quiet[0] is state.zoomed and seq_len < quiet[2]
                 and len(state.pending_eviction) == quiet[1]):
             return quiet[3]
-        if row in self.in_flight or row in self.copying_in:
-            self._finish_copies(state)
-        cold = self.cold.get(row)
-        settled = self.settled.get(row)
-        if not cold:  # the selection itself (never changed in place: a vote sets a new list)
+        if tier.in_flight or tier.copying_in:
+            self._finish_copies(state, tier)
+        settled = tier.settled
+        if not tier.cold:  # the selection itself (never changed in place: a vote sets a new list)
             available, selected_resident = state.zoomed, 0
         elif settled is not None and settled[0] is state.zoomed:
             available, selected_resident = settled[1], settled[2]
         else:
-            available, selected_resident = self._bring_in(state, cold, settled)
-        if state.pending_eviction and not self._waits_for_window(state, seq_len):
-            self._evict_closed(state, seq_len, committed_until)
-        resident = self.resident.get(row)
-        if resident is not None and len(resident) - selected_resident > self.config.zoom_cache:
-            self._trim_zoom_cache(state, resident)
-        elif row not in self.in_flight and row not in self.copying_in:
+            available, selected_resident = self._bring_in(state, tier)
+        if state.pending_eviction and not tier.waits_for_window(len(state.pending_eviction), state.zoomed, seq_len):
+            self._evict_closed(state, tier, seq_len, committed_until)
+        if len(tier.resident) - selected_resident > self.config.zoom_cache:
+            self._trim_zoom_cache(state, tier)
+        elif not tier.in_flight and not tier.copying_in:
             if not state.pending_eviction:
-                self.quiet[row] = (state.zoomed, 0, NEVER, available)
-            elif self._waits_for_window(state, seq_len):
-                self.quiet[row] = (state.zoomed, len(state.pending_eviction), self.evict_after[row][0], available)
+                tier.quiet = (state.zoomed, 0, NEVER, available)
+            elif tier.waits_for_window(len(state.pending_eviction), state.zoomed, seq_len):
+                tier.quiet = (state.zoomed, len(state.pending_eviction), tier.evict_after[0], available)
         return available
 
-    def quiet_holds(self, row: int, record: Tuple[List[int], int, int, List[int]], seq_len: int) -> bool:
-        """Whether ``record``, the row's quiet record when a request step read it, still says that
-        ``prepare`` has nothing to do at ``seq_len`` (the planner's quiet steps then skip it; the
-        row's selection and waiting thoughts are the ones the record was made with)."""
-        return self.quiet.get(row) is record and seq_len < record[2]
-
-    def _bring_in(self, state: RequestState, cold: Dict[int, ColdThought],
-                  settled: Optional[Tuple[List[int], List[int], int]]) -> Tuple[List[int], int]:
+    def _bring_in(self, state: RequestState, tier: RowTier) -> Tuple[List[int], int]:
         """The selected thoughts on the device (zoom-ins started or finished on the way) and how
         many of them are cold. A thought's ``last_used`` (the zoom cache's order) is the step at
         which it left the last selection that held it: stamped when the selection changes."""
-        if settled is not None:
-            for index in settled[0]:
+        cold = tier.cold
+        if tier.settled is not None:
+            for index in tier.settled[0]:
                 thought = cold.get(index)
                 if thought is not None and index not in state.zoomed:
                     thought.last_used = self.step
@@ -131,16 +112,16 @@ class ThoughtTiering:
         for index in state.zoomed:
             thought = cold.get(index)
             if thought is not None:
-                if not thought.on_device and not self._zoom_in(state.row, index, thought):
+                if not thought.on_device and not self._zoom_in(tier, state.row, index, thought):
                     continue
                 thought.last_used = self.step
                 selected_resident += 1
             available.append(index)
-        if len(available) == len(state.zoomed) and state.row not in self.copying_in:
-            self.settled[state.row] = (state.zoomed, available, selected_resident)
+        if len(available) == len(state.zoomed) and not tier.copying_in:
+            tier.settled = (state.zoomed, available, selected_resident)
         return available, selected_resident
 
-    def _zoom_in(self, row: int, index: int, thought: ColdThought) -> bool:
+    def _zoom_in(self, tier: RowTier, row: int, index: int, thought: ColdThought) -> bool:
         """Start the thought's copy in unless it is under way; True once it is on the device."""
         if thought.copy_in is None:
             slots = self.allocator.alloc(thought.end - thought.start)
@@ -154,25 +135,21 @@ class ThoughtTiering:
                 self.counters.copy_failures += 1
                 return False
             thought.copy_in = CopyIn(slots, transfer)
-            self.copying_in.setdefault(row, set()).add(index)
+            tier.copying_in.add(index)
         if not thought.copy_in.transfer.done():
             return False
-        self._discard(self.copying_in, row, index)
-        self._complete_copy_in(row, index, thought)
+        tier.copying_in.discard(index)
+        self._complete_copy_in(tier, row, index, thought)
         return True
 
-    def _complete_copy_in(self, row: int, index: int, thought: ColdThought) -> None:
+    def _complete_copy_in(self, tier: RowTier, row: int, index: int, thought: ColdThought) -> None:
         self.req_to_token[row, thought.start:thought.end] = thought.copy_in.device_slots.to(self.req_to_token.dtype)
         thought.copy_in = None
         thought.last_used = self.step
-        self._set_on_device(row, index, thought, True)
+        tier.set_on_device(index, thought, True)
         self.counters.zoomed_in_tokens += thought.end - thought.start
 
-    def _waits_for_window(self, state: RequestState, seq_len: int) -> bool:
-        until, waiting, zoomed = self.evict_after.get(state.row, (0, -1, None))
-        return seq_len < until and len(state.pending_eviction) == waiting and state.zoomed is zoomed
-
-    def _evict_closed(self, state: RequestState, seq_len: int, committed_until: int) -> None:
+    def _evict_closed(self, state: RequestState, tier: RowTier, seq_len: int, committed_until: int) -> None:
         """Start the copies out of closed thoughts that left the window, had their keys read and
         are not selected; the rest wait."""
         window_start = seq_len - self.config.window
@@ -205,23 +182,18 @@ class ThoughtTiering:
                 self.host.free(host_slots)
                 self.counters.copy_failures += 1
                 continue
-            self.in_flight.setdefault(state.row, []).append(InFlight(index, start, end, host_slots, transfer))
+            tier.in_flight.append(InFlight(index, start, end, host_slots, transfer))
         state.pending_eviction = waiting
-        if window_passes:
-            self.evict_after[state.row] = (window_passes, len(waiting), state.zoomed)
-        else:
-            self.evict_after.pop(state.row, None)
-        if state.row in self.in_flight:
-            self._finish_copies(state)
+        tier.evict_after = (window_passes, len(waiting), state.zoomed) if window_passes else None
+        if tier.in_flight:
+            self._finish_copies(state, tier)
 
-    def _finish_copies(self, state: RequestState) -> None:
+    def _finish_copies(self, state: RequestState, tier: RowTier) -> None:
         """Complete the copies that are done (polled, never waited for): a copy out frees the
         thought's device slots (a thought selected in the meantime keeps them and becomes a
         zoomed-in cold thought); a copy in puts its slots into the row."""
-        row = state.row
-        cold = self.cold.setdefault(row, {})
-        still_running = []
-        for copy in self.in_flight.pop(row, ()):
+        row, still_running = state.row, []
+        for copy in tier.in_flight:
             if not copy.transfer.done():
                 still_running.append(copy)
                 continue
@@ -229,24 +201,23 @@ class ThoughtTiering:
             if not on_device:
                 self._free_device(row, copy.start, copy.end)
                 self.counters.evicted_tokens += copy.end - copy.start
-            self._add_cold(row, copy.index, ColdThought(copy.start, copy.end, copy.host_slots, on_device=on_device,
-                                                        last_used=self.step))
-        if still_running:
-            self.in_flight[row] = still_running
-        for index in list(self.copying_in.get(row, ())):
-            thought = cold[index]
+            tier.add_cold(copy.index, ColdThought(copy.start, copy.end, copy.host_slots, on_device=on_device,
+                                                  last_used=self.step))
+        tier.in_flight = still_running
+        for index in list(tier.copying_in):
+            thought = tier.cold[index]
             if thought.copy_in.transfer.done():
-                self._discard(self.copying_in, row, index)
-                self._complete_copy_in(row, index, thought)
+                tier.copying_in.discard(index)
+                self._complete_copy_in(tier, row, index, thought)
 
-    def _trim_zoom_cache(self, state: RequestState, resident: Set[int]) -> None:
+    def _trim_zoom_cache(self, state: RequestState, tier: RowTier) -> None:
         """Keep at most ``zoom_cache`` unselected zoomed-in thoughts on the device (least recent go)."""
-        cold = self.cold[state.row]
-        extra = sorted((cold[index].last_used, index) for index in resident if index not in state.zoomed)
+        cold = tier.cold
+        extra = sorted((cold[index].last_used, index) for index in tier.resident if index not in state.zoomed)
         for _, index in extra[: max(0, len(extra) - self.config.zoom_cache)]:
             thought = cold[index]
             self._free_device(state.row, thought.start, thought.end)
-            self._set_on_device(state.row, index, thought, False)
+            tier.set_on_device(index, thought, False)
             self.counters.dropped_tokens += thought.end - thought.start
 
     def _free_device(self, row: int, start: int, end: int) -> None:
@@ -262,49 +233,21 @@ class ThoughtTiering:
         else:
             self.allocator.free(slots)
 
-    # -- the per-row books --------------------------------------------------------------------------
-    def _add_cold(self, row: int, index: int, thought: ColdThought) -> None:
-        self._unsettle(row)
-        self.cold.setdefault(row, {})[index] = thought
-        if thought.on_device:
-            self.resident.setdefault(row, set()).add(index)
-        else:
-            self.offloaded[row] = self.offloaded.get(row, 0) + thought.end - thought.start
-
-    def _set_on_device(self, row: int, index: int, thought: ColdThought, on_device: bool) -> None:
-        self._unsettle(row)
-        thought.on_device = on_device
-        size = thought.end - thought.start
-        self.offloaded[row] = self.offloaded.get(row, 0) + (-size if on_device else size)
-        if on_device:
-            self.resident.setdefault(row, set()).add(index)
-        else:
-            self._discard(self.resident, row, index)
-
-    def _unsettle(self, row: int) -> None:
-        """The row's cold thoughts changed: its cached prepare results no longer hold."""
-        self.settled.pop(row, None)
-        self.quiet.pop(row, None)
-
-    @staticmethod
-    def _discard(by_row: Dict[int, Set[int]], row: int, index: int) -> None:
-        members = by_row.get(row)
-        if members is not None:
-            members.discard(index)
-            if not members:
-                del by_row[row]
-
     # -- what SGLang's hooks ask -----------------------------------------------------------------
+    def _cold(self, row: int):
+        tier = self.rows.get(row)
+        return () if tier is None else tier.cold.values()
+
     def holes(self, row: int) -> List[Tuple[int, int]]:
         """Row positions whose device slots are given back, ascending."""
-        return sorted((t.start, t.end) for t in self.cold.get(row, {}).values() if not t.on_device)
+        return sorted((t.start, t.end) for t in self._cold(row) if not t.on_device)
 
     def uncounted_device_tokens(self, row: int, protected_len: int) -> int:
         """Device slots the row holds minus what SGLang counts as its own (positions from its
         tree-owned prefix ``protected_len`` on): inherited thoughts zoomed into (below that
         prefix) and zoom-ins under way add, its own holes (above it) subtract."""
         adjust = 0
-        for t in self.cold.get(row, {}).values():
+        for t in self._cold(row):
             if t.copy_in is not None:
                 adjust += t.end - t.start
             if t.owns_host == 0 and t.on_device:
@@ -313,45 +256,46 @@ class ThoughtTiering:
                 adjust -= t.end - t.start
         return adjust
 
-    def offloaded_tokens(self, row: int) -> int:
-        """Tokens of the row that are in the host tier only (their device slots given back)."""
-        return self.offloaded.get(row, 0)
-
     def zoom_headroom(self, row: int) -> int:
         """Device slots the next step's zoom-ins of this row may need (at most c cold thoughts)."""
-        sizes = sorted((t.end - t.start for t in self.cold.get(row, {}).values()
-                        if not t.on_device and t.copy_in is None), reverse=True)
+        sizes = sorted((t.end - t.start for t in self._cold(row) if not t.on_device and t.copy_in is None),
+                       reverse=True)
         return sum(sizes[: self.config.num_thoughts])
 
     def drain_row(self, row: int) -> None:
         """Wait for the row's copies before SGLang frees its slots (the release path, the one place
         that waits): thoughts copied out keep their device slots (SGLang frees them with the row)
         and their host copies (freed on release); zoom-ins put their slots into the row."""
-        for copy in self.in_flight.pop(row, ()):
+        tier = self.rows.get(row)
+        if tier is None:
+            return
+        for copy in tier.in_flight:
             copy.transfer.wait()
-            self._add_cold(row, copy.index, ColdThought(copy.start, copy.end, copy.host_slots, on_device=True))
-        cold = self.cold.get(row, {})
-        for index in self.copying_in.pop(row, ()):
-            cold[index].copy_in.transfer.wait()
-            self._complete_copy_in(row, index, cold[index])
+            tier.add_cold(copy.index, ColdThought(copy.start, copy.end, copy.host_slots, on_device=True))
+        tier.in_flight = []
+        for index in tier.copying_in:
+            tier.cold[index].copy_in.transfer.wait()
+            self._complete_copy_in(tier, row, index, tier.cold[index])
+        tier.copying_in.clear()
 
     def release_row(self, row: int) -> None:
         """Free the host copies of a row SGLang has released (its device slots are SGLang's to free,
         except those of inherited thoughts it zoomed into: the tree owns those positions). A zoom-in
         still under way here was not drained before SGLang freed the row around its hole: its fresh
         slots are freed here."""
-        cold = self.cold.get(row, {})
-        for index in self.copying_in.pop(row, ()):
-            cold[index].copy_in.transfer.wait()
-            self._give_back(cold[index].copy_in.device_slots, cold[index].start)
-            cold[index].copy_in = None
-        self.drain_row(row)
         self.adopted_rows.discard(row)
-        self.resident.pop(row, None)
-        self.offloaded.pop(row, None)
-        self.evict_after.pop(row, None)
-        self._unsettle(row)
-        for thought in self.cold.pop(row, {}).values():
+        tier = self.rows.get(row)
+        if tier is None:
+            return
+        for index in tier.copying_in:
+            thought = tier.cold[index]
+            thought.copy_in.transfer.wait()
+            self._give_back(thought.copy_in.device_slots, thought.start)
+            thought.copy_in = None
+        tier.copying_in.clear()
+        self.drain_row(row)
+        del self.rows[row]
+        for thought in tier.cold.values():
             if thought.owns_host == 0 and thought.on_device:
                 self._free_device(row, thought.start, thought.end)
             owned = thought.host_slots if thought.owns_host < 0 else thought.host_slots[: thought.owns_host]
@@ -362,12 +306,11 @@ class ThoughtTiering:
     def adopt(self, row: int, cold: List[Tuple[int, int, int, torch.Tensor]]) -> None:
         """Holes a new request inherits from the radix tree: ``(thought, start, end, host slots)``;
         the tree keeps their host slots."""
-        self.cold[row] = {}
-        self._unsettle(row)
-        self.resident.pop(row, None)
-        self.offloaded.pop(row, None)
+        tier = self.tier_of(row)
+        tier.cold, tier.resident, tier.offloaded = {}, set(), 0
+        tier.unsettle()
         for index, start, end, slots in cold:
-            self._add_cold(row, index, ColdThought(start, end, slots, owns_host=0))
+            tier.add_cold(index, ColdThought(start, end, slots, owns_host=0))
         if cold:
             self.adopted_rows.add(row)
 
@@ -376,11 +319,14 @@ class ThoughtTiering:
         slots pass to the radix tree (the row keeps those below ``from_position``). A zoom-in under
         way is drained first (the tree insert is on the release path): the thought is then on the
         device and the tree takes its device slots, not a hole whose host slots a copy still reads."""
-        if row in self.copying_in:
+        tier = self.rows.get(row)
+        if tier is None:
+            return []
+        if tier.copying_in:
             self.drain_row(row)
-        self._unsettle(row)
+        tier.unsettle()
         handed = []
-        for thought in self.cold.get(row, {}).values():
+        for thought in tier.cold.values():
             if thought.on_device or thought.owns_host >= 0 or thought.end <= from_position:
                 continue
             keep = max(from_position - thought.start, 0)
