@@ -134,6 +134,7 @@ def check_hooks_applied() -> None:
 def _create_backend(model_runner):
     from zoomr_sglang.attention_backend.factory import create_zoomr_backend
 
+    check_hooks_applied()  # a hook SGLang could not apply stops the backend here, naming it
     return create_zoomr_backend(model_runner)
 
 

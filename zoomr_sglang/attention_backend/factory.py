@@ -33,10 +33,8 @@ def index_bytes_per_pool_token(num_layers: int, num_kv_heads: int, head_dim: int
 
 
 def create_zoomr_backend(model_runner):
-    """The factory registered as ``--attention-backend zoomr``."""
-    from zoomr_sglang.plugin import check_hooks_applied
-
-    check_hooks_applied()
+    """The backend SGLang builds for ``--attention-backend zoomr`` (through ``plugin.py``, which
+    first checks that every hook applied)."""
     config = load_config()
     check_model_supported(model_runner)
     token_texts = load_token_texts(model_runner, config)
