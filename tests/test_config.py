@@ -7,8 +7,8 @@ import os
 import pytest
 
 from testbed.process_env import default_zoomr_environment, zoomr_environment
-from zoomr_sglang.algo.working_set import MIN_WINDOW
-from zoomr_sglang.config import CONFIG_KEYS, ENV_VARS, USER_VARIABLES, ZoomRConfig, load_config
+from zoomr_sglang.algo.working_set import MIN_WINDOW, step_budget
+from zoomr_sglang.config import CONFIG_KEYS, ENV_VARS, USER_VARIABLES, ZoomRConfig, load_config, request_settings
 
 EVERY_FIELD = dict(
     topk=3, num_thoughts=4, sink=0, thought_sink=5, window=64, max_thought_tokens=100, boundaries=("\n\n", "###"),
@@ -73,8 +73,8 @@ def test_benchmark_defaults_go_under_the_environment(monkeypatch):
     ("ZOOMR_SINK", "-3", ">= 0"),
     ("ZOOMR_WINDOW", str(MIN_WINDOW - 1), f">= {MIN_WINDOW}"),
     ("ZOOMR_MAX_THOUGHT_TOKENS", "0", ">= 1"),
-    ("ZOOMR_BUDGET", "-1", ">= 0"),
-    ("ZOOMR_BUDGET", "10", f"0 (unbounded) or an integer >= {32 + MIN_WINDOW}"),
+    ("ZOOMR_BUDGET", "-1", "0 (unbounded), an integer count of KV tokens, or a share"),
+    ("ZOOMR_BUDGET", "10", f"0 (unbounded), an integer >= {32 + MIN_WINDOW}"),
     ("ZOOMR_BOUNDARIES", "\\n\\n", "not valid JSON"),
     ("ZOOMR_BOUNDARIES", '[""]', "non-empty strings"),
     ("ZOOMR_BOUNDARIES", "[]", "non-empty strings"),
@@ -190,6 +190,19 @@ def test_budget_is_checked_against_the_sink_it_comes_with():
     assert load_config({"ZOOMR_SINK": "0", "ZOOMR_BUDGET": str(MIN_WINDOW)}).budget == MIN_WINDOW
     with pytest.raises(ValueError, match=f"ZOOMR_BUDGET={MIN_WINDOW} is too small"):
         load_config({"ZOOMR_SINK": "1", "ZOOMR_BUDGET": str(MIN_WINDOW)})
+
+
+def test_budget_is_a_count_of_tokens_or_a_share_of_the_sequence():
+    assert load_config({"ZOOMR_BUDGET": "0.2"}).budget == 0.2 and load_config({"ZOOMR_BUDGET": "300"}).budget == 300
+    for bad in ("1.0", "-0.1", "300.5", "20%"):
+        with pytest.raises(ValueError, match=f"ZOOMR_BUDGET={bad!r} is (not allowed|not a number); allowed: 0"):
+            load_config({"ZOOMR_BUDGET": bad})
+    assert request_settings(ZoomRConfig(), {"zoomr_budget": 0.35}).budget == 0.35
+    with pytest.raises(ValueError, match="zoomr_budget=1.5 is not allowed; allowed: 0 \\(unbounded\\), an integer"):
+        request_settings(ZoomRConfig(), {"zoomr_budget": 1.5})
+    # A share means the same at 2K and 32K; it never goes below the sinks and the shortest window.
+    assert step_budget(0.2, 2048, 7) == 410 and step_budget(0.2, 32768, 7) == 6554
+    assert step_budget(0.2, 10, 7) == 7 and step_budget(300, 32768, 7) == 300
 
 
 def test_working_set_bound_counts_each_part():

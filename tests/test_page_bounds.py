@@ -192,9 +192,9 @@ from test_page_bounds import ROWS, LENGTHS, MAX_PAGES, PAGE_TOKENS, fine_case, n
 assert pv.triton_interpreted(), "TRITON_INTERPRET=1 did not reach the kernel"
 out = []
 # Default blocks (one bound split, one select step), then small ones: three splits of 4 pages,
-# select steps of 8 keys (ties counted across steps).
+# select steps of 8 keys (ties counted across steps). Two layers: votes still add up across layers.
 for (pv.BLOCK_PAGES, pv.SELECT_PAGES), seed, integer in (((16, 1024), 0, False), ((4, 8), 2, True)):
-    case = fine_case(seed, integer=integer)
+    case = fine_case(seed, integer=integer, num_layers=2)
     scratch = pv.page_vote_scratch(len(ROWS), 8, MAX_PAGES, "cpu")
     ref_store, kernel_store = new_store(case), new_store(case)
     for step in range(len(LENGTHS)):

@@ -293,6 +293,33 @@ def test_host_tier_moves_only_whole_thoughts_the_policy_will_not_attend(policy):
     assert harness.allocator.available_size() == free_at_start
 
 
+def test_a_share_budget_bounds_every_step_by_the_sequence_with_the_host_tier_on():
+    """``zoomr_budget=0.25`` without summaries: each step attends at most a quarter of the sequence
+    (or the skeleton: sinks, prompt, the open thought's head, the shortest window), never a hole,
+    the tier moves cold thoughts, every step is self-checked against dense, and every slot returns."""
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16, self_check_interval=1)
+    harness = Harness(config, seed=7, host_tier_tokens=4096)
+    free_at_start = harness.allocator.available_size()
+    harness.add_request(8, {"zoomr_policy": "zoomr", "zoomr_budget": 0.25})
+    tiering, over_quarter = harness.controller.tiering, 0
+    for step, token in enumerate(scripted_tokens(random.Random(4), 400, summaries=False)):
+        harness.decode_step([token])
+        seq_len = 8 + step + 1
+        state, ranges = harness.plan.states[0], harness.plan.working_sets[0]
+        skeleton = config.sink + state.prompt_len + config.thought_sink + 3
+        assert ranges_size(ranges) <= max(-(-seq_len // 4), skeleton), step
+        over_quarter += ranges_size(ranges) > -(-seq_len // 4)
+        holes = tiering.holes(harness.rows[0])
+        assert all(e <= start or s >= end for start, end in ranges.tolist() for s, e in holes)
+    stats = state.stats  # steps over the budget: the early ones, where the skeleton is more than a quarter
+    assert 0 < stats.over_bound_steps == over_quarter < 100 and stats.bound_last == -(-seq_len // 4)
+    assert stats.self_check_max_error < 1e-5
+    assert tiering.counters.evicted_tokens > 0 and stats.attended_total < stats.dense_total / 3
+    harness.release_all()
+    assert harness.allocator.available_size() == free_at_start
+    assert harness.controller.index_keys.num_live == 0
+
+
 def test_cached_unbounded_working_set_equals_the_from_scratch_union():
     """Thought policies cache their skeleton and selection; step after step, as thoughts close
     (with and without summaries) and selections change, the result equals the union computed from

@@ -51,10 +51,11 @@ class ZoomRConfig:
     # 0: off (all KV stays in SGLang's pool).
     host_pool_gb: Optional[float] = None
     zoom_cache: int = 2  # zoomed-in thoughts kept on the device after they leave the selection
-    # Working-set policy and per-request budget of attended KV tokens (0: unbounded); a request
-    # may override both (see RequestSettings).
+    # Working-set policy and per-request budget of attended KV tokens: 0 (unbounded), a count of
+    # tokens (int) or a share of the sequence (float in (0, 1)); a request may override both (see
+    # RequestSettings).
     policy: str = "zoomr"
-    budget: int = 0
+    budget: float = 0
     # How (layer, head) queries choose thoughts: "count" (the paper: each votes for its top-k by
     # q . index_key), "mass" (each adds the attention mass it gives each thought's summary, key by
     # key) or "mean_mass" (that mass estimated from the summary's mean key).
@@ -159,6 +160,9 @@ _TEXTS = _json_list('a JSON list of non-empty strings, e.g. ["\\n\\n"]',
 _LAYERS = _json_list("a JSON list of distinct layer indices >= 0, e.g. [0, 1] (empty: every layer)",
                      lambda v: all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v),
                      lambda v: tuple(sorted(v)))
+_BUDGET = _Rule("0 (unbounded), an integer count of KV tokens, or a share of the sequence in (0, 1), e.g. 0.2",
+                lambda v: _is_int(v) and v >= 0 or isinstance(v, float) and 0 < v < 1,
+                from_text=json.loads, reads_as="a number")
 # policy_class imports a research policy's module where its setting is read, or raises saying what is allowed.
 _POLICY = _Rule("a policy name", lambda v: isinstance(v, str) and policy_class(v) is not None)
 
@@ -167,7 +171,7 @@ _RULES: Mapping[str, _Rule] = {
     "window": _integer(MIN_WINDOW), "max_thought_tokens": _integer(1), "boundaries": _TEXTS,
     "summary_begin": _TEXT, "summary_end": _TEXT, "sentence_ends": _TEXTS, "refresh_interval": _integer(1),
     "stats_history": _integer(0), "self_check_interval": _integer(0), "host_pool_gb": _GIGABYTES,
-    "zoom_cache": _integer(0), "policy": _POLICY, "budget": _integer(0), "vote": _choice(VOTE_KINDS),
+    "zoom_cache": _integer(0), "policy": _POLICY, "budget": _BUDGET, "vote": _choice(VOTE_KINDS),
     "vote_summary_tokens": _integer(1), "vote_layers": _LAYERS, "implicit_zoom": _choice(IMPLICIT_ZOOM_UNITS),
     "max_candidates": _integer(1), "index_entries": _integer(0), "segment_prompt": _choice(SEGMENT_PROMPT_MODES),
     "admission": _choice(ADMISSION_MODES),
@@ -187,11 +191,16 @@ _FORMER = {f"ZOOMR_{key.upper()}": key for key in CONFIG_KEYS}
 _PASSIVE = frozenset({"ZOOMR_CACHE_DIR", "ZOOMR_VENV"})
 
 
-def _check_budget(name: str, budget: int, config: "ZoomRConfig") -> None:
-    least = config.sink + MIN_WINDOW
-    if budget and budget < least:
-        raise ValueError(f"{name}={budget!r} is too small; allowed: 0 (unbounded) or an integer >= {least}"
-                         f" (ZOOMR_SINK + {MIN_WINDOW} recent tokens)")
+def least_budget(config: "ZoomRConfig") -> int:
+    """The fewest KV tokens a budget may give a step: the sinks and the shortest recent window."""
+    return config.sink + MIN_WINDOW
+
+
+def _check_budget(name: str, budget: float, config: "ZoomRConfig") -> None:
+    least = least_budget(config)
+    if _is_int(budget) and 0 < budget < least:
+        raise ValueError(f"{name}={budget!r} is too small; allowed: 0 (unbounded), an integer >= {least}"
+                         f" (ZOOMR_SINK + {MIN_WINDOW} recent tokens) or a share of the sequence in (0, 1)")
 
 
 def load_config(environ: Optional[Mapping[str, str]] = None) -> ZoomRConfig:
@@ -277,7 +286,7 @@ class RequestSettings:
     at every step; keeps the request's KV out of the host tier)."""
 
     policy: str
-    budget: int
+    budget: float  # as ZoomRConfig.budget
     vote: str = "mass"
     oracle: Optional[Tuple[Tuple[int, ...], ...]] = None
     fidelity: bool = False
@@ -295,8 +304,7 @@ def request_settings(config: ZoomRConfig, custom_params: Optional[Mapping[str, o
     policy = params.get("zoomr_policy", config.policy)
     policy = _POLICY.check(f"zoomr_policy={policy!r}", policy)
     budget = params.get("zoomr_budget", config.budget)
-    if not _is_int(budget) or budget < 0:
-        raise ValueError(f"zoomr_budget={budget!r} is not allowed; allowed: an integer >= 0 (0: unbounded)")
+    budget = _BUDGET.check(f"zoomr_budget={budget!r}", budget)
     _check_budget("zoomr_budget", budget, config)
     vote = params.get("zoomr_vote", config.vote)
     vote = _RULES["vote"].check(f"zoomr_vote={vote!r}", vote)

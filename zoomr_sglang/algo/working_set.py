@@ -13,6 +13,15 @@ SCHEDULER_LAG_TOKENS = 2
 MIN_WINDOW = SCHEDULER_LAG_TOKENS + 1
 
 
+def step_budget(budget: float, seq_len: int, least: int) -> int:
+    """KV tokens a step of a ``seq_len``-token request may attend under ``budget``: an integer is a
+    count of tokens; a float in (0, 1) is a share of the sequence, at least ``least`` tokens, so a
+    budget of 0.2 means a fifth of what is there at 2K tokens and at 32K alike."""
+    if isinstance(budget, float):
+        return max(least, -int(-budget * seq_len // 1))
+    return budget
+
+
 def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
     """Sorted, disjoint ranges; overlapping or adjacent ones are merged, empty ones dropped."""
     merged: list[Range] = []

@@ -16,8 +16,9 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import Policy, StepView
 from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.segmentation import Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
+from zoomr_sglang.algo.working_set import step_budget
 from zoomr_sglang.attention_backend.request_stats import RequestStats
-from zoomr_sglang.config import RequestSettings, ZoomRConfig
+from zoomr_sglang.config import RequestSettings, ZoomRConfig, least_budget
 
 if TYPE_CHECKING:
     from zoomr_sglang.attention_backend.tier_records import RowTier
@@ -66,6 +67,7 @@ class RequestState:
         self.summary_tokens = 0
         # What a step is checked against (record_step): the budget, ZoomR's bound, or 0: the dense
         # sequence (a policy that neither votes nor has a budget attends everything).
+        # A budget given as a share of the sequence sets it at every view (step_budget).
         self.step_bound = self.budget or (zoomr_bound if self.votes else 0)
         self._view: Optional[StepView] = None
         # What the planner keeps from step to step (planning.py): whether the policy's inputs changed
@@ -221,6 +223,8 @@ class RequestState:
                 zoom_pages=config.implicit_zoom == "pages",
             )
         view.seq_len, view.window_cap, view.open_from = seq_len, window_cap, self.segmenter.open_from()
+        if isinstance(self.budget, float):
+            view.budget = self.step_bound = step_budget(self.budget, seq_len, least_budget(config))
         view.zoomed = self.zoomed if zoomed is None else zoomed
         return view
 

@@ -13,7 +13,7 @@ class RequestStats:
     rid: Optional[str]
     prompt_len: int
     policy: str = "zoomr"
-    budget: int = 0
+    budget: float = 0  # as RequestSettings.budget
     steps: int = 0
     attended_last: int = 0
     attended_max: int = 0
