@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_checks import run_script
+from triton_checks import assert_compiles_for_sm90, run_script
 from zoomr_sglang.algo.batched_votes import COUNT, MASS, SummaryKeys, accumulate_votes, select_top
 from zoomr_sglang.algo.voting import agreement, attention_mass, head_votes, score_thoughts, select_thoughts
 from zoomr_sglang.kernels import thought_index as ti
@@ -148,23 +148,13 @@ def test_triton_kernels_in_interpreter_match_torch():
 
 @pytest.mark.parametrize("kernel", ["_vote_kernel", "_commit_kernel"])
 def test_triton_kernels_compile_for_sm90_without_a_gpu(kernel):
-    if not ti.triton_available() or ti.triton_interpreted():
-        pytest.skip("needs the compiled (not interpreted) Triton kernels")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the cuda tests compile the kernels for it")
-    from triton_checks import compile_for_sm90
-
-    fn = getattr(ti, kernel)
-    pointers = {"query": "*bf16", "keys": "*bf16", "candidates": "*i32", "voter_rows": "*i64", "voter_batch": "*i64",
-                "num_candidates": "*i64", "vote_kind": "*i64", "slots": "*i64", "entries": "*i64",
-                "num_commits": "*i64", "spans": "*i32", "req_to_token": "*i32", "key_buffer": "*bf16"}
+    types = {"query": "*bf16", "keys": "*bf16", "candidates": "*i32", "voter_rows": "*i64", "voter_batch": "*i64",
+             "num_candidates": "*i64", "vote_kind": "*i64", "slots": "*i64", "entries": "*i64",
+             "num_commits": "*i64", "spans": "*i32", "req_to_token": "*i32", "key_buffer": "*bf16",
+             "scaling": "fp32", **{name: "*fp32" for name in ("lse", "sums", "counts", "votes", "weights", "scratch")}}
     constants = {"GROUP": 4, "GROUP_P2": 4, "HEAD_DIM": 128, "DIM_P2": 128, "BLOCK": ti.BLOCK_CANDIDATES, "TOPK": 2,
                  "BOUND_ON_HOST": False, "WIDTH": 1024, "WIDTH_P2": 1024, "MASS_KIND": MASS, "COUNT_KIND": COUNT}
-    signature = {name: pointers.get(name, "*fp32" if name in ("lse", "sums", "counts", "votes", "weights", "scratch")
-                                    else "constexpr" if name in constants else "fp32" if name == "scaling" else "i32")
-                 for name in fn.arg_names}
-    used = {name: value for name, value in constants.items() if name in fn.arg_names}
-    assert len(compile_for_sm90(fn, signature, used)) > 0
+    assert_compiles_for_sm90(ti, kernel, types, constants)
 
 
 @pytest.mark.cuda

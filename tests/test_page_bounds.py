@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_checks import run_script
+from triton_checks import assert_compiles_for_sm90, run_script
 from zoomr_sglang.algo.page_bounds import (
     PAGE_TOKENS,
     PageBoundStore,
@@ -215,20 +215,11 @@ def test_page_vote_kernel_in_interpreter_matches_torch():
 
 @pytest.mark.parametrize("kernel", ["_page_bound_kernel", "_page_select_kernel"])
 def test_page_vote_kernels_compile_for_sm90_without_a_gpu(kernel):
-    if not pv.triton_available() or pv.triton_interpreted():
-        pytest.skip("needs the compiled (not interpreted) Triton kernels")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the cuda test compiles the kernels for it")
-    from triton_checks import compile_for_sm90
-
-    fn = getattr(pv, kernel)
-    pointers = {"query": "*bf16", "bounds": "*bf16", "row_pages": "*i32", "rows": "*i64", "num_pages": "*i64",
-                "wanted": "*i64", "candidate": "*u8", "votes": "*fp32", "weights": "*fp32", "scratch": "*i32"}
+    types = {"query": "*bf16", "bounds": "*bf16", "row_pages": "*i32", "rows": "*i64", "num_pages": "*i64",
+             "wanted": "*i64", "candidate": "*u8", "votes": "*fp32", "weights": "*fp32", "scratch": "*i32"}
     constants = {"GROUP": 4, "GROUP_P2": 4, "HEAD_DIM": 128, "DIM_P2": 128, "BLOCK": 16, "SELECT": 1024,
                  "BOUND_ON_HOST": False}
-    used = {name: value for name, value in constants.items() if name in fn.arg_names}
-    signature = {name: pointers.get(name, "constexpr" if name in used else "i32") for name in fn.arg_names}
-    assert len(compile_for_sm90(fn, signature, used)) > 0
+    assert_compiles_for_sm90(pv, kernel, types, constants)
 
 
 @pytest.mark.cuda

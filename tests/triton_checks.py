@@ -43,3 +43,19 @@ def compile_for_sm90(kernel, signature: Dict[str, str], constants: Dict[str, obj
     except TypeError as exc:
         pytest.skip(f"triton {triton.__version__}: ASTSource takes other arguments ({exc})")
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+
+
+def assert_compiles_for_sm90(module, kernel: str, types: Dict[str, str], constants: Dict[str, object]) -> None:
+    """Compile ``module``'s ``kernel`` for sm_90 with its arguments typed by ``types`` (others
+    ``i32``; those of ``constants`` that it takes are constexprs). Skipped where the interpreter
+    runs the kernels and where a GPU is present (the cuda tests compile for it)."""
+    import torch
+
+    if not module.triton_available() or module.triton_interpreted():
+        pytest.skip("needs the compiled (not interpreted) Triton kernels")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the cuda tests compile the kernels for it")
+    fn = getattr(module, kernel)
+    used = {name: value for name, value in constants.items() if name in fn.arg_names}
+    signature = {name: types.get(name, "constexpr" if name in used else "i32") for name in fn.arg_names}
+    assert len(compile_for_sm90(fn, signature, used)) > 0

@@ -1,5 +1,6 @@
 """The positions a decode step attends to, as sorted disjoint [start, end) ranges."""
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ def step_budget(budget: float, seq_len: int, least: int) -> int:
     count of tokens; a float in (0, 1) is a share of the sequence, at least ``least`` tokens, so a
     budget of 0.2 means a fifth of what is there at 2K tokens and at 32K alike."""
     if isinstance(budget, float):
-        return max(least, -int(-budget * seq_len // 1))
+        return max(least, math.ceil(budget * seq_len))
     return budget
 
 
