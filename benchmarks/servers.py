@@ -29,6 +29,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from testbed.local_server import free_port, wait_healthy  # noqa: E402
+from testbed.process_env import cpu_server_flags  # noqa: E402
 
 # The tiny random-weight model writes "\n\n" often; these settings make its thoughts close.
 TINY_MODEL_SETTINGS = {"ZOOMR_SINK": "4", "ZOOMR_WINDOW": "64", "ZOOMR_MAX_THOUGHT_TOKENS": "48"}
@@ -139,15 +140,16 @@ class Server:
 
 def server_command(model_path: str, backend: str, port: int, *, max_total_tokens: Optional[int], tiny: bool,
                    context_length: Optional[int], extra_args: Sequence[str] = ()) -> list:
-    """SGLang's CPU engine needs fp32, a tiny ``--mem-fraction-static`` and an explicit pool size
-    (otherwise the pool takes most of the RAM); on CUDA SGLang sizes the pool itself unless told."""
+    """SGLang's CPU engine needs fp32 and an explicit pool size (otherwise the pool takes most of
+    the RAM), and gets this checkout's CPU flags (``process_env.CPU_ENGINE_ARGS``); on CUDA SGLang
+    sizes the pool itself unless told."""
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
                "--port", str(port), "--attention-backend", backend, "--enable-metrics", "--skip-server-warmup",
                *extra_args]
     if ON_CUDA:
         command += ["--device", "cuda"] + (["--dtype", "bfloat16"] if tiny else [])
     else:
-        command += ["--device", "cpu", "--dtype", "float32", "--mem-fraction-static", "0.05"]
+        command += ["--device", "cpu", "--dtype", "float32", *cpu_server_flags()]
         if max_total_tokens is None:
             raise ValueError("SGLang's CPU engine needs max_total_tokens (else its pool takes most of the RAM)")
     if max_total_tokens is not None:

@@ -104,7 +104,9 @@ def server_args(preset: Preset, part: str, backend: str, model_path: str, port: 
     if preset.device == "cuda":
         return args + ["--device", "cuda", "--dtype", "bfloat16", "--mem-fraction-static", "0.80",
                        "--disable-prefill-cuda-graph", "--cuda-graph-max-bs-decode", str(cuda_graph_max_bs(preset, part))]
-    return args + ["--device", "cpu", "--dtype", "float32", "--mem-fraction-static", "0.05"]
+    from testbed.process_env import cpu_server_flags  # standard library only
+
+    return args + ["--device", "cpu", "--dtype", "float32", *cpu_server_flags()]
 
 
 def server_command(preset: Preset, part: str, backend: str, model_path: str, port: int) -> List[str]:

@@ -158,12 +158,13 @@ def start_engine(model: str, **kwargs):
     import sglang
     import torch
 
-    from testbed.process_env import default_zoomr_environment
+    from testbed.process_env import CPU_ENGINE_ARGS, default_zoomr_environment
 
     default_zoomr_environment(**TASK_SETTINGS)
-    args = dict(device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32", max_total_tokens=400_000,
-                mem_fraction_static=0.05, skip_server_warmup=True, max_running_requests=1024,
-                disable_radix_cache=True)
+    on_cuda = torch.cuda.is_available()
+    args = dict(device="cuda" if on_cuda else "cpu", dtype="float32", max_total_tokens=400_000,
+                skip_server_warmup=True, max_running_requests=1024, disable_radix_cache=True,
+                **(dict(mem_fraction_static=0.05) if on_cuda else CPU_ENGINE_ARGS))
     return sglang.Engine(model_path=model, attention_backend="zoomr", **{**args, **kwargs})
 
 

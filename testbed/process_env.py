@@ -22,12 +22,25 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 REPO = Path(__file__).resolve().parent.parent
 # Core sets of CPU ranks 0 and 1, one entry per rank ("|"-separated, as SGLang reads it). SGLang
 # reads the variable only with --tp > 1 on its CPU engine; more ranks need the user's own list.
 CPU_TP_THREADS_BIND = "0|1"
+# What every CPU engine and server started from this checkout adds to its arguments, as
+# ``sglang.Engine`` keywords (:func:`cpu_server_flags`: as ``launch_server`` flags):
+# - mem_fraction_static: with an explicit pool (--max-total-tokens) the fraction sizes nothing; it
+#   only absorbs what other processes take while the model loads (SGLang refuses to start when more
+#   than it goes): 0.05 failed in the suite when a neighbouring test's processes took 5% of the RAM.
+# - sleep_on_idle: an idle scheduler otherwise polls on a whole core (measured: 15 s of CPU in 15
+#   idle seconds), which the suite's other engines, or a benchmark's own client, need.
+CPU_ENGINE_ARGS = {"mem_fraction_static": 0.2, "sleep_on_idle": True}
+
+
+def cpu_server_flags() -> List[str]:
+    """:data:`CPU_ENGINE_ARGS` as ``launch_server`` flags."""
+    return ["--mem-fraction-static", str(CPU_ENGINE_ARGS["mem_fraction_static"]), "--sleep-on-idle"]
 
 
 def _prepend(path: str) -> None:

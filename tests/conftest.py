@@ -5,6 +5,8 @@ and the ``sgl_kernel`` stand-in on a machine without a GPU), set before torch is
 spawned SGLang processes inherit both the environment and ``sys.path``.
 """
 
+import fcntl
+import json
 import sys
 from pathlib import Path
 
@@ -17,12 +19,14 @@ prepare_process_env()
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # backend_harness and friends
 
 
-# The longest files (``--durations``, 2026-12-06), handed out first:
-# ``--dist loadfile`` gives a file to one worker, and a long file handed out last runs alone at the end.
-LONGEST_FIRST = ("test_gpu_check.py", "test_engine.py", "test_tp.py", "test_memory_bench_smoke.py", "test_soak.py",
-                 "test_accuracy_engine.py", "test_radix_ext.py", "test_retraction.py", "test_forcing.py",
-                 "test_page_bounds.py", "test_adversarial.py", "test_server.py", "test_selection.py",
-                 "test_program_trace.py", "test_policies.py", "test_demo.py")
+# The longest files (junit times, 2026-12-07), handed out first:
+# ``--dist loadfile`` gives a file to one worker, and a long file handed out last runs alone at the end
+# (``./dev test`` passes ``--no-loadscope-reorder``, else xdist orders files by their number of tests).
+LONGEST_FIRST = ("test_gpu_check.py", "test_soak.py", "test_tp.py", "test_engine.py", "test_memory_bench_smoke.py",
+                 "test_radix_ext.py", "test_accuracy_engine.py", "test_retraction.py", "test_one_phase.py",
+                 "test_host_tier.py", "test_forcing.py", "test_server.py", "test_adversarial.py", "test_selection.py",
+                 "test_page_bounds.py", "test_plugin.py", "test_unknown_token_ids.py", "test_program_trace.py",
+                 "test_kernels.py", "test_demo.py", "test_policies.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -39,9 +43,18 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def dense_outputs(model_path):
-    """``torch_native``'s tokens that every zoomr identity check compares with: one dense engine
-    for the whole session (``engine_utils.dense_reference``)."""
+def dense_outputs(model_path, tmp_path_factory, worker_id):
+    """``torch_native``'s tokens that every zoomr identity check compares with
+    (``engine_utils.dense_reference``): one dense engine for the whole run. Under xdist the first
+    worker to ask computes them into the run's shared temporary folder; the other waits on the lock
+    and reads them."""
     from engine_utils import dense_reference
 
-    return dense_reference(model_path)
+    if worker_id == "master":  # no xdist: the folder above this run's is shared by every run
+        return dense_reference(model_path)
+    shared = tmp_path_factory.getbasetemp().parent / "dense_outputs.json"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.exists():
+            shared.write_text(json.dumps(dense_reference(model_path)))
+    return json.loads(shared.read_text())

@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional
 
 from testbed.local_server import free_port, wait_healthy
-from testbed.process_env import zoomr_environment
+from testbed.process_env import CPU_ENGINE_ARGS, cpu_server_flags, zoomr_environment
 
-# The pool is sized by max_total_tokens; the fraction only has to pass SGLang's memory probe when
-# the machine has little free memory. An idle scheduler sleeps instead of spinning on a core that
-# the suite's other engines need.
-ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, mem_fraction_static=0.2,
-                   skip_server_warmup=True, sleep_on_idle=True)
+# The pool is sized by max_total_tokens; CPU_ENGINE_ARGS: see testbed/process_env.py.
+ENGINE_ARGS = dict(device="cpu", dtype="float32", max_total_tokens=8192, skip_server_warmup=True, **CPU_ENGINE_ARGS)
 GREEDY = {"temperature": 0, "ignore_eos": True}
 IDENTITY_TOKENS = 300  # per prompt, in every check of zoomr against torch_native's tokens
 
@@ -108,7 +105,7 @@ def server_command(model_path: str, port: int, *extra: str) -> List[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
         "--port", str(port), "--attention-backend", "zoomr", "--device", "cpu", "--dtype", "float32",
-        "--max-total-tokens", "4096", "--mem-fraction-static", "0.2", "--skip-server-warmup", "--sleep-on-idle",
+        "--max-total-tokens", "4096", "--skip-server-warmup", *cpu_server_flags(),
         *extra,
     ]
 

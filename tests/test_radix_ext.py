@@ -1,21 +1,19 @@
-"""``--radix-cache-backend zoomr`` end to end (``sglang.Engine`` and ``launch_server``, CPU): a
-second turn whose prompt holds the first turn's reasoning hits the tree, inherits its thoughts,
-index keys and cold thoughts, stays small on the device, and every count comes back.
+"""``--radix-cache-backend zoomr`` end to end (``sglang.Engine``, CPU): a second turn whose prompt
+holds the first turn's reasoning hits the tree, inherits its thoughts, index keys and cold
+thoughts, stays small on the device, and every count comes back, also when it is aborted.
 
-The tests that only need the zoomr tree under the small budget share one engine (``tree_engine``,
-after the tests that start their own: an idle engine's scheduler keeps polling, a core's worth);
-each flushes the tree first and reads the engine's running totals as differences from its start."""
+The tests that only need the zoomr tree under the small budget share one engine (``tree_engine``);
+each flushes the tree first and reads the engine's running totals as differences from its start.
+(``launch_server`` with the zoomr tree, aborts over HTTP included: ``tests/test_soak.py``.)"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
-import requests
 
-from engine_utils import (assert_idle_counts, engine, generate, generate_whole_budget, prompts, server, zoomr_env,
-                          zoomr_state)
-from testbed.process_env import zoomr_environment
+from engine_utils import GREEDY, assert_idle_counts, engine, generate, generate_whole_budget, prompts, zoomr_env, zoomr_state
 
 pytestmark = pytest.mark.engine
 
@@ -42,48 +40,6 @@ def test_concurrent_sessions_sharing_a_prefix_under_eviction_keep_every_count(mo
         assert all(len(o["output_ids"]) == 150 for o in turn2) and all(len(o["output_ids"]) == 100 for o in turn3)
         assert state["host_tier"]["zoom_in_failures"] == 0
         assert_idle_counts(eng, state)
-
-
-def test_abort_mid_turn_two_returns_every_count(model_path):
-    """launch_server with the zoomr tree: turn 2 (inheriting cold thoughts) is aborted while it
-    zooms; the pool, rows, host tier and index come back, and the tree keeps turn 1."""
-    env = zoomr_environment(**SMALL_BUDGET)
-    with server(model_path, env=env, extra=("--radix-cache-backend", "zoomr")) as url:
-        def info():
-            return requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0]["zoomr"]
-
-        greedy = {"temperature": 0, "ignore_eos": True}
-        prompt = [0, 5, 6, 7]
-        turn1 = requests.post(f"{url}/generate", json={"input_ids": prompt, "sampling_params": {
-            **greedy, "max_new_tokens": 500}}, timeout=300).json()
-        start = info()
-        second = prompt + turn1["output_ids"] + MESSAGE
-        stream = requests.post(f"{url}/generate", stream=True, timeout=120, json={
-            "input_ids": second, "sampling_params": {**greedy, "max_new_tokens": 2000}, "stream": True,
-            "rid": "turn-two"})
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            busy = info()
-            if "turn-two" in busy["running"] and busy["running"]["turn-two"]["steps"] > 50:
-                break
-            time.sleep(0.1)
-        assert busy["running"]["turn-two"]["inherited_keys"] > 0, busy
-        requests.post(f"{url}/abort_request", json={"rid": "turn-two"}, timeout=30).raise_for_status()
-        stream.close()
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            end = info()
-            if not end["running"]:
-                break
-            time.sleep(0.2)
-        assert end["running"] == {} and end["index_entries_live"] == 0
-        assert end["host_tier"]["used_tokens"] == end["radix"]["host_tokens"] >= start["radix"]["host_tokens"] > 0
-        pools = end["pools"]
-        assert pools["req_rows_available"] == start["pools"]["req_rows_available"] and pools["kv_protected"] == 0
-        assert pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
-        requests.post(f"{url}/flush_cache", timeout=30).raise_for_status()
-        flushed = info()
-        assert flushed["host_tier"]["used_tokens"] == 0 and flushed["pools"]["kv_available"] == pools["kv_capacity"]
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +115,41 @@ def test_reasoning_pasted_into_a_prompt_is_segmented_tiered_and_inherited(model_
     assert second["meta_info"]["cached_tokens"] >= 0.9 * (len(followup) - len(MESSAGE))
     assert after["inherited_keys"] > 0 and after["prompt_len"] == stats["prompt_len"]
     assert_idle_counts(eng, state)
+
+
+def test_abort_mid_turn_two_returns_every_count(tree_engine):
+    """Turn 2 (inheriting cold thoughts) is aborted while it zooms; the pool, rows, host tier and
+    index come back, and the tree keeps turn 1."""
+    eng = tree_engine
+    eng.flush_cache()
+    prompt = [0, 5, 6, 7]
+    turn1 = generate(eng, [prompt], 500)[0]
+    start = zoomr_state(eng)
+    second = prompt + turn1["output_ids"] + MESSAGE
+
+    async def abort_while_zooming():
+        turn2 = asyncio.ensure_future(eng.async_generate(
+            input_ids=second, rid="turn-two", sampling_params={**GREEDY, "max_new_tokens": 2000}))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            busy = (await eng.tokenizer_manager.get_internal_state())[0]["zoomr"]
+            if "turn-two" in busy["running"] and busy["running"]["turn-two"]["steps"] > 50:
+                break
+            await asyncio.sleep(0.1)
+        eng.tokenizer_manager.abort_request(rid="turn-two")
+        return busy, await turn2
+
+    busy, turn2 = eng.loop.run_until_complete(abort_while_zooming())
+    assert busy["running"]["turn-two"]["inherited_keys"] > 0, busy
+    assert turn2["meta_info"]["finish_reason"]["type"] == "abort" and len(turn2["output_ids"]) < 2000
+    deadline = time.time() + 60
+    while (end := zoomr_state(eng))["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert end["running"] == {} and end["index_entries_live"] == 0
+    assert end["host_tier"]["used_tokens"] == end["radix"]["host_tokens"] >= start["radix"]["host_tokens"] > 0
+    pools = end["pools"]
+    assert pools["req_rows_available"] == start["pools"]["req_rows_available"] and pools["kv_protected"] == 0
+    assert pools["kv_available"] + pools["kv_evictable"] == pools["kv_capacity"]
+    eng.flush_cache()
+    flushed = zoomr_state(eng)
+    assert flushed["host_tier"]["used_tokens"] == 0 and flushed["pools"]["kv_available"] == pools["kv_capacity"]
