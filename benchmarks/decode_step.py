@@ -13,8 +13,9 @@ batch), stepped in turn so that drift hits them alike:
 * ``attention``: ZoomR's attention alone over the same working sets (no plan, no index, no vote).
 
 The history is realistic: requests write synthetic reasoning (thoughts of 150-350 tokens in
-sentences of 10-30, a blank line, a 12-token summary) and reach the measured context through real
-steps of the controller (64 tokens each), so
+sentences of 10-30, a blank line, a 12-token summary; with ``--no-summaries``, as a model that
+writes none, no summary: zoomr keeps each thought's mean key instead) and reach the measured context
+through real steps of the controller (64 tokens each), so
 index keys hold the history's keys, candidate tables are filled, votes are cast and applied, and
 with the host tier on (the default server setting) cold thoughts sit in the host tier and their
 device slots went back to the allocator. Timed steps refresh where the text does (sentence ends,
@@ -33,7 +34,9 @@ in line); on CUDA ``1 - attention / zoomr`` (the layers replay as one graph).
 request per step at batch 64 over the same stream with the host tier on, on a tiny KV shape so that
 the tier's copies (on a GPU a side stream's work) do not count (``plan us/r`` in the table includes
 them on the CPU); ``tier_copy_gbps`` is ``benchmarks/tier_copy.py``'s whole-thought move at
-Llama-3.1-8B shapes.
+Llama-3.1-8B shapes. ZoomR's settings are the server's: the ``ZOOMR_*`` variables, as a server
+reads them (none set: the defaults), e.g. ``ZOOMR_BUDGET=0.2`` for a budget of a fifth of each
+sequence.
 
 On CUDA: a Llama-3.1-8B-shaped attention (32 layers, 32 query / 8 KV heads, head_dim 128, bf16),
 FlashInfer's paged decode (what SGLang's backends call), every layer of a step captured in one CUDA
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -70,7 +74,7 @@ from zoomr_sglang.algo.torch_attention import gather_decode_attention  # noqa: E
 from zoomr_sglang.attention_backend.controller import ZoomRController  # noqa: E402
 from zoomr_sglang.attention_backend.host_tier import HostKVTier  # noqa: E402
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering  # noqa: E402
-from zoomr_sglang.config import ZoomRConfig  # noqa: E402
+from zoomr_sglang.config import load_config  # noqa: E402
 from zoomr_sglang.kernels.kv_indices import ranges_to_kv_indices  # noqa: E402
 
 
@@ -99,7 +103,7 @@ SHAPES = {
 # measured as tier_copy_gbps), which this keeps negligible.
 PLANNER = dict(batch=64, context=2048, steps=200, shape=Shape(2, 4, 2, 16, torch.float32, (2048,), (64,), 200, 20,
                                                               1.0, 1.0))
-CONFIG = ZoomRConfig()  # the server defaults (host tier sized per cell here)
+CONFIG = load_config()  # the server's settings (host tier sized per cell here)
 VOCAB = [" w", ".", "\n\n", CONFIG.summary_begin, CONFIG.summary_end, " s"]
 WORD, STOP, BLANK, BEGIN, END, SUMMARY = range(len(VOCAB))
 PROMPT = 256
@@ -107,8 +111,9 @@ HISTORY_STEP = 64  # tokens a history step feeds per request (commits past a ste
 WORST_ITERS = 3  # timed worst steps per cell (every request votes)
 
 
-def reasoning_tokens(rng: random.Random, n: int) -> List[int]:
-    """Thoughts of 150-350 words in sentences of 10-30, a blank line, a 10-word summary, a blank line."""
+def reasoning_tokens(rng: random.Random, n: int, summaries: bool = True) -> List[int]:
+    """Thoughts of 150-350 words in sentences of 10-30, a blank line, then (``summaries``) a
+    10-word summary and a blank line."""
     out: List[int] = []
     while len(out) < n:
         body = rng.randint(150, 350)
@@ -116,7 +121,7 @@ def reasoning_tokens(rng: random.Random, n: int) -> List[int]:
             sentence = min(body, rng.randint(10, 30))
             out += [WORD] * sentence + [STOP]
             body -= sentence
-        out += [BLANK, BEGIN] + [SUMMARY] * 10 + [END, BLANK]
+        out += ([BLANK, BEGIN] + [SUMMARY] * 10 + [END, BLANK]) if summaries else [BLANK]
     return out[:n]
 
 
@@ -143,7 +148,7 @@ class Cell:
     """Requests with ``context`` tokens of history in one (context, batch) cell, a controller that
     has run their history, and the dense table every position's slot is drawn from."""
 
-    def __init__(self, shape: Shape, context: int, batch: int, device: str) -> None:
+    def __init__(self, shape: Shape, context: int, batch: int, device: str, summaries: bool = True) -> None:
         self.shape, self.batch, self.device = shape, batch, device
         rows, self.max_len = batch + 1, context + shape.warmup + shape.iters + WORST_ITERS + 2
         token_bytes = HostKVTier.bytes_per_token(shape.layers, shape.kv_heads, shape.head_dim, shape.head_dim, shape.dtype)
@@ -177,7 +182,7 @@ class Cell:
             device=device, index_capacity=batch * (context // 100 + 64), max_voters=batch, tiering=tiering)
         rng = random.Random(batch)
         self.reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[WORD] * PROMPT, prefix_len=0,
-                                     output_ids=reasoning_tokens(rng, self.max_len),
+                                     output_ids=reasoning_tokens(rng, self.max_len, summaries),
                                      sampling_params=SimpleNamespace(custom_params=None, max_new_tokens=self.max_len))
                      for i in range(batch)]
         self.query = torch.randn(batch, shape.heads, shape.head_dim, device=device).to(shape.dtype)
@@ -281,9 +286,9 @@ def dense_lists(table: torch.Tensor, seq_lens: List[int], out) -> Tuple[torch.Te
     return indptr, ranges_to_kv_indices(table, *args, int(indptr[-1]), out=out)
 
 
-def measure(shape: Shape, context: int, batch: int, device: str) -> Dict[str, float]:
+def measure(shape: Shape, context: int, batch: int, device: str, summaries: bool = True) -> Dict[str, float]:
     """Mean seconds per step of each variant over realistic steps, then over worst steps."""
-    cell = Cell(shape, context, batch, device)
+    cell = Cell(shape, context, batch, device, summaries)
     controller = cell.controller
     attention = Attention(cell, max(shape.contexts))
     kv_out = attention.indices if device == "cuda" else None
@@ -350,10 +355,10 @@ def measure(shape: Shape, context: int, batch: int, device: str) -> Dict[str, fl
     return times
 
 
-def planner_us_per_request(device: str) -> float:
+def planner_us_per_request(device: str, summaries: bool = True) -> float:
     """Median ``begin_decode`` wall time per request per step, ``PLANNER``'s batch and stream, host tier on."""
     shape, batch = PLANNER["shape"], PLANNER["batch"]
-    cell = Cell(shape, PLANNER["context"], batch, device)
+    cell = Cell(shape, PLANNER["context"], batch, device, summaries)
     assert cell.tiered, "the planner measurement runs with the host tier on"
     seconds = [cell.history_step(PLANNER["context"] + 1 + step) for step in range(shape.warmup + shape.iters)]
     return 1e6 * statistics.median(seconds[shape.warmup:]) / batch
@@ -380,6 +385,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, help="timed realistic steps per measurement")
     parser.add_argument("--host-gb", type=float, help="host tier per cell, GiB (default: the device's)")
     parser.add_argument("--results", help="write every finished cell's row to this JSON file")
+    parser.add_argument("--no-summaries", action="store_true",
+                        help="the history of a model that writes no summaries (thoughts end at a blank line)")
     args = parser.parse_args(argv)
     shape = SHAPES["cuda" if ON_CUDA else "cpu"]
     for name in ("contexts", "batches"):
@@ -408,15 +415,15 @@ def main(argv=None) -> dict:
     args, shape = parse_args(argv)
     device = "cuda" if ON_CUDA else "cpu"
     print(f"device {device}: {shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, head_dim {shape.head_dim}, "
-          f"{str(shape.dtype).replace('torch.', '')}; server defaults (refresh where the text does); "
-          f"worst step: every request votes", flush=True)
+          f"{str(shape.dtype).replace('torch.', '')}; ZoomR settings {_settings_text()} (refresh where the text "
+          f"does); {'no summaries' if args.no_summaries else 'summaries'}; worst step: every request votes", flush=True)
     print(f"{'context':>8} {'batch':>5} {'slots':>6} {'dense ms':>9} {'zoomr ms':>9} {'attn ms':>8} {'ratio':>6} "
           f"{'overhead':>8} {'plan us/r':>9} {'worst':>6} {'w.ovh':>6} {'kv/request':>10}", flush=True)
     tier_gbps = measure_tier_copy_gbps(device)  # first, in a fresh process (as tier_copy.py alone)
     rows = []
     for batch in shape.batches:
         for context in shape.contexts:
-            t = measure(shape, context, batch, device)
+            t = measure(shape, context, batch, device, not args.no_summaries)
             row = dict(context=context, batch=batch, slots="tiered" if t["tiered"] else "shared",
                        dense=t["real_dense"], zoomr=t["real_zoomr"], attention=t["real_attention"],
                        ratio=t["real_dense"] / t["real_zoomr"], overhead=t["real_selection"],
@@ -434,7 +441,7 @@ def main(argv=None) -> dict:
     mine = [r for r in rows if r["batch"] == largest]
     result = {"device": device, "step_ratio": {str(r["context"]): round(r["ratio"], 3) for r in mine},
               "selection_overhead": round(max(r["overhead"] for r in mine), 4), "batch": largest,
-              "host_us_per_request": round(planner_us_per_request(device), 2),
+              "host_us_per_request": round(planner_us_per_request(device, not args.no_summaries), 2),
               "tier_copy_gbps": round(tier_gbps, 2),
               "worst_step_ratio": {str(r["context"]): round(r["worst_ratio"], 3) for r in mine},
               "worst_selection_overhead": round(max(r["worst_overhead"] for r in mine), 4)}
@@ -444,9 +451,15 @@ def main(argv=None) -> dict:
     return result
 
 
+def _settings_text() -> str:
+    """The ``ZOOMR_*`` variables this run was given, or "the defaults"."""
+    given = {k: v for k, v in os.environ.items() if k.startswith("ZOOMR_")}
+    return json.dumps(given) if given else "the defaults"
+
+
 def write_results(path: str, device: str, shape: Shape, rows: List[dict], summary: Optional[dict] = None) -> None:
-    """The run so far: its date, arguments and sizes, ZoomR's settings (the server defaults), every
-    finished cell's row and, at the end, the last-line JSON."""
+    """The run so far: its date, arguments and sizes, ZoomR's settings (as the server reads them),
+    every finished cell's row and, at the end, the last-line JSON."""
     settings = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "device": device,
                 "shape": {**shape.__dict__, "dtype": str(shape.dtype)}, "zoomr_config": CONFIG.__dict__}
     Path(path).write_text(json.dumps({**settings, "rows": rows, "summary": summary}, indent=1, default=str) + "\n")
