@@ -65,6 +65,7 @@ class ThoughtPolicy(Policy):
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         super().__init__(num_thoughts=num_thoughts)
         self._skeleton: List[Range] = []  # merged, ascending
+        self._skeleton_array: Optional[np.ndarray] = None  # the same as [n, 2] int64 (None: rebuild)
         self._closed = 0  # closed thoughts whose summaries are in the skeleton
         self._summaries = 0  # how many of them have a summary
         self._static = np.zeros((0, 2), dtype=np.int64)
@@ -77,6 +78,7 @@ class ThoughtPolicy(Policy):
     def _update_skeleton(self, view: StepView) -> None:
         if not self._skeleton:
             self._skeleton = [(0, max(view.sink, view.prompt_len))]
+            self._skeleton_array = None
         closed = len(view.thoughts) - (1 if view.thoughts and not view.thoughts[-1].final else 0)
         for thought in view.thoughts[self._closed:closed]:
             if thought.summary_start is not None:
@@ -91,6 +93,7 @@ class ThoughtPolicy(Policy):
 
     def _append(self, start: int, end: int) -> None:
         """Summaries close in position order: each one extends or follows the last range."""
+        self._skeleton_array = None
         last_start, last_end = self._skeleton[-1]
         if start <= last_end:
             self._skeleton[-1] = (last_start, max(last_end, end))
@@ -145,9 +148,14 @@ class ThoughtPolicy(Policy):
         """Within a budget: keeps the skeleton, then a window, the zoomed thoughts whole in their
         order while they fit, and the window grows (never past ``view.window_cap``)."""
         cap = view.seq_len if view.window_cap is None else view.window_cap
-        skeleton = [(start, min(end, view.seq_len)) for start, end in self._skeleton if start < view.seq_len]
+        if self._skeleton_array is None:  # a bounded step reads it every step: one array, not a list
+            self._skeleton_array = as_range_array(self._skeleton)
+        skeleton = self._skeleton_array
+        if len(skeleton) and skeleton[-1, 1] > view.seq_len:  # only the last ranges can reach past it
+            skeleton = np.minimum(skeleton[skeleton[:, 0] < view.seq_len], view.seq_len)
         # The open thought's first tokens say what it is doing; without a budget it is attended whole.
-        skeleton.append((view.open_from, min(view.open_from + view.thought_sink, view.seq_len)))
+        open_sink = [[view.open_from, min(view.open_from + view.thought_sink, view.seq_len)]]
+        skeleton = np.concatenate([skeleton, np.asarray(open_sink, dtype=np.int64)])
         spans = [(view.thoughts[i].start, view.thoughts[i].span_end()) for i in self.zoomed_thoughts(view)]
         return Ranking(keep=skeleton, window=min(view.window, cap), stages=(Stage(as_range_array(spans)),),
                        window_cap=cap)

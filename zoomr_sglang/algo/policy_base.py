@@ -189,7 +189,7 @@ class Policy:
         grows into what is left, at most ``ranking.window_cap`` tokens back. Without a budget it
         attends everything the ranking names."""
         seq_len, budget = view.seq_len, view.budget or UNBOUNDED
-        keep = as_range_array([(0, min(view.sink, seq_len)), *ranking.keep])
+        keep = np.concatenate([as_range_array([(0, min(view.sink, seq_len))]), as_range_array(ranking.keep)])
         ends = [int(ranges[:, 1].max()) for ranges in (keep, *(s.units for s in ranking.stages)) if len(ranges)]
         kept = range_mask(keep, max(seq_len, *ends))
         count = _grow_window(kept, int(np.count_nonzero(kept)), seq_len, budget, ranking.window)
