@@ -39,8 +39,12 @@ CPU_ENGINE_ARGS = {"mem_fraction_static": 0.2, "sleep_on_idle": True}
 
 
 def cpu_server_flags() -> List[str]:
-    """:data:`CPU_ENGINE_ARGS` as ``launch_server`` flags."""
-    return ["--mem-fraction-static", str(CPU_ENGINE_ARGS["mem_fraction_static"]), "--sleep-on-idle"]
+    """:data:`CPU_ENGINE_ARGS` as ``launch_server`` flags (a True switch as the bare flag)."""
+    flags: List[str] = []
+    for name, value in CPU_ENGINE_ARGS.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
 
 
 def _prepend(path: str) -> None:
