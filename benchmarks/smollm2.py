@@ -35,8 +35,8 @@ on the device over its final length, from the free run, summed over prompts.
 the model and prints the plan without starting SGLang.
 
 ZoomR settings unless the environment says otherwise: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64
-ZOOMR_MAX_THOUGHT_TOKENS=256 ZOOMR_HOST_POOL_GB=0`` (what a step attends does not depend on the
-host tier). On a CPU machine the script sets up SGLang's CPU engine itself. Cost: every policy
+ZOOMR_MAX_THOUGHT_TOKENS=256 ZOOMR_HOST_POOL_GB=1`` (the host tier on: zoomr's requests keep on the
+device only what their steps attend; the other policies never use it). On a CPU machine the script sets up SGLang's CPU engine itself. Cost: every policy
 and budget decodes every prompt twice; on a 2-core CPU SmolLM2 decodes about 15-30 tokens/s over a
 batch, so the defaults (4 x 1024 tokens, 6 policies, 2 budgets) take hours there; use
 ``--n-prompts 2 --max-new-tokens 256`` for a CPU smoke run.
@@ -62,7 +62,7 @@ from testbed.process_env import default_zoomr_environment  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 POLICIES = ("streaming", "h2o", "sumr", "quest", "zoomr", "zoomr_pages", "random")
-BENCH_SETTINGS = dict(sink=4, window=64, max_thought_tokens=256, host_pool_gb=0, stats_history=100_000)
+BENCH_SETTINGS = dict(sink=4, window=64, max_thought_tokens=256, host_pool_gb=1, stats_history=100_000)
 QUESTIONS = (
     "A farmer has 17 sheep, buys 3 times as many goats as sheep, then sells 12 goats and half of "
     "the sheep (rounding down). How many animals are left? Think step by step, explain every step "

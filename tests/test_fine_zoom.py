@@ -58,14 +58,14 @@ def _view(thoughts, **overrides):
     return StepView(**{**base, **overrides})
 
 
-def test_zoomr_zooms_into_pages_only_under_a_budget_without_summaries_and_without_the_host_tier():
+def test_zoomr_zooms_into_pages_only_under_a_budget_and_without_summaries():
     implicit = [Thought(index=0, start=10, body_end=60, final=True)]
     summarized = [Thought(index=0, start=10, body_end=56, summary_start=56, summary_end=60, content_start=57,
                           content_end=59, final=True)]
     observing = ZoomRPolicy(num_thoughts=2)
     ranges = observing.working_set(_view(implicit))
     assert observing.observe_positions(_view(implicit), ranges) is not None and ranges_size(ranges) == BUDGET
-    for thoughts, overrides in ((summarized, {}), (implicit, {"zoom_pages": False}), (implicit, {"window_cap": 10}),
+    for thoughts, overrides in ((summarized, {}), (implicit, {"zoom_pages": False}),
                                 (implicit, {"budget": 0}), ([], {"candidates": []})):
         policy = ZoomRPolicy(num_thoughts=2)
         view = _view(thoughts, **overrides)
@@ -94,3 +94,78 @@ def test_zoomr_without_summaries_through_the_backend_observes_matches_the_refere
         harness.release_all()
         assert harness.allocator.available_size() == free_at_start
         assert harness.controller.index_keys.num_live == 0
+
+
+def _fine_run(host_tier_tokens: int, steps: int = 240):
+    """Two requests without summaries under a 48-token budget, zoomr's fine levels; returns each
+    step's outputs, the harness and the pool's free slots at the start and at the end."""
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16)
+    harness = Harness(config, seed=5, host_tier_tokens=host_tier_tokens)
+    free_at_start = harness.allocator.available_size()
+    for prompt_len in (6, 10):
+        harness.add_request(prompt_len, {"zoomr_policy": "zoomr", "zoomr_budget": 48})
+    scripts = [scripted_tokens(random.Random(seed), steps, summaries=False) for seed in (7, 8)]
+    outputs = []
+    for step in range(steps):
+        _, layers = harness.decode_step([script[step] for script in scripts])
+        outputs.append(torch.stack([out for (_, _, _, out) in layers]))
+        assert not bool((harness.backend.kv_indices == 0).any()), f"step {step} attends a hole"
+    return outputs, harness, free_at_start, harness.allocator.available_size()
+
+
+def test_fine_levels_with_the_host_tier_are_lossless_keep_little_resident_and_return_every_count():
+    """The host tier moves closed thoughts off whole and brings back only the positions the page
+    and token levels want: every step's outputs equal the run without the tier."""
+    dense_outputs, dense, dense_start, dense_end = _fine_run(0)
+    tiered_outputs, tiered, tiered_start, tiered_end = _fine_run(4096)
+    for step, (a, b) in enumerate(zip(dense_outputs, tiered_outputs)):
+        assert torch.equal(a, b), f"step {step} differs with the host tier on"
+    tiering = tiered.controller.tiering
+    counters = tiering.counters
+    assert counters.evicted_tokens > 300 and counters.zoomed_in_tokens > 0 and counters.dropped_tokens > 0
+    assert counters.zoom_in_failures == 0 and counters.copy_failures == 0
+    for state in tiered.states.values():
+        assert state.zooms_fine() and state.votable == 0 and state.zoomed == []
+        tier = state.tier
+        assert len(tier.zoomed_positions) > 0
+        # what the device holds of the request: its sequence less what only the host tier has
+        assert state.stats.resident_last == state.stats.dense_last - tier.offloaded
+        assert state.stats.resident_last < 0.5 * state.stats.dense_last
+        assert tiering.uncounted_device_tokens(state.row, 0) == len(tier.zoomed_positions) - sum(
+            end - start for start, end in tiering.holes(state.row))
+    assert (tiered_start - tiered_end) < 0.6 * (dense_start - dense_end)
+    for harness, free_at_start in ((dense, dense_start), (tiered, tiered_start)):
+        harness.release_all()
+        assert harness.allocator.available_size() == free_at_start
+        assert harness.controller.index_keys.num_live == 0
+    assert tiering.host.num_used == 0 and tiering.rows == {}
+
+
+def test_without_a_budget_a_model_that_writes_no_summaries_gets_the_implicit_share():
+    """No budget set: a request whose thoughts close without summaries attends ``implicit_budget``
+    of its sequence through the fine levels, at most ZoomR's own bound; one with summaries keeps
+    ZoomR's working set; an ``implicit_budget`` of 0 leaves both unbounded."""
+    for implicit_budget, window in ((0.35, 64), (0.35, 12), (0, 12)):
+        config = ZoomRConfig(sink=4, window=window, max_thought_tokens=16, implicit_budget=implicit_budget)
+        harness = Harness(config, seed=9, host_tier_tokens=4096)
+        free_at_start = harness.allocator.available_size()
+        for prompt_len in (6, 10):
+            harness.add_request(prompt_len)
+        scripts = [scripted_tokens(random.Random(20 + i), 300, summaries=summaries)
+                   for i, summaries in enumerate((False, True))]
+        for step in range(300):
+            harness.decode_step([script[step] for script in scripts])
+        plain, summarized = harness.plan.states
+        assert summarized.budget == 0 and not summarized.zooms_fine()
+        assert summarized.stats.over_bound_steps == 0  # within ZoomR's bound
+        if implicit_budget:
+            assert plain.budget == implicit_budget and plain.zooms_fine() and plain.tier.zoomed_positions.size
+            share = -(-plain.stats.dense_last * 35 // 100)
+            assert plain.stats.attended_last == plain.stats.bound_last == min(share, plain.zoomr_bound)
+            assert (share < plain.zoomr_bound) == (window == 64)  # the share binds, or ZoomR's bound
+        else:
+            assert plain.budget == 0 and not plain.zooms_fine() and plain.votable > 0
+            assert plain.stats.bound_last == plain.zoomr_bound and plain.stats.over_bound_steps == 0
+        harness.release_all()
+        assert harness.allocator.available_size() == free_at_start
+        assert harness.controller.tiering.host.num_used == 0

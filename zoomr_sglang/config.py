@@ -70,6 +70,11 @@ class ZoomRConfig:
     # writes none): "pages" (pages voted by key bounds, refined to the tokens the last step attended
     # most; algo/fine_zoom.py) or "thoughts" (whole voted thoughts, as with summaries).
     implicit_zoom: str = "pages"
+    # The budget of a zoomr request that has none (``budget`` 0) once its thoughts close without
+    # summaries (a model that writes none), as a share of the sequence, at most ZoomR's own bound;
+    # 0: none. Off by default: 0.5 under the default window kept less of the full cache's output
+    # than no budget on SmolLM2 (benchmarks/README.md, "A real pretrained model").
+    implicit_budget: float = 0
     # Closed thoughts per request that can be zoomed back into; later ones are attended through
     # their summaries only. Sizes the device's candidate table and vote buffers.
     max_candidates: int = 1024
@@ -163,6 +168,9 @@ _LAYERS = _json_list("a JSON list of distinct layer indices >= 0, e.g. [0, 1] (e
 _BUDGET = _Rule("0 (unbounded), an integer count of KV tokens, or a share of the sequence in (0, 1), e.g. 0.2",
                 lambda v: _is_int(v) and v >= 0 or isinstance(v, float) and 0 < v < 1,
                 from_text=json.loads, reads_as="a number")
+_SHARE = _Rule("0 (none) or a share of the sequence in (0, 1), e.g. 0.5",
+               lambda v: _is_int(v) and v == 0 or isinstance(v, float) and 0 < v < 1,
+               from_text=json.loads, reads_as="a number")
 # policy_class imports a research policy's module where its setting is read, or raises saying what is allowed.
 _POLICY = _Rule("a policy name", lambda v: isinstance(v, str) and policy_class(v) is not None)
 
@@ -173,8 +181,8 @@ _RULES: Mapping[str, _Rule] = {
     "stats_history": _integer(0), "self_check_interval": _integer(0), "host_pool_gb": _GIGABYTES,
     "zoom_cache": _integer(0), "policy": _POLICY, "budget": _BUDGET, "vote": _choice(VOTE_KINDS),
     "vote_summary_tokens": _integer(1), "vote_layers": _LAYERS, "implicit_zoom": _choice(IMPLICIT_ZOOM_UNITS),
-    "max_candidates": _integer(1), "index_entries": _integer(0), "segment_prompt": _choice(SEGMENT_PROMPT_MODES),
-    "admission": _choice(ADMISSION_MODES),
+    "implicit_budget": _SHARE, "max_candidates": _integer(1), "index_entries": _integer(0),
+    "segment_prompt": _choice(SEGMENT_PROMPT_MODES), "admission": _choice(ADMISSION_MODES),
 }
 
 # User settings, each its own variable; every other field is a key of ZOOMR_CONFIG.

@@ -16,6 +16,10 @@ So a page zoomed into on a bound's promise keeps only the tokens that proved to 
 next pages take the freed room. :meth:`FineZoom.stages` says this as ranked units for the shared
 budget step (``Policy.fill``). Both levels read the keys of the positions :meth:`watch` lists (the
 attended ones and the pages completed since the last step): an observing step runs eagerly.
+
+With the host tier, closed thoughts leave the device whole and the levels bring back only what they
+may attend: :meth:`FineZoom.wanted` names those positions before the fill (the host tier copies the
+absent ones in), and the stages skip what is still absent (a copy under way on a GPU).
 """
 
 from __future__ import annotations
@@ -41,18 +45,46 @@ class FineZoom:
         self.observing: Optional[torch.Tensor] = None  # [positions] weights being summed this step
         self.weights = torch.zeros(0, dtype=torch.float64)  # [positions] last observed step's sums (CPU)
         self.new_pages: Range = (0, 0)  # positions of the pages whose bounds this step adds
+        self._ranked: Tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))  # (seq_len, ranked tokens)
 
-    def stages(self, seq_len: int, budget: int) -> Tuple[Stage, Stage, Stage]:
-        """What fills the budget after the skeleton and the window, in order: the tokens the last
-        step attended most (until all but :data:`PAGE_SHARE`'s share of the budget is used), the
-        pages the last vote chose (whole), then more of those tokens."""
+    def _ranked_tokens(self, seq_len: int) -> np.ndarray:
+        """``[n]`` int64: the positions below ``seq_len`` the last step attended, most attended
+        first (ties to the lower position); once per step."""
         if self.observing is not None:  # the last step's layers are all done: its sums are final
             self.weights, self.observing = self.observing.cpu(), None
-        weights = torch.zeros(seq_len, dtype=torch.float64)
-        weights[: min(seq_len, self.weights.numel())] = self.weights[:seq_len]
-        ranked = torch.argsort(weights, descending=True, stable=True)
-        tokens = token_units(ranked[weights[ranked] > 0].numpy())  # attended at the last step, most first
-        pages = [page for page in self.scorer.ranking() if (page + 1) * QUEST_PAGE_SIZE <= seq_len]
+            self._ranked = (-1, self._ranked[1])
+        if self._ranked[0] != seq_len:
+            weights = self.weights[:seq_len]
+            ranked = torch.argsort(weights, descending=True, stable=True)
+            self._ranked = (seq_len, ranked[weights[ranked] > 0].numpy())
+        return self._ranked[1]
+
+    def _pages(self, seq_len: int) -> List[int]:
+        return [page for page in self.scorer.ranking() if (page + 1) * QUEST_PAGE_SIZE <= seq_len]
+
+    def wanted(self, seq_len: int, budget: int) -> np.ndarray:
+        """Sorted ``[n]`` int64 positions this step's fill may take from the fine levels (the
+        ``budget`` most attended tokens of the last step and the voted pages) and the new pages
+        whose keys :meth:`observe` reads: what the host tier must have on the device."""
+        pages = self._pages(seq_len)
+        parts = [self._ranked_tokens(seq_len)[:budget],
+                 np.arange(self.scorer.pages_bounded * QUEST_PAGE_SIZE, seq_len // QUEST_PAGE_SIZE * QUEST_PAGE_SIZE)]
+        if pages:
+            parts.append((np.asarray(pages, dtype=np.int64)[:, None] * QUEST_PAGE_SIZE
+                          + np.arange(QUEST_PAGE_SIZE)).reshape(-1))
+        return np.unique(np.concatenate(parts))
+
+    def stages(self, seq_len: int, budget: int, absent: Optional[np.ndarray] = None) -> Tuple[Stage, Stage, Stage]:
+        """What fills the budget after the skeleton and the window, in order: the tokens the last
+        step attended most (until all but :data:`PAGE_SHARE`'s share of the budget is used), the
+        pages the last vote chose (whole), then more of those tokens. ``absent``: bool ``[>=
+        seq_len]``, positions whose KV is not on the device (the host tier): never taken."""
+        ranked = self._ranked_tokens(seq_len)
+        pages = self._pages(seq_len)
+        if absent is not None:
+            ranked = ranked[~absent[ranked]]
+            pages = [p for p in pages if not absent[p * QUEST_PAGE_SIZE:(p + 1) * QUEST_PAGE_SIZE].any()]
+        tokens = token_units(ranked)
         return (Stage(tokens, whole=False, limit=budget - budget // PAGE_SHARE),
                 Stage(as_range_array(page_ranges(pages))), Stage(tokens, whole=False))
 

@@ -170,18 +170,18 @@ class ZoomRPolicy(ThoughtPolicy):
     Under a budget, once thoughts have closed without any summary (a model that writes none) and
     ``view.zoom_pages`` allows it, the budget left by the skeleton and the window goes to pages and
     tokens instead of whole thoughts (:class:`FineZoom`'s stages); such steps observe every layer's
-    query.
-    Not for requests the host tier manages (``view.window_cap``): it moves whole thoughts."""
+    query, and what they leave goes to the window as far back as the KV is on the device."""
 
     name = "zoomr"
     votes = True
+    fine_levels = True
 
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         super().__init__(num_thoughts=num_thoughts)
         self.fine = FineZoom()
 
     def zooms_fine(self, view: StepView) -> bool:
-        return bool(view.budget) and view.zoom_pages and view.window_cap is None and self.implicit_only
+        return bool(view.budget) and view.zoom_pages and self.implicit_only
 
     def rank_units(self, view: StepView) -> Ranking:
         """As the thought policies, or, zooming fine, the same skeleton and window with the fine
@@ -189,7 +189,15 @@ class ZoomRPolicy(ThoughtPolicy):
         ranking = super().rank_units(view)
         if not self.zooms_fine(view):
             return ranking
-        return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget))
+        # The window grows into what the levels leave (at the first steps: they know few tokens) as
+        # far back as the KV is on the device, with or without the host tier alike.
+        absent = view.absent
+        missing = np.flatnonzero(absent[: view.seq_len]) if absent is not None else ()
+        cap = view.seq_len - (int(missing[-1]) + 1 if len(missing) else 0)
+        return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget, absent), window_cap=cap)
+
+    def wanted_positions(self, view: StepView) -> Optional[np.ndarray]:
+        return self.fine.wanted(view.seq_len, view.budget) if self.zooms_fine(view) else None
 
     def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
         if self.zooms_fine(view):

@@ -31,7 +31,9 @@ class StepView:
     window_cap: with the host tier on, how far back (tokens) a recent window may reach, since
     older closed thoughts may have left the device; None: anywhere; thought_sink: under a budget,
     the first tokens of the thought being written that thought-level policies always keep;
-    zoom_pages: under a budget, zoomr zooms into pages and tokens of thoughts without summaries.
+    zoom_pages: under a budget, zoomr zooms into pages and tokens of thoughts without summaries;
+    absent: bool ``[>= seq_len]``, positions whose KV is not on the device (the host tier's holes),
+    set at steps that asked :meth:`Policy.wanted_positions` (None: every position is there).
     """
 
     seq_len: int
@@ -46,6 +48,7 @@ class StepView:
     window_cap: Optional[int] = None
     thought_sink: int = 0
     zoom_pages: bool = False
+    absent: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,6 +167,7 @@ class Policy:
     name: ClassVar[str]
     thought_level: ClassVar[bool] = False  # attends whole thoughts: the host tier may offload the rest
     votes: ClassVar[bool] = False  # casts ZoomR's index-key votes at refresh points
+    fine_levels: ClassVar[bool] = False  # zooms into pages and tokens of thoughts without summaries
 
     def __init__(self, *, num_thoughts: int, seed: int = 0, oracle: Optional[Sequence[Sequence[int]]] = None) -> None:
         self.num_thoughts = num_thoughts
@@ -222,6 +226,12 @@ class Policy:
 
     def choose_thoughts(self, view: StepView) -> Optional[List[int]]:
         """At a refresh point, the thoughts to zoom into (None: keep the selection, or vote)."""
+        return None
+
+    def wanted_positions(self, view: StepView) -> Optional[np.ndarray]:
+        """Sorted ``[n]`` int64 positions this step may attend, or observe, beyond the whole thoughts
+        it zooms into: the host tier brings the absent ones back before the working set is made
+        (then in ``view.absent``). None: none (a policy that zooms whole thoughts)."""
         return None
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:

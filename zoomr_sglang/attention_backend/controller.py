@@ -127,13 +127,16 @@ class ZoomRController:
     def checkpoint_limit(self, req, up_to: int, *, holes_allowed: bool, leaving: bool) -> int:
         """How far a radix tree may insert ``req`` now (``up_to`` asked): unless it is ``leaving``
         its row, never above its pasted reasoning (the host tier may still move that), and for a
-        tree that cannot hold host-tier parts never past its first hole."""
+        tree that cannot hold host-tier parts never past its first hole. A tree that holds them
+        reads the row's holes as holes: positions brought back into them go first."""
         row = req.kv.req_pool_idx
         if row is None:
             return up_to
         floor = self.planner.tree_floor(row)
         if floor is not None and not leaving:
             up_to = min(up_to, floor)
+        if holes_allowed and self.tiering is not None:  # the tree reads the row next: holes as holes
+            self.tiering.whole_holes(row)
         holes = [] if holes_allowed or self.tiering is None else self.tiering.holes(row)
         return min(up_to, holes[0][0]) if holes else up_to
 

@@ -127,7 +127,8 @@ class StepPlanner:
                              num_thoughts=config.num_thoughts, seed=hash_seed(req.rid, row, record.generation),
                              own_from=reasoning.own_from,
                              tier=self.tiering.tier_of(row) if self._tierable(req, settings) else None,
-                             zoomr_bound=config.working_set_bound(reasoning.reasoning_start, 0))
+                             zoomr_bound=config.working_set_bound(reasoning.reasoning_start, 0),
+                             zoom_pages=config.implicit_zoom == "pages", implicit_budget=config.implicit_budget)
         if reasoning.inheritance is not None:
             added = state.inherit(reasoning.inheritance, self.index_keys, self.max_candidates)
             for candidate in added:
@@ -246,6 +247,8 @@ class StepPlanner:
         parts = state.policy.working_set_next(seq_len) if steady else None
         if parts is None:
             view = state.view(seq_len, config, zoomed, config.window if state.tiered else None)
+            if state.tiered:  # what the policy may attend beyond whole thoughts, on the device
+                view.absent = self.tiering.bring_in_positions(state, state.policy.wanted_positions(view), seq_len)
             parts = state.policy.working_set_parts(view)
             state.view_stale, state.view_zoomed = False, zoomed
         if state.budget:  # only a bounded step observes (see Policy.observe_positions)

@@ -16,7 +16,7 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import Policy, StepView
 from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.segmentation import Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
-from zoomr_sglang.algo.working_set import step_budget
+from zoomr_sglang.algo.working_set import MIN_WINDOW, step_budget
 from zoomr_sglang.attention_backend.request_stats import RequestStats
 from zoomr_sglang.config import RequestSettings, ZoomRConfig, least_budget
 
@@ -39,10 +39,14 @@ class RequestState:
 
     def __init__(self, *, row: int, generation: int, rid: Optional[str], prompt_len: int,
                  segmenter: ThoughtSegmenter, settings: RequestSettings, num_thoughts: int, seed: int,
-                 own_from: Optional[int] = None, tier: Optional[RowTier] = None, zoomr_bound: int = 0) -> None:
+                 own_from: Optional[int] = None, tier: Optional[RowTier] = None, zoomr_bound: int = 0,
+                 zoom_pages: bool = False, implicit_budget: float = 0) -> None:
         """``tier``: the host tier's record of this row (``ThoughtTiering.tier_of``) if the tier may
         move this request's KV; ``zoomr_bound``: ZoomR's working-set bound of this request before
-        any summary (:meth:`ZoomRConfig.working_set_bound`); each closed summary adds its tokens."""
+        any summary (:meth:`ZoomRConfig.working_set_bound`); each closed summary adds its tokens;
+        ``zoom_pages``: the server lets zoomr zoom into pages and tokens (``implicit_zoom``);
+        ``implicit_budget``: the share of the sequence it attends without a budget of its own once
+        its thoughts close without summaries (``ZoomRConfig.implicit_budget``)."""
         self.row = row
         self.generation = generation
         self.settings = settings
@@ -53,6 +57,8 @@ class RequestState:
         self.vote_kind = VOTE_KINDS.index(settings.vote)
         self.policy: Policy = policy_class(settings.policy)(num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
         self.votes = self.policy.votes
+        self.fine_allowed = bool(self.budget) and zoom_pages and self.policy.fine_levels
+        self.implicit_budget = implicit_budget if not self.budget and zoom_pages and self.policy.fine_levels else 0
         self.num_thoughts = num_thoughts
         self.prompt_len = prompt_len
         self.own_from = prompt_len if own_from is None else own_from
@@ -69,6 +75,7 @@ class RequestState:
         # sequence (a policy that neither votes nor has a budget attends everything).
         # A budget given as a share of the sequence sets it at every view (step_budget).
         self.step_bound = self.budget or (zoomr_bound if self.votes else 0)
+        self.zoomr_bound = zoomr_bound
         self._view: Optional[StepView] = None
         # What the planner keeps from step to step (planning.py): whether the policy's inputs changed
         # otherwise than by the sequence length since its last view (a segmenter event other than a
@@ -158,6 +165,18 @@ class RequestState:
             if self.votes and not self.budget:
                 self.step_bound += thought.summary_end - thought.summary_start
             self.stats.summaries += 1
+        if self.implicit_budget:
+            self._set_implicit_budget()
+
+    def _set_implicit_budget(self) -> None:
+        """Without a budget of its own, the request attends ``implicit_budget`` of its sequence
+        while its closed thoughts have no summary (pages and tokens: :meth:`zooms_fine`), and
+        ZoomR's bound once one has."""
+        unsummarized = self.stats.summaries == 0
+        self.budget = self.stats.budget = self.implicit_budget if unsummarized else 0
+        self.fine_allowed = unsummarized
+        if not unsummarized:
+            self.step_bound = self.zoomr_bound + self.summary_tokens
 
     def release(self, store: IndexKeyStore) -> None:
         store.free(self.entries.values())
@@ -179,6 +198,8 @@ class RequestState:
             return False
         self.tokens_since_refresh = 0
         self.stats.refreshes += 1
+        if self.zooms_fine():
+            return False
         if not self.policy.votes:
             chosen = self.policy.choose_thoughts(self.view(seq_len, config))
             if chosen is not None:
@@ -189,12 +210,21 @@ class RequestState:
             return False
         return not refresh_token
 
+    def zooms_fine(self) -> bool:
+        """Whether the policy now zooms into pages and tokens, not thoughts (a budget, thoughts
+        closed, none with a summary: ``ZoomRPolicy``): the request then votes for no thought and
+        zooms into none, so the host tier keeps none of them on the device."""
+        return self.fine_allowed and self.stats.thoughts_closed > 0 and self.stats.summaries == 0
+
     def _count_votable(self) -> None:
-        self.votable = len(self.candidates) if self.votes and len(self.candidates) > self.num_thoughts else 0
+        self.votable = (len(self.candidates) if self.votes and len(self.candidates) > self.num_thoughts
+                        and not self.zooms_fine() else 0)
 
     def apply_vote(self, chosen_columns: np.ndarray, agreement: float) -> None:
         """The device's choice for a vote this request cast (candidate columns, -1 for none)."""
         self.stats.votes_held += 1
+        if self.zooms_fine():  # cast before the request turned to the fine levels
+            return
         if self.settings.vote == "count":
             self.stats.agreement_sum += agreement
             self.stats.agreement_votes += 1
@@ -224,7 +254,17 @@ class RequestState:
             )
         view.seq_len, view.window_cap, view.open_from = seq_len, window_cap, self.segmenter.open_from()
         if isinstance(self.budget, float):
-            view.budget = self.step_bound = step_budget(self.budget, seq_len, least_budget(config))
+            if self.implicit_budget:
+                # Never less than the fine levels' skeleton (sinks, prompt, the open thought's head,
+                # the shortest window), never more than ZoomR's own bound: the same working set's
+                # size as whole thoughts would take at long contexts, spent on pages and tokens.
+                least = max(config.sink, self.prompt_len) + config.thought_sink + MIN_WINDOW
+                budget = min(step_budget(self.budget, seq_len, least), max(least, self.zoomr_bound))
+            else:
+                budget = step_budget(self.budget, seq_len, least_budget(config))
+            view.budget = self.step_bound = budget
+        else:
+            view.budget = self.budget
         view.zoomed = self.zoomed if zoomed is None else zoomed
         return view
 

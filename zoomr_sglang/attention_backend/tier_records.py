@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
+import numpy as np
 import torch
 
 from zoomr_sglang.attention_backend.host_tier import Transfer
@@ -40,6 +41,23 @@ class InFlight:
     transfer: Transfer
 
 
+@dataclass
+class PositionCopy:
+    """Positions of holes being copied back for the fine levels (``tier_positions.py``)."""
+
+    positions: np.ndarray  # [n] int64, ascending
+    device_slots: torch.Tensor  # [n] int64, allocated, not yet in the row
+    transfer: Transfer
+
+
+def _no_positions() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+def _no_slots() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.int64)
+
+
 @dataclass(slots=True, eq=False)
 class RowTier:
     """Everything the host tier keeps for one pool row (one record: a released row is one pop).
@@ -64,6 +82,12 @@ class RowTier:
     # The selection, the count of thoughts waiting to leave, the sequence length up to which they
     # wait, and what prepare returned: while all hold, prepare has nothing to do again (most steps).
     quiet: Optional[Tuple[List[int], int, int, List[int]]] = None
+    # Positions of holes brought back for the fine levels (ascending) and their device slots, the
+    # copies of more under way, and how many such positions the last step wanted (admission).
+    zoomed_positions: np.ndarray = field(default_factory=_no_positions)
+    zoomed_position_slots: torch.Tensor = field(default_factory=_no_slots)
+    position_copies: List[PositionCopy] = field(default_factory=list)
+    position_headroom: int = 0
 
     def quiet_holds(self, record: Tuple[List[int], int, int, List[int]], seq_len: int) -> bool:
         """Whether ``record``, this row's quiet record when a request step read it, still says

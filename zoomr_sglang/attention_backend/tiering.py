@@ -15,7 +15,8 @@ parallelism "done" is a poll every rank agrees on (``host_tier.py``, ``TP_COPY_P
 rank frees and takes device slots at the same step and SGLang's replicated schedulers stay alike.
 
 Holes are never attended (a thought is evicted only when it is closed, not selected and out of the
-recent window). SGLang's release path must skip them: the plug-in's radix-cache hooks cap the tree
+recent window). A request in zoomr's fine levels selects no thought; single positions of its holes
+come back instead (``tier_positions.py``). SGLang's release path must skip them: the plug-in's radix-cache hooks cap the tree
 insert at the first hole and subtract holes from the ranges freed (see docs/host-tier.md).
 """
 
@@ -27,6 +28,7 @@ import torch
 
 from zoomr_sglang.attention_backend.host_tier import HostKVTier
 from zoomr_sglang.attention_backend.request_state import RequestState
+from zoomr_sglang.attention_backend.tier_positions import bring_in_positions, drop_positions, position_device_tokens
 from zoomr_sglang.attention_backend.tier_records import ColdThought, CopyIn, InFlight, RowTier, TieringCounters
 from zoomr_sglang.config import ZoomRConfig
 
@@ -142,7 +144,12 @@ class ThoughtTiering:
         self._complete_copy_in(tier, row, index, thought)
         return True
 
+    def bring_in_positions(self, state: RequestState, wanted, seq_len: int):
+        """The fine levels' positions on the device (``tier_positions.bring_in_positions``)."""
+        return bring_in_positions(self, state, wanted, seq_len)
+
     def _complete_copy_in(self, tier: RowTier, row: int, index: int, thought: ColdThought) -> None:
+        drop_positions(self, row, tier, thought.start, thought.end)  # the whole thought replaces them
         self.req_to_token[row, thought.start:thought.end] = thought.copy_in.device_slots.to(self.req_to_token.dtype)
         thought.copy_in = None
         thought.last_used = self.step
@@ -246,7 +253,8 @@ class ThoughtTiering:
         """Device slots the row holds minus what SGLang counts as its own (positions from its
         tree-owned prefix ``protected_len`` on): inherited thoughts zoomed into (below that
         prefix) and zoom-ins under way add, its own holes (above it) subtract."""
-        adjust = 0
+        tier = self.rows.get(row)
+        adjust = 0 if tier is None else position_device_tokens(tier)
         for t in self._cold(row):
             if t.copy_in is not None:
                 adjust += t.end - t.start
@@ -260,7 +268,14 @@ class ThoughtTiering:
         """Device slots the next step's zoom-ins of this row may need (at most c cold thoughts)."""
         sizes = sorted((t.end - t.start for t in self._cold(row) if not t.on_device and t.copy_in is None),
                        reverse=True)
-        return sum(sizes[: self.config.num_thoughts])
+        tier = self.rows.get(row)
+        return sum(sizes[: self.config.num_thoughts]) + (0 if tier is None else tier.position_headroom)
+
+    def whole_holes(self, row: int) -> None:
+        """Drop the row's positions brought back for the fine levels: its holes read as holes."""
+        tier = self.rows.get(row)
+        if tier is not None:
+            drop_positions(self, row, tier)
 
     def drain_row(self, row: int) -> None:
         """Wait for the row's copies before SGLang frees its slots (the release path, the one place
@@ -277,6 +292,7 @@ class ThoughtTiering:
             tier.cold[index].copy_in.transfer.wait()
             self._complete_copy_in(tier, row, index, tier.cold[index])
         tier.copying_in.clear()
+        drop_positions(self, row, tier)
 
     def release_row(self, row: int) -> None:
         """Free the host copies of a row SGLang has released (its device slots are SGLang's to free,
@@ -324,6 +340,7 @@ class ThoughtTiering:
             return []
         if tier.copying_in:
             self.drain_row(row)
+        drop_positions(self, row, tier)  # the tree takes whole holes
         tier.unsettle()
         handed = []
         for thought in tier.cold.values():
