@@ -9,7 +9,7 @@ import torch
 
 from backend_harness import Harness, scripted_tokens
 from zoomr_sglang.attention_backend.admission import device_tokens_per_request
-from zoomr_sglang.attention_backend.host_tier import HostKVTier
+from zoomr_sglang.attention_backend.host_tier import GATHER_RUNS, HostKVTier, contiguous_runs
 from zoomr_sglang.config import ZoomRConfig
 
 # Count votes: the late-copy test needs evictions in the last steps of this script, which the
@@ -91,6 +91,13 @@ def test_host_tier_store_and_load_round_trip_every_layer():
     for layer in range(3):
         assert torch.equal(pool.get_key_buffer(layer)[target], pool.get_key_buffer(layer)[source])
         assert torch.equal(pool.get_value_buffer(layer)[target], pool.get_value_buffer(layer)[source])
+    # Single positions (the fine levels' loads): more runs than GATHER_RUNS, gathered first.
+    scattered, target = host_slots[[8, 0, 5, 2, 7, 1, 4, 6, 3, 8]], torch.arange(50, 60)
+    assert len(contiguous_runs(scattered)) > GATHER_RUNS
+    assert host.load(pool, scattered, target).done()
+    for layer in range(3):
+        assert torch.equal(pool.get_key_buffer(layer)[target], host.k[scattered, layer])
+        assert torch.equal(pool.get_value_buffer(layer)[target], host.v[scattered, layer])
 
 
 def test_offloading_is_lossless_frees_device_slots_and_returns_every_count():

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zoomr_sglang.attention_backend.host_tier import HostKVTier, contiguous_runs
+from zoomr_sglang.attention_backend.host_tier import GATHER_RUNS, HostKVTier, contiguous_runs
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 BUSY_CYCLES = 200_000_000  # ~0.1 s of a spinning kernel: the 'forward' the copies must wait for
@@ -64,6 +64,16 @@ def test_host_tier_async_copies_on_cuda():
     for layer in range(4):
         assert torch.equal(keys[layer][target], keys[layer][source])
         assert torch.equal(values[layer][target], values[layer][source])
+
+    # Single positions (the fine levels' loads): gathered on the host, one copy, still no sync.
+    picks = torch.tensor([50, 3, 17, 8, 40, 1, 33, 60, 12, 25])
+    scattered, target = host_slots[picks], order[128:138]
+    assert len(contiguous_runs(scattered)) > GATHER_RUNS
+    transfer = _issue_without_sync(lambda: host.load(pool, scattered, target))
+    transfer.wait()
+    for layer in range(4):
+        assert torch.equal(keys[layer][target], keys[layer][source[picks.cuda()]])
+        assert torch.equal(values[layer][target], values[layer][source[picks.cuda()]])
 
 
 @pytest.mark.cuda

@@ -36,6 +36,7 @@ import torch
 
 HOST_BLOCK_TOKENS = 32  # slots per allocation block: at most 31 unused slots per thought
 TP_COPY_POLLS = 2  # with TP > 1, the poll at which every rank calls a copy done (see above)
+GATHER_RUNS = 8  # a load from more runs of host slots than this is gathered on the host first
 
 
 class Transfer:
@@ -184,10 +185,16 @@ class HostKVTier:
 
     def _copy(self, kv_pool, device_slots: torch.Tensor, host_slots: torch.Tensor, to_host: bool) -> Transfer:
         runs = contiguous_runs(host_slots)
+        # Scattered host slots (single positions brought back for the fine levels): one gather on
+        # the host into one buffer, then one copy, instead of a copy per run.
+        gathered = not to_host and len(runs) > GATHER_RUNS
         device = kv_pool.get_key_buffer(0).device
         if device.type != "cuda":  # straight between the pool and the tier, done at once
             move = gather_layers if to_host else scatter_layers
             for layers, host in self._pairs(kv_pool):
+                if gathered:
+                    scatter_layers(layers, device_slots, host.index_select(0, host_slots))
+                    continue
                 for first, offset, length in runs:
                     move(layers, device_slots[offset:offset + length], host[first:first + length])
             return Transfer()
@@ -199,7 +206,15 @@ class HostKVTier:
                 staging = torch.empty((len(device_slots), *host.shape[1:]), dtype=host.dtype, device=device)
                 if to_host:
                     gather_layers(layers, device_slots, staging)
-                for first, offset, length in runs:  # one copy per contiguous run of the pinned tier
+                if gathered:
+                    rows = torch.empty(staging.shape, dtype=host.dtype, pin_memory=host.is_pinned())
+                    torch.index_select(host, 0, host_slots, out=rows)
+                    staging.copy_(rows, non_blocking=True)
+                    staged.append(rows)  # pinned source rows live until the copy is done
+                    runs_to_copy = ()
+                else:
+                    runs_to_copy = runs
+                for first, offset, length in runs_to_copy:  # one copy per contiguous run of the pinned tier
                     if to_host:
                         host[first:first + length].copy_(staging[offset:offset + length], non_blocking=True)
                     else:
