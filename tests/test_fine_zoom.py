@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from backend_harness import Harness, scripted_tokens
+from backend_harness import TOKEN, Harness, scripted_tokens
 from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
 from zoomr_sglang.algo.segmentation import Thought
 from zoomr_sglang.algo.working_set import ranges_size
@@ -99,12 +99,15 @@ def test_zoomr_without_summaries_through_the_backend_observes_matches_the_refere
 def _fine_run(host_tier_tokens: int, steps: int = 240):
     """Two requests without summaries under a 48-token budget, zoomr's fine levels; returns each
     step's outputs, the harness and the pool's free slots at the start and at the end."""
-    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16)
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=64)
     harness = Harness(config, seed=5, host_tier_tokens=host_tier_tokens)
     free_at_start = harness.allocator.available_size()
     for prompt_len in (6, 10):
         harness.add_request(prompt_len, {"zoomr_policy": "zoomr", "zoomr_budget": 48})
-    scripts = [scripted_tokens(random.Random(seed), steps, summaries=False) for seed in (7, 8)]
+    # A first thought of 60 tokens: until it closes, whole thoughts fill the budget, and the window
+    # grows as far as it does without the tier (nothing has left the device yet).
+    scripts = [[TOKEN["a"]] * 60 + scripted_tokens(random.Random(seed), steps - 60, summaries=False)
+               for seed in (7, 8)]
     outputs = []
     for step in range(steps):
         _, layers = harness.decode_step([script[step] for script in scripts])

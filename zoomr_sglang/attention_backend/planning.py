@@ -246,7 +246,12 @@ class StepPlanner:
                   and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
         parts = state.policy.working_set_next(seq_len) if steady else None
         if parts is None:
-            view = state.view(seq_len, config, zoomed, config.window if state.tiered else None)
+            # With the host tier, a bounded window may grow back to the row's last hole (before any
+            # thought left the device: anywhere, as without the tier).
+            window_cap = None
+            if state.tiered:
+                window_cap = seq_len - self.tiering.last_hole_end(state.tier) if state.budget else config.window
+            view = state.view(seq_len, config, zoomed, window_cap)
             if state.tiered:  # what the policy may attend beyond whole thoughts, on the device
                 view.absent = self.tiering.bring_in_positions(state, state.policy.wanted_positions(view), seq_len)
             parts = state.policy.working_set_parts(view)

@@ -271,6 +271,11 @@ class ThoughtTiering:
         tier = self.rows.get(row)
         return sum(sizes[: self.config.num_thoughts]) + (0 if tier is None else tier.position_headroom)
 
+    @staticmethod
+    def last_hole_end(tier: RowTier) -> int:
+        """Where the row's last hole ends (0: it has none); positions after it are on the device."""
+        return max((t.end for t in tier.cold.values() if not t.on_device), default=0)
+
     def whole_holes(self, row: int) -> None:
         """Drop the row's positions brought back for the fine levels: its holes read as holes."""
         tier = self.rows.get(row)
