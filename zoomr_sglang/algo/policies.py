@@ -170,7 +170,7 @@ class ZoomRPolicy(ThoughtPolicy):
     Under a budget, once thoughts have closed without any summary (a model that writes none) and
     ``view.zoom_pages`` allows it, the budget left by the skeleton and the window goes to pages and
     tokens instead of whole thoughts (:class:`FineZoom`'s stages); such steps observe every layer's
-    query, and what they leave goes to the window as far back as the KV is on the device."""
+    query, and what they leave goes to the window (as far back as ``view.window_cap``)."""
 
     name = "zoomr"
     votes = True
@@ -189,12 +189,7 @@ class ZoomRPolicy(ThoughtPolicy):
         ranking = super().rank_units(view)
         if not self.zooms_fine(view):
             return ranking
-        # The window grows into what the levels leave (at the first steps: they know few tokens) as
-        # far back as the KV is on the device, with or without the host tier alike.
-        absent = view.absent
-        missing = np.flatnonzero(absent[: view.seq_len]) if absent is not None else ()
-        cap = view.seq_len - (int(missing[-1]) + 1 if len(missing) else 0)
-        return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget, absent), window_cap=cap)
+        return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget, view.absent))
 
     def wanted_positions(self, view: StepView) -> Optional[np.ndarray]:
         return self.fine.wanted(view.seq_len, view.budget) if self.zooms_fine(view) else None

@@ -57,8 +57,8 @@ class RequestState:
         self.vote_kind = VOTE_KINDS.index(settings.vote)
         self.policy: Policy = policy_class(settings.policy)(num_thoughts=num_thoughts, seed=seed, oracle=settings.oracle)
         self.votes = self.policy.votes
-        self.fine_allowed = bool(self.budget) and zoom_pages and self.policy.fine_levels
-        self.implicit_budget = implicit_budget if not self.budget and zoom_pages and self.policy.fine_levels else 0
+        self.zoom_pages = zoom_pages and self.policy.fine_levels
+        self.implicit_budget = implicit_budget if not self.budget and self.zoom_pages else 0
         self.num_thoughts = num_thoughts
         self.prompt_len = prompt_len
         self.own_from = prompt_len if own_from is None else own_from
@@ -174,7 +174,6 @@ class RequestState:
         ZoomR's bound once one has."""
         unsummarized = self.stats.summaries == 0
         self.budget = self.stats.budget = self.implicit_budget if unsummarized else 0
-        self.fine_allowed = unsummarized
         if not unsummarized:
             self.step_bound = self.zoomr_bound + self.summary_tokens
 
@@ -214,7 +213,8 @@ class RequestState:
         """Whether the policy now zooms into pages and tokens, not thoughts (a budget, thoughts
         closed, none with a summary: ``ZoomRPolicy``): the request then votes for no thought and
         zooms into none, so the host tier keeps none of them on the device."""
-        return self.fine_allowed and self.stats.thoughts_closed > 0 and self.stats.summaries == 0
+        return (bool(self.budget) and self.zoom_pages and self.stats.thoughts_closed > 0
+                and self.stats.summaries == 0)
 
     def _count_votable(self) -> None:
         self.votable = (len(self.candidates) if self.votes and len(self.candidates) > self.num_thoughts
@@ -250,7 +250,7 @@ class RequestState:
                 seq_len=seq_len, prompt_len=self.prompt_len, sink=config.sink, window=config.window,
                 budget=self.budget, thoughts=self.segmenter.thoughts, candidates=self.candidates,
                 zoomed=self.zoomed, open_from=0, thought_sink=config.thought_sink,
-                zoom_pages=config.implicit_zoom == "pages",
+                zoom_pages=self.zoom_pages,
             )
         view.seq_len, view.window_cap, view.open_from = seq_len, window_cap, self.segmenter.open_from()
         if isinstance(self.budget, float):
