@@ -15,7 +15,7 @@ EVERY_FIELD = dict(
     summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
     self_check_interval=9, host_pool_gb=1.5, zoom_cache=0, policy="sumr", budget=200, vote="count",
     vote_summary_tokens=12, vote_layers=(0, 2), implicit_zoom="thoughts", max_candidates=64, index_entries=4096,
-    segment_prompt="off", admission="bound", implicit_budget=0.5,
+    segment_prompt="off", admission="bound", implicit_budget=0.5, fine_observe="refresh",
 )
 
 
@@ -38,7 +38,7 @@ def test_every_field_is_read_from_its_one_place():
             "topk": 3, "thought_sink": 5, "sentence_ends": ["."], "refresh_interval": 8, "stats_history": 5,
             "self_check_interval": 9, "zoom_cache": 0, "policy": "sumr", "vote": "count", "vote_summary_tokens": 12,
             "implicit_zoom": "thoughts", "max_candidates": 64, "index_entries": 4096, "segment_prompt": "off",
-            "admission": "bound", "implicit_budget": 0.5}),
+            "admission": "bound", "implicit_budget": 0.5, "fine_observe": "refresh"}),
     }
     assert set(environ) == set(ENV_VARS)  # a new variable joins this test
     assert set(json.loads(environ["ZOOMR_CONFIG"])) == set(CONFIG_KEYS)  # and so does a new key
@@ -113,6 +113,7 @@ def test_bad_user_variable_names_variable_value_and_allowed(name, value, words):
     ("vote_summary_tokens", 0, ">= 1"),
     ("implicit_zoom", "tokens", "allowed: pages, thoughts"),
     ("implicit_budget", 200, "allowed: 0 (none) or a share of the sequence in (0, 1)"),
+    ("fine_observe", "layer", "allowed: step, refresh"),
     ("max_candidates", 0, ">= 1"),
     ("index_entries", -1, ">= 0"),
     ("segment_prompt", "yes", "allowed: markers, off"),

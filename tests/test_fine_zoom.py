@@ -4,6 +4,7 @@ zoomr policy, and through the CPU backend."""
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from backend_harness import TOKEN, Harness, scripted_tokens
@@ -96,10 +97,11 @@ def test_zoomr_without_summaries_through_the_backend_observes_matches_the_refere
         assert harness.controller.index_keys.num_live == 0
 
 
-def _fine_run(host_tier_tokens: int, steps: int = 240):
+def _fine_run(host_tier_tokens: int, fine_observe: str, steps: int = 240):
     """Two requests without summaries under a 48-token budget, zoomr's fine levels; returns each
-    step's outputs, the harness and the pool's free slots at the start and at the end."""
-    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=64)
+    step's outputs, the harness, the pool's free slots at the start and at the end and the number
+    of steps that observed."""
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=64, fine_observe=fine_observe)
     harness = Harness(config, seed=5, host_tier_tokens=host_tier_tokens)
     free_at_start = harness.allocator.available_size()
     for prompt_len in (6, 10):
@@ -108,21 +110,25 @@ def _fine_run(host_tier_tokens: int, steps: int = 240):
     # grows as far as it does without the tier (nothing has left the device yet).
     scripts = [[TOKEN["a"]] * 60 + scripted_tokens(random.Random(seed), steps - 60, summaries=False)
                for seed in (7, 8)]
-    outputs = []
+    outputs, observed = [], 0
     for step in range(steps):
         _, layers = harness.decode_step([script[step] for script in scripts])
         outputs.append(torch.stack([out for (_, _, _, out) in layers]))
+        observed += bool(harness.plan.observers)
         assert not bool((harness.backend.kv_indices == 0).any()), f"step {step} attends a hole"
-    return outputs, harness, free_at_start, harness.allocator.available_size()
+    return outputs, harness, free_at_start, harness.allocator.available_size(), observed
 
 
-def test_fine_levels_with_the_host_tier_are_lossless_keep_little_resident_and_return_every_count():
+@pytest.mark.parametrize("fine_observe", ["step", "refresh"])
+def test_fine_levels_with_the_host_tier_are_lossless_keep_little_resident_and_return_every_count(fine_observe):
     """The host tier moves closed thoughts off whole and brings back only the positions the page
-    and token levels want: every step's outputs equal the run without the tier."""
-    dense_outputs, dense, dense_start, dense_end = _fine_run(0)
-    tiered_outputs, tiered, tiered_start, tiered_end = _fine_run(4096)
+    and token levels want: every step's outputs equal the run without the tier, whether the levels
+    observe every step or only at refresh points (then far fewer steps observe)."""
+    dense_outputs, dense, dense_start, dense_end, dense_observed = _fine_run(0, fine_observe)
+    tiered_outputs, tiered, tiered_start, tiered_end, observed = _fine_run(4096, fine_observe)
     for step, (a, b) in enumerate(zip(dense_outputs, tiered_outputs)):
         assert torch.equal(a, b), f"step {step} differs with the host tier on"
+    assert observed == dense_observed and (observed > 150) == (fine_observe == "step"), observed
     tiering = tiered.controller.tiering
     counters = tiering.counters
     assert counters.evicted_tokens > 300 and counters.zoomed_in_tokens > 0 and counters.dropped_tokens > 0

@@ -75,6 +75,11 @@ class ZoomRConfig:
     # 0: none. Off by default: 0.5 under the default window kept less of the full cache's output
     # than no budget on SmolLM2 (benchmarks/README.md, "A real pretrained model").
     implicit_budget: float = 0
+    # When zoomr's page and token levels read the decode queries: "step" (every bounded step: the
+    # tokens kept are the ones the last step attended most) or "refresh" (at refresh points only, as
+    # thought votes: the steps between observe nothing, so they need no eager step and no host pass
+    # over the last step's attention).
+    fine_observe: str = "step"
     # Closed thoughts per request that can be zoomed back into; later ones are attended through
     # their summaries only. Sizes the device's candidate table and vote buffers.
     max_candidates: int = 1024
@@ -155,6 +160,7 @@ def _json_list(allowed: str, valid: Callable[[list], bool], typed: Callable[[lis
 
 SEGMENT_PROMPT_MODES = ("markers", "off")
 IMPLICIT_ZOOM_UNITS = ("pages", "thoughts")
+FINE_OBSERVE_POINTS = ("step", "refresh")
 ADMISSION_MODES = ("observed", "bound", "sglang")
 _GIGABYTES = _Rule("a number of GiB >= 0 (0 turns the host tier off)",
                    lambda v: (_is_int(v) or isinstance(v, float)) and 0 <= v < float("inf"),
@@ -181,7 +187,7 @@ _RULES: Mapping[str, _Rule] = {
     "stats_history": _integer(0), "self_check_interval": _integer(0), "host_pool_gb": _GIGABYTES,
     "zoom_cache": _integer(0), "policy": _POLICY, "budget": _BUDGET, "vote": _choice(VOTE_KINDS),
     "vote_summary_tokens": _integer(1), "vote_layers": _LAYERS, "implicit_zoom": _choice(IMPLICIT_ZOOM_UNITS),
-    "implicit_budget": _SHARE, "max_candidates": _integer(1), "index_entries": _integer(0),
+    "implicit_budget": _SHARE, "fine_observe": _choice(FINE_OBSERVE_POINTS), "max_candidates": _integer(1), "index_entries": _integer(0),
     "segment_prompt": _choice(SEGMENT_PROMPT_MODES), "admission": _choice(ADMISSION_MODES),
 }
 

@@ -45,19 +45,16 @@ class FineZoom:
         self.observing: Optional[torch.Tensor] = None  # [positions] weights being summed this step
         self.weights = torch.zeros(0, dtype=torch.float64)  # [positions] last observed step's sums (CPU)
         self.new_pages: Range = (0, 0)  # positions of the pages whose bounds this step adds
-        self._ranked: Tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))  # (seq_len, ranked tokens)
+        self._ranked = np.zeros(0, dtype=np.int64)  # the positions with weight, most attended first
 
     def _ranked_tokens(self, seq_len: int) -> np.ndarray:
-        """``[n]`` int64: the positions below ``seq_len`` the last step attended, most attended
-        first (ties to the lower position); once per step."""
+        """``[n]`` int64: the positions below ``seq_len`` the last observed step attended, most
+        attended first (ties to the lower position); ranked once per observed step."""
         if self.observing is not None:  # the last step's layers are all done: its sums are final
             self.weights, self.observing = self.observing.cpu(), None
-            self._ranked = (-1, self._ranked[1])
-        if self._ranked[0] != seq_len:
-            weights = self.weights[:seq_len]
-            ranked = torch.argsort(weights, descending=True, stable=True)
-            self._ranked = (seq_len, ranked[weights[ranked] > 0].numpy())
-        return self._ranked[1]
+            ranked = torch.argsort(self.weights, descending=True, stable=True)
+            self._ranked = ranked[self.weights[ranked] > 0].numpy()
+        return self._ranked[self._ranked < seq_len]
 
     def _pages(self, seq_len: int) -> List[int]:
         return [page for page in self.scorer.ranking() if (page + 1) * QUEST_PAGE_SIZE <= seq_len]

@@ -195,11 +195,11 @@ class ZoomRPolicy(ThoughtPolicy):
         return self.fine.wanted(view.seq_len, view.budget) if self.zooms_fine(view) else None
 
     def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
-        if self.zooms_fine(view):
+        if view.observe and self.zooms_fine(view):
             self.fine.attends(filled.ranges, view.seq_len, view.budget)
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        return self.fine.watch(view.seq_len) if self.zooms_fine(view) else None
+        return self.fine.watch(view.seq_len) if view.observe and self.zooms_fine(view) else None
 
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:

@@ -33,7 +33,9 @@ class StepView:
     the first tokens of the thought being written that thought-level policies always keep;
     zoom_pages: under a budget, zoomr zooms into pages and tokens of thoughts without summaries;
     absent: bool ``[>= seq_len]``, positions whose KV is not on the device (the host tier's holes),
-    set at steps that asked :meth:`Policy.wanted_positions` (None: every position is there).
+    set at steps that asked :meth:`Policy.wanted_positions` (None: every position is there);
+    observe: a policy that reads the decode queries may read this step's (every step, or only at
+    refresh points: ``ZoomRConfig.fine_observe``).
     """
 
     seq_len: int
@@ -49,6 +51,7 @@ class StepView:
     thought_sink: int = 0
     zoom_pages: bool = False
     absent: Optional[np.ndarray] = None
+    observe: bool = True
 
 
 @dataclass(frozen=True, eq=False)

@@ -250,7 +250,7 @@ class StepPlanner:
             # thought left the device: anywhere, as without the tier).
             window_cap = None
             if state.tiered:
-                window_cap = seq_len - self.tiering.last_hole_end(state.tier) if state.budget else config.window
+                window_cap = seq_len - state.tier.last_hole_end() if state.budget else config.window
             view = state.view(seq_len, config, zoomed, window_cap)
             if state.tiered:  # what the policy may attend beyond whole thoughts, on the device
                 view.absent = self.tiering.bring_in_positions(state, state.policy.wanted_positions(view), seq_len)
@@ -260,6 +260,7 @@ class StepPlanner:
             watched = state.policy.observe_positions(view, with_tail(*parts, seq_len))
             if watched is not None:
                 step.observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
+                state.fine_due = False
         return parts
 
     def _ticket(self, state: RequestState) -> Optional[tuple]:

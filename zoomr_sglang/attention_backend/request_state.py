@@ -70,6 +70,7 @@ class RequestState:
         self.zoomed: List[int] = []
         self.pending_eviction: List[int] = []  # closed thoughts the host tier has not taken yet
         self.tokens_since_refresh = 0
+        self.fine_due = True  # the fine levels read the next step's queries (fine_observe "refresh")
         self.summary_tokens = 0
         # What a step is checked against (record_step): the budget, ZoomR's bound, or 0: the dense
         # sequence (a policy that neither votes nor has a budget attends everything).
@@ -198,6 +199,7 @@ class RequestState:
         self.tokens_since_refresh = 0
         self.stats.refreshes += 1
         if self.zooms_fine():
+            self.fine_due = True
             return False
         if not self.policy.votes:
             chosen = self.policy.choose_thoughts(self.view(seq_len, config))
@@ -253,6 +255,7 @@ class RequestState:
                 zoom_pages=self.zoom_pages,
             )
         view.seq_len, view.window_cap, view.open_from = seq_len, window_cap, self.segmenter.open_from()
+        view.observe = self.fine_due or config.fine_observe == "step"
         if isinstance(self.budget, float):
             if self.implicit_budget:
                 # Never less than the fine levels' skeleton (sinks, prompt, the open thought's head,

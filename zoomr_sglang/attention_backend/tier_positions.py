@@ -18,18 +18,13 @@ reads it. Per step the work is in the number of wanted positions and holes, not 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
 
 from zoomr_sglang.algo.policy_base import range_mask
 from zoomr_sglang.attention_backend.tier_records import PositionCopy, RowTier
-
-
-def _holes(tier: RowTier) -> List[Tuple[int, int, torch.Tensor]]:
-    """The row's holes ``(start, end, host slots)``, ascending."""
-    return sorted(((t.start, t.end, t.host_slots) for t in tier.cold.values() if not t.on_device), key=lambda h: h[0])
 
 
 def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: int) -> Optional[np.ndarray]:
@@ -40,11 +35,11 @@ def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: in
     if wanted is None and not len(tier.zoomed_positions) and not tier.position_copies:
         return None
     finish_position_copies(tiering, row, tier)
-    holes = _holes(tier)
+    holes = tier.holes()
     desired = desired_hole = np.zeros(0, dtype=np.int64)
     if holes and wanted is not None:
-        starts = np.array([h[0] for h in holes], dtype=np.int64)
-        ends = np.array([h[1] for h in holes], dtype=np.int64)
+        starts = np.array([h.start for h in holes], dtype=np.int64)
+        ends = np.array([h.end for h in holes], dtype=np.int64)
         wanted = wanted[wanted < seq_len]
         hole_of = np.searchsorted(starts, wanted, side="right") - 1
         inside = (hole_of >= 0) & (wanted < ends[np.maximum(hole_of, 0)])
@@ -56,13 +51,13 @@ def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: in
     new = ~np.isin(desired, np.concatenate([tier.zoomed_positions, *flying]))
     if new.any() and tiering.page_size == 1:  # paged pools free whole pages only: whole thoughts move there
         positions, which = desired[new], desired_hole[new]
-        host_slots = torch.cat([holes[h][2][torch.from_numpy(positions[which == h] - holes[h][0])]
+        host_slots = torch.cat([holes[h].host_slots[torch.from_numpy(positions[which == h] - holes[h].start)]
                                 for h in np.unique(which)])  # holes ascend, so positions keep their order
         _start_copy(tiering, row, tier, positions, host_slots)
     tier.position_headroom = len(desired)
     if not holes:
         return None
-    absent = range_mask(np.array([h[:2] for h in holes], dtype=np.int64), seq_len)
+    absent = range_mask(np.array([(h.start, h.end) for h in holes], dtype=np.int64), seq_len)
     absent[tier.zoomed_positions[tier.zoomed_positions < seq_len]] = False
     return absent
 

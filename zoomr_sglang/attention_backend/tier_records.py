@@ -122,6 +122,14 @@ class RowTier:
             self.offloaded += size
             self.resident.discard(index)
 
+    def holes(self) -> List[ColdThought]:
+        """The cold thoughts whose positions have no device slots (the row's holes), ascending."""
+        return sorted((t for t in self.cold.values() if not t.on_device), key=lambda t: t.start)
+
+    def last_hole_end(self) -> int:
+        """Where the row's last hole ends (0: it has none); positions after it are on the device."""
+        return max((t.end for t in self.cold.values() if not t.on_device), default=0)
+
     def unsettle(self) -> None:
         """The row's cold thoughts changed: its cached prepare results no longer hold."""
         self.settled = self.quiet = None

@@ -247,7 +247,8 @@ class ThoughtTiering:
 
     def holes(self, row: int) -> List[Tuple[int, int]]:
         """Row positions whose device slots are given back, ascending."""
-        return sorted((t.start, t.end) for t in self._cold(row) if not t.on_device)
+        tier = self.rows.get(row)
+        return [] if tier is None else [(t.start, t.end) for t in tier.holes()]
 
     def uncounted_device_tokens(self, row: int, protected_len: int) -> int:
         """Device slots the row holds minus what SGLang counts as its own (positions from its
@@ -270,11 +271,6 @@ class ThoughtTiering:
                        reverse=True)
         tier = self.rows.get(row)
         return sum(sizes[: self.config.num_thoughts]) + (0 if tier is None else tier.position_headroom)
-
-    @staticmethod
-    def last_hole_end(tier: RowTier) -> int:
-        """Where the row's last hole ends (0: it has none); positions after it are on the device."""
-        return max((t.end for t in tier.cold.values() if not t.on_device), default=0)
 
     def whole_holes(self, row: int) -> None:
         """Drop the row's positions brought back for the fine levels: its holes read as holes."""
