@@ -89,7 +89,7 @@ def test_zoomr_without_summaries_through_the_backend_observes_matches_the_refere
             observed_steps += bool(harness.plan.observers)
             for state, ranges in zip(harness.plan.states, harness.plan.working_sets):
                 assert ranges_size(ranges) <= max(budget, state.prompt_len + config.thought_sink + 3)
-        assert (observed_steps > 100) == (implicit_zoom == "pages"), (implicit_zoom, observed_steps)
+        assert (observed_steps > 30) == (implicit_zoom == "pages"), (implicit_zoom, observed_steps)  # at refresh points
         for state in harness.states.values():
             assert state.stats.self_check_max_error < 1e-5 and state.stats.attended_total < state.stats.dense_total
         harness.release_all()

@@ -79,7 +79,7 @@ class ZoomRConfig:
     # tokens kept are the ones the last step attended most) or "refresh" (at refresh points only, as
     # thought votes: the steps between observe nothing, so they need no eager step and no host pass
     # over the last step's attention).
-    fine_observe: str = "step"
+    fine_observe: str = "refresh"
     # Closed thoughts per request that can be zoomed back into; later ones are attended through
     # their summaries only. Sizes the device's candidate table and vote buffers.
     max_candidates: int = 1024
