@@ -15,7 +15,9 @@ queries:
 So a page zoomed into on a bound's promise keeps only the tokens that proved to matter, and the
 next pages take the freed room. :meth:`FineZoom.stages` says this as ranked units for the shared
 budget step (``Policy.fill``). Both levels read the keys of the positions :meth:`watch` lists (the
-attended ones and the pages completed since the last step): an observing step runs eagerly.
+attended ones and the pages completed since the last observed step): an observing step runs
+eagerly, and the steps up to the next observed one (at refresh points, ``fine_observe``) keep its
+choice.
 
 With the host tier, closed thoughts leave the device whole and the levels bring back only what they
 may attend: :meth:`FineZoom.wanted` names those positions before the fill (the host tier copies the

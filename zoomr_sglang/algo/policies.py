@@ -169,8 +169,9 @@ class ZoomRPolicy(ThoughtPolicy):
 
     Under a budget, once thoughts have closed without any summary (a model that writes none) and
     ``view.zoom_pages`` allows it, the budget left by the skeleton and the window goes to pages and
-    tokens instead of whole thoughts (:class:`FineZoom`'s stages); such steps observe every layer's
-    query, and what they leave goes to the window (as far back as ``view.window_cap``)."""
+    tokens instead of whole thoughts (:class:`FineZoom`'s stages); the steps ``view.observe`` allows
+    observe every layer's query, and what they leave goes to the window (as far back as
+    ``view.window_cap``)."""
 
     name = "zoomr"
     votes = True
