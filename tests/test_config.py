@@ -15,7 +15,7 @@ EVERY_FIELD = dict(
     summary_begin="<s>", summary_end="</s>", sentence_ends=(".",), refresh_interval=8, stats_history=5,
     self_check_interval=9, host_pool_gb=1.5, zoom_cache=0, policy="sumr", budget=200, vote="count",
     vote_summary_tokens=12, vote_layers=(0, 2), implicit_zoom="thoughts", max_candidates=64, index_entries=4096,
-    segment_prompt="off", admission="bound", implicit_budget=0.5, fine_observe="refresh",
+    segment_prompt="off", admission="bound", implicit_budget=0.5, fine_observe="step",
 )
 
 
@@ -38,7 +38,7 @@ def test_every_field_is_read_from_its_one_place():
             "topk": 3, "thought_sink": 5, "sentence_ends": ["."], "refresh_interval": 8, "stats_history": 5,
             "self_check_interval": 9, "zoom_cache": 0, "policy": "sumr", "vote": "count", "vote_summary_tokens": 12,
             "implicit_zoom": "thoughts", "max_candidates": 64, "index_entries": 4096, "segment_prompt": "off",
-            "admission": "bound", "implicit_budget": 0.5, "fine_observe": "refresh"}),
+            "admission": "bound", "implicit_budget": 0.5, "fine_observe": "step"}),
     }
     assert set(environ) == set(ENV_VARS)  # a new variable joins this test
     assert set(json.loads(environ["ZOOMR_CONFIG"])) == set(CONFIG_KEYS)  # and so does a new key
