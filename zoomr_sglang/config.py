@@ -187,8 +187,9 @@ _RULES: Mapping[str, _Rule] = {
     "stats_history": _integer(0), "self_check_interval": _integer(0), "host_pool_gb": _GIGABYTES,
     "zoom_cache": _integer(0), "policy": _POLICY, "budget": _BUDGET, "vote": _choice(VOTE_KINDS),
     "vote_summary_tokens": _integer(1), "vote_layers": _LAYERS, "implicit_zoom": _choice(IMPLICIT_ZOOM_UNITS),
-    "implicit_budget": _SHARE, "fine_observe": _choice(FINE_OBSERVE_POINTS), "max_candidates": _integer(1), "index_entries": _integer(0),
-    "segment_prompt": _choice(SEGMENT_PROMPT_MODES), "admission": _choice(ADMISSION_MODES),
+    "implicit_budget": _SHARE, "fine_observe": _choice(FINE_OBSERVE_POINTS), "max_candidates": _integer(1),
+    "index_entries": _integer(0), "segment_prompt": _choice(SEGMENT_PROMPT_MODES),
+    "admission": _choice(ADMISSION_MODES),
 }
 
 # User settings, each its own variable; every other field is a key of ZOOMR_CONFIG.

@@ -34,8 +34,8 @@ class StepView:
     zoom_pages: under a budget, zoomr zooms into pages and tokens of thoughts without summaries;
     absent: bool ``[>= seq_len]``, positions whose KV is not on the device (the host tier's holes),
     set at steps that asked :meth:`Policy.wanted_positions` (None: every position is there);
-    observe: a policy that reads the decode queries may read this step's (every step, or only at
-    refresh points: ``ZoomRConfig.fine_observe``).
+    observe: zoomr's page and token levels may read this step's decode queries (every step, or only
+    at refresh points: ``ZoomRConfig.fine_observe``); the baselines that observe ignore it.
     """
 
     seq_len: int
