@@ -13,11 +13,19 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, attention_weights, page_ranges
+from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, page_ranges
 from zoomr_sglang.algo.policy_base import (Filled, Policy, Ranking, Stage, StepView, mask_to_ranges, range_mask,
                                             token_units)
+from zoomr_sglang.algo.voting import score_thoughts
 from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, as_range_array
 from zoomr_sglang.algo.policy_registry import register_policy
+
+
+def attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[n] float64: the attention query ``[num_heads, head_dim]`` gives each of ``keys``
+    ``[n, num_kv_heads, head_dim]`` (softmax over them), summed over the query heads."""
+    logits = score_thoughts(query, keys) * scaling  # [num_heads, n]: q . k per GQA group
+    return torch.softmax(logits.double(), dim=-1).sum(dim=0)
 
 
 @register_policy

@@ -9,7 +9,10 @@ import torch
 
 from backend_harness import TOKEN, Harness, scripted_tokens
 from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
+from zoomr_sglang.algo.policy_base import range_positions
 from zoomr_sglang.algo.segmentation import Thought
+from zoomr_sglang.algo.token_weights import accumulate_token_weights, lane_entries
+from zoomr_sglang.algo.torch_attention import dense_attention_weights, gather_decode_attention
 from zoomr_sglang.algo.working_set import ranges_size
 from zoomr_sglang.config import ZoomRConfig
 
@@ -20,10 +23,16 @@ def covers(ranges, start, end):
     return any(a <= start and end <= b for a, b in ranges.tolist())
 
 
-def observe_all_layers(policy, watched, keys, query, layers=2):
+def observe_all_layers(policy, watched, attended, keys, query, layers=2):
+    """What a backend does at an observed step: every layer's query reads the new pages' keys on
+    the host, and the attention weights over the working set come back summed (the float64
+    reference of the device's pass)."""
     positions = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in watched]))
     for layer in range(layers):
         policy.observe(layer, query, keys[positions], positions, 1.0)
+    attended_keys = keys[torch.from_numpy(range_positions(attended))]
+    weights = layers * dense_attention_weights(query, attended_keys, 1.0).sum(dim=0)
+    policy.take_token_weights(attended, weights.float().numpy())
 
 
 def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vote_for():
@@ -42,15 +51,77 @@ def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vot
     assert policy.fine.scorer.candidate_pages.tolist() == [0, 1, 2, 3, 4] and policy.fine.scorer.pages_wanted == 1
     watched = policy.observe_positions(first_view, first)
     assert watched == [(0, SEQ)]  # the attended positions and every page completed so far
-    observe_all_layers(policy, watched, keys, query)
+    observe_all_layers(policy, watched, first, keys, query)
     second_view = _view(seq_len=SEQ + 1, **implicit)
     second = policy.working_set(second_view)
     assert ranges_size(second) == BUDGET and covers(second, 68, 69) and covers(second, 32, 48)
     # Without what the first step observed, the window alone reaches neither.
     plain = ZoomRPolicy(num_thoughts=1).working_set(second_view)
     assert not covers(plain, 68, 69) and not covers(plain, 32, 48)
-    # The next step watches only what it attends plus the pages completed since (none here).
-    assert policy.observe_positions(second_view, second) == [tuple(r) for r in second.tolist()]
+    # The next step reads only the keys of the pages completed since (none here) on the host, and
+    # has its token weights summed on the device.
+    assert policy.observe_positions(second_view, second) == [] and policy.weighs_tokens(second_view)
+
+
+def test_the_batched_token_weights_equal_a_softmax_per_request():
+    """One pass over every observing lane of a step (GQA, lanes of different lengths, a lane that
+    does not observe) gives each lane's float64 softmax over its working set, summed over heads."""
+    generator = torch.Generator().manual_seed(1)
+    num_heads, num_kv_heads, head_dim, scaling = 8, 2, 16, 0.25
+    key_buffer = torch.randn(200, num_kv_heads, head_dim, generator=generator)
+    lengths = [37, 5, 60, 1]
+    kv_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    kv_indices = torch.randperm(200, generator=generator)[: kv_indptr[-1]].to(torch.int32)
+    query = torch.randn(len(lengths), num_heads, head_dim, generator=generator)
+    _, lse = gather_decode_attention(query, key_buffer, key_buffer, torch.from_numpy(kv_indptr), kv_indices, scaling)
+    lanes = np.array([2, 0, 3], dtype=np.int64)  # lane 1 does not observe
+    entries, sizes = lane_entries(kv_indptr, lanes)
+    assert entries.shape == (3, 60) and sizes.tolist() == [60, 37, 1]
+    valid = torch.arange(60)[None, :] < torch.from_numpy(sizes)[:, None]
+    weights = torch.zeros(entries.shape)
+    # two layers with the same query (twice one layer's weights), gathering into fresh memory and into a buffer
+    for key_rows in (None, torch.empty(entries.size, num_kv_heads, head_dim)):
+        accumulate_token_weights(query, lse, key_buffer, kv_indices, torch.from_numpy(lanes),
+                                 torch.from_numpy(entries), valid, weights, scaling, key_rows=key_rows)
+    for lane, (batch_index, size) in enumerate(zip(lanes, sizes)):
+        slots = kv_indices[kv_indptr[batch_index]:kv_indptr[batch_index + 1]].long()
+        reference = 2 * dense_attention_weights(query[batch_index], key_buffer[slots], scaling).sum(dim=0)
+        torch.testing.assert_close(weights[lane, :size].double(), reference, rtol=1e-5, atol=1e-6)
+        assert bool((weights[lane, size:] == 0).all())
+
+
+def test_through_the_backend_the_device_token_weights_rank_as_the_host_reference():
+    """At every observed step the backend sums the token weights for all observing requests in one
+    pass a layer; two steps later each request's policy ranks its tokens exactly as the per-request
+    float64 softmax over the same queries and keys would (so the same working sets follow)."""
+    config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16)
+    harness = Harness(config, seed=11)
+    for prompt_len in (6, 10, 8):
+        harness.add_request(prompt_len, {"zoomr_policy": "zoomr", "zoomr_budget": 48})
+    scripts = [scripted_tokens(random.Random(30 + i), 200, summaries=False) for i in range(3)]
+    expected = {}  # step -> [(state, reference ranking)]
+    compared = 0
+    for step in range(200):
+        _, layers = harness.decode_step([script[step] for script in scripts])
+        plan = harness.plan
+        for state, ranking in expected.pop(step - 2, []):  # taken by this step's plan
+            if harness.states.get(state.row) is state:
+                assert np.array_equal(state.policy.fine._ranked, ranking), (step, state.row)
+                compared += 1
+        references = []
+        for batch_index, state, ranges in plan.token_lanes:
+            positions = torch.from_numpy(range_positions(ranges))
+            slots = harness.req_to_token_pool.req_to_token[state.row, positions].long()
+            weights = torch.zeros(len(positions), dtype=torch.float64)
+            for layer, (q, _, _, _) in enumerate(layers):
+                keys = harness.kv_pool.get_key_buffer(layer)[slots]
+                query = q[batch_index].reshape(harness.num_heads, harness.head_dim)
+                weights += dense_attention_weights(query, keys, harness.head_dim ** -0.5).sum(dim=0)
+            order = torch.argsort(-weights, stable=True)
+            references.append((state, positions[order].numpy()))
+        expected[step] = references
+    assert compared > 20, compared
+    harness.release_all()
 
 
 def _view(thoughts, **overrides):
@@ -86,7 +157,7 @@ def test_zoomr_without_summaries_through_the_backend_observes_matches_the_refere
         observed_steps = 0
         for step in range(160):
             harness.decode_step([script[step] for script in scripts])
-            observed_steps += bool(harness.plan.observers)
+            observed_steps += bool(harness.plan.token_lanes)
             for state, ranges in zip(harness.plan.states, harness.plan.working_sets):
                 assert ranges_size(ranges) <= max(budget, state.prompt_len + config.thought_sink + 3)
         assert (observed_steps > 30) == (implicit_zoom == "pages"), (implicit_zoom, observed_steps)  # at refresh points
@@ -114,7 +185,7 @@ def _fine_run(host_tier_tokens: int, fine_observe: str, steps: int = 240):
     for step in range(steps):
         _, layers = harness.decode_step([script[step] for script in scripts])
         outputs.append(torch.stack([out for (_, _, _, out) in layers]))
-        observed += bool(harness.plan.observers)
+        observed += bool(harness.plan.token_lanes)
         assert not bool((harness.backend.kv_indices == 0).any()), f"step {step} attends a hole"
     return outputs, harness, free_at_start, harness.allocator.available_size(), observed
 
@@ -178,3 +249,14 @@ def test_without_a_budget_a_model_that_writes_no_summaries_gets_the_implicit_sha
         harness.release_all()
         assert harness.allocator.available_size() == free_at_start
         assert harness.controller.tiering.host.num_used == 0
+
+
+def test_the_token_weights_benchmark_prints_its_ratios():
+    """benchmarks/token_weights.py at toy sizes: its last line names every working set's ratios."""
+    from bench_scripts import run_benchmark
+
+    result = run_benchmark("token_weights.py", "--working-sets", "16,40", "--batch", "2", "--repeats", "1",
+                           timeout=300)
+    assert set(result) == {"device", "batch", "pass_over_attention", "per_request_over_attention"}
+    assert result["batch"] == 2 and set(result["pass_over_attention"]) == {"16", "40"}
+    assert all(ratio > 0 for ratio in result["per_request_over_attention"].values())

@@ -109,15 +109,21 @@ class _TwoRanks:
 
 
 def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
-    """A model without summaries under a budget: zoomr's token and page levels read one step's
-    attention sums and page votes. Each rank observes its own query and KV heads; after the ranks
-    add up their step signals (``sum_over_ranks``, one all-reduce) each ranks tokens and pages
-    exactly as one rank holding every head does, and one rank alone would not."""
+    """A model without summaries under a budget: zoomr's page level reads one step's page votes on
+    the host, its token level the step's attention weights summed on the device. Each rank observes
+    its own query and KV heads; after the ranks add up their page signals (``sum_over_ranks``, one
+    all-reduce) and their token weights (``TokenObservers``' all-reduce after the last layer), each
+    ranks tokens and pages exactly as one rank holding every head does, and one rank alone would not."""
+    from types import SimpleNamespace
+
     import numpy as np
 
     from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
+    from zoomr_sglang.algo.policy_base import range_positions
     from zoomr_sglang.algo.segmentation import Thought
+    from zoomr_sglang.algo.torch_attention import gather_decode_attention
     from zoomr_sglang.attention_backend.controller import sum_over_ranks
+    from zoomr_sglang.attention_backend.token_observers import TokenObservers
 
     gen = torch.Generator().manual_seed(3)
     seq_len, layers = 160, 2
@@ -128,6 +134,21 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
         return StepView(seq_len=n, prompt_len=4, sink=4, window=11, budget=64, candidates=[0], zoomed=[0],
                         thoughts=[Thought(index=0, start=4, body_end=100, final=True)], open_from=100, zoom_pages=True)
 
+    def token_weights(ranges, heads: slice, kv_heads: slice, other=None) -> np.ndarray:
+        """The weights the device sums for one lane attending ``ranges`` (its slots: its positions)."""
+        kv_indices = torch.from_numpy(range_positions(ranges)).to(torch.int32)
+        kv_indptr = torch.tensor([0, len(kv_indices)], dtype=torch.int32)
+        observers = TokenObservers(last_layer=layers - 1, device="cpu",
+                                   vote_group=None if other is None else _TwoRanks(torch.from_numpy(other)[None]))
+        observers.load(SimpleNamespace(token_lanes=[(0, None, ranges)], kv_indptr=kv_indptr))
+        for layer in range(layers):
+            query, key_buffer = queries[layer][heads][None], keys[layer][:, kv_heads]
+            _, lse = gather_decode_attention(query, key_buffer, key_buffer, kv_indptr, kv_indices, 0.25)
+            observers.after_attention(layer, query, lse, key_buffer, kv_indices, 0.25)
+        observers.load(SimpleNamespace(token_lanes=[]))  # the next step's load queues the copy
+        ((_, _, weights),) = observers.take()
+        return weights
+
     def observed(heads: slice, kv_heads: slice) -> ZoomRPolicy:
         policy = ZoomRPolicy(num_thoughts=1)
         ranges = policy.working_set(view(seq_len))  # asks for page votes
@@ -135,21 +156,28 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
         positions = torch.cat([torch.arange(start, end) for start, end in watched])
         for layer in range(layers):
             policy.observe(layer, queries[layer][heads], keys[layer][positions][:, kv_heads], positions, 0.25)
+        policy.attended = ranges
         return policy
 
     whole = observed(slice(None), slice(None))
     ranks = [observed(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
     alone = observed(slice(0, 4), slice(0, 2))
-    alone.working_set(view(seq_len + 1))
-    assert len(whole.step_signals()) == 3  # attention sums, page votes and their score sums
+    assert len(whole.step_signals()) == 2  # page votes and their bound sums
     own = [torch.cat([t.reshape(-1).double() for t in policy.step_signals()]) for policy in ranks]
     for rank, other in ((0, 1), (1, 0)):
         sum_over_ranks(ranks[rank].step_signals(), _TwoRanks(own[other]))
+    shards = [(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
+    own_weights = [token_weights(whole.attended, *shard) for shard in shards]
+    whole.take_token_weights(whole.attended, token_weights(whole.attended, slice(None), slice(None)))
+    alone.take_token_weights(alone.attended, own_weights[0])
+    for rank, other in ((0, 1), (1, 0)):
+        ranks[rank].take_token_weights(whole.attended, token_weights(whole.attended, *shards[rank], own_weights[other]))
+    alone.working_set(view(seq_len + 1))
     expected = whole.working_set(view(seq_len + 1))
     for policy in ranks:
         assert np.array_equal(policy.working_set(view(seq_len + 1)), expected)
         assert policy.fine.scorer.ranked == whole.fine.scorer.ranked and policy.fine.scorer.ranked
-    top = lambda policy: torch.argsort(policy.fine.weights, descending=True, stable=True)[:20].tolist()  # noqa: E731
+    top = lambda policy: policy.fine._ranked[:20].tolist()  # noqa: E731
     assert top(ranks[0]) == top(whole) != top(alone)  # the tokens one rank's heads alone would keep
 
 

@@ -14,10 +14,11 @@ queries:
 
 So a page zoomed into on a bound's promise keeps only the tokens that proved to matter, and the
 next pages take the freed room. :meth:`FineZoom.stages` says this as ranked units for the shared
-budget step (``Policy.fill``). Both levels read the keys of the positions :meth:`watch` lists (the
-attended ones and the pages completed since the last observed step): an observing step runs
-eagerly, and the steps up to the next observed one (at refresh points, ``fine_observe``) keep its
-choice.
+budget step (``Policy.fill``). At an observed step (at refresh points, ``fine_observe``) the page
+votes read the keys of the pages completed since the last one (their bounds, :meth:`watch`, on the
+host: such a step runs eagerly) and the token weights are summed on the device for the whole batch
+(``algo/token_weights.py``) and come back two steps later (:meth:`take_token_weights`); the steps
+in between keep the last choice.
 
 With the host tier, closed thoughts leave the device whole and the levels bring back only what they
 may attend: :meth:`FineZoom.wanted` names those positions before the fill (the host tier copies the
@@ -31,31 +32,30 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, attention_weights, page_ranges
-from zoomr_sglang.algo.policy_base import Stage, range_mask, token_units
-from zoomr_sglang.algo.working_set import Range, as_range_array, merge_ranges
+from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, page_ranges
+from zoomr_sglang.algo.policy_base import Stage, range_mask, range_positions, token_units
+from zoomr_sglang.algo.working_set import Range, as_range_array
 
 PAGE_SHARE = 4  # 1 / PAGE_SHARE of the budget is kept for pages the bounds newly point at
 
 
 class FineZoom:
-    """One request's page votes and last step's per-token attention (the fine levels' state)."""
+    """One request's page votes and the ranking of its last observed step's tokens (the fine levels' state)."""
 
     def __init__(self) -> None:
         self.scorer = PageScorer()
-        self.attended = np.zeros((0, 2), dtype=np.int64)  # the ranges the observed step attends
-        self.observing: Optional[torch.Tensor] = None  # [positions] weights being summed this step
-        self.weights = torch.zeros(0, dtype=torch.float64)  # [positions] last observed step's sums (CPU)
         self.new_pages: Range = (0, 0)  # positions of the pages whose bounds this step adds
         self._ranked = np.zeros(0, dtype=np.int64)  # the positions with weight, most attended first
 
+    def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
+        """An observed step attended ``ranges`` ``[m, 2]`` and gave their positions ``weights [n]``
+        (summed over layers and query heads, in position order): rank them once, most attended
+        first, ties to the lower position; positions without weight are not ranked."""
+        order = np.argsort(-weights, kind="stable")
+        self._ranked = range_positions(ranges)[order[weights[order] > 0]]
+
     def _ranked_tokens(self, seq_len: int) -> np.ndarray:
-        """``[n]`` int64: the positions below ``seq_len`` the last observed step attended, most
-        attended first (ties to the lower position); ranked once per observed step."""
-        if self.observing is not None:  # the last step's layers are all done: its sums are final
-            self.weights, self.observing = self.observing.cpu(), None
-            ranked = torch.argsort(self.weights, descending=True, stable=True)
-            self._ranked = ranked[self.weights[ranked] > 0].numpy()
+        """``[n]`` int64: the ranked positions below ``seq_len``."""
         return self._ranked[self._ranked < seq_len]
 
     def _pages(self, seq_len: int) -> List[int]:
@@ -89,35 +89,26 @@ class FineZoom:
 
     def attends(self, ranges: np.ndarray, seq_len: int, budget: int) -> None:
         """This step attends ``ranges`` ``[n, 2]`` (within ``seq_len``): its queries vote for the
-        complete pages still outside, and :meth:`observe` sums the attention over ``ranges``."""
+        complete pages still outside."""
         complete = seq_len // QUEST_PAGE_SIZE
         covered = range_mask(ranges, seq_len)[: complete * QUEST_PAGE_SIZE]
         outside = ~covered.reshape(complete, QUEST_PAGE_SIZE).all(axis=1)
         self.scorer.ask(torch.from_numpy(np.flatnonzero(outside)), max(1, budget // PAGE_SHARE // QUEST_PAGE_SIZE))
-        self.attended = ranges
 
     def watch(self, seq_len: int) -> List[Range]:
-        """Positions whose keys :meth:`observe` needs this step: the attended ones and the pages
-        completed since the last observed step (their bounds)."""
+        """Positions whose keys :meth:`observe` needs this step: the pages completed since the last
+        observed step (their bounds)."""
         self.new_pages = self.scorer.new_pages(seq_len)[0]
-        return merge_ranges([*map(tuple, self.attended.tolist()), self.new_pages])
+        first, last = self.new_pages
+        return [self.new_pages] if last > first else []
 
     def step_signals(self) -> List[torch.Tensor]:
-        """This step's per-position attention sums and page votes (see ``Policy.step_signals``)."""
+        """This step's page votes and bound sums (see ``Policy.step_signals``)."""
         scorer = self.scorer
-        return [t for t in (self.observing, scorer.page_votes, scorer.page_score_sums) if t is not None]
+        return [t for t in (scorer.page_votes, scorer.page_score_sums) if t is not None]
 
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:
-        """query ``[num_heads, head_dim]``, keys ``[n, num_kv_heads, head_dim]`` of ``positions [n]``
-        (the ones :meth:`watch` listed, ascending)."""
-        starts, ends = (torch.from_numpy(np.ascontiguousarray(self.attended[:, i])) for i in (0, 1))
-        slot = torch.searchsorted(starts, positions, right=True) - 1
-        attended = (slot >= 0) & (positions < ends[slot.clamp(min=0)])
-        weights = attention_weights(query, keys[attended.to(keys.device)], scaling)
-        if self.observing is None:
-            self.observing = torch.zeros(int(positions.max()) + 1, dtype=torch.float64, device=weights.device)
-        self.observing.index_add_(0, positions[attended].to(weights.device), weights)
-        first, last = self.new_pages
-        paged = (positions >= first) & (positions < last)
-        self.scorer.observe(layer_id, query, keys[paged.to(keys.device)])
+        """query ``[num_heads, head_dim]``, keys ``[n, num_kv_heads, head_dim]`` of the new pages'
+        ``positions [n]`` (the ones :meth:`watch` listed)."""
+        self.scorer.observe(layer_id, query, keys)

@@ -1,8 +1,8 @@
-"""Page scores for the fine levels: Quest's per-page key bounds and the attention a query gives.
+"""Page scores for the fine levels: Quest's per-page key bounds and the page votes they cast.
 
 ZoomR's fine levels (:mod:`fine_zoom`) rank pages by an upper bound of a query's score over each
-page's keys (``sum_d max(q_d * min_d, q_d * max_d)``, Quest's bound) and tokens by the attention
-weights the step gave them. Each (layer, query head) votes for its top pages; the most voted are
+page's keys (``sum_d max(q_d * min_d, q_d * max_d)``, Quest's bound), and tokens by the attention
+weights the step gave them (:mod:`token_weights`). Each (layer, query head) votes for its top pages; the most voted are
 attended at the next step.
 """
 
@@ -12,17 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from zoomr_sglang.algo.voting import head_votes, score_thoughts, select_thoughts
+from zoomr_sglang.algo.voting import head_votes, select_thoughts
 from zoomr_sglang.algo.working_set import Range
 
 QUEST_PAGE_SIZE = 16  # Quest's default page size
-
-
-def attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """[n] float64: the attention query ``[num_heads, head_dim]`` gives each of ``keys``
-    ``[n, num_kv_heads, head_dim]`` (softmax over them), summed over the query heads."""
-    logits = score_thoughts(query, keys) * scaling  # [num_heads, n]: q . k per GQA group
-    return torch.softmax(logits.double(), dim=-1).sum(dim=0)
 
 
 class PageScorer:

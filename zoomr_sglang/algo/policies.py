@@ -202,6 +202,12 @@ class ZoomRPolicy(ThoughtPolicy):
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
         return self.fine.watch(view.seq_len) if view.observe and self.zooms_fine(view) else None
 
+    def weighs_tokens(self, view: StepView) -> bool:
+        return view.observe and self.zooms_fine(view)
+
+    def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
+        self.fine.take_token_weights(ranges, weights)
+
     def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 scaling: float) -> None:
         self.fine.observe(layer_id, query, keys, positions, scaling)

@@ -246,6 +246,16 @@ class Policy:
                 scaling: float) -> None:
         """query ``[num_heads, head_dim]``, keys ``[n, num_kv_heads, head_dim]`` of ``positions [n]``."""
 
+    def weighs_tokens(self, view: StepView) -> bool:
+        """Whether this step's attention weights over its working set, summed over layers and query
+        heads on the device, come back to :meth:`take_token_weights` (two steps later). Asked only at
+        steps under a budget."""
+        return False
+
+    def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
+        """The weights ``[n]`` float32 an observed step gave the positions of its working set
+        ``ranges`` ``[m, 2]`` (in position order; see :meth:`weighs_tokens`)."""
+
     def step_signals(self) -> List[torch.Tensor]:
         """What this step's observations summed over every query head, read at the next step: with
         tensor parallelism each rank sums its own heads, and the ranks add these up after the last

@@ -27,6 +27,7 @@ from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.planning import StepPlanner
 from zoomr_sglang.attention_backend.selection import DeviceSelection
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
+from zoomr_sglang.attention_backend.token_observers import TokenObservers
 from zoomr_sglang.config import ZoomRConfig
 from zoomr_sglang.tree_port import HostRun, Inheritance, ThoughtRecord
 
@@ -49,6 +50,9 @@ class ZoomRController:
                                          kv_pool=token_to_kv_pool, num_layers=num_layers, num_heads=num_heads,
                                          max_voters=max_voters, max_candidates=config.max_candidates,
                                          refresh_tokens=self.planner.ingest.refresh_tokens, device=device)
+        self.token_observers = TokenObservers(last_layer=num_layers - 1, device=device,
+                                              vote_group=self.selection.vote_group)
+        self.kv_indices: Optional[torch.Tensor] = None  # the loaded step's KV list (the token weights read it)
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
         self.inheritances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Req -> tree_port.Inheritance
         self.next_plan: Optional[HostPlan] = None  # planned, not yet loaded
@@ -61,7 +65,8 @@ class ZoomRController:
 
     def begin_decode(self, rids: Sequence[str], seq_lens: Sequence[int]) -> None:
         """Plan the coming decode step (SGLang's host view; no device reads)."""
-        self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections())
+        self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections(),
+                                           self.token_observers.take())
 
     def needs_eager(self) -> bool:
         """Whether the coming step has per-layer host work that a CUDA graph cannot replay."""
@@ -80,19 +85,21 @@ class ZoomRController:
                 "must run before the attention metadata is built")
         self.step = plan
         self.observed = self.selection.observed_positions(plan) if plan.observers else []
-        return self.selection.load(plan, input_ids, padded_bs or batch_size, kv_indices_out)
-
+        self.token_observers.load(plan)
+        kv_indptr, self.kv_indices = self.selection.load(plan, input_ids, padded_bs or batch_size, kv_indices_out)
+        return kv_indptr, self.kv_indices
 
     def plan_capture(self, batch_size: int) -> None:
         """A CUDA-graph capture batch: no request, ``batch_size`` padding lanes (see ``load``)."""
         self.next_plan = HostPlan.empty()
 
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor, scaling: float) -> None:
-        """Per layer, after its KV write: index keys and votes (graph-safe), then the baselines'
-        observers (eager steps only)."""
+        """Per layer, after its KV write: index keys and votes (graph-safe), then the token weights
+        and the host observers (eager steps only)."""
         self.selection.after_attention(layer_id, query, log_normalizer, scaling)
+        key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
+        self.token_observers.after_attention(layer_id, query, log_normalizer, key_buffer, self.kv_indices, scaling)
         if self.observed:
-            key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
             for (batch_index, state, _), (positions, slots) in zip(self.step.observers, self.observed):
                 state.policy.observe(layer_id, query[batch_index].float(), key_buffer.index_select(0, slots).float(),
                                      positions, scaling)

@@ -36,7 +36,10 @@ class HostPlan:
     row, column, entry, summary start, summary length) appended to the rows' candidate tables;
     votes ``[bs, 4]`` int64 per request: (pool row, candidates a vote would rank, 0 if it cannot
     vote; its vote kind, an index into ``VOTE_KINDS``; 1 if the host asks it to vote this step
-    whatever token it decodes).
+    whatever token it decodes); observers: per request whose policy reads every layer's query
+    on the host, (batch index, state, positions ``[n, 2]`` whose keys it reads); token_lanes: per
+    request whose token level this step observes, (batch index, state, its working set ``[n, 2]``),
+    summed on the device (``token_observers.py``).
     """
 
     rows: List[int]
@@ -49,6 +52,7 @@ class HostPlan:
     new_candidates: np.ndarray
     votes: np.ndarray
     observers: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
+    token_lanes: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
     self_check: bool = False
     fidelity_rows: List[int] = field(default_factory=list)  # batch indices measuring zoomr_fidelity
     failed: List[Tuple[object, str]] = field(default_factory=list)  # (Req, message): requests to abort
@@ -67,8 +71,9 @@ class HostPlan:
 
     @property
     def needs_eager(self) -> bool:
-        """Per-layer Python work (baseline observers, self-checks, fidelity) cannot replay in a graph."""
-        return bool(self.observers) or self.self_check or bool(self.fidelity_rows)
+        """Per-layer Python work (observers, self-checks, fidelity) and the token weights' pass (shaped
+        by its lanes) cannot replay in a graph."""
+        return bool(self.observers) or bool(self.token_lanes) or self.self_check or bool(self.fidelity_rows)
 
     @cached_property
     def working_sets(self) -> List[np.ndarray]:
@@ -96,10 +101,11 @@ def table(flat: List[int], width: int) -> np.ndarray:
 class StepLists:
     """What a step's requests add to its plan, flat, in batch order (the fields' widths are
     :class:`HostPlan`'s): index commits, fresh entries, new candidates, vote rows, observers,
-    failures, and per request its block of fixed ranges, its tail and its ``kv_indptr`` entry (the
+    token lanes, failures, and per request its block of fixed ranges, its tail and its ``kv_indptr`` entry (the
     planner's loop appends those in line, :meth:`StepPlanner.plan`)."""
 
-    __slots__ = ("commits", "fresh", "new_candidates", "votes", "observers", "failed", "blocks", "tails", "indptr")
+    __slots__ = ("commits", "fresh", "new_candidates", "votes", "observers", "token_lanes", "failed", "blocks", "tails",
+                 "indptr")
 
     def __init__(self) -> None:
         self.commits: List[int] = []
@@ -107,6 +113,7 @@ class StepLists:
         self.new_candidates: List[int] = []
         self.votes: List[int] = []
         self.observers: List[Tuple[int, RequestState, np.ndarray]] = []
+        self.token_lanes: List[Tuple[int, RequestState, np.ndarray]] = []
         self.failed: List[Tuple[object, str]] = []
         self.blocks: List[np.ndarray] = []
         self.tails: List[int] = []  # (row, start, length, output offset) per tail, flat
@@ -120,6 +127,7 @@ class StepLists:
             flat[:] = [v for start in range(0, len(flat), width) if flat[start] != row
                        for v in flat[start:start + width]]
         self.observers[:] = [o for o in self.observers if o[0] != batch_index]
+        self.token_lanes[:] = [o for o in self.token_lanes if o[0] != batch_index]
         del self.votes[4 * batch_index:], self.blocks[batch_index:], self.indptr[batch_index + 1:]
 
     def plan(self, rows: List[int], seq_lens: Sequence[int], states: List[RequestState],
@@ -130,7 +138,8 @@ class StepLists:
             rows=rows, seq_lens=list(seq_lens), states=states, kv_indptr=torch.from_numpy(kv_indptr),
             ranges=batch_ranges(self.blocks, kv_indptr, self.tails), commits=table(self.commits, 3),
             fresh_entries=self.fresh, new_candidates=table(self.new_candidates, 5), votes=table(self.votes, 4),
-            observers=self.observers, self_check=self_check, fidelity_rows=fidelity_rows, failed=self.failed,
+            observers=self.observers, token_lanes=self.token_lanes, self_check=self_check,
+            fidelity_rows=fidelity_rows, failed=self.failed,
         )
 
 

@@ -157,14 +157,17 @@ class StepPlanner:
         self.fidelity_states -= state.fidelity
 
     # -- the step -----------------------------------------------------------------------------
-    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections) -> HostPlan:
+    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections, token_weights=()) -> HostPlan:
         """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
-        ``selections``: the device votes that reached the host since the last step. Per request
-        ingest -> move KV -> select (a quiet step from its ticket, or a full one) -> pack, then
-        the batch's plan."""
+        ``selections`` and ``token_weights``: the device's votes and token weights that reached the
+        host since the last step. Per request ingest -> move KV -> select (a quiet step from its
+        ticket, or a full one) -> pack, then the batch's plan."""
         for state, chosen, agreement in selections:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
+        for state, ranges, weights in token_weights:
+            if self.states.get(state.row) is state:
+                state.policy.take_token_weights(ranges, weights)
         rows, reqs, states = self.records.batch(rids)
         step = StepLists()
         blocks, tails, indptr = step.blocks, step.tails, step.indptr
@@ -257,10 +260,12 @@ class StepPlanner:
             parts = state.policy.working_set_parts(view)
             state.view_stale, state.view_zoomed = False, zoomed
         if state.budget:  # only a bounded step observes (see Policy.observe_positions)
-            watched = state.policy.observe_positions(view, with_tail(*parts, seq_len))
+            ranges = with_tail(*parts, seq_len)
+            watched = state.policy.observe_positions(view, ranges)
             if watched is not None:
                 step.observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
-                state.fine_due = False
+            if state.policy.weighs_tokens(view):
+                step.token_lanes.append((batch_index, state, ranges))
         return parts
 
     def _ticket(self, state: RequestState) -> Optional[tuple]:

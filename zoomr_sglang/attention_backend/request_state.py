@@ -256,6 +256,7 @@ class RequestState:
             )
         view.seq_len, view.window_cap, view.open_from = seq_len, window_cap, self.segmenter.open_from()
         view.observe = self.fine_due or config.fine_observe == "step"
+        self.fine_due = False  # this step's view reads the refresh: the levels observe at most once per refresh
         if isinstance(self.budget, float):
             if self.implicit_budget:
                 # Never less than the fine levels' skeleton (sinks, prompt, the open thought's head,

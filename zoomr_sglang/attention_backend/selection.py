@@ -203,15 +203,7 @@ class DeviceSelection:
         """Copy the last step's voters and choices to pinned host memory behind its forward (no wait)."""
         if self._last_states is None:
             return
-        sources = [self.voter_table[1:3], self.chosen, self.agreement]
-        if self.device.type == "cuda":
-            copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in sources]
-            for copy, source in zip(copies, sources):
-                copy.copy_(source, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            copies, event = [t.clone() for t in sources], None
+        event, copies = copy_to_host([self.voter_table[1:3], self.chosen, self.agreement])
         self._readback = (event, copies, self._last_states)
         self._last_states = None
 
@@ -249,6 +241,19 @@ class DeviceSelection:
             chosen, agreement = select_top(votes, weights, num_candidates, self.config.num_thoughts)
             self.chosen[: chosen.shape[0]] = chosen
             self.agreement[: agreement.shape[0]] = agreement
+
+
+def copy_to_host(sources: List[torch.Tensor]) -> Tuple[Optional[torch.cuda.Event], List[torch.Tensor]]:
+    """Copies of ``sources`` in host memory: on CUDA pinned, queued behind the stream's work (no
+    wait) with the event that marks them done; elsewhere taken at once (event None)."""
+    if sources[0].device.type != "cuda":
+        return None, [t.clone() for t in sources]
+    copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in sources]
+    for copy, source in zip(copies, sources):
+        copy.copy_(source, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return event, copies
 
 
 def attention_tp_group():
