@@ -1,5 +1,6 @@
 """Working-set ranges: merging, clipping, sizes and positions."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,14 @@ def test_subtract_ranges_cuts_holes_out_in_order():
     assert subtract_ranges([(16, 32)], [(0, 16), (32, 48)]) == [(16, 32)]  # adjacent holes touch nothing
     assert subtract_ranges([(16, 32)], [(0, 64)]) == []
     assert subtract_ranges([(5, 9)], []) == [(5, 9)]
+
+
+def test_sorted_unique_and_in_sorted_agree_with_numpy():
+    from zoomr_sglang.algo.working_set import in_sorted, sorted_unique
+
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 7, 500):
+        values = rng.integers(0, 60, n)
+        assert np.array_equal(sorted_unique(values), np.unique(values))
+        ascending = np.unique(rng.integers(0, 60, n // 2))
+        assert np.array_equal(in_sorted(values, ascending), np.isin(values, ascending))

@@ -34,7 +34,7 @@ import torch
 
 from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE, PageScorer, page_ranges
 from zoomr_sglang.algo.policy_base import Stage, range_mask, range_positions, token_units
-from zoomr_sglang.algo.working_set import Range, as_range_array
+from zoomr_sglang.algo.working_set import Range, as_range_array, sorted_unique
 
 PAGE_SHARE = 4  # 1 / PAGE_SHARE of the budget is kept for pages the bounds newly point at
 
@@ -71,7 +71,7 @@ class FineZoom:
         if pages:
             parts.append((np.asarray(pages, dtype=np.int64)[:, None] * QUEST_PAGE_SIZE
                           + np.arange(QUEST_PAGE_SIZE)).reshape(-1))
-        return np.unique(np.concatenate(parts))
+        return sorted_unique(np.concatenate(parts))
 
     def stages(self, seq_len: int, budget: int, absent: Optional[np.ndarray] = None) -> Tuple[Stage, Stage, Stage]:
         """What fills the budget after the skeleton and the window, in order: the tokens the last

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.policy_base import range_mask
+from zoomr_sglang.algo.working_set import in_sorted
 from zoomr_sglang.attention_backend.tier_records import PositionCopy, RowTier
 
 
@@ -44,11 +45,12 @@ def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: in
         hole_of = np.searchsorted(starts, wanted, side="right") - 1
         inside = (hole_of >= 0) & (wanted < ends[np.maximum(hole_of, 0)])
         desired, desired_hole = wanted[inside], hole_of[inside]
-    unwanted = ~np.isin(tier.zoomed_positions, desired)
+    unwanted = ~in_sorted(tier.zoomed_positions, desired)
     if unwanted.any():
         _drop(tiering, row, tier, unwanted)
-    flying = [copy.positions for copy in tier.position_copies]
-    new = ~np.isin(desired, np.concatenate([tier.zoomed_positions, *flying]))
+    new = ~in_sorted(desired, tier.zoomed_positions)
+    for copy in tier.position_copies:  # a few copies under way, each ascending
+        new &= ~in_sorted(desired, copy.positions)
     if new.any() and tiering.page_size == 1:  # paged pools free whole pages only: whole thoughts move there
         positions, which = desired[new], desired_hole[new]
         host_slots = torch.cat([holes[h].host_slots[torch.from_numpy(positions[which == h] - holes[h].start)]
