@@ -63,8 +63,8 @@ class RowTier:
     """Everything the host tier keeps for one pool row (one record: a released row is one pop).
 
     A row whose last ``prepare`` found nothing to do keeps it in ``quiet``; ``settled`` caches the
-    selection's resident part. Any change to the row's cold thoughts drops both (``add_cold``,
-    ``set_on_device``, ``unsettle``).
+    selection's resident part, ``hole_list`` its holes. Any change to the row's cold thoughts drops
+    all three (``add_cold``, ``set_on_device``, ``unsettle``).
     """
 
     cold: Dict[int, ColdThought] = field(default_factory=dict)  # thought index -> its hole (or zoomed-in copy)
@@ -88,6 +88,7 @@ class RowTier:
     zoomed_position_slots: torch.Tensor = field(default_factory=_no_slots)
     position_copies: List[PositionCopy] = field(default_factory=list)
     position_headroom: int = 0
+    hole_list: Optional[List[ColdThought]] = None  # holes() until the cold thoughts change
 
     def quiet_holds(self, record: Tuple[List[int], int, int, List[int]], seq_len: int) -> bool:
         """Whether ``record``, this row's quiet record when a request step read it, still says
@@ -104,7 +105,7 @@ class RowTier:
         return seq_len < until and waiting == count and zoomed is selection
 
     def add_cold(self, index: int, thought: ColdThought) -> None:
-        self.settled = self.quiet = None
+        self.settled = self.quiet = self.hole_list = None
         self.cold[index] = thought
         if thought.on_device:
             self.resident.add(index)
@@ -112,7 +113,7 @@ class RowTier:
             self.offloaded += thought.end - thought.start
 
     def set_on_device(self, index: int, thought: ColdThought, on_device: bool) -> None:
-        self.settled = self.quiet = None
+        self.settled = self.quiet = self.hole_list = None
         thought.on_device = on_device
         size = thought.end - thought.start
         if on_device:
@@ -124,15 +125,18 @@ class RowTier:
 
     def holes(self) -> List[ColdThought]:
         """The cold thoughts whose positions have no device slots (the row's holes), ascending."""
-        return sorted((t for t in self.cold.values() if not t.on_device), key=lambda t: t.start)
+        if self.hole_list is None:  # most steps change no cold thought: sorted once per change
+            self.hole_list = sorted((t for t in self.cold.values() if not t.on_device), key=lambda t: t.start)
+        return self.hole_list
 
     def last_hole_end(self) -> int:
         """Where the row's last hole ends (0: it has none); positions after it are on the device."""
-        return max((t.end for t in self.cold.values() if not t.on_device), default=0)
+        holes = self.holes()  # disjoint and ascending: the last ends last
+        return holes[-1].end if holes else 0
 
     def unsettle(self) -> None:
         """The row's cold thoughts changed: its cached prepare results no longer hold."""
-        self.settled = self.quiet = None
+        self.settled = self.quiet = self.hole_list = None
 
 
 @dataclass
