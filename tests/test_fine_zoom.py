@@ -65,7 +65,8 @@ def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vot
 
 def test_the_batched_token_weights_equal_a_softmax_per_request():
     """One pass over every observing lane of a step (GQA, lanes of different lengths, a lane that
-    does not observe) gives each lane's float64 softmax over its working set, summed over heads."""
+    does not observe, an empty last lane) gives each lane's float64 softmax over its working set,
+    summed over heads."""
     generator = torch.Generator().manual_seed(1)
     num_heads, num_kv_heads, head_dim, scaling = 8, 2, 16, 0.25
     key_buffer = torch.randn(200, num_kv_heads, head_dim, generator=generator)
@@ -77,6 +78,8 @@ def test_the_batched_token_weights_equal_a_softmax_per_request():
     lanes = np.array([2, 0, 3], dtype=np.int64)  # lane 1 does not observe
     entries, sizes = lane_entries(kv_indptr, lanes)
     assert entries.shape == (3, 60) and sizes.tolist() == [60, 37, 1]
+    padded, no_size = lane_entries(np.append(kv_indptr, kv_indptr[-1]), np.array([4, 3]))  # lane 4 is empty
+    assert no_size.tolist() == [0, 1] and padded.max() < kv_indptr[-1]
     valid = torch.arange(60)[None, :] < torch.from_numpy(sizes)[:, None]
     weights = torch.zeros(entries.shape)
     # two layers with the same query (twice one layer's weights), gathering into fresh memory and into a buffer

@@ -25,14 +25,15 @@ def lane_entries(kv_indptr: np.ndarray, lanes: np.ndarray) -> Tuple[np.ndarray, 
 
     kv_indptr: ``[bs + 1]`` int, request ``b`` attends KV-list entries ``kv_indptr[b]:kv_indptr[b + 1]``;
     lanes: ``[n_lanes]`` int64 batch indices. Returns ``entries [n_lanes, width]`` int64 (a lane's
-    entries in order, padded with its first entry, or 0 for an empty lane) and ``lengths [n_lanes]``.
+    entries in order, padded with its first entry; an empty lane's padding stays inside the list)
+    and ``lengths [n_lanes]``.
     The work is the lanes' working sets, never their sequences."""
     starts = kv_indptr[lanes].astype(np.int64)
     lengths = kv_indptr[lanes + 1].astype(np.int64) - starts
     width = int(lengths.max()) if len(lanes) else 0
     offsets = np.arange(width, dtype=np.int64)
     entries = starts[:, None] + np.where(offsets[None, :] < lengths[:, None], offsets[None, :], 0)
-    return entries, lengths
+    return np.minimum(entries, max(int(kv_indptr[-1]) - 1, 0)), lengths
 
 
 def accumulate_token_weights(query: torch.Tensor, log_normalizer: torch.Tensor, key_buffer: torch.Tensor,
