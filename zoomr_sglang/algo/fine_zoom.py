@@ -39,6 +39,13 @@ from zoomr_sglang.algo.working_set import Range, as_range_array, sorted_unique
 PAGE_SHARE = 4  # 1 / PAGE_SHARE of the budget is kept for pages the bounds newly point at
 
 
+def zooms_fine(budget: float, zoom_pages: bool, thoughts_closed: int, summaries: int) -> bool:
+    """Whether a request zooms into pages and tokens instead of whole thoughts: under a budget,
+    where allowed (``implicit_zoom``), once thoughts have closed and none of them had a summary.
+    The policy asks it of its skeleton, the request of its counters: one rule."""
+    return bool(budget) and zoom_pages and thoughts_closed > 0 and summaries == 0
+
+
 class FineZoom:
     """One request's page votes and the ranking of its last observed step's tokens (the fine levels' state)."""
 

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple, Type
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.fine_zoom import FineZoom
+from zoomr_sglang.algo.fine_zoom import FineZoom, zooms_fine
 from zoomr_sglang.algo.policy_base import Filled, Policy, Ranking, Stage, StepView
 from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, with_tail
 
@@ -85,11 +85,6 @@ class ThoughtPolicy(Policy):
                 self._append(thought.summary_start, thought.summary_end)
                 self._summaries += 1
         self._closed = closed
-
-    @property
-    def implicit_only(self) -> bool:
-        """Thoughts have closed and none had a summary: the index keys are their bodies' means."""
-        return self._closed > 0 and self._summaries == 0
 
     def _append(self, start: int, end: int) -> None:
         """Summaries close in position order: each one extends or follows the last range."""
@@ -182,7 +177,7 @@ class ZoomRPolicy(ThoughtPolicy):
         self.fine = FineZoom()
 
     def zooms_fine(self, view: StepView) -> bool:
-        return bool(view.budget) and view.zoom_pages and self.implicit_only
+        return zooms_fine(view.budget, view.zoom_pages, self._closed, self._summaries)
 
     def rank_units(self, view: StepView) -> Ranking:
         """As the thought policies, or, zooming fine, the same skeleton and window with the fine

@@ -97,6 +97,8 @@ class ZoomRController:
         """Per layer, after its KV write: index keys and votes (graph-safe), then the token weights
         and the host observers (eager steps only)."""
         self.selection.after_attention(layer_id, query, log_normalizer, scaling)
+        if not (self.token_observers.active or self.observed):
+            return
         key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
         self.token_observers.after_attention(layer_id, query, log_normalizer, key_buffer, self.kv_indices, scaling)
         if self.observed:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.batched_votes import VOTE_KINDS
+from zoomr_sglang.algo.fine_zoom import zooms_fine
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import Policy, StepView
 from zoomr_sglang.algo.policy_registry import policy_class
@@ -215,8 +216,7 @@ class RequestState:
         """Whether the policy now zooms into pages and tokens, not thoughts (a budget, thoughts
         closed, none with a summary: ``ZoomRPolicy``): the request then votes for no thought and
         zooms into none, so the host tier keeps none of them on the device."""
-        return (bool(self.budget) and self.zoom_pages and self.stats.thoughts_closed > 0
-                and self.stats.summaries == 0)
+        return zooms_fine(self.budget, self.zoom_pages, self.stats.thoughts_closed, self.stats.summaries)
 
     def _count_votable(self) -> None:
         self.votable = (len(self.candidates) if self.votes and len(self.candidates) > self.num_thoughts

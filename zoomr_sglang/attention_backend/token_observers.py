@@ -55,6 +55,11 @@ class TokenObservers:
         observed = [(state, ranges, int(size)) for (_, state, ranges), size in zip(plan.token_lanes, lengths)]
         self._step = (lanes_d, entries_d, valid, weights, observed)
 
+    @property
+    def active(self) -> bool:
+        """Whether the loaded step has observing lanes."""
+        return self._step is not None
+
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor,
                         key_buffer: torch.Tensor, kv_indices: torch.Tensor, scaling: float) -> None:
         """Add layer ``layer_id``'s weights of every observing lane (see ``accumulate_token_weights``)."""
