@@ -263,3 +263,40 @@ def test_the_token_weights_benchmark_prints_its_ratios():
     assert set(result) == {"device", "batch", "pass_over_attention", "per_request_over_attention"}
     assert result["batch"] == 2 and set(result["pass_over_attention"]) == {"16", "40"}
     assert all(ratio > 0 for ratio in result["per_request_over_attention"].values())
+
+
+def _observed_weights(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, layers: int = 2):
+    """Per lane the weights TokenObservers reads back after ``layers`` layers on ``device``."""
+    from types import SimpleNamespace
+
+    from zoomr_sglang.attention_backend.token_observers import TokenObservers
+
+    observers = TokenObservers(last_layer=layers - 1, device=device, vote_group=None)
+    ranges = [np.array([[0, int(kv_indptr[b + 1] - kv_indptr[b])]]) for b in lanes]
+    observers.load(SimpleNamespace(token_lanes=[(b, None, r) for b, r in zip(lanes, ranges)],
+                                   kv_indptr=torch.from_numpy(kv_indptr)))
+    for layer in range(layers):
+        observers.after_attention(layer, query.to(device), lse.to(device), keys.to(device), kv_indices.to(device),
+                                  0.25)
+    observers.load(SimpleNamespace(token_lanes=[]))  # queues the copy behind the forward
+    return [weights for _, _, weights in observers.take()]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_token_observers_on_cuda_equal_the_cpu_path():
+    """The device path of the token weights (pinned upload, the pass, the pinned readback behind
+    an event) gives the CPU path's weights (each lane's 2 layers x 8 heads of softmax); its CPU
+    twin is test_the_batched_token_weights_equal_a_softmax_per_request."""
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(500, 2, 64, generator=generator)
+    lengths = [120, 7, 300]
+    kv_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    kv_indices = torch.randperm(500, generator=generator)[: kv_indptr[-1]].to(torch.int32)
+    query = torch.randn(3, 8, 64, generator=generator)
+    _, lse = gather_decode_attention(query, keys, keys, torch.from_numpy(kv_indptr), kv_indices, 0.25)
+    on_cpu = _observed_weights("cpu", [0, 2], kv_indptr, kv_indices, query, lse, keys)
+    on_cuda = _observed_weights("cuda", [0, 2], kv_indptr, kv_indices, query, lse, keys)
+    for cpu_weights, cuda_weights, size in zip(on_cpu, on_cuda, (120, 300)):
+        assert len(cuda_weights) == size and abs(float(cpu_weights.sum()) - 16.0) < 1e-3
+        np.testing.assert_allclose(cuda_weights, cpu_weights, rtol=1e-4, atol=1e-6)
