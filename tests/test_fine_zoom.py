@@ -300,3 +300,51 @@ def test_token_observers_on_cuda_equal_the_cpu_path():
     for cpu_weights, cuda_weights, size in zip(on_cpu, on_cuda, (120, 300)):
         assert len(cuda_weights) == size and abs(float(cpu_weights.sum()) - 16.0) < 1e-3
         np.testing.assert_allclose(cuda_weights, cpu_weights, rtol=1e-4, atol=1e-6)
+
+
+TOKEN_KERNEL_SCRIPT = r"""
+import json
+import numpy as np, torch
+from zoomr_sglang.algo.token_weights import accumulate_token_weights as reference, lane_entries
+from zoomr_sglang.algo.torch_attention import gather_decode_attention
+from zoomr_sglang.kernels import token_weights as tw
+assert tw.triton_interpreted(), "TRITON_INTERPRET=1 did not reach the kernel"
+out = []
+# GQA groups of 4 and 3 (not a power of two), head_dim 16 and 24; default blocks, then blocks of 4
+for (num_heads, num_kv_heads, head_dim), max_block in (((8, 2, 16), 64), ((6, 2, 24), 4)):
+    tw.MAX_BLOCK = max_block
+    gen = torch.Generator().manual_seed(num_heads)
+    keys = torch.randn(300, num_kv_heads, head_dim, generator=gen)
+    kv_indptr = np.array([0, 37, 42, 102, 103], dtype=np.int32)
+    kv_indices = torch.randperm(300, generator=gen)[:103].to(torch.int32)
+    query = torch.randn(4, num_heads, head_dim, generator=gen)
+    _, lse = gather_decode_attention(query, keys, keys, torch.from_numpy(kv_indptr), kv_indices, 0.3)
+    lanes = np.array([2, 0, 3], dtype=np.int64)
+    entries, sizes = lane_entries(kv_indptr, lanes)
+    args = (torch.from_numpy(lanes), torch.from_numpy(entries),
+            torch.arange(entries.shape[1])[None, :] < torch.from_numpy(sizes)[:, None])
+    expected, got = torch.zeros(entries.shape), torch.zeros(entries.shape)
+    for _ in range(2):  # two layers add up
+        reference(query, lse, keys, kv_indices, *args, expected, 0.3)
+        tw.accumulate_token_weights(query, lse, keys, kv_indices, *args, got, 0.3)
+    out.append({"close": bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-6)),
+                "padding_zero": bool((got[~args[2]] == 0).all()), "nonzero": bool(expected.sum() > 0)})
+print(json.dumps(out))
+"""
+
+
+def test_token_weight_kernel_in_interpreter_matches_torch():
+    from triton_checks import run_script
+
+    out = run_script(TOKEN_KERNEL_SCRIPT, interpret=True, timeout=600)
+    assert out == [{"close": True, "padding_zero": True, "nonzero": True}] * 2
+
+
+def test_token_weight_kernel_compiles_for_sm90_without_a_gpu():
+    from triton_checks import assert_compiles_for_sm90
+    from zoomr_sglang.kernels import token_weights as tw
+
+    types = {"query": "*bf16", "log_normalizer": "*fp32", "keys": "*bf16", "kv_indices": "*i32", "lanes": "*i64",
+             "entries": "*i64", "valid": "*u8", "weights": "*fp32", "scaling": "fp32"}
+    constants = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_P2": 4, "HEAD_DIM": 128, "DIM_P2": 128, "BLOCK": 16}
+    assert_compiles_for_sm90(tw, "_token_weight_kernel", types, constants)

@@ -3,8 +3,9 @@
 A step's plan names the requests whose token level observes it (``HostPlan.token_lanes``: the step
 after a refresh point, by default). :meth:`TokenObservers.load` places their working sets in the
 step's KV list (host work in the size of those working sets, never of the sequences) and uploads
-that in one copy; every layer then adds its attention weights in one batched pass
-(:func:`zoomr_sglang.algo.token_weights.accumulate_token_weights`); after the last layer, with
+that in one copy; every layer then adds its attention weights in one batched pass (one Triton
+launch on CUDA, ``kernels/token_weights.py``; the torch reference on the CPU,
+:func:`zoomr_sglang.algo.token_weights.accumulate_token_weights`); after the last layer, with
 attention tensor parallelism, one all-reduce sums the ranks' heads. The next step's load copies the
 weights to pinned host memory behind the forward (no wait), and the step after that hands them to
 the requests' policies, as the thought votes travel (``selection.py``).
@@ -19,10 +20,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.token_weights import accumulate_token_weights, lane_entries
+from zoomr_sglang.algo.token_weights import lane_entries
 from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.attention_backend.selection import copy_to_host
+from zoomr_sglang.kernels.token_weights import accumulate_token_weights
 
 Lanes = List[Tuple[RequestState, np.ndarray, int]]  # per observing request: state, working set [n, 2], its size
 
