@@ -24,7 +24,7 @@ from zoomr_sglang.algo.token_weights import lane_entries
 from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.attention_backend.selection import copy_to_host
-from zoomr_sglang.kernels.token_weights import accumulate_token_weights
+from zoomr_sglang.kernels.token_weights import accumulate_token_weights, runs_triton
 
 Lanes = List[Tuple[RequestState, np.ndarray, int]]  # per observing request: state, working set [n, 2], its size
 
@@ -68,15 +68,21 @@ class TokenObservers:
         if self._step is None:
             return
         lanes, entries, valid, weights, _ = self._step
+        key_rows = None if runs_triton(weights) else self._gather_buffer(entries, key_buffer)
+        accumulate_token_weights(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
+                                 scaling, key_rows=key_rows)
+        if layer_id == self.last_layer and self.vote_group is not None:
+            weights.copy_(self.vote_group.all_reduce(weights))
+
+    def _gather_buffer(self, entries: torch.Tensor, key_buffer: torch.Tensor) -> torch.Tensor:
+        """The torch path's buffer for the lanes' keys, kept across layers and steps (the kernel
+        reads the keys in place and needs none)."""
         rows, shape = entries.numel(), (key_buffer.shape[1], key_buffer.shape[2])
         held = self._key_rows
         if held is None or held.shape[0] < rows or held.shape[1:] != shape or held.dtype != key_buffer.dtype:
             # room for working sets a quarter larger: they grow a token a step
             self._key_rows = held = key_buffer.new_empty((rows + rows // 4, *shape))
-        accumulate_token_weights(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
-                                 scaling, key_rows=held[:rows])
-        if layer_id == self.last_layer and self.vote_group is not None:
-            weights.copy_(self.vote_group.all_reduce(weights))
+        return held[:rows]
 
     def take(self) -> List[Tuple[RequestState, np.ndarray, np.ndarray]]:
         """The weights copied at the last load: per lane ``(state, working set [n, 2], weights [size])``."""

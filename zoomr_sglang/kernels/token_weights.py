@@ -107,12 +107,18 @@ def accumulate_token_weights_triton(query, log_normalizer, key_buffer, kv_indice
     )
 
 
+def runs_triton(weights: torch.Tensor) -> bool:
+    """Whether :func:`accumulate_token_weights` runs the kernel for ``weights``' device: CUDA, or
+    the CPU under ``TRITON_INTERPRET=1``."""
+    return triton_available() and (weights.is_cuda or triton_interpreted())
+
+
 def accumulate_token_weights(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
                              scaling: float, key_rows: Optional[torch.Tensor] = None) -> None:
-    """Add one layer's token weights of every observing lane (the torch reference's arguments).
-    Triton on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``; the torch reference
-    otherwise (``key_rows``, its gather buffer, only there)."""
-    if triton_available() and (weights.is_cuda or triton_interpreted()):
+    """Add one layer's token weights of every observing lane (the torch reference's arguments):
+    the kernel where :func:`runs_triton`, the torch reference otherwise (``key_rows``, its gather
+    buffer, only there)."""
+    if runs_triton(weights):
         accumulate_token_weights_triton(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid,
                                         weights, scaling)
     else:
