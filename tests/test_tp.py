@@ -151,13 +151,14 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
 
     def observed(heads: slice, kv_heads: slice) -> ZoomRPolicy:
         policy = ZoomRPolicy(num_thoughts=1)
-        ranges = policy.working_set(view(seq_len))  # asks for page votes
-        watched = policy.observe_positions(view(seq_len), ranges)
+        assert np.array_equal(policy.working_set(view(seq_len)), attended)  # asks for page votes
+        watched = policy.observe_positions(view(seq_len), attended)
         positions = torch.cat([torch.arange(start, end) for start, end in watched])
         for layer in range(layers):
             policy.observe(layer, queries[layer][heads], keys[layer][positions][:, kv_heads], positions, 0.25)
-        policy.attended = ranges
         return policy
+
+    attended = ZoomRPolicy(num_thoughts=1).working_set(view(seq_len))  # every rank's policy attends it
 
     whole = observed(slice(None), slice(None))
     ranks = [observed(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
@@ -167,11 +168,11 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
     for rank, other in ((0, 1), (1, 0)):
         sum_over_ranks(ranks[rank].step_signals(), _TwoRanks(own[other]))
     shards = [(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
-    own_weights = [token_weights(whole.attended, *shard) for shard in shards]
-    whole.take_token_weights(whole.attended, token_weights(whole.attended, slice(None), slice(None)))
-    alone.take_token_weights(alone.attended, own_weights[0])
+    own_weights = [token_weights(attended, *shard) for shard in shards]
+    whole.take_token_weights(attended, token_weights(attended, slice(None), slice(None)))
+    alone.take_token_weights(attended, own_weights[0])
     for rank, other in ((0, 1), (1, 0)):
-        ranks[rank].take_token_weights(whole.attended, token_weights(whole.attended, *shards[rank], own_weights[other]))
+        ranks[rank].take_token_weights(attended, token_weights(attended, *shards[rank], own_weights[other]))
     alone.working_set(view(seq_len + 1))
     expected = whole.working_set(view(seq_len + 1))
     for policy in ranks:

@@ -51,7 +51,6 @@ class FineZoom:
 
     def __init__(self) -> None:
         self.scorer = PageScorer()
-        self.new_pages: Range = (0, 0)  # positions of the pages whose bounds this step adds
         self._ranked = np.zeros(0, dtype=np.int64)  # the positions with weight, most attended first
 
     def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
@@ -105,9 +104,8 @@ class FineZoom:
     def watch(self, seq_len: int) -> List[Range]:
         """Positions whose keys :meth:`observe` needs this step: the pages completed since the last
         observed step (their bounds)."""
-        self.new_pages = self.scorer.new_pages(seq_len)[0]
-        first, last = self.new_pages
-        return [self.new_pages] if last > first else []
+        first, last = new_pages = self.scorer.new_pages(seq_len)[0]
+        return [new_pages] if last > first else []
 
     def step_signals(self) -> List[torch.Tensor]:
         """This step's page votes and bound sums (see ``Policy.step_signals``)."""

@@ -2,8 +2,8 @@
 
 ZoomR's fine levels (:mod:`fine_zoom`) rank pages by an upper bound of a query's score over each
 page's keys (``sum_d max(q_d * min_d, q_d * max_d)``, Quest's bound), and tokens by the attention
-weights the step gave them (:mod:`token_weights`). Each (layer, query head) votes for its top pages; the most voted are
-attended at the next step.
+weights the step gave them (:mod:`token_weights`). Each (layer, query head) votes for its top
+pages; the most voted are attended at the next step.
 """
 
 from __future__ import annotations

@@ -179,6 +179,10 @@ class ZoomRPolicy(ThoughtPolicy):
     def zooms_fine(self, view: StepView) -> bool:
         return zooms_fine(view.budget, view.zoom_pages, self._closed, self._summaries)
 
+    def _observes_fine(self, view: StepView) -> bool:
+        """The fine levels read this step's queries (page votes on the host, token weights on the device)."""
+        return view.observe and self.zooms_fine(view)
+
     def rank_units(self, view: StepView) -> Ranking:
         """As the thought policies, or, zooming fine, the same skeleton and window with the fine
         levels' stages (tokens, pages, tokens) in place of the thoughts."""
@@ -191,14 +195,14 @@ class ZoomRPolicy(ThoughtPolicy):
         return self.fine.wanted(view.seq_len, view.budget) if self.zooms_fine(view) else None
 
     def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
-        if view.observe and self.zooms_fine(view):
+        if self._observes_fine(view):
             self.fine.attends(filled.ranges, view.seq_len, view.budget)
 
     def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        return self.fine.watch(view.seq_len) if view.observe and self.zooms_fine(view) else None
+        return self.fine.watch(view.seq_len) if self._observes_fine(view) else None
 
     def weighs_tokens(self, view: StepView) -> bool:
-        return view.observe and self.zooms_fine(view)
+        return self._observes_fine(view)
 
     def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
         self.fine.take_token_weights(ranges, weights)
