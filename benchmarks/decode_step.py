@@ -168,7 +168,8 @@ class Cell:
         self.pools = SimpleNamespace(req_to_token=table, req_generation=torch.zeros(rows, dtype=torch.int64))
         kv_pool = SimpleNamespace(get_key_buffer=lambda layer: self.kv[layer][0],
                                   get_value_buffer=lambda layer: self.kv[layer][1])
-        self.allocator = SlotAllocator(self.pool) if self.tiered else None
+        # Without the tier the slots it hands out (the page bounds') also hold history: timing is all that counts.
+        self.allocator = SlotAllocator(self.pool)
         tiering = None
         if self.tiered:
             host = HostKVTier(num_layers=shape.layers, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
@@ -179,7 +180,8 @@ class Cell:
         self.controller = ZoomRController(
             config=CONFIG, token_texts=VOCAB, req_to_token_pool=self.pools, token_to_kv_pool=kv_pool,
             num_layers=shape.layers, num_heads=shape.heads, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-            device=device, index_capacity=batch * (context // 100 + 64), max_voters=batch, tiering=tiering)
+            device=device, index_capacity=batch * (context // 100 + 64), max_voters=batch, allocator=self.allocator,
+            tiering=tiering)
         rng = random.Random(batch)
         self.reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[WORD] * PROMPT, prefix_len=0,
                                      output_ids=reasoning_tokens(rng, self.max_len, summaries),

@@ -86,7 +86,7 @@ class Harness:
             config=self.config, token_texts=VOCAB, req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.kv_pool, num_layers=self.num_layers, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, device="cpu",
-            index_capacity=self.index_capacity, max_voters=self.pool_rows, tiering=tiering,
+            index_capacity=self.index_capacity, max_voters=self.pool_rows, allocator=self.allocator, tiering=tiering,
         )
         self.reqs: List[SimpleNamespace] = []
         self.backend = ZoomRTorchBackend(runner, self.controller)

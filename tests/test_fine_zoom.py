@@ -8,6 +8,11 @@ import pytest
 import torch
 
 from backend_harness import TOKEN, Harness, scripted_tokens
+from dataclasses import replace
+
+from zoomr_sglang.algo.fine_zoom import pages_wanted
+from zoomr_sglang.algo.page_bounds import PAGE_TOKENS
+from zoomr_sglang.algo.page_scores import PageScorer
 from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
 from zoomr_sglang.algo.policy_base import range_positions
 from zoomr_sglang.algo.segmentation import Thought
@@ -23,16 +28,25 @@ def covers(ranges, start, end):
     return any(a <= start and end <= b for a, b in ranges.tolist())
 
 
-def observe_all_layers(policy, watched, attended, keys, query, layers=2):
-    """What a backend does at an observed step: every layer's query reads the new pages' keys on
-    the host, and the attention weights over the working set come back summed (the float64
-    reference of the device's pass)."""
-    positions = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in watched]))
-    for layer in range(layers):
-        policy.observe(layer, query, keys[positions], positions, 1.0)
-    attended_keys = keys[torch.from_numpy(range_positions(attended))]
-    weights = layers * dense_attention_weights(query, attended_keys, 1.0).sum(dim=0)
-    policy.take_token_weights(attended, weights.float().numpy())
+def reference_observation(attended, seq_len, keys, queries, wanted, first_page=0, scaling=1.0):
+    """What the device hands back for one request at an observed step, by the per-request
+    references: every layer's query heads vote with ``PageScorer`` for ``wanted`` of the pages from
+    ``first_page`` on that ``attended`` leaves out, and the float64 softmax over the working set,
+    summed over heads and layers. ``queries``: per layer ``[num_heads, head_dim]``; ``keys``:
+    per layer ``[>= seq_len, num_kv_heads, head_dim]`` by position. Returns (weights, pages)."""
+    complete = seq_len // PAGE_TOKENS
+    covered = np.zeros(complete * PAGE_TOKENS, dtype=bool)
+    positions = range_positions(attended)
+    covered[positions[positions < len(covered)]] = True
+    outside = ~covered.reshape(complete, PAGE_TOKENS).all(axis=1)
+    outside[:first_page] = False
+    scorer = PageScorer()
+    scorer.ask(torch.from_numpy(np.flatnonzero(outside)), wanted)
+    weights = torch.zeros(len(positions), dtype=torch.float64)
+    for layer, (layer_keys, query) in enumerate(zip(keys, queries)):
+        scorer.observe(layer, query, layer_keys[: complete * PAGE_TOKENS])
+        weights += dense_attention_weights(query, layer_keys[torch.from_numpy(positions)], scaling).sum(dim=0)
+    return weights.float().numpy(), np.array(scorer.ranking(), dtype=np.int64)
 
 
 def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vote_for():
@@ -48,19 +62,20 @@ def test_the_next_step_keeps_the_most_attended_token_and_the_page_the_bounds_vot
     first_view = _view(**implicit)
     first = policy.working_set(first_view)
     assert ranges_size(first) == BUDGET and covers(first, 68, 128) and not covers(first, 32, 48)
-    assert policy.fine.scorer.candidate_pages.tolist() == [0, 1, 2, 3, 4] and policy.fine.scorer.pages_wanted == 1
-    watched = policy.observe_positions(first_view, first)
-    assert watched == [(0, SEQ)]  # the attended positions and every page completed so far
-    observe_all_layers(policy, watched, first, keys, query)
+    assert policy.observes_on_device(first_view) and pages_wanted(BUDGET) == 1
+    weights, pages = reference_observation(first, SEQ, [keys] * 2, [query] * 2, pages_wanted(BUDGET))
+    assert pages.tolist() == [2]
+    policy.take_observation(first, weights, pages)
     second_view = _view(seq_len=SEQ + 1, **implicit)
     second = policy.working_set(second_view)
     assert ranges_size(second) == BUDGET and covers(second, 68, 69) and covers(second, 32, 48)
     # Without what the first step observed, the window alone reaches neither.
     plain = ZoomRPolicy(num_thoughts=1).working_set(second_view)
     assert not covers(plain, 68, 69) and not covers(plain, 32, 48)
-    # The next step reads only the keys of the pages completed since (none here) on the host, and
-    # has its token weights summed on the device.
-    assert policy.observe_positions(second_view, second) == [] and policy.weighs_tokens(second_view)
+    # With the host tier, the next step wants the chosen page, the most attended tokens and the
+    # complete pages without bounds yet (from bounds_end on) on the device.
+    bounded, unbounded = (set(policy.wanted_positions(replace(second_view, bounds_end=end)).tolist()) for end in (8, 1))
+    assert {32, 47, 68, 127} <= bounded and 20 not in bounded and bounded | set(range(16, 128)) == unbounded
 
 
 def test_the_batched_token_weights_equal_a_softmax_per_request():
@@ -93,38 +108,45 @@ def test_the_batched_token_weights_equal_a_softmax_per_request():
         assert bool((weights[lane, size:] == 0).all())
 
 
-def test_through_the_backend_the_device_token_weights_rank_as_the_host_reference():
-    """At every observed step the backend sums the token weights for all observing requests in one
-    pass a layer; two steps later each request's policy ranks its tokens exactly as the per-request
-    float64 softmax over the same queries and keys would (so the same working sets follow)."""
+def test_through_the_backend_the_device_observations_equal_the_per_request_references():
+    """At every observed step the backend sums the token weights and casts the page votes for all
+    observing requests in one pass a layer, from bounds kept in KV slots; two steps later each
+    request's policy ranks its tokens exactly as the per-request float64 softmax over the same
+    queries and keys would, and holds the pages ``PageScorer`` would choose (the same working sets
+    follow). Every bound slot goes back to the pool."""
     config = ZoomRConfig(sink=4, window=12, max_thought_tokens=16)
     harness = Harness(config, seed=11)
-    for prompt_len in (6, 10, 8):
+    free_at_start = harness.allocator.available_size()
+    for prompt_len in (6, 10, 40):
         harness.add_request(prompt_len, {"zoomr_policy": "zoomr", "zoomr_budget": 48})
     scripts = [scripted_tokens(random.Random(30 + i), 200, summaries=False) for i in range(3)]
-    expected = {}  # step -> [(state, reference ranking)]
-    compared = 0
+    expected = {}  # step -> [(state, reference token ranking, reference pages)]
+    compared = pages_compared = 0
     for step in range(200):
         _, layers = harness.decode_step([script[step] for script in scripts])
         plan = harness.plan
-        for state, ranking in expected.pop(step - 2, []):  # taken by this step's plan
+        for state, ranking, pages in expected.pop(step - 2, []):  # taken by this step's plan
             if harness.states.get(state.row) is state:
                 assert np.array_equal(state.policy.fine._ranked, ranking), (step, state.row)
+                assert np.array_equal(state.policy.fine._pages, pages), (step, state.row)
                 compared += 1
+                pages_compared += len(pages) > 0
         references = []
-        for batch_index, state, ranges in plan.token_lanes:
-            positions = torch.from_numpy(range_positions(ranges))
-            slots = harness.req_to_token_pool.req_to_token[state.row, positions].long()
-            weights = torch.zeros(len(positions), dtype=torch.float64)
-            for layer, (q, _, _, _) in enumerate(layers):
-                keys = harness.kv_pool.get_key_buffer(layer)[slots]
-                query = q[batch_index].reshape(harness.num_heads, harness.head_dim)
-                weights += dense_attention_weights(query, keys, harness.head_dim ** -0.5).sum(dim=0)
-            order = torch.argsort(-weights, stable=True)
-            references.append((state, positions[order].numpy()))
+        for lane in plan.fine_lanes:
+            seq_len = plan.seq_lens[lane.batch_index]
+            assert lane.num_pages == seq_len // 16 and lane.first_page == lane.state.prompt_len // 16
+            slots = harness.req_to_token_pool.req_to_token[lane.state.row, :seq_len].long()
+            keys = [harness.kv_pool.get_key_buffer(layer)[slots] for layer in range(len(layers))]
+            queries = [q[lane.batch_index].reshape(harness.num_heads, harness.head_dim) for q, _, _, _ in layers]
+            weights, pages = reference_observation(lane.ranges, seq_len, keys, queries, lane.pages_wanted,
+                                                   lane.first_page, harness.head_dim ** -0.5)
+            order = np.argsort(-weights.astype(np.float64), kind="stable")
+            references.append((lane.state, range_positions(lane.ranges)[order], pages))
         expected[step] = references
-    assert compared > 20, compared
+    assert compared > 20 and pages_compared > 20, (compared, pages_compared)
+    assert harness.controller.page_slots.alloc_failures == 0
     harness.release_all()
+    assert harness.allocator.available_size() == free_at_start and harness.controller.page_slots.rows == {}
 
 
 def _view(thoughts, **overrides):
@@ -139,12 +161,14 @@ def test_zoomr_zooms_into_pages_only_under_a_budget_and_without_summaries():
                           content_end=59, final=True)]
     observing = ZoomRPolicy(num_thoughts=2)
     ranges = observing.working_set(_view(implicit))
-    assert observing.observe_positions(_view(implicit), ranges) is not None and ranges_size(ranges) == BUDGET
+    assert observing.observes_on_device(_view(implicit)) and ranges_size(ranges) == BUDGET
+    assert not observing.observes_on_device(_view(implicit, observe=False))  # between refresh points
     for thoughts, overrides in ((summarized, {}), (implicit, {"zoom_pages": False}),
                                 (implicit, {"budget": 0}), ([], {"candidates": []})):
         policy = ZoomRPolicy(num_thoughts=2)
         view = _view(thoughts, **overrides)
-        assert policy.observe_positions(view, policy.working_set(view)) is None, overrides
+        policy.working_set(view)
+        assert not policy.observes_on_device(view) and policy.wanted_positions(view) is None, overrides
 
 
 def test_zoomr_without_summaries_through_the_backend_observes_matches_the_reference_and_returns_every_slot():
@@ -160,15 +184,16 @@ def test_zoomr_without_summaries_through_the_backend_observes_matches_the_refere
         observed_steps = 0
         for step in range(160):
             harness.decode_step([script[step] for script in scripts])
-            observed_steps += bool(harness.plan.token_lanes)
+            observed_steps += bool(harness.plan.fine_lanes)
             for state, ranges in zip(harness.plan.states, harness.plan.working_sets):
                 assert ranges_size(ranges) <= max(budget, state.prompt_len + config.thought_sink + 3)
         assert (observed_steps > 30) == (implicit_zoom == "pages"), (implicit_zoom, observed_steps)  # at refresh points
         for state in harness.states.values():
             assert state.stats.self_check_max_error < 1e-5 and state.stats.attended_total < state.stats.dense_total
+        assert (harness.controller.page_slots.rows != {}) == (implicit_zoom == "pages")
         harness.release_all()
         assert harness.allocator.available_size() == free_at_start
-        assert harness.controller.index_keys.num_live == 0
+        assert harness.controller.index_keys.num_live == 0 and harness.controller.page_slots.rows == {}
 
 
 def _fine_run(host_tier_tokens: int, fine_observe: str, steps: int = 240):
@@ -188,7 +213,7 @@ def _fine_run(host_tier_tokens: int, fine_observe: str, steps: int = 240):
     for step in range(steps):
         _, layers = harness.decode_step([script[step] for script in scripts])
         outputs.append(torch.stack([out for (_, _, _, out) in layers]))
-        observed += bool(harness.plan.token_lanes)
+        observed += bool(harness.plan.fine_lanes)
         assert not bool((harness.backend.kv_indices == 0).any()), f"step {step} attends a hole"
     return outputs, harness, free_at_start, harness.allocator.available_size(), observed
 
@@ -265,41 +290,49 @@ def test_the_token_weights_benchmark_prints_its_ratios():
     assert all(ratio > 0 for ratio in result["per_request_over_attention"].values())
 
 
-def _observed_weights(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, layers: int = 2):
-    """Per lane the weights TokenObservers reads back after ``layers`` layers on ``device``."""
+def _observed(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, values, row_pages, layers: int = 2):
+    """Per lane the token weights and chosen pages FineObservers reads back after ``layers`` layers
+    on ``device`` (lane ``b`` in pool row ``b``, its first page attended, its pages 1-5 voted on)."""
     from types import SimpleNamespace
 
-    from zoomr_sglang.attention_backend.token_observers import TokenObservers
+    from zoomr_sglang.attention_backend.fine_observers import FineObservers
+    from zoomr_sglang.attention_backend.host_plan import FineLane
 
-    observers = TokenObservers(last_layer=layers - 1, device=device, vote_group=None)
-    ranges = [np.array([[0, int(kv_indptr[b + 1] - kv_indptr[b])]]) for b in lanes]
-    observers.load(SimpleNamespace(token_lanes=[(b, None, r) for b, r in zip(lanes, ranges)],
-                                   kv_indptr=torch.from_numpy(kv_indptr)))
+    buffers = keys.to(device), values.to(device)
+    kv_pool = SimpleNamespace(get_key_buffer=lambda layer: buffers[0], get_value_buffer=lambda layer: buffers[1])
+    observers = FineObservers(last_layer=layers - 1, num_heads=query.shape[1], kv_pool=kv_pool,
+                              page_slots=SimpleNamespace(row_pages=row_pages.to(device)), device=device,
+                              vote_group=None)
+    fine_lanes = [FineLane(b, SimpleNamespace(row=b), np.array([[0, 16]]), 0, 6, 2) for b in lanes]
+    observers.load(SimpleNamespace(fine_lanes=fine_lanes, kv_indptr=torch.from_numpy(kv_indptr)))
     for layer in range(layers):
-        observers.after_attention(layer, query.to(device), lse.to(device), keys.to(device), kv_indices.to(device),
-                                  0.25)
-    observers.load(SimpleNamespace(token_lanes=[]))  # queues the copy behind the forward
-    return [weights for _, _, weights in observers.take()]
+        observers.after_attention(layer, query.to(device), lse.to(device), kv_indices.to(device), 0.25)
+    observers.load(SimpleNamespace(fine_lanes=[]))  # queues the copy behind the forward
+    return [(weights, pages) for _, _, weights, pages in observers.take()]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_token_observers_on_cuda_equal_the_cpu_path():
-    """The device path of the token weights (pinned upload, the pass, the pinned readback behind
-    an event) gives the CPU path's weights (each lane's 2 layers x 8 heads of softmax); its CPU
-    twin is test_the_batched_token_weights_equal_a_softmax_per_request."""
+def test_fine_observers_on_cuda_equal_the_cpu_path():
+    """The device path of the fine levels (pinned upload, candidates, the token pass and the page
+    vote kernels, the choice, the pinned readback behind an event) gives the CPU path's weights
+    (each lane's 2 layers x 8 heads of softmax) and pages; its CPU twins are
+    test_the_batched_token_weights_equal_a_softmax_per_request and tests/test_page_bounds.py."""
     generator = torch.Generator().manual_seed(2)
-    keys = torch.randn(500, 2, 64, generator=generator)
+    keys, values = torch.randn(2, 500, 2, 64, generator=generator)
     lengths = [120, 7, 300]
     kv_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    kv_indices = torch.randperm(500, generator=generator)[: kv_indptr[-1]].to(torch.int32)
+    kv_indices = torch.randperm(400, generator=generator)[: kv_indptr[-1]].to(torch.int32)
     query = torch.randn(3, 8, 64, generator=generator)
-    _, lse = gather_decode_attention(query, keys, keys, torch.from_numpy(kv_indptr), kv_indices, 0.25)
-    on_cpu = _observed_weights("cpu", [0, 2], kv_indptr, kv_indices, query, lse, keys)
-    on_cuda = _observed_weights("cuda", [0, 2], kv_indptr, kv_indices, query, lse, keys)
-    for cpu_weights, cuda_weights, size in zip(on_cpu, on_cuda, (120, 300)):
+    _, lse = gather_decode_attention(query, keys, values, torch.from_numpy(kv_indptr), kv_indices, 0.25)
+    row_pages = (400 + torch.arange(3 * 8)).view(3, 8).to(torch.int32)  # bounds: random rows past the tokens'
+    on_cpu = _observed("cpu", [0, 2], kv_indptr, kv_indices, query, lse, keys, values, row_pages)
+    on_cuda = _observed("cuda", [0, 2], kv_indptr, kv_indices, query, lse, keys, values, row_pages)
+    for (cpu_weights, cpu_pages), (cuda_weights, cuda_pages), size in zip(on_cpu, on_cuda, (120, 300)):
         assert len(cuda_weights) == size and abs(float(cpu_weights.sum()) - 16.0) < 1e-3
         np.testing.assert_allclose(cuda_weights, cpu_weights, rtol=1e-4, atol=1e-6)
+        assert len(cpu_pages) == 2 and set(cpu_pages.tolist()) <= {1, 2, 3, 4, 5}
+        assert np.array_equal(cuda_pages, cpu_pages)
 
 
 TOKEN_KERNEL_SCRIPT = r"""

@@ -109,7 +109,7 @@ def test_commits_past_a_steps_slots_are_added_within_that_step():
         config=ZoomRConfig(), token_texts=vocab, req_to_token_pool=pools,
         token_to_kv_pool=SimpleNamespace(get_key_buffer=lambda layer: kv[layer], get_value_buffer=lambda layer: kv[layer]),
         num_layers=layers, num_heads=4, num_kv_heads=kv_heads, head_dim=head_dim, device="cpu", index_capacity=32,
-        max_voters=1)
+        max_voters=1, allocator=None)
     req = SimpleNamespace(rid="r", origin_input_ids=[0] * prompt, output_ids=output, prefix_len=0,
                           sampling_params=SimpleNamespace(custom_params=None, max_new_tokens=len(output)))
     controller.note_request(1, req)

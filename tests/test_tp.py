@@ -109,77 +109,83 @@ class _TwoRanks:
 
 
 def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
-    """A model without summaries under a budget: zoomr's page level reads one step's page votes on
-    the host, its token level the step's attention weights summed on the device. Each rank observes
-    its own query and KV heads; after the ranks add up their page signals (``sum_over_ranks``, one
-    all-reduce) and their token weights (``TokenObservers``' all-reduce after the last layer), each
-    ranks tokens and pages exactly as one rank holding every head does, and one rank alone would not."""
+    """A model without summaries under a budget: zoomr's fine levels observe a step on the device,
+    the token weights and the page votes (from page bounds in KV slots) in one pass a layer. Each
+    rank observes its own query and KV heads; after the one all-reduce of weights and votes after
+    the last layer (``FineObservers``), each rank ranks tokens and chooses pages exactly as one rank
+    holding every head does, and one rank alone would not."""
     from types import SimpleNamespace
 
     import numpy as np
 
+    from zoomr_sglang.algo.fine_zoom import pages_wanted
     from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
     from zoomr_sglang.algo.policy_base import range_positions
     from zoomr_sglang.algo.segmentation import Thought
     from zoomr_sglang.algo.torch_attention import gather_decode_attention
-    from zoomr_sglang.attention_backend.controller import sum_over_ranks
-    from zoomr_sglang.attention_backend.token_observers import TokenObservers
+    from zoomr_sglang.attention_backend.fine_observers import FineObservers
+    from zoomr_sglang.attention_backend.host_plan import FineLane
 
     gen = torch.Generator().manual_seed(3)
-    seq_len, layers = 160, 2
+    seq_len, layers, pages = 160, 2, 10
     queries = [torch.randn(8, 16, generator=gen) * 3 for _ in range(layers)]
     keys = [torch.randn(seq_len, 4, 16, generator=gen) for _ in range(layers)]
+    # Each page's min and max keys in slots past the positions' (min in K, max in V): slot seq_len + p.
+    paged = [k.view(pages, 16, 4, 16) for k in keys]
+    k_buffers = [torch.cat([k, p.amin(dim=1)]) for k, p in zip(keys, paged)]
+    v_buffers = [torch.cat([k, p.amax(dim=1)]) for k, p in zip(keys, paged)]
+    row_pages = (seq_len + torch.arange(pages, dtype=torch.int32))[None]
 
     def view(n: int) -> StepView:  # a thought closed without a summary: zoomr fills the budget with the fine levels
         return StepView(seq_len=n, prompt_len=4, sink=4, window=11, budget=64, candidates=[0], zoomed=[0],
                         thoughts=[Thought(index=0, start=4, body_end=100, final=True)], open_from=100, zoom_pages=True)
 
-    def token_weights(ranges, heads: slice, kv_heads: slice, other=None) -> np.ndarray:
-        """The weights the device sums for one lane attending ``ranges`` (its slots: its positions)."""
+    def observe(ranges, heads: slice, kv_heads: slice, group):
+        """What the device hands back for one lane attending ``ranges`` (its slots: its positions)."""
         kv_indices = torch.from_numpy(range_positions(ranges)).to(torch.int32)
         kv_indptr = torch.tensor([0, len(kv_indices)], dtype=torch.int32)
-        observers = TokenObservers(last_layer=layers - 1, device="cpu",
-                                   vote_group=None if other is None else _TwoRanks(torch.from_numpy(other)[None]))
-        observers.load(SimpleNamespace(token_lanes=[(0, None, ranges)], kv_indptr=kv_indptr))
+        kv_pool = SimpleNamespace(get_key_buffer=lambda layer: k_buffers[layer][:, kv_heads].contiguous(),
+                                  get_value_buffer=lambda layer: v_buffers[layer][:, kv_heads].contiguous())
+        observers = FineObservers(last_layer=layers - 1, num_heads=len(range(8)[heads]),
+                                  kv_pool=kv_pool, page_slots=SimpleNamespace(row_pages=row_pages), device="cpu",
+                                  vote_group=group)
+        lane = FineLane(0, SimpleNamespace(row=0), ranges, 0, pages, pages_wanted(64))
+        observers.load(SimpleNamespace(fine_lanes=[lane], kv_indptr=kv_indptr))
         for layer in range(layers):
             query, key_buffer = queries[layer][heads][None], keys[layer][:, kv_heads]
             _, lse = gather_decode_attention(query, key_buffer, key_buffer, kv_indptr, kv_indices, 0.25)
-            observers.after_attention(layer, query, lse, key_buffer, kv_indices, 0.25)
-        observers.load(SimpleNamespace(token_lanes=[]))  # the next step's load queues the copy
-        ((_, _, weights),) = observers.take()
-        return weights
+            observers.after_attention(layer, query, lse, kv_indices, 0.25)
+        observers.load(SimpleNamespace(fine_lanes=[]))  # the next step's load queues the copy
+        ((_, _, weights, chosen),) = observers.take()
+        return weights, chosen
 
-    def observed(heads: slice, kv_heads: slice) -> ZoomRPolicy:
-        policy = ZoomRPolicy(num_thoughts=1)
-        assert np.array_equal(policy.working_set(view(seq_len)), attended)  # asks for page votes
-        watched = policy.observe_positions(view(seq_len), attended)
-        positions = torch.cat([torch.arange(start, end) for start, end in watched])
-        for layer in range(layers):
-            policy.observe(layer, queries[layer][heads], keys[layer][positions][:, kv_heads], positions, 0.25)
-        return policy
+    class Recorder:  # a group of one rank that keeps what it was asked to add up
+        def all_reduce(self, parts):
+            self.parts = parts.clone()
+            return parts
 
     attended = ZoomRPolicy(num_thoughts=1).working_set(view(seq_len))  # every rank's policy attends it
-
-    whole = observed(slice(None), slice(None))
-    ranks = [observed(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
-    alone = observed(slice(0, 4), slice(0, 2))
-    assert len(whole.step_signals()) == 2  # page votes and their bound sums
-    own = [torch.cat([t.reshape(-1).double() for t in policy.step_signals()]) for policy in ranks]
-    for rank, other in ((0, 1), (1, 0)):
-        sum_over_ranks(ranks[rank].step_signals(), _TwoRanks(own[other]))
     shards = [(slice(4 * r, 4 * r + 4), slice(2 * r, 2 * r + 2)) for r in range(2)]
-    own_weights = [token_weights(attended, *shard) for shard in shards]
-    whole.take_token_weights(attended, token_weights(attended, slice(None), slice(None)))
-    alone.take_token_weights(attended, own_weights[0])
-    for rank, other in ((0, 1), (1, 0)):
-        ranks[rank].take_token_weights(attended, token_weights(attended, *shards[rank], own_weights[other]))
-    alone.working_set(view(seq_len + 1))
-    expected = whole.working_set(view(seq_len + 1))
-    for policy in ranks:
-        assert np.array_equal(policy.working_set(view(seq_len + 1)), expected)
-        assert policy.fine.scorer.ranked == whole.fine.scorer.ranked and policy.fine.scorer.ranked
+    own = []
+    for shard in shards:
+        recorder = Recorder()
+        observe(attended, *shard, recorder)
+        own.append(recorder.parts)
+    policies = {}
+    for name, observation in (("whole", observe(attended, slice(0, 8), slice(0, 4), None)),
+                              ("alone", observe(attended, *shards[0], None)),
+                              ("rank0", observe(attended, *shards[0], _TwoRanks(own[1]))),
+                              ("rank1", observe(attended, *shards[1], _TwoRanks(own[0])))):
+        policy = policies[name] = ZoomRPolicy(num_thoughts=1)
+        policy.working_set(view(seq_len))
+        policy.take_observation(attended, *observation)
+    expected = policies["whole"].working_set(view(seq_len + 1))
+    for name in ("rank0", "rank1"):
+        assert np.array_equal(policies[name].working_set(view(seq_len + 1)), expected)
+        assert np.array_equal(policies[name].fine._pages, policies["whole"].fine._pages)
+    assert len(policies["whole"].fine._pages) == 1
     top = lambda policy: policy.fine._ranked[:20].tolist()  # noqa: E731
-    assert top(ranks[0]) == top(whole) != top(alone)  # the tokens one rank's heads alone would keep
+    assert top(policies["rank0"]) == top(policies["whole"]) != top(policies["alone"])  # one rank's heads alone
 
 
 @pytest.mark.parametrize("agreed_polls", [2, 0], ids=["agreed", "each-rank-alone"])

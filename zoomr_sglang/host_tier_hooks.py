@@ -2,14 +2,16 @@
 
 See docs/host-tier.md; ``plugin._hook_table`` names their targets and imports this module at the
 first call of one of them. Every hook is a no-op unless the pool belongs to a ZoomR decode backend
-(``runtime.runtime_of``) whose host tier is on, except the insert cap below pasted reasoning,
-which needs only the backend.
+(``runtime.runtime_of``) whose host tier is on, except the insert cap below pasted reasoning and
+the two memory checks (the fine levels' page bounds take pool slots, tier or not), which need
+only the backend.
 - Release: a request's insert into SGLang's stock tree stops at its first hole (that tree must
   never own a hole's padding slot) and, while it runs, below its pasted reasoning; the ranges
   SGLang frees skip the holes (their slots were freed when the thought left the device).
-- Decode memory check: the next step's possible zoom-ins count as required tokens, so SGLang
-  evicts its tree or retracts before a zoom-in could find the pool empty.
-- Busy leak check: SGLang's own count of a running request's device slots, corrected for holes.
+- Decode memory check: the next step's possible zoom-ins and page bounds count as required
+  tokens, so SGLang evicts its tree or retracts before either could find the pool empty.
+- Busy leak check: SGLang's own count of a running request's device slots, corrected for holes
+  and page bounds.
 - Admission: a ZoomR request is charged what it will keep on the device (``admission.py``, the
   ``admission`` key of ``ZOOMR_CONFIG``), not its output length, through the prefill budget that
   SGLang's allocator makes for each ``PrefillAdder`` (``ZoomRPrefillBudget``), and the "batch is
@@ -53,28 +55,29 @@ def around_free_kv_row(original, cache, kv, ranges, *args, **kwargs):
 
 def after_uncached_sizes(result, checker, *args, **kwargs):
     """SGLang's busy leak check counts each running request's positions from its tree-owned prefix
-    to its allocated length as its device slots; correct that by the row's holes and by inherited
-    thoughts it zoomed into (``ThoughtTiering.uncounted_device_tokens``).
+    to its allocated length as its device slots; correct that by the row's holes, by inherited
+    thoughts it zoomed into and by its page bounds (``ZoomRController.uncounted_device_tokens``).
 
     No public seam: the public ``self_check_during_busy`` sums these counts and asserts in one call,
     and the per-request count it sums (``kv_private_tokens``) is handed a request's KV record only,
     not the pool that would find the tier."""
-    tiering = _tiering_of(checker.tree_cache.req_to_token_pool)
-    if tiering is None:
+    runtime = runtime_of(checker.tree_cache.req_to_token_pool)
+    if runtime is None:
         return result
     full, swa = result
     for req in checker._requests_owning_rows():
         if req.kv.req_pool_idx is not None:
-            full += tiering.uncounted_device_tokens(req.kv.req_pool_idx, req.kv.cache_protected_len)
+            full += runtime.controller.uncounted_device_tokens(req.kv.req_pool_idx, req.kv.cache_protected_len)
     return full, swa
 
 
 def after_new_tokens_required(result, batch, selected_indices=None, *args, **kwargs):
-    tiering = _tiering_of(batch.req_to_token_pool)
-    if tiering is None:
+    runtime = runtime_of(batch.req_to_token_pool)
+    if runtime is None:
         return result
     reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
-    return result + sum(tiering.zoom_headroom(r.kv.req_pool_idx) for r in reqs if r.kv.req_pool_idx is not None)
+    return result + sum(runtime.controller.device_headroom(r.kv.req_pool_idx) for r in reqs
+                        if r.kv.req_pool_idx is not None)
 
 
 class ZoomRPrefillBudget(PrefillBudget):

@@ -32,10 +32,9 @@ from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Type
 
 import numpy as np
-import torch
 
 from zoomr_sglang.algo.fine_zoom import FineZoom, zooms_fine
-from zoomr_sglang.algo.policy_base import Filled, Policy, Ranking, Stage, StepView
+from zoomr_sglang.algo.policy_base import Policy, Ranking, Stage, StepView
 from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, with_tail
 
 __all__ = ["SERVED_POLICIES", "FullPolicy", "Policy", "StepView", "ThoughtPolicy", "ZoomRPolicy"]
@@ -165,7 +164,7 @@ class ZoomRPolicy(ThoughtPolicy):
     Under a budget, once thoughts have closed without any summary (a model that writes none) and
     ``view.zoom_pages`` allows it, the budget left by the skeleton and the window goes to pages and
     tokens instead of whole thoughts (:class:`FineZoom`'s stages); the steps ``view.observe`` allows
-    observe every layer's query, and what they leave goes to the window (as far back as
+    are observed on the device, and what the levels leave goes to the window (as far back as
     ``view.window_cap``)."""
 
     name = "zoomr"
@@ -179,10 +178,6 @@ class ZoomRPolicy(ThoughtPolicy):
     def zooms_fine(self, view: StepView) -> bool:
         return zooms_fine(view.budget, view.zoom_pages, self._closed, self._summaries)
 
-    def _observes_fine(self, view: StepView) -> bool:
-        """The fine levels read this step's queries (page votes on the host, token weights on the device)."""
-        return view.observe and self.zooms_fine(view)
-
     def rank_units(self, view: StepView) -> Ranking:
         """As the thought policies, or, zooming fine, the same skeleton and window with the fine
         levels' stages (tokens, pages, tokens) in place of the thoughts."""
@@ -192,27 +187,13 @@ class ZoomRPolicy(ThoughtPolicy):
         return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget, view.absent))
 
     def wanted_positions(self, view: StepView) -> Optional[np.ndarray]:
-        return self.fine.wanted(view.seq_len, view.budget) if self.zooms_fine(view) else None
+        return self.fine.wanted(view.seq_len, view.budget, view.bounds_end) if self.zooms_fine(view) else None
 
-    def after_fill(self, view: StepView, ranking: Ranking, filled: Filled) -> None:
-        if self._observes_fine(view):
-            self.fine.attends(filled.ranges, view.seq_len, view.budget)
+    def observes_on_device(self, view: StepView) -> bool:
+        return view.observe and self.zooms_fine(view)
 
-    def observe_positions(self, view: StepView, ranges: np.ndarray) -> Optional[List[Range]]:
-        return self.fine.watch(view.seq_len) if self._observes_fine(view) else None
-
-    def weighs_tokens(self, view: StepView) -> bool:
-        return self._observes_fine(view)
-
-    def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
-        self.fine.take_token_weights(ranges, weights)
-
-    def observe(self, layer_id: int, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                scaling: float) -> None:
-        self.fine.observe(layer_id, query, keys, positions, scaling)
-
-    def step_signals(self) -> List[torch.Tensor]:
-        return self.fine.step_signals()
+    def take_observation(self, ranges: np.ndarray, weights: np.ndarray, pages: np.ndarray) -> None:
+        self.fine.take(ranges, weights, pages)
 
 
 SERVED_POLICIES: Tuple[Type[Policy], ...] = (FullPolicy, ZoomRPolicy)

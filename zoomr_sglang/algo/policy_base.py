@@ -35,7 +35,9 @@ class StepView:
     absent: bool ``[>= seq_len]``, positions whose KV is not on the device (the host tier's holes),
     set at steps that asked :meth:`Policy.wanted_positions` (None: every position is there);
     observe: zoomr's page and token levels may read this step's decode queries (every step, or only
-    at refresh points: ``ZoomRConfig.fine_observe``); the baselines that observe ignore it.
+    at refresh points: ``ZoomRConfig.fine_observe``); the baselines that observe ignore it;
+    bounds_end: zoomr's page level has key bounds for the pages below this one (from the prompt's
+    end on): the keys of the later complete pages must be on the device for theirs to be taken.
     """
 
     seq_len: int
@@ -52,6 +54,7 @@ class StepView:
     zoom_pages: bool = False
     absent: Optional[np.ndarray] = None
     observe: bool = True
+    bounds_end: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,21 +249,17 @@ class Policy:
                 scaling: float) -> None:
         """query ``[num_heads, head_dim]``, keys ``[n, num_kv_heads, head_dim]`` of ``positions [n]``."""
 
-    def weighs_tokens(self, view: StepView) -> bool:
-        """Whether this step's attention weights over its working set, summed over layers and query
-        heads on the device, come back to :meth:`take_token_weights` (two steps later). Asked only at
-        steps under a budget."""
+    def observes_on_device(self, view: StepView) -> bool:
+        """Whether this step's queries are observed on the device for this request: its attention
+        weights over its working set summed over layers and query heads, and the pages its heads
+        vote for, come back to :meth:`take_observation` (two steps later). Asked only at steps
+        under a budget of requests that zoom fine (``fine_zoom.zooms_fine``)."""
         return False
 
-    def take_token_weights(self, ranges: np.ndarray, weights: np.ndarray) -> None:
+    def take_observation(self, ranges: np.ndarray, weights: np.ndarray, pages: np.ndarray) -> None:
         """The weights ``[n]`` float32 an observed step gave the positions of its working set
-        ``ranges`` ``[m, 2]`` (in position order; see :meth:`weighs_tokens`)."""
-
-    def step_signals(self) -> List[torch.Tensor]:
-        """What this step's observations summed over every query head, read at the next step: with
-        tensor parallelism each rank sums its own heads, and the ranks add these up after the last
-        layer (so every rank ranks as one holding every head would). Sums only; none by default."""
-        return []
+        ``ranges`` ``[m, 2]`` (in position order) and the pages ``[k]`` int64 its vote chose, most
+        voted first (see :meth:`observes_on_device`)."""
 
 
 def current_thought(thoughts: Sequence[Thought]) -> int:

@@ -23,11 +23,12 @@ import torch
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.segmentation import key_role
 from zoomr_sglang.attention_backend.diagnostics import check_outputs
+from zoomr_sglang.attention_backend.fine_observers import FineObservers
 from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.planning import StepPlanner
 from zoomr_sglang.attention_backend.selection import DeviceSelection
 from zoomr_sglang.attention_backend.tiering import ThoughtTiering
-from zoomr_sglang.attention_backend.token_observers import TokenObservers
+from zoomr_sglang.attention_backend.page_slots import PageBoundSlots
 from zoomr_sglang.config import ZoomRConfig
 from zoomr_sglang.tree_port import HostRun, Inheritance, ThoughtRecord
 
@@ -37,21 +38,26 @@ class ZoomRController:
 
     def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool, token_to_kv_pool,
                  num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 index_capacity: int, max_voters: int, tiering: Optional[ThoughtTiering] = None) -> None:
+                 index_capacity: int, max_voters: int, allocator, page_size: int = 1,
+                 tiering: Optional[ThoughtTiering] = None) -> None:
         self.config = config
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
         self.tiering = tiering  # None: the host tier is off, all KV stays in SGLang's pool
         self.prefill_handles_holes = True  # False when SGLang routes prefill to another backend
         self.index_keys = IndexKeyStore(num_layers, num_kv_heads, head_dim, device, capacity=index_capacity)
+        self.page_slots = PageBoundSlots(req_to_token=req_to_token_pool.req_to_token, kv_pool=token_to_kv_pool,
+                                         allocator=allocator, num_layers=num_layers, page_size=page_size)
         self.planner = StepPlanner(config=config, token_texts=token_texts, req_to_token_pool=req_to_token_pool,
-                                   index_keys=self.index_keys, max_candidates=config.max_candidates, tiering=tiering)
+                                   index_keys=self.index_keys, max_candidates=config.max_candidates,
+                                   page_slots=self.page_slots, tiering=tiering)
         self.selection = DeviceSelection(config=config, index_keys=self.index_keys, req_to_token_pool=req_to_token_pool,
                                          kv_pool=token_to_kv_pool, num_layers=num_layers, num_heads=num_heads,
                                          max_voters=max_voters, max_candidates=config.max_candidates,
                                          refresh_tokens=self.planner.ingest.refresh_tokens, device=device)
-        self.token_observers = TokenObservers(last_layer=num_layers - 1, device=device,
-                                              vote_group=self.selection.vote_group)
+        self.fine_observers = FineObservers(last_layer=num_layers - 1, num_heads=num_heads, kv_pool=token_to_kv_pool,
+                                            page_slots=self.page_slots, device=device,
+                                            vote_group=self.selection.vote_group)
         self.kv_indices: Optional[torch.Tensor] = None  # the loaded step's KV list (the token weights read it)
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
         self.inheritances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Req -> tree_port.Inheritance
@@ -66,7 +72,7 @@ class ZoomRController:
     def begin_decode(self, rids: Sequence[str], seq_lens: Sequence[int]) -> None:
         """Plan the coming decode step (SGLang's host view; no device reads)."""
         self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections(),
-                                           self.token_observers.take())
+                                           self.fine_observers.take())
 
     def needs_eager(self) -> bool:
         """Whether the coming step has per-layer host work that a CUDA graph cannot replay."""
@@ -85,7 +91,8 @@ class ZoomRController:
                 "must run before the attention metadata is built")
         self.step = plan
         self.observed = self.selection.observed_positions(plan) if plan.observers else []
-        self.token_observers.load(plan)
+        self.page_slots.load(plan.new_pages, padded_bs or batch_size)
+        self.fine_observers.load(plan)
         kv_indptr, self.kv_indices = self.selection.load(plan, input_ids, padded_bs or batch_size, kv_indices_out)
         return kv_indptr, self.kv_indices
 
@@ -94,20 +101,16 @@ class ZoomRController:
         self.next_plan = HostPlan.empty()
 
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor, scaling: float) -> None:
-        """Per layer, after its KV write: index keys and votes (graph-safe), then the token weights
-        and the host observers (eager steps only)."""
+        """Per layer, after its KV write: index keys, thought votes and page bounds (graph-safe), then
+        the fine levels' observations and the host observers (eager steps only)."""
         self.selection.after_attention(layer_id, query, log_normalizer, scaling)
-        if not (self.token_observers.active or self.observed):
-            return
-        key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
-        self.token_observers.after_attention(layer_id, query, log_normalizer, key_buffer, self.kv_indices, scaling)
+        self.page_slots.after_attention(layer_id)
+        self.fine_observers.after_attention(layer_id, query, log_normalizer, self.kv_indices, scaling)
         if self.observed:
+            key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
             for (batch_index, state, _), (positions, slots) in zip(self.step.observers, self.observed):
                 state.policy.observe(layer_id, query[batch_index].float(), key_buffer.index_select(0, slots).float(),
                                      positions, scaling)
-            if layer_id == self.selection.last_layer and self.selection.vote_group is not None:
-                sum_over_ranks([t for _, state, _ in self.step.observers for t in state.policy.step_signals()],
-                               self.selection.vote_group)
 
     def check_outputs(self, layer_id: int, query: torch.Tensor, output: torch.Tensor, scaling: float) -> None:
         if self.step is not None:
@@ -126,6 +129,17 @@ class ZoomRController:
         self.finished.move_to_end(state.stats.rid)
         while len(self.finished) > self.config.stats_history:
             self.finished.popitem(last=False)
+
+    def uncounted_device_tokens(self, row: int, protected_len: int) -> int:
+        """Device slots the row holds that SGLang does not count as the request's: the host tier's
+        (``ThoughtTiering.uncounted_device_tokens``) and its page bounds' (SGLang's busy check)."""
+        tier = 0 if self.tiering is None else self.tiering.uncounted_device_tokens(row, protected_len)
+        return tier + self.page_slots.device_tokens(row)
+
+    def device_headroom(self, row: int) -> int:
+        """Slots the row's next step may take beyond its token: zoom-ins and a page's bounds
+        (SGLang's decode memory check)."""
+        return (0 if self.tiering is None else self.tiering.zoom_headroom(row)) + self.page_slots.headroom(row)
 
     # -- the zoomr radix tree (radix_ext): tree_port.TreePort ----------------------------------------
     def accepts_holes(self, req) -> bool:
@@ -218,6 +232,9 @@ class ZoomRController:
             "over_bound_steps": self.planner.over_bound_steps,
             "index_full": self.index_keys.exhausted,
             "commits_bulk": self.selection.commits_bulk,
+            "page_bounds": {"slots": sum(self.page_slots.device_tokens(row) for row in self.page_slots.rows),
+                            "commits_bulk": self.page_slots.commits_bulk,
+                            "alloc_failures": self.page_slots.alloc_failures},
             "host_tier": None if self.tiering is None else {
                 "capacity_tokens": self.tiering.host.capacity,
                 "used_tokens": self.tiering.host.num_used,
@@ -226,12 +243,3 @@ class ZoomRController:
             "config": dict(self.config.__dict__),
         }
 
-
-def sum_over_ranks(signals: List[torch.Tensor], group) -> None:
-    """Add up ``signals`` (each rank's, the same shapes on every rank: one plan) over the attention
-    tensor-parallel ``group`` in place, in one all-reduce (float64 holds the vote counts exactly)."""
-    if not signals:
-        return
-    flat = group.all_reduce(torch.cat([t.reshape(-1).to(torch.float64) for t in signals]))
-    for t, part in zip(signals, flat.split([t.numel() for t in signals])):
-        t.copy_(part.view_as(t))

@@ -56,6 +56,8 @@ def create_zoomr_backend(model_runner):
         device=model_runner.device,
         index_capacity=config.index_entries or max(MIN_INDEX_ENTRIES, pool_tokens // TOKENS_PER_INDEX_ENTRY),
         max_voters=min(model_runner.req_to_token_pool.size, MAX_VOTERS),
+        allocator=model_runner.token_to_kv_pool_allocator,
+        page_size=model_runner.page_size,
         tiering=build_tiering(model_runner, config, num_kv_heads, attn_tp_size),
     )
     from sglang.srt.arg_groups.overrides import attention_backends_of

@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from zoomr_sglang.attention_backend.page_slots import NewPages
 from zoomr_sglang.attention_backend.request_state import RequestState
 
 
@@ -37,9 +38,9 @@ class HostPlan:
     votes ``[bs, 4]`` int64 per request: (pool row, candidates a vote would rank, 0 if it cannot
     vote; its vote kind, an index into ``VOTE_KINDS``; 1 if the host asks it to vote this step
     whatever token it decodes); observers: per request whose policy reads every layer's query
-    on the host, (batch index, state, positions ``[n, 2]`` whose keys it reads); token_lanes: per
-    request whose token level this step observes, (batch index, state, its working set ``[n, 2]``),
-    summed on the device (``token_observers.py``).
+    on the host, (batch index, state, positions ``[n, 2]`` whose keys it reads); fine_lanes: the
+    requests whose fine levels observe this step on the device (``fine_observers.py``); new_pages:
+    pages given bound slots this step (``page_slots.py``).
     """
 
     rows: List[int]
@@ -52,7 +53,8 @@ class HostPlan:
     new_candidates: np.ndarray
     votes: np.ndarray
     observers: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
-    token_lanes: List[Tuple[int, RequestState, np.ndarray]] = field(default_factory=list)
+    fine_lanes: List["FineLane"] = field(default_factory=list)
+    new_pages: List[NewPages] = field(default_factory=list)
     self_check: bool = False
     fidelity_rows: List[int] = field(default_factory=list)  # batch indices measuring zoomr_fidelity
     failed: List[Tuple[object, str]] = field(default_factory=list)  # (Req, message): requests to abort
@@ -71,9 +73,9 @@ class HostPlan:
 
     @property
     def needs_eager(self) -> bool:
-        """Per-layer Python work (observers, self-checks, fidelity) and the token weights' pass (shaped
-        by its lanes) cannot replay in a graph."""
-        return bool(self.observers) or bool(self.token_lanes) or self.self_check or bool(self.fidelity_rows)
+        """Per-layer Python work (observers, self-checks, fidelity) and the fine levels' passes (shaped
+        by their lanes) cannot replay in a graph."""
+        return bool(self.observers) or bool(self.fine_lanes) or self.self_check or bool(self.fidelity_rows)
 
     @cached_property
     def working_sets(self) -> List[np.ndarray]:
@@ -82,6 +84,20 @@ class HostPlan:
         request = np.searchsorted(self.kv_indptr.numpy(), ranges[:, 3], side="right") - 1
         spans = np.stack([ranges[:, 1], ranges[:, 1] + ranges[:, 2]], axis=1)
         return np.split(spans, np.searchsorted(request, np.arange(1, self.batch_size)))
+
+
+@dataclass
+class FineLane:
+    """A request whose fine levels observe this step: its batch index, state and working set
+    ``ranges [n, 2]``; its pages ``[first_page, num_pages)`` have bounds (the vote ranks those the
+    working set leaves out) and it zooms into ``pages_wanted`` of them."""
+
+    batch_index: int
+    state: RequestState
+    ranges: np.ndarray
+    first_page: int
+    num_pages: int
+    pages_wanted: int
 
 
 def request_block(row: int, fixed: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -101,11 +117,11 @@ def table(flat: List[int], width: int) -> np.ndarray:
 class StepLists:
     """What a step's requests add to its plan, flat, in batch order (the fields' widths are
     :class:`HostPlan`'s): index commits, fresh entries, new candidates, vote rows, observers,
-    token lanes, failures, and per request its block of fixed ranges, its tail and its ``kv_indptr`` entry (the
-    planner's loop appends those in line, :meth:`StepPlanner.plan`)."""
+    fine lanes, new pages, failures, and per request its block of fixed ranges, its tail and its
+    ``kv_indptr`` entry (the planner's loop appends those in line, :meth:`StepPlanner.plan`)."""
 
-    __slots__ = ("commits", "fresh", "new_candidates", "votes", "observers", "token_lanes", "failed", "blocks", "tails",
-                 "indptr")
+    __slots__ = ("commits", "fresh", "new_candidates", "votes", "observers", "fine_lanes", "new_pages", "failed",
+                 "blocks", "tails", "indptr")
 
     def __init__(self) -> None:
         self.commits: List[int] = []
@@ -113,7 +129,8 @@ class StepLists:
         self.new_candidates: List[int] = []
         self.votes: List[int] = []
         self.observers: List[Tuple[int, RequestState, np.ndarray]] = []
-        self.token_lanes: List[Tuple[int, RequestState, np.ndarray]] = []
+        self.fine_lanes: List[FineLane] = []
+        self.new_pages: List[NewPages] = []
         self.failed: List[Tuple[object, str]] = []
         self.blocks: List[np.ndarray] = []
         self.tails: List[int] = []  # (row, start, length, output offset) per tail, flat
@@ -127,7 +144,8 @@ class StepLists:
             flat[:] = [v for start in range(0, len(flat), width) if flat[start] != row
                        for v in flat[start:start + width]]
         self.observers[:] = [o for o in self.observers if o[0] != batch_index]
-        self.token_lanes[:] = [o for o in self.token_lanes if o[0] != batch_index]
+        self.fine_lanes[:] = [lane for lane in self.fine_lanes if lane.batch_index != batch_index]
+        self.new_pages[:] = [pages for pages in self.new_pages if pages.row != row]  # freed with its state
         del self.votes[4 * batch_index:], self.blocks[batch_index:], self.indptr[batch_index + 1:]
 
     def plan(self, rows: List[int], seq_lens: Sequence[int], states: List[RequestState],
@@ -138,7 +156,7 @@ class StepLists:
             rows=rows, seq_lens=list(seq_lens), states=states, kv_indptr=torch.from_numpy(kv_indptr),
             ranges=batch_ranges(self.blocks, kv_indptr, self.tails), commits=table(self.commits, 3),
             fresh_entries=self.fresh, new_candidates=table(self.new_candidates, 5), votes=table(self.votes, 4),
-            observers=self.observers, token_lanes=self.token_lanes, self_check=self_check,
+            observers=self.observers, fine_lanes=self.fine_lanes, new_pages=self.new_pages, self_check=self_check,
             fidelity_rows=fidelity_rows, failed=self.failed,
         )
 

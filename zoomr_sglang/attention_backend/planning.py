@@ -40,8 +40,11 @@ import numpy as np
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.working_set import with_tail
-from zoomr_sglang.attention_backend.host_plan import BatchRanges, HostPlan, StepLists, request_block
+from zoomr_sglang.algo.fine_zoom import pages_wanted
+from zoomr_sglang.algo.page_bounds import PAGE_TOKENS
+from zoomr_sglang.attention_backend.host_plan import BatchRanges, FineLane, HostPlan, StepLists, request_block
 from zoomr_sglang.attention_backend.ingest import TokenIngest
+from zoomr_sglang.attention_backend.page_slots import PageBoundSlots
 from zoomr_sglang.attention_backend.prompt_reasoning import PromptReasoning, prompt_reasoning
 from zoomr_sglang.attention_backend.request_rows import RowRecord, RowRecords
 from zoomr_sglang.attention_backend.request_state import RequestState, hash_seed
@@ -57,7 +60,7 @@ class StepPlanner:
     """Every running request's record (:class:`RowRecord`), fed and planned once per decode step."""
 
     def __init__(self, *, config: ZoomRConfig, token_texts: Sequence[str], req_to_token_pool,
-                 index_keys: IndexKeyStore, max_candidates: int,
+                 index_keys: IndexKeyStore, max_candidates: int, page_slots: PageBoundSlots,
                  tiering: Optional[ThoughtTiering] = None) -> None:
         self.config = config
         self.token_texts = token_texts
@@ -65,6 +68,7 @@ class StepPlanner:
         self.index_keys = index_keys
         self.max_candidates = max_candidates
         self.tiering = tiering
+        self.page_slots = page_slots
         self.records = RowRecords()
         self.states = self.records.states  # pool row -> RequestState of every request that has decoded
         self.index_entries_reused = 0  # index keys taken from the radix tree instead of recomputed
@@ -154,20 +158,21 @@ class StepPlanner:
 
     def _release(self, state: RequestState) -> None:
         state.release(self.index_keys)
+        self.page_slots.release(state.row)
         self.fidelity_states -= state.fidelity
 
     # -- the step -----------------------------------------------------------------------------
-    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections, token_weights=()) -> HostPlan:
+    def plan(self, rids: Sequence[str], seq_lens: Sequence[int], selections, observations=()) -> HostPlan:
         """Plan the decode step of requests ``rids`` at sequence lengths ``seq_lens`` (host ints);
-        ``selections`` and ``token_weights``: the device's votes and token weights that reached the
-        host since the last step. Per request ingest -> move KV -> select (a quiet step from its
-        ticket, or a full one) -> pack, then the batch's plan."""
+        ``selections`` and ``observations``: the device's thought votes and fine levels'
+        observations that reached the host since the last step. Per request ingest -> move KV ->
+        select (a quiet step from its ticket, or a full one) -> pack, then the batch's plan."""
         for state, chosen, agreement in selections:
             if self.states.get(state.row) is state:
                 state.apply_vote(chosen, agreement)
-        for state, ranges, weights in token_weights:
+        for state, ranges, weights, pages in observations:
             if self.states.get(state.row) is state:
-                state.policy.take_token_weights(ranges, weights)
+                state.policy.take_observation(ranges, weights, pages)
         rows, reqs, states = self.records.batch(rids)
         step = StepLists()
         blocks, tails, indptr = step.blocks, step.tails, step.indptr
@@ -242,8 +247,9 @@ class StepPlanner:
                 step: StepLists) -> Tuple[np.ndarray, int]:
         """The policy's working set ``(fixed [n, 2], tail_from)`` over ``zoomed`` (the selected
         thoughts on the device): a new view only when its inputs changed otherwise than by the
-        sequence length; a bounded step's observers."""
+        sequence length; a bounded step's observers and, zooming fine, its page bounds."""
         config = self.config
+        fine, first_page = bool(state.budget) and state.zooms_fine(), state.prompt_len // PAGE_TOKENS
         # A bounded step always makes a view: its set depends on more than the sequence length.
         steady = (not (state.budget or state.view_stale)
                   and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
@@ -255,6 +261,8 @@ class StepPlanner:
             if state.tiered:
                 window_cap = seq_len - state.tier.last_hole_end() if state.budget else config.window
             view = state.view(seq_len, config, zoomed, window_cap)
+            if fine:
+                view.bounds_end = self.page_slots.bounds_end(state.row, first_page)
             if state.tiered:  # what the policy may attend beyond whole thoughts, on the device
                 view.absent = self.tiering.bring_in_positions(state, state.policy.wanted_positions(view), seq_len)
             parts = state.policy.working_set_parts(view)
@@ -264,8 +272,11 @@ class StepPlanner:
             watched = state.policy.observe_positions(view, ranges)
             if watched is not None:
                 step.observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
-            if state.policy.weighs_tokens(view):
-                step.token_lanes.append((batch_index, state, ranges))
+            if fine:
+                num_pages = self.page_slots.bound(state.row, first_page, seq_len, view.absent, step.new_pages)
+                if state.policy.observes_on_device(view):
+                    step.fine_lanes.append(FineLane(batch_index, state, ranges, first_page, num_pages,
+                                                    pages_wanted(view.budget)))
         return parts
 
     def _ticket(self, state: RequestState) -> Optional[tuple]:

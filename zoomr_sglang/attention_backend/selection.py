@@ -31,7 +31,7 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.config import ZoomRConfig
-from zoomr_sglang.kernels.kv_indices import ranges_to_kv_indices, triton_available, triton_interpreted
+from zoomr_sglang.kernels.kv_indices import fixed_shapes, ranges_to_kv_indices
 from zoomr_sglang.kernels.thought_index import accumulate_votes, commit_keys, vote_scratch
 
 COMMITS_PER_REQUEST = 16  # commit slots per request of the batch; a step's excess waits for the next step
@@ -55,7 +55,7 @@ class DeviceSelection:
                              f" 0..{num_layers - 1} of this model (empty: every layer)")
         self.voting_layers = frozenset(config.vote_layers or range(num_layers))
         self.device = torch.device(device)
-        self.fixed_shapes = triton_available() and (self.device.type == "cuda" or triton_interpreted())
+        self.fixed_shapes = fixed_shapes(self.device)
         dev = dict(device=self.device)
         self.refresh_mask = torch.from_numpy(refresh_tokens).to(self.device)
         self.max_voters = max_voters

@@ -187,6 +187,12 @@ def triton_interpreted() -> bool:
     return triton_available() and type(_ranges_to_kv_indices_kernel).__name__ == "InterpretedFunction"
 
 
+def fixed_shapes(device: torch.device) -> bool:
+    """Whether the per-layer calls on ``device`` run Triton kernels over fixed-size buffers (CUDA,
+    or Triton's interpreter), as a captured CUDA graph needs; else the torch path sizes each call."""
+    return triton_available() and (device.type == "cuda" or triton_interpreted())
+
+
 def _num_splits(total: int, n_ranges: int) -> int:
     """Programs per range: enough that the average range is covered in about two rounds of blocks,
     rounded to a power of two (it is a runtime argument, so this only bounds idle programs)."""

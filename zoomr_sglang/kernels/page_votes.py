@@ -7,7 +7,7 @@ a lane with no pages or nothing wanted returns at once.
 
 1. ``_page_bound_kernel``, grid ``(bs, num_kv_heads, splits)``: a program holds the query rows of
    the GQA group that reads its KV head and walks its share of the lane's pages, ``BLOCK`` at a
-   time (block i to split i mod splits): each page's entry (``row_pages``), its min and max keys,
+   time (block i to split i mod splits): each page's slot (``row_pages``), its min and max keys,
    the group's bounds, summed into ``weights`` (atomics); each head's bounds go to ``scratch`` as
    order-preserving int32 keys (a page that is not a candidate as ``NOT_CANDIDATE``).
 2. ``_page_select_kernel``, grid ``(bs, num_heads)``: each head's ``p``-th largest key (``p =
@@ -45,7 +45,7 @@ if triton is not None:
     @triton.jit
     def _page_bound_kernel(
         query, stride_qb, stride_qh,  # [bs, num_heads, head_dim]
-        bounds, stride_be, stride_bm, stride_bh,  # [n_entries, 2, num_kv_heads, head_dim] (min, max)
+        lows, highs, stride_bs, stride_bh,  # [n_slots, num_kv_heads, head_dim] each (min, max keys)
         row_pages, stride_rp,  # [n_rows, >= max_pages] int32
         rows, num_pages, wanted,  # [bs] int64
         candidate, stride_cb,  # [bs, max_pages] uint8
@@ -79,11 +79,11 @@ if triton is not None:
                     c = start + tl.arange(0, BLOCK)
                     c_in = c < n
                     cand = c_in & (tl.load(candidate + b * stride_cb + c, mask=c_in, other=0) != 0)
-                    entry = tl.load(row_pages + row * stride_rp + c, mask=cand, other=0).to(tl.int64)
-                    page = bounds + entry[:, None] * stride_be + kv_head * stride_bh + d[None, :]
+                    slot = tl.load(row_pages + row * stride_rp + c, mask=cand, other=0).to(tl.int64)
+                    page = slot[:, None] * stride_bs + kv_head * stride_bh + d[None, :]
                     ok = cand[:, None] & d_ok[None, :]
-                    low = tl.load(page, mask=ok, other=0.0).to(tl.float32)
-                    high = tl.load(page + stride_bm, mask=ok, other=0.0).to(tl.float32)
+                    low = tl.load(lows + page, mask=ok, other=0.0).to(tl.float32)
+                    high = tl.load(highs + page, mask=ok, other=0.0).to(tl.float32)
                     score = tl.sum(tl.maximum(q[:, None, :] * low[None, :, :], q[:, None, :] * high[None, :, :]),
                                    axis=2)  # [GROUP_P2, BLOCK]
                     use = g_ok[:, None] & cand[None, :]
@@ -159,7 +159,7 @@ def page_vote_scratch(bs: int, num_heads: int, max_pages: int, device) -> torch.
     return torch.empty(bs, num_heads, max_pages, dtype=torch.int32, device=device)
 
 
-def accumulate_page_votes_triton(query, bounds, row_pages, rows, num_pages, candidate, wanted, votes, weights, *,
+def accumulate_page_votes_triton(query, lows, highs, row_pages, rows, num_pages, candidate, wanted, votes, weights, *,
                                  scratch: torch.Tensor) -> None:
     """Triton version of :func:`zoomr_sglang.algo.page_bounds.accumulate_page_votes`; ``num_pages``
     ``[bs]`` int64: complete pages per lane (``candidate`` is False from there on); ``scratch``
@@ -168,7 +168,7 @@ def accumulate_page_votes_triton(query, bounds, row_pages, rows, num_pages, cand
         raise RuntimeError("triton is not installed")
     bs, max_pages = votes.shape
     _, num_heads, head_dim = query.shape
-    num_kv_heads = bounds.shape[2]
+    num_kv_heads = lows.shape[1]
     if bs == 0:
         return
     for name, t in (("votes", votes), ("weights", weights)):
@@ -176,15 +176,18 @@ def accumulate_page_votes_triton(query, bounds, row_pages, rows, num_pages, cand
             raise ValueError(f"{name} must be contiguous float32 in its last dimension, got {t.dtype}, strides {t.stride()}")
     if scratch.dtype != torch.int32 or scratch.stride(-1) != 1:
         raise ValueError("scratch must be int32, contiguous in its last dimension")
-    if query.stride(-1) != 1 or bounds.stride(-1) != 1 or row_pages.stride(-1) != 1 or candidate.stride(-1) != 1:
-        raise ValueError("query, bounds, row_pages and candidate must be contiguous in their last dimension")
+    if query.stride(-1) != 1 or lows.stride(-1) != 1 or row_pages.stride(-1) != 1 or candidate.stride(-1) != 1:
+        raise ValueError("query, lows, highs, row_pages and candidate must be contiguous in their last dimension")
+    if lows.shape != highs.shape or lows.stride() != highs.stride():
+        raise ValueError(f"lows and highs must have one shape and strides, got {tuple(lows.shape)} {lows.stride()}"
+                         f" and {tuple(highs.shape)} {highs.stride()}")
     group_p2, dim_p2 = triton.next_power_of_2(num_heads // num_kv_heads), triton.next_power_of_2(head_dim)
     block = max(1, min(BLOCK_PAGES, TILE_ELEMENTS // (group_p2 * dim_p2)))
     splits = min(PAGE_SPLITS, -(-max_pages // block))
     interpreted = triton_interpreted()
     _page_bound_kernel[(bs, num_kv_heads, splits)](
         query, query.stride(0), query.stride(1),
-        bounds, bounds.stride(0), bounds.stride(1), bounds.stride(2),
+        lows, highs, lows.stride(0), lows.stride(1),
         row_pages, row_pages.stride(0),
         rows, num_pages, wanted,
         candidate.view(torch.uint8), candidate.stride(0),
@@ -200,14 +203,14 @@ def accumulate_page_votes_triton(query, bounds, row_pages, rows, num_pages, cand
     )
 
 
-def accumulate_page_votes(query, bounds, row_pages, rows, num_pages, candidate, wanted, votes, weights, *,
+def accumulate_page_votes(query, lows, highs, row_pages, rows, num_pages, candidate, wanted, votes, weights, *,
                           max_wanted: int, scratch: torch.Tensor) -> None:
     """Add one layer's page votes of every lane (arguments: the torch reference's, plus
     ``num_pages`` and ``scratch``). Triton on CUDA tensors, or on CPU tensors under
     ``TRITON_INTERPRET=1``; the torch reference otherwise."""
     if triton_available() and (votes.is_cuda or triton_interpreted()):
-        accumulate_page_votes_triton(query, bounds, row_pages, rows, num_pages, candidate, wanted, votes, weights,
-                                     scratch=scratch)
+        accumulate_page_votes_triton(query, lows, highs, row_pages, rows, num_pages, candidate, wanted, votes,
+                                     weights, scratch=scratch)
     else:
-        accumulate_page_votes_torch(query, bounds, row_pages, rows, candidate, wanted, votes, weights,
+        accumulate_page_votes_torch(query, lows, highs, row_pages, rows, candidate, wanted, votes, weights,
                                     max_wanted=max_wanted)
