@@ -109,8 +109,9 @@ def test_the_batched_token_weights_equal_a_softmax_per_request():
 
 
 def test_through_the_backend_the_device_observations_equal_the_per_request_references():
-    """At every observed step the backend sums the token weights and casts the page votes for all
-    observing requests in one pass a layer, from bounds kept in KV slots; two steps later each
+    """At every observed step the backend keeps the observing requests' queries in the forward and,
+    after it, sums their token weights and casts their page votes in one pass a layer, from bounds
+    kept in KV slots; two steps later each
     request's policy ranks its tokens exactly as the per-request float64 softmax over the same
     queries and keys would, and holds the pages ``PageScorer`` would choose (the same working sets
     follow). Every bound slot goes back to the pool."""
@@ -132,6 +133,7 @@ def test_through_the_backend_the_device_observations_equal_the_per_request_refer
                 compared += 1
                 pages_compared += len(pages) > 0
         references = []
+        assert not plan.needs_eager  # observed or not, a step may replay a decode graph
         for lane in plan.fine_lanes:
             seq_len = plan.seq_lens[lane.batch_index]
             assert lane.num_pages == seq_len // 16 and lane.first_page == lane.state.prompt_len // 16
@@ -300,14 +302,15 @@ def _observed(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, value
 
     buffers = keys.to(device), values.to(device)
     kv_pool = SimpleNamespace(get_key_buffer=lambda layer: buffers[0], get_value_buffer=lambda layer: buffers[1])
-    observers = FineObservers(last_layer=layers - 1, num_heads=query.shape[1], kv_pool=kv_pool,
-                              page_slots=SimpleNamespace(row_pages=row_pages.to(device)), device=device,
-                              vote_group=None)
+    observers = FineObservers(num_layers=layers, num_heads=query.shape[1], head_dim=query.shape[2], max_lanes=4,
+                              kv_pool=kv_pool, page_slots=SimpleNamespace(row_pages=row_pages.to(device)),
+                              device=device, vote_group=None)
     fine_lanes = [FineLane(b, SimpleNamespace(row=b), np.array([[0, 16]]), 0, 6, 2) for b in lanes]
     observers.load(SimpleNamespace(fine_lanes=fine_lanes, kv_indptr=torch.from_numpy(kv_indptr)))
     for layer in range(layers):
-        observers.after_attention(layer, query.to(device), lse.to(device), kv_indices.to(device), 0.25)
-    observers.load(SimpleNamespace(fine_lanes=[]))  # queues the copy behind the forward
+        observers.after_attention(layer, query.to(device), lse.to(device), 0.25)
+    observers.finish(kv_indices.to(device))  # after the forward
+    observers.load(SimpleNamespace(fine_lanes=[]))  # queues the copy behind the passes
     return [(weights, pages) for _, _, weights, pages in observers.take()]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 
+import pytest
 import torch
 
 from backend_harness import Harness, scripted_tokens
@@ -22,26 +23,37 @@ from zoomr_sglang.config import ZoomRConfig
 config = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=24, refresh_interval=8,
                      max_candidates=24)
 harness = Harness(config, seed=1)
-harness.add_request(5, {"zoomr_vote": "count"})
-harness.add_request(17)
-scripts = [scripted_tokens(random.Random(seed), STEPS, summaries=True) for seed in range(2)]
-outputs = []
+fine = sys.argv[1] == "fine"  # no summaries, a budget: the page and token levels
+harness.add_request(5, {"zoomr_vote": "count", **({"zoomr_budget": 40} if fine else {})})
+harness.add_request(17, {"zoomr_budget": 40} if fine else {})
+scripts = [scripted_tokens(random.Random(seed), STEPS, summaries=not fine) for seed in range(2)]
+outputs, pages = [], []
 for step in range(STEPS):
     _, layers = harness.decode_step([script[step] for script in scripts])
     outputs.append(torch.stack([out for *_, out in layers]).double())
+    pages.append([state.policy.fine._pages.tolist() for state in harness.plan.states])
 print(json.dumps({
     "fixed_shapes": harness.controller.selection.fixed_shapes,
     "zoom_history": {state.stats.rid: state.stats.zoom_history for state in harness.states.values()},
     "votes_held": sum(state.stats.votes_held for state in harness.states.values()),
+    "pages": pages,
     "outputs": torch.stack(outputs).flatten().tolist()[::97],
 }))
 """.replace("STEPS", str(STEPS))
 
 
-def test_fixed_size_graph_buffers_decide_what_the_sliced_torch_path_decides():
-    sliced, fixed = (run_script(SCENARIO, interpret=mode, timeout=600) for mode in (False, True))
+@pytest.mark.parametrize("levels", ["thoughts", "fine"])
+def test_fixed_size_graph_buffers_decide_what_the_sliced_torch_path_decides(levels):
+    """The graph path (fixed-size buffers, Triton kernels, here in the interpreter) against the torch
+    path: the same thought votes, or, for a model without summaries under a budget, the same pages
+    (from bounds committed in padded per-layer calls, queries kept in padded lane slots), the same
+    outputs."""
+    sliced, fixed = (run_script(SCENARIO, interpret=mode, timeout=600, args=[levels]) for mode in (False, True))
     assert not sliced["fixed_shapes"] and fixed["fixed_shapes"]
-    assert sliced["votes_held"] > 4
+    if levels == "fine":
+        assert fixed["pages"] == sliced["pages"] and sum(len(p) for step in sliced["pages"] for p in step) > 20
+    else:
+        assert sliced["votes_held"] > 4
     assert fixed["zoom_history"] == sliced["zoom_history"] and len(sliced["zoom_history"]) == 2
     torch.testing.assert_close(torch.tensor(fixed["outputs"]), torch.tensor(sliced["outputs"]), rtol=1e-6, atol=1e-6)
 
@@ -66,13 +78,16 @@ def no_host_reads():
             setattr(torch.Tensor, name, method)
 
 
-def test_per_layer_work_reads_nothing_back_to_the_host():
-    """Commits, votes of both kinds and the top-c after the last layer, with the host reads of a
-    tensor's value made to fail."""
+@pytest.mark.parametrize("fine", [False, True], ids=["thoughts", "fine"])
+def test_per_layer_work_reads_nothing_back_to_the_host(fine):
+    """Commits, votes of both kinds and the top-c after the last layer, or (no summaries, a budget)
+    page-bound commits and the fine levels' kept queries, with the host reads of a tensor's value
+    made to fail."""
     config = ZoomRConfig(topk=2, num_thoughts=1, sink=2, window=6, max_thought_tokens=16, refresh_interval=4)
     harness = Harness(config, seed=2)
-    harness.add_request(6, {"zoomr_vote": "count"})
-    harness.add_request(9)
+    budget = {"zoomr_budget": 32} if fine else {}
+    harness.add_request(6, {"zoomr_vote": "count", **budget})
+    harness.add_request(9, budget)
     controller = harness.controller
     real_after_attention = controller.after_attention
     checked = []
@@ -80,14 +95,19 @@ def test_per_layer_work_reads_nothing_back_to_the_host():
     def guarded(*args, **kwargs):
         with no_host_reads():
             real_after_attention(*args, **kwargs)
-        checked.append((len(controller.step.commits), controller.selection.active_voters))
+        checked.append((len(controller.step.commits), controller.selection.active_voters,
+                        controller.page_slots.active_commits, controller.fine_observers.saving))
 
     controller.after_attention = guarded
-    scripts = [scripted_tokens(random.Random(seed), 80, summaries=True) for seed in (4, 5)]
+    scripts = [scripted_tokens(random.Random(seed), 80, summaries=not fine) for seed in (4, 5)]
     for step in range(80):
         harness.decode_step([script[step] for script in scripts])
-    assert any(commits for commits, _ in checked) and sum(voters for _, voters in checked) >= 2 * harness.num_layers
-    assert sum(state.stats.votes_held for state in harness.states.values()) > 0
+    assert any(commits for commits, *_ in checked)
+    if fine:
+        assert any(pages for *_, pages, _ in checked) and any(lanes for *_, lanes in checked)
+    else:
+        assert sum(voters for _, voters, *_ in checked) >= 2 * harness.num_layers
+        assert sum(state.stats.votes_held for state in harness.states.values()) > 0
 
 
 def test_commits_past_a_steps_slots_are_added_within_that_step():

@@ -146,7 +146,7 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
         kv_indptr = torch.tensor([0, len(kv_indices)], dtype=torch.int32)
         kv_pool = SimpleNamespace(get_key_buffer=lambda layer: k_buffers[layer][:, kv_heads].contiguous(),
                                   get_value_buffer=lambda layer: v_buffers[layer][:, kv_heads].contiguous())
-        observers = FineObservers(last_layer=layers - 1, num_heads=len(range(8)[heads]),
+        observers = FineObservers(num_layers=layers, num_heads=len(range(8)[heads]), head_dim=16, max_lanes=1,
                                   kv_pool=kv_pool, page_slots=SimpleNamespace(row_pages=row_pages), device="cpu",
                                   vote_group=group)
         lane = FineLane(0, SimpleNamespace(row=0), ranges, 0, pages, pages_wanted(64))
@@ -154,7 +154,8 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
         for layer in range(layers):
             query, key_buffer = queries[layer][heads][None], keys[layer][:, kv_heads]
             _, lse = gather_decode_attention(query, key_buffer, key_buffer, kv_indptr, kv_indices, 0.25)
-            observers.after_attention(layer, query, lse, kv_indices, 0.25)
+            observers.after_attention(layer, query, lse, 0.25)
+        observers.finish(kv_indices)
         observers.load(SimpleNamespace(fine_lanes=[]))  # the next step's load queues the copy
         ((_, _, weights, chosen),) = observers.take()
         return weights, chosen

@@ -10,21 +10,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_script(script: str, *, interpret: bool, timeout: float):
-    """Run ``script`` (Python source, the repo and ``tests/`` importable) in a fresh process, under
-    ``TRITON_INTERPRET=1`` or without it; returns its last stdout line, parsed as JSON."""
+def run_script(script: str, *, interpret: bool, timeout: float, args: Sequence[str] = ()):
+    """Run ``script`` (Python source, the repo and ``tests/`` importable; ``args`` its ``sys.argv[1:]``)
+    in a fresh process, under ``TRITON_INTERPRET=1`` or without it; returns its last stdout line,
+    parsed as JSON."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

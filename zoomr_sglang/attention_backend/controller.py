@@ -23,7 +23,7 @@ import torch
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.segmentation import key_role
 from zoomr_sglang.attention_backend.diagnostics import check_outputs
-from zoomr_sglang.attention_backend.fine_observers import FineObservers
+from zoomr_sglang.attention_backend.fine_observers import MAX_FINE_LANES, FineObservers
 from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.planning import StepPlanner
 from zoomr_sglang.attention_backend.selection import DeviceSelection
@@ -55,9 +55,10 @@ class ZoomRController:
                                          kv_pool=token_to_kv_pool, num_layers=num_layers, num_heads=num_heads,
                                          max_voters=max_voters, max_candidates=config.max_candidates,
                                          refresh_tokens=self.planner.ingest.refresh_tokens, device=device)
-        self.fine_observers = FineObservers(last_layer=num_layers - 1, num_heads=num_heads, kv_pool=token_to_kv_pool,
-                                            page_slots=self.page_slots, device=device,
-                                            vote_group=self.selection.vote_group)
+        self.fine_observers = FineObservers(
+            num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, kv_pool=token_to_kv_pool,
+            max_lanes=MAX_FINE_LANES if config.implicit_zoom == "pages" else 0, page_slots=self.page_slots,
+            device=device, vote_group=self.selection.vote_group)
         self.kv_indices: Optional[torch.Tensor] = None  # the loaded step's KV list (the token weights read it)
         self.finished: "OrderedDict[str, dict]" = OrderedDict()  # rid -> final counters
         self.inheritances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Req -> tree_port.Inheritance
@@ -70,9 +71,16 @@ class ZoomRController:
         self.planner.note_request(row, req, self.inheritances.pop(req, None) if self.inheritances else None)
 
     def begin_decode(self, rids: Sequence[str], seq_lens: Sequence[int]) -> None:
-        """Plan the coming decode step (SGLang's host view; no device reads)."""
+        """Finish the last decode step (before this plan may move its KV), then plan the coming
+        decode step (SGLang's host view; no device reads)."""
+        self.finish_step()
         self.next_plan = self.planner.plan(rids, seq_lens, self.selection.take_selections(),
                                            self.fine_observers.take())
+
+    def finish_step(self) -> None:
+        """The last decode step's work after its forward: the fine levels' passes, queued on the
+        device behind it (``FineObservers.finish``; nothing unless a request observed it)."""
+        self.fine_observers.finish(self.kv_indices)
 
     def needs_eager(self) -> bool:
         """Whether the coming step has per-layer host work that a CUDA graph cannot replay."""
@@ -91,6 +99,7 @@ class ZoomRController:
                 "must run before the attention metadata is built")
         self.step = plan
         self.observed = self.selection.observed_positions(plan) if plan.observers else []
+        self.finish_step()  # done by begin_decode, unless a caller skipped it
         self.page_slots.load(plan.new_pages, padded_bs or batch_size)
         self.fine_observers.load(plan)
         kv_indptr, self.kv_indices = self.selection.load(plan, input_ids, padded_bs or batch_size, kv_indices_out)
@@ -101,11 +110,11 @@ class ZoomRController:
         self.next_plan = HostPlan.empty()
 
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor, scaling: float) -> None:
-        """Per layer, after its KV write: index keys, thought votes and page bounds (graph-safe), then
-        the fine levels' observations and the host observers (eager steps only)."""
+        """Per layer, after its KV write: index keys, thought votes, page bounds and the fine levels'
+        queries (graph-safe), then the host observers (eager steps only)."""
         self.selection.after_attention(layer_id, query, log_normalizer, scaling)
         self.page_slots.after_attention(layer_id)
-        self.fine_observers.after_attention(layer_id, query, log_normalizer, self.kv_indices, scaling)
+        self.fine_observers.after_attention(layer_id, query, log_normalizer, scaling)
         if self.observed:
             key_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
             for (batch_index, state, _), (positions, slots) in zip(self.step.observers, self.observed):

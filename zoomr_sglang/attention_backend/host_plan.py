@@ -73,9 +73,9 @@ class HostPlan:
 
     @property
     def needs_eager(self) -> bool:
-        """Per-layer Python work (observers, self-checks, fidelity) and the fine levels' passes (shaped
-        by their lanes) cannot replay in a graph."""
-        return bool(self.observers) or bool(self.fine_lanes) or self.self_check or bool(self.fidelity_rows)
+        """Per-layer Python work (observers, self-checks, fidelity) cannot replay in a graph (the fine
+        levels' observations can: their passes run after the forward)."""
+        return bool(self.observers) or self.self_check or bool(self.fidelity_rows)
 
     @cached_property
     def working_sets(self) -> List[np.ndarray]:
