@@ -238,8 +238,11 @@ def test_fine_levels_with_the_host_tier_are_lossless_keep_little_resident_and_re
         assert state.zooms_fine() and state.votable == 0 and state.zoomed == []
         tier = state.tier
         assert len(tier.zoomed_positions) > 0
-        # what the device holds of the request: its sequence less what only the host tier has
-        assert state.stats.resident_last == state.stats.dense_last - tier.offloaded
+        # what the device holds of the request: its sequence less what only the host tier has, and
+        # its pages' bounds (one slot each, from the first page past the prompt)
+        bounds = state.stats.dense_last // 16 - state.prompt_len // 16
+        assert state.bound_slots in (bounds - 1, bounds) and state.bound_slots > 0
+        assert state.stats.resident_last == state.stats.dense_last - tier.offloaded + state.bound_slots
         assert state.stats.resident_last < 0.5 * state.stats.dense_last
         assert tiering.uncounted_device_tokens(state.row, 0) == len(tier.zoomed_positions) - sum(
             end - start for start, end in tiering.holes(state.row))

@@ -72,6 +72,7 @@ class RequestState:
         self.pending_eviction: List[int] = []  # closed thoughts the host tier has not taken yet
         self.tokens_since_refresh = 0
         self.fine_due = True  # the fine levels read the next step's queries (fine_observe "refresh")
+        self.bound_slots = 0  # device slots its pages' key bounds hold (page_slots.py): resident too
         self.summary_tokens = 0
         # What a step is checked against (record_step): the budget, ZoomR's bound, or 0: the dense
         # sequence (a policy that neither votes nor has a budget attends everything).
@@ -276,7 +277,7 @@ class RequestState:
         """Count one decode step; returns whether it attended more than its bound. (Runs for every
         request at every step: plain stores, no call.)"""
         stats = self.stats
-        resident = seq_len - offloaded
+        resident = seq_len - offloaded + self.bound_slots
         bound = self.step_bound or seq_len
         stats.steps += 1
         stats.resident_last, stats.offloaded_last, stats.attended_last, stats.dense_last, stats.bound_last = (

@@ -31,7 +31,7 @@ class RequestStats:
     agreement_votes: int = 0
     inherited_thoughts: int = 0  # closed thoughts taken over from the radix tree (zoomr tree)
     inherited_keys: int = 0  # of those, with an index key (entries reused, not recomputed)
-    resident_last: int = 0  # device-resident KV tokens of the request at its last step
+    resident_last: int = 0  # KV slots the request holds on the device at its last step (page bounds too)
     resident_max: int = 0
     offloaded_last: int = 0  # its tokens whose device slots were given back (in the host tier only)
     self_checks: int = 0  # (step, layer) outputs compared with the dense masked reference
