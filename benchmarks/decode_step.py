@@ -155,8 +155,11 @@ class Cell:
         # The host tier hands out whole blocks: room for every position plus each thought's block tail.
         host_tokens = batch * self.max_len * 9 // 8 + 1024
         self.tiered = host_tokens * token_bytes <= shape.host_gb * (1 << 30)
-        # Tiered: ZoomR's resident set (prompt, summaries, a few thoughts, the window) per request.
-        per_request = min(self.max_len, 4096 + context // 8) if self.tiered else self.max_len
+        # Tiered: ZoomR's resident set (prompt, summaries, a few thoughts, the window) per request,
+        # and a slot per 16 tokens for the page bounds of a request without summaries.
+        per_request = self.max_len
+        if self.tiered:
+            per_request = min(self.max_len, 4096 + context // 8) + self.max_len // 16
         self.pool = min(batch * per_request + 1, int(shape.pool_gb * (1 << 30)) // token_bytes)
         gen = torch.Generator(device=device).manual_seed(context + batch)
         self.kv = [tuple(torch.randn(self.pool, shape.kv_heads, shape.head_dim, generator=gen, device=device,

@@ -37,3 +37,65 @@ def test_a_history_without_summaries_is_cut_into_thoughts_and_tiered(monkeypatch
     times = decode_step.measure(shape, 1200, 1, "cpu", summaries=False)
     assert times["tiered"] and times["counters"]["evicted_tokens"] > 0
     assert times["kv_tokens_zoomr"] < decode_step.PROMPT + 0.2 * 1200
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not decode_step.ON_CUDA, reason="needs an NVIDIA GPU")
+def test_fine_levels_replayed_in_a_cuda_graph_choose_as_eager_steps(monkeypatch):
+    """A model without summaries under a share budget on CUDA: zoomr's per-layer work (index keys,
+    thought votes, page-bound commits, the fine levels' kept queries) captured once in a CUDA graph
+    and replayed step after step, with the fine levels' passes after each replay, chooses the same
+    pages and ranks the same tokens as the same steps run eagerly. CPU twin (the fixed-size
+    buffers under Triton's interpreter against the torch path):
+    test_selection.py::test_fixed_size_graph_buffers_decide_what_the_sliced_torch_path_decides."""
+    import math
+
+    import torch
+
+    monkeypatch.setattr(decode_step, "CONFIG", replace(decode_step.CONFIG, budget=0.2))
+    shape = decode_step.Shape(2, 4, 2, 16, torch.float32, (640,), (4,), 80, 0, 1.0, 1.0)  # iters: history room
+    context, batch = 640, 4
+    cells = []
+    for _ in range(2):  # the same history twice (a cell draws its query from torch's global generator)
+        torch.manual_seed(0)
+        cells.append(decode_step.Cell(shape, context, batch, "cuda", summaries=False))
+    eager, graphed = cells
+    lse = torch.full((batch, shape.heads), math.log(context), device="cuda")
+
+    def plan(cell, seq_len):
+        cell.give_slots(seq_len)
+        cell.controller.begin_decode([r.rid for r in cell.reqs], [seq_len] * batch)
+        cell.controller.load(batch, cell.decoded(seq_len), padded_bs=batch)
+
+    def layers(cell):
+        for layer in range(shape.layers):
+            cell.controller.after_attention(layer, cell.query, lse, cell.scaling)
+
+    def chosen(cell):
+        states = cell.controller.planner.states.values()
+        return [(s.policy.fine._pages.tolist(), s.policy.fine._ranked.tolist()) for s in states]
+
+    seq_len = context + 1
+    plan(graphed, seq_len)
+    stream = torch.cuda.Stream()  # the warm-up is this step's run (Triton compiles there); capture records only
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layers(graphed)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers(graphed)
+    plan(eager, seq_len)
+    layers(eager)
+    observed = 0
+    for seq_len in range(context + 2, context + 80):
+        plan(eager, seq_len)
+        layers(eager)
+        plan(graphed, seq_len)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert chosen(graphed) == chosen(eager), seq_len
+        observed += bool(eager.controller.step.fine_lanes)
+        assert not graphed.controller.step.needs_eager
+    pages = sum(len(pages) for pages, _ in chosen(eager))
+    assert observed > 3 and pages > 0, (observed, pages)
