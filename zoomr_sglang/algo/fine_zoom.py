@@ -49,6 +49,11 @@ def pages_wanted(budget: int) -> int:
     return max(1, budget // PAGE_SHARE // QUEST_PAGE_SIZE)
 
 
+def page_positions(pages: np.ndarray) -> np.ndarray:
+    """``[k, QUEST_PAGE_SIZE]`` int64: the positions of each of ``pages [k]``."""
+    return pages[:, None] * QUEST_PAGE_SIZE + np.arange(QUEST_PAGE_SIZE)
+
+
 class FineZoom:
     """One request's last observed choice: its most attended tokens and its most voted pages."""
 
@@ -77,7 +82,7 @@ class FineZoom:
         complete = seq_len // QUEST_PAGE_SIZE
         parts = [self._ranked_tokens(seq_len)[:budget],
                  np.arange(min(bounds_end, complete) * QUEST_PAGE_SIZE, complete * QUEST_PAGE_SIZE),
-                 (self._pages[:, None] * QUEST_PAGE_SIZE + np.arange(QUEST_PAGE_SIZE)).reshape(-1)]
+                 page_positions(self._pages).reshape(-1)]
         return sorted_unique(np.concatenate(parts))
 
     def stages(self, seq_len: int, budget: int, absent: Optional[np.ndarray] = None) -> Tuple[Stage, Stage, Stage]:
@@ -89,7 +94,7 @@ class FineZoom:
         pages = self._pages
         if absent is not None:
             ranked = ranked[~absent[ranked]]
-            pages = pages[~absent[pages[:, None] * QUEST_PAGE_SIZE + np.arange(QUEST_PAGE_SIZE)].any(axis=1)]
+            pages = pages[~absent[page_positions(pages)].any(axis=1)]
         tokens = token_units(ranked)
         return (Stage(tokens, whole=False, limit=budget - budget // PAGE_SHARE),
                 Stage(np.stack([pages * QUEST_PAGE_SIZE, (pages + 1) * QUEST_PAGE_SIZE], axis=1)),

@@ -35,7 +35,7 @@ from zoomr_sglang.algo.page_bounds import candidate_pages, select_pages
 from zoomr_sglang.algo.token_weights import lane_entries
 from zoomr_sglang.attention_backend.host_plan import FineLane, HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
-from zoomr_sglang.attention_backend.selection import copy_to_host
+from zoomr_sglang.attention_backend.transfers import copy_to_host, to_device
 from zoomr_sglang.kernels.kv_indices import fixed_shapes
 from zoomr_sglang.kernels.page_votes import accumulate_page_votes, page_vote_scratch
 from zoomr_sglang.kernels.token_weights import accumulate_token_weights, runs_triton
@@ -115,9 +115,7 @@ class FineObservers:
                                                  lane.ranges[:, 1] - lane.ranges[:, 0]])
                                 for i, lane in enumerate(lanes)]).astype(np.int64)
         parts = [batch_index, lengths, per_lane.T.reshape(-1), spans.T.reshape(-1), entries.reshape(-1)]
-        packed = torch.from_numpy(np.concatenate(parts))
-        if self.device.type == "cuda":
-            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        packed = to_device(np.concatenate(parts), self.device)
         batch_d, lengths_d, per_lane_d, spans_d, entries_d = torch.split(packed, [len(p) for p in parts])
         self.lane_index[: len(lanes)] = batch_d
         rows, first_page, num_pages, wanted = per_lane_d.view(4, -1)

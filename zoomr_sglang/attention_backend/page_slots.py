@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.page_bounds import PAGE_TOKENS, commit_page_bounds
+from zoomr_sglang.attention_backend.transfers import to_device
 from zoomr_sglang.kernels.kv_indices import fixed_shapes
 
 NEVER = 1 << 40  # a page number past any sequence
@@ -141,9 +142,7 @@ class PageBoundSlots:
         # Pages completed before the step first, the step's own last: each part is then a slice.
         order = np.argsort(host[:, 2], kind="stable")
         n_bulk = len(host) - int(host[:, 2].sum())
-        packed = torch.from_numpy(np.concatenate([host[order, :2].reshape(-1), order]))
-        if self.row_pages.device.type == "cuda":
-            packed = packed.pin_memory().to(self.row_pages.device, non_blocking=True)
+        packed = to_device(np.concatenate([host[order, :2].reshape(-1), order]), self.row_pages.device)
         row_page, order_d = packed[: 2 * len(host)].view(-1, 2), packed[2 * len(host):]
         slots = torch.cat([n.slots for n in new_pages]).long().to(order_d.device).index_select(0, order_d)
         commits = torch.cat([row_page, slots[:, None]], dim=1)

@@ -274,7 +274,7 @@ class StepPlanner:
                 step.observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
             if fine:
                 num_pages = self.page_slots.bound(state.row, first_page, seq_len, view.absent, step.new_pages)
-                state.bound_slots = self.page_slots.device_tokens(state.row)
+                state.bound_slots = num_pages - first_page
                 if state.policy.observes_on_device(view):
                     step.fine_lanes.append(FineLane(batch_index, state, ranges, first_page, num_pages,
                                                     pages_wanted(view.budget)))

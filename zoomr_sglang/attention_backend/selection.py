@@ -30,6 +30,7 @@ from zoomr_sglang.algo.batched_votes import VOTE_KINDS, SummaryKeys, select_top
 from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.attention_backend.host_plan import HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
+from zoomr_sglang.attention_backend.transfers import copy_to_host, to_device
 from zoomr_sglang.config import ZoomRConfig
 from zoomr_sglang.kernels.kv_indices import fixed_shapes, ranges_to_kv_indices
 from zoomr_sglang.kernels.thought_index import accumulate_votes, commit_keys, vote_scratch
@@ -114,7 +115,7 @@ class DeviceSelection:
         # Ranges go column by column: the KV-index kernel reads each field as a contiguous array.
         parts = [ranges.T.reshape(-1), commits.reshape(-1), plan.new_candidates.reshape(-1),
                  np.asarray(plan.fresh_entries, dtype=np.int64), plan.votes.reshape(-1)]
-        packed = self._to_device(np.concatenate(parts))
+        packed = to_device(np.concatenate(parts), self.device)
         ranges_d, commits_d, candidates_d, fresh_d, votes_d = torch.split(packed, [len(p) for p in parts])
         ranges_d, commits_d = ranges_d.view(4, -1), commits_d.view(-1, 3)
         candidates_d, votes_d = candidates_d.view(-1, 5), votes_d.view(-1, 4)
@@ -193,12 +194,6 @@ class DeviceSelection:
             observed.append((positions, self.req_to_token[state.row, positions.to(self.device)].long()))
         return observed
 
-    def _to_device(self, values: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
-
     def _queue_readback(self) -> None:
         """Copy the last step's voters and choices to pinned host memory behind its forward (no wait)."""
         if self._last_states is None:
@@ -241,19 +236,6 @@ class DeviceSelection:
             chosen, agreement = select_top(votes, weights, num_candidates, self.config.num_thoughts)
             self.chosen[: chosen.shape[0]] = chosen
             self.agreement[: agreement.shape[0]] = agreement
-
-
-def copy_to_host(sources: List[torch.Tensor]) -> Tuple[Optional[torch.cuda.Event], List[torch.Tensor]]:
-    """Copies of ``sources`` in host memory: on CUDA pinned, queued behind the stream's work (no
-    wait) with the event that marks them done; elsewhere taken at once (event None)."""
-    if sources[0].device.type != "cuda":
-        return None, [t.clone() for t in sources]
-    copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in sources]
-    for copy, source in zip(copies, sources):
-        copy.copy_(source, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return event, copies
 
 
 def attention_tp_group():
