@@ -149,9 +149,7 @@ class PageBoundSlots:
         self.row_pages[commits[:, 0], commits[:, 1]] = commits[:, 2].to(torch.int32)
         if n_bulk:
             for layer in range(self.num_layers):
-                key_buffer = self.kv_pool.get_key_buffer(layer)
-                commit_page_bounds(key_buffer, self.kv_pool.get_value_buffer(layer), key_buffer, self.req_to_token,
-                                   commits[:n_bulk])
+                self._commit(layer, commits[:n_bulk])
             self.commits_bulk += n_bulk
         self._set_active(len(host) - n_bulk)
         self.step_commits[: len(host) - n_bulk] = commits[n_bulk:]
@@ -166,6 +164,10 @@ class PageBoundSlots:
         its KV write; fixed shapes on the graph path, exactly the step's commits on the torch path)."""
         n = self.slots if self.fixed_shapes else self.active_commits
         if n:
-            key_buffer = self.kv_pool.get_key_buffer(layer_id)
-            commit_page_bounds(key_buffer, self.kv_pool.get_value_buffer(layer_id), key_buffer, self.req_to_token,
-                               self.step_commits[:n])
+            self._commit(layer_id, self.step_commits[:n])
+
+    def _commit(self, layer_id: int, commits: torch.Tensor) -> None:
+        """Write the bounds of ``commits`` ``[n, 3]`` (row, page, slot) in layer ``layer_id``: from
+        the layer's keys, min into its K buffer and max into its V buffer."""
+        key_buffer = self.kv_pool.get_key_buffer(layer_id)
+        commit_page_bounds(key_buffer, self.kv_pool.get_value_buffer(layer_id), key_buffer, self.req_to_token, commits)
