@@ -76,18 +76,21 @@ def page_upper_bounds(query: torch.Tensor, lows: torch.Tensor, highs: torch.Tens
     """Quest's bound ``sum_d max(q_d * min_d, q_d * max_d)`` ``[bs, num_heads, max_pages]`` float32
     of each lane's query ``[bs, num_heads, head_dim]`` over the keys of its pages 0..max_pages-1
     (lows, highs: one layer's bound buffers; rows ``[bs]`` int64: each lane's pool row). Query head
-    h reads KV head h // (num_heads // num_kv_heads) (GQA); the same float32 operations as
-    ``page_scores.quest_upper_bound``."""
+    h reads KV head h // (num_heads // num_kv_heads) (GQA). As ``lows <= highs``, each term is
+    ``q_d * max_d`` where ``q_d >= 0`` and ``q_d * min_d`` where not: two matrix products, the same
+    float32 terms as ``page_scores.quest_upper_bound`` summed in another order, without its
+    ``[bs, heads, pages, head_dim]`` product (most of the CPU page vote's time)."""
     bs, num_heads, head_dim = query.shape
     num_kv_heads = lows.shape[1]
     slots = row_pages[:, :max_pages].index_select(0, rows).long().reshape(-1)
-    q = query.float().reshape(bs, num_kv_heads, num_heads // num_kv_heads, 1, head_dim)
+    q = query.float().reshape(bs, num_kv_heads, num_heads // num_kv_heads, head_dim)
 
-    def per_head(buffer):  # [bs, kv, 1, pages, d]
-        return buffer.index_select(0, slots).float().reshape(bs, max_pages, num_kv_heads, head_dim).permute(
-            0, 2, 1, 3)[:, :, None]
+    def per_head(buffer):  # [bs, kv, d, pages], each head's [pages, d] contiguous: one batched product
+        gathered = buffer.index_select(0, slots).float().reshape(bs, max_pages, num_kv_heads, head_dim)
+        return gathered.transpose(1, 2).contiguous().transpose(2, 3)
 
-    return torch.maximum(q * per_head(lows), q * per_head(highs)).sum(dim=-1).reshape(bs, num_heads, max_pages)
+    bound = q.clamp(min=0) @ per_head(highs) + q.clamp(max=0) @ per_head(lows)
+    return bound.reshape(bs, num_heads, max_pages)
 
 
 def accumulate_page_votes(query: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor, row_pages: torch.Tensor,

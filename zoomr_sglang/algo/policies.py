@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
-from zoomr_sglang.algo.fine_zoom import FineZoom, zooms_fine
+from zoomr_sglang.algo.fine_zoom import FineZoom, first_window, zooms_fine
 from zoomr_sglang.algo.policy_base import Policy, Ranking, Stage, StepView
 from zoomr_sglang.algo.working_set import Range, as_range_array, merge_range_array, with_tail
 
@@ -179,12 +179,14 @@ class ZoomRPolicy(ThoughtPolicy):
         return zooms_fine(view.budget, view.zoom_pages, self._closed, self._summaries)
 
     def rank_units(self, view: StepView) -> Ranking:
-        """As the thought policies, or, zooming fine, the same skeleton and window with the fine
-        levels' stages (tokens, pages, tokens) in place of the thoughts."""
+        """As the thought policies, or, zooming fine, the same skeleton, a window of at most a
+        quarter of the budget (``first_window``) and the fine levels' stages (tokens, pages, tokens)
+        in place of the thoughts."""
         ranking = super().rank_units(view)
         if not self.zooms_fine(view):
             return ranking
-        return replace(ranking, stages=self.fine.stages(view.seq_len, view.budget, view.absent))
+        return replace(ranking, window=first_window(ranking.window, view.budget),
+                       stages=self.fine.stages(view.seq_len, view.budget, view.absent))
 
     def wanted_positions(self, view: StepView) -> Optional[np.ndarray]:
         return self.fine.wanted(view.seq_len, view.budget, view.bounds_end) if self.zooms_fine(view) else None

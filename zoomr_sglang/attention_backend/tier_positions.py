@@ -23,15 +23,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.policy_base import range_mask
-from zoomr_sglang.algo.working_set import in_sorted
+from zoomr_sglang.algo.working_set import Absent, in_sorted
 from zoomr_sglang.attention_backend.tier_records import PositionCopy, RowTier
 
 
 def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: int) -> Optional[np.ndarray]:
     """Copy the positions of ``wanted`` (sorted ``[n]`` int64, or None: none) that lie in the row's
     holes back to the device, drop the ones copied back earlier and not wanted now; returns the
-    bool mask ``[seq_len]`` of positions not on the device (None: none is missing)."""
+    positions not on the device (None: none is missing)."""
     tier, row = state.tier, state.row
     if wanted is None and not len(tier.zoomed_positions) and not tier.position_copies:
         return None
@@ -39,8 +38,7 @@ def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: in
     holes = tier.holes()
     desired = desired_hole = np.zeros(0, dtype=np.int64)
     if holes and wanted is not None:
-        starts = np.array([h.start for h in holes], dtype=np.int64)
-        ends = np.array([h.end for h in holes], dtype=np.int64)
+        starts, ends = tier.hole_ranges().T
         wanted = wanted[wanted < seq_len]
         hole_of = np.searchsorted(starts, wanted, side="right") - 1
         inside = (hole_of >= 0) & (wanted < ends[np.maximum(hole_of, 0)])
@@ -57,11 +55,7 @@ def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: in
                                 for h in np.unique(which)])  # holes ascend, so positions keep their order
         _start_copy(tiering, row, tier, positions, host_slots)
     tier.position_headroom = len(desired)
-    if not holes:
-        return None
-    absent = range_mask(np.array([(h.start, h.end) for h in holes], dtype=np.int64), seq_len)
-    absent[tier.zoomed_positions[tier.zoomed_positions < seq_len]] = False
-    return absent
+    return Absent(tier.hole_ranges(), tier.zoomed_positions) if holes else None
 
 
 def _start_copy(tiering, row: int, tier: RowTier, positions: np.ndarray, host_slots: torch.Tensor) -> None:

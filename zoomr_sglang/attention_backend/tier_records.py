@@ -89,6 +89,7 @@ class RowTier:
     position_copies: List[PositionCopy] = field(default_factory=list)
     position_headroom: int = 0
     hole_list: Optional[List[ColdThought]] = None  # holes() until the cold thoughts change
+    hole_array: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # hole_ranges()
 
     def quiet_holds(self, record: Tuple[List[int], int, int, List[int]], seq_len: int) -> bool:
         """Whether ``record``, this row's quiet record when a request step read it, still says
@@ -127,7 +128,13 @@ class RowTier:
         """The cold thoughts whose positions have no device slots (the row's holes), ascending."""
         if self.hole_list is None:  # most steps change no cold thought: sorted once per change
             self.hole_list = sorted((t for t in self.cold.values() if not t.on_device), key=lambda t: t.start)
+            self.hole_array = np.array([(t.start, t.end) for t in self.hole_list], dtype=np.int64).reshape(-1, 2)
         return self.hole_list
+
+    def hole_ranges(self) -> np.ndarray:
+        """``[h, 2]`` int64: the :meth:`holes` as position ranges."""
+        self.holes()
+        return self.hole_array
 
     def last_hole_end(self) -> int:
         """Where the row's last hole ends (0: it has none); positions after it are on the device."""
