@@ -20,7 +20,6 @@ from zoomr_sglang.algo.page_bounds import (
     select_pages,
 )
 from zoomr_sglang.algo.page_scores import PageScorer
-from zoomr_sglang.algo.working_set import Absent
 from zoomr_sglang.attention_backend.page_slots import PageBoundSlots
 from zoomr_sglang.kernels import page_votes as pv
 
@@ -217,8 +216,8 @@ def test_page_slots_bound_pages_in_order_wait_for_absent_keys_and_give_every_slo
     new = []
     assert slots.bound(row, 1, 3 * PAGE_TOKENS + 5, None, new) == 3  # pages 1, 2: before this step
     assert [n.pages.tolist() for n in new] == [[1, 2]] and not new[0].in_step.any()
-    # Page 4's keys are on the host but one brought back: pages 4 and 5 wait.
-    absent = Absent(np.array([[4 * PAGE_TOKENS + 3, 4 * PAGE_TOKENS + 5]]), np.array([4 * PAGE_TOKENS + 4]))
+    absent = np.zeros(6 * PAGE_TOKENS, dtype=bool)
+    absent[4 * PAGE_TOKENS + 3] = True  # page 4's keys are on the host: pages 4 and 5 wait
     assert slots.bound(row, 1, 6 * PAGE_TOKENS, absent, new) == 4 and new[1].pages.tolist() == [3]
     assert slots.bounds_end(row, 1) == 4 and slots.device_tokens(row) == 3 and slots.headroom(row) == 1
     slots.load(new, padded_bs=4)

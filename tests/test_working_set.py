@@ -91,19 +91,3 @@ def test_sorted_unique_and_in_sorted_agree_with_numpy():
         assert np.array_equal(sorted_unique(values), np.unique(values))
         ascending = np.unique(rng.integers(0, 60, n // 2))
         assert np.array_equal(in_sorted(values, ascending), np.isin(values, ascending))
-
-
-def test_absent_positions_are_the_holes_less_what_came_back():
-    from zoomr_sglang.algo.working_set import Absent
-
-    rng = np.random.default_rng(5)
-    for n_holes in (0, 1, 6):
-        edges = np.sort(rng.choice(np.arange(1, 400), 2 * n_holes, replace=False))
-        holes = edges.reshape(-1, 2).astype(np.int64)
-        mask = np.zeros(400, dtype=bool)
-        for start, end in holes:
-            mask[start:end] = True
-        present = np.flatnonzero(mask)[::5]  # some positions of the holes are on the device again
-        mask[present] = False
-        asked = rng.integers(0, 400, (30, 4))
-        assert np.array_equal(Absent(holes, present).of(asked), mask[asked])

@@ -32,7 +32,7 @@ import numpy as np
 
 from zoomr_sglang.algo.page_scores import QUEST_PAGE_SIZE
 from zoomr_sglang.algo.policy_base import Stage, range_positions, token_units
-from zoomr_sglang.algo.working_set import Absent, sorted_unique
+from zoomr_sglang.algo.working_set import sorted_unique
 
 PAGE_SHARE = 4  # 1 / PAGE_SHARE of the budget is kept for pages the bounds newly point at
 
@@ -93,16 +93,16 @@ class FineZoom:
                  page_positions(self._pages).reshape(-1)]
         return sorted_unique(np.concatenate(parts))
 
-    def stages(self, seq_len: int, budget: int, absent: Optional[Absent] = None) -> Tuple[Stage, Stage, Stage]:
+    def stages(self, seq_len: int, budget: int, absent: Optional[np.ndarray] = None) -> Tuple[Stage, Stage, Stage]:
         """What fills the budget after the skeleton and the window, in order: the tokens the last
         step attended most (until all but :data:`PAGE_SHARE`'s share of the budget is used), the
-        pages the last vote chose (whole), then more of those tokens. ``absent``: positions whose KV
-        is not on the device (the host tier): never taken."""
+        pages the last vote chose (whole), then more of those tokens. ``absent``: bool ``[>=
+        seq_len]``, positions whose KV is not on the device (the host tier): never taken."""
         ranked = self._ranked_tokens(seq_len)
         pages = self._pages
         if absent is not None:
-            ranked = ranked[~absent.of(ranked)]
-            pages = pages[~absent.of(page_positions(pages)).any(axis=1)]
+            ranked = ranked[~absent[ranked]]
+            pages = pages[~absent[page_positions(pages)].any(axis=1)]
         tokens = token_units(ranked)
         return (Stage(tokens, whole=False, limit=budget - budget // PAGE_SHARE),
                 Stage(np.stack([pages * QUEST_PAGE_SIZE, (pages + 1) * QUEST_PAGE_SIZE], axis=1)),

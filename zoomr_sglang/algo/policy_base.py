@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.segmentation import Thought
-from zoomr_sglang.algo.working_set import MIN_WINDOW, Absent, Range, as_range_array
+from zoomr_sglang.algo.working_set import MIN_WINDOW, Range, as_range_array
 
 UNBOUNDED = sys.maxsize  # the budget of a view without one (``view.budget == 0``)
 
@@ -32,8 +32,8 @@ class StepView:
     older closed thoughts may have left the device; None: anywhere; thought_sink: under a budget,
     the first tokens of the thought being written that thought-level policies always keep;
     zoom_pages: under a budget, zoomr zooms into pages and tokens of thoughts without summaries;
-    absent: the positions whose KV is not on the device (the host tier's holes, less what it
-    brought back), set at steps that asked :meth:`Policy.wanted_positions` (None: all are there);
+    absent: bool ``[>= seq_len]``, positions whose KV is not on the device (the host tier's holes),
+    set at steps that asked :meth:`Policy.wanted_positions` (None: every position is there);
     observe: zoomr's page and token levels may read this step's decode queries (every step, or only
     at refresh points: ``ZoomRConfig.fine_observe``); the baselines that observe ignore it;
     bounds_end: zoomr's page level has key bounds for the pages below this one (from the prompt's
@@ -52,7 +52,7 @@ class StepView:
     window_cap: Optional[int] = None
     thought_sink: int = 0
     zoom_pages: bool = False
-    absent: Optional[Absent] = None
+    absent: Optional[np.ndarray] = None
     observe: bool = True
     bounds_end: int = 0
 

@@ -1,7 +1,6 @@
 """The positions a decode step attends to, as sorted disjoint [start, end) ranges."""
 
 import math
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -100,22 +99,3 @@ def in_sorted(values: np.ndarray, ascending: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), dtype=bool)
     at = np.minimum(np.searchsorted(ascending, values), len(ascending) - 1)
     return ascending[at] == values
-
-
-@dataclass(frozen=True)
-class Absent:
-    """Positions whose KV is not on the device: the host tier's holes, ``[h, 2]`` int64 sorted
-    disjoint ranges, less the ascending positions ``present`` brought back into them. A lookup costs
-    in the positions asked and the holes, not the sequence."""
-
-    holes: np.ndarray
-    present: np.ndarray
-
-    def of(self, positions: np.ndarray) -> np.ndarray:
-        """bool, shaped as the int64 ``positions``: which of them are absent."""
-        flat = positions.reshape(-1)
-        if not len(self.holes):
-            return np.zeros(positions.shape, dtype=bool)
-        hole = np.searchsorted(self.holes[:, 0], flat, side="right") - 1
-        inside = (hole >= 0) & (flat < self.holes[np.maximum(hole, 0), 1])
-        return (inside & ~in_sorted(flat, self.present)).reshape(positions.shape)

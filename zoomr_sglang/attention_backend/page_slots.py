@@ -26,9 +26,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.fine_zoom import page_positions
 from zoomr_sglang.algo.page_bounds import PAGE_TOKENS, commit_page_bounds
-from zoomr_sglang.algo.working_set import Absent
 from zoomr_sglang.attention_backend.transfers import to_device
 from zoomr_sglang.kernels.kv_indices import fixed_shapes
 
@@ -80,11 +78,11 @@ class PageBoundSlots:
         self.commits_bulk = 0  # pages committed at a step's load (completed before it)
 
     # -- host (the planner) -------------------------------------------------------------------------
-    def bound(self, row: int, first_page: int, seq_len: int, absent: Optional[Absent],
+    def bound(self, row: int, first_page: int, seq_len: int, absent: Optional[np.ndarray],
               new_pages: List[NewPages]) -> int:
         """Give slots to the pages of ``row`` completed at ``seq_len`` (the step's token included)
         from ``first_page`` on (pages below it are never voted on) whose keys are on the device
-        (``absent``: the positions that are not, or None); appends them to
+        (``absent``: bool ``[seq_len]`` of positions that are not, or None); appends them to
         ``new_pages``. Returns the end of the row's bounded pages (its pages ``[first_page, end)``)."""
         record = self.rows.get(row)
         if record is None:
@@ -94,7 +92,7 @@ class PageBoundSlots:
             return record.end
         pages = np.arange(record.end, complete, dtype=np.int64)
         if absent is not None:  # pages wait, in order, until the host tier brought their keys back
-            missing = absent.of(page_positions(pages)).any(axis=1)
+            missing = absent[record.end * PAGE_TOKENS: complete * PAGE_TOKENS].reshape(-1, PAGE_TOKENS).any(axis=1)
             pages = pages[: int(np.argmax(missing)) if missing.any() else len(pages)]
             if not len(pages):
                 return record.end

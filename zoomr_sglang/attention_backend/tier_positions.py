@@ -23,14 +23,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zoomr_sglang.algo.working_set import Absent, in_sorted
+from zoomr_sglang.algo.policy_base import range_mask
+from zoomr_sglang.algo.working_set import in_sorted
 from zoomr_sglang.attention_backend.tier_records import PositionCopy, RowTier
 
 
 def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: int) -> Optional[np.ndarray]:
     """Copy the positions of ``wanted`` (sorted ``[n]`` int64, or None: none) that lie in the row's
     holes back to the device, drop the ones copied back earlier and not wanted now; returns the
-    positions not on the device (None: none is missing)."""
+    bool mask ``[seq_len]`` of positions not on the device (None: none is missing)."""
     tier, row = state.tier, state.row
     if wanted is None and not len(tier.zoomed_positions) and not tier.position_copies:
         return None
@@ -55,7 +56,12 @@ def bring_in_positions(tiering, state, wanted: Optional[np.ndarray], seq_len: in
                                 for h in np.unique(which)])  # holes ascend, so positions keep their order
         _start_copy(tiering, row, tier, positions, host_slots)
     tier.position_headroom = len(desired)
-    return Absent(tier.hole_ranges(), tier.zoomed_positions) if holes else None
+    if not holes:
+        return None
+    # A mask, not a binary search per lookup: at 8K it measured faster (docs/fine-levels.md, "Cost").
+    absent = range_mask(tier.hole_ranges(), seq_len)
+    absent[tier.zoomed_positions[tier.zoomed_positions < seq_len]] = False
+    return absent
 
 
 def _start_copy(tiering, row: int, tier: RowTier, positions: np.ndarray, host_slots: torch.Tensor) -> None:
