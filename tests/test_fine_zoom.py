@@ -256,9 +256,11 @@ def test_fine_levels_with_the_host_tier_are_lossless_keep_little_resident_and_re
 
 def test_without_a_budget_a_model_that_writes_no_summaries_gets_the_implicit_share():
     """No budget set: a request whose thoughts close without summaries attends ``implicit_budget``
-    of its sequence through the fine levels, at most ZoomR's own bound; one with summaries keeps
-    ZoomR's working set; an ``implicit_budget`` of 0 leaves both unbounded."""
-    for implicit_budget, window in ((0.35, 64), (0.35, 12), (0, 12)):
+    of its sequence through the fine levels, at least its skeleton and the configured window, at
+    most ZoomR's own bound; one with summaries keeps ZoomR's working set; an ``implicit_budget`` of
+    0 leaves both unbounded."""
+    # The share binds (window 64), ZoomR's bound (12), the skeleton and window (100); then no share.
+    for implicit_budget, window in ((0.35, 64), (0.35, 12), (0.35, 100), (0, 12)):
         config = ZoomRConfig(sink=4, window=window, max_thought_tokens=16, implicit_budget=implicit_budget)
         harness = Harness(config, seed=9, host_tier_tokens=4096)
         free_at_start = harness.allocator.available_size()
@@ -274,8 +276,10 @@ def test_without_a_budget_a_model_that_writes_no_summaries_gets_the_implicit_sha
         if implicit_budget:
             assert plain.budget == implicit_budget and plain.zooms_fine() and plain.tier.zoomed_positions.size
             share = -(-plain.stats.dense_last * 35 // 100)
-            assert plain.stats.attended_last == plain.stats.bound_last == min(share, plain.zoomr_bound)
-            assert (share < plain.zoomr_bound) == (window == 64)  # the share binds, or ZoomR's bound
+            floor = max(config.sink, plain.prompt_len) + config.thought_sink + window
+            binding = min(max(share, floor), plain.zoomr_bound)
+            assert plain.stats.attended_last == plain.stats.bound_last == binding
+            assert binding == {64: share, 12: plain.zoomr_bound, 100: floor}[window]
         else:
             assert plain.budget == 0 and not plain.zooms_fine() and plain.votable > 0
             assert plain.stats.bound_last == plain.zoomr_bound and plain.stats.over_bound_steps == 0

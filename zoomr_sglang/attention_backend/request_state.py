@@ -17,7 +17,7 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policies import Policy, StepView
 from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.segmentation import Thought, ThoughtSegmenter, TokenRole, key_role, summary_span
-from zoomr_sglang.algo.working_set import MIN_WINDOW, step_budget
+from zoomr_sglang.algo.working_set import step_budget
 from zoomr_sglang.attention_backend.request_stats import RequestStats
 from zoomr_sglang.config import RequestSettings, ZoomRConfig, least_budget
 
@@ -260,10 +260,12 @@ class RequestState:
         self.fine_due = False  # this step's view reads the refresh: the levels observe at most once per refresh
         if isinstance(self.budget, float):
             if self.implicit_budget:
-                # Never less than the fine levels' skeleton (sinks, prompt, the open thought's head,
-                # the shortest window), never more than ZoomR's own bound: the same working set's
-                # size as whole thoughts would take at long contexts, spent on pages and tokens.
-                least = max(config.sink, self.prompt_len) + config.thought_sink + MIN_WINDOW
+                # Never less than the fine levels' skeleton (sinks, prompt, the open thought's head)
+                # and the configured window: a share of a short sequence would leave the window
+                # a few tokens (SmolLM2 left the full cache's text at ~240 tokens of 1,024). Never
+                # more than ZoomR's own bound: the same working set's size as whole thoughts would
+                # take at long contexts, spent on pages and tokens.
+                least = max(config.sink, self.prompt_len) + config.thought_sink + config.window
                 budget = min(step_budget(self.budget, seq_len, least), max(least, self.zoomr_bound))
             else:
                 budget = step_budget(self.budget, seq_len, least_budget(config))
