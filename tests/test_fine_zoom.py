@@ -299,9 +299,11 @@ def test_the_token_weights_benchmark_prints_its_ratios():
     assert all(ratio > 0 for ratio in result["per_request_over_attention"].values())
 
 
-def _observed(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, values, row_pages, layers: int = 2):
+def _observed(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, values, row_pages, layers: int = 2,
+              max_lanes: int = 4, left_out: int = 0):
     """Per lane the token weights and chosen pages FineObservers reads back after ``layers`` layers
-    on ``device`` (lane ``b`` in pool row ``b``, its first page attended, its pages 1-5 voted on)."""
+    on ``device`` (lane ``b`` in pool row ``b``, its first page attended, its pages 1-5 voted on),
+    with ``left_out`` of the lanes past ``max_lanes``."""
     from types import SimpleNamespace
 
     from zoomr_sglang.attention_backend.fine_observers import FineObservers
@@ -309,7 +311,7 @@ def _observed(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, value
 
     buffers = keys.to(device), values.to(device)
     kv_pool = SimpleNamespace(get_key_buffer=lambda layer: buffers[0], get_value_buffer=lambda layer: buffers[1])
-    observers = FineObservers(num_layers=layers, num_heads=query.shape[1], head_dim=query.shape[2], max_lanes=4,
+    observers = FineObservers(num_layers=layers, num_heads=query.shape[1], head_dim=query.shape[2], max_lanes=max_lanes,
                               kv_pool=kv_pool, page_slots=SimpleNamespace(row_pages=row_pages.to(device)),
                               device=device, vote_group=None)
     fine_lanes = [FineLane(b, SimpleNamespace(row=b), np.array([[0, 16]]), 0, 6, 2) for b in lanes]
@@ -318,7 +320,32 @@ def _observed(device: str, lanes, kv_indptr, kv_indices, query, lse, keys, value
         observers.after_attention(layer, query.to(device), lse.to(device), 0.25)
     observers.finish(kv_indices.to(device))  # after the forward
     observers.load(SimpleNamespace(fine_lanes=[]))  # queues the copy behind the passes
+    assert observers.lanes_left_out == left_out
     return [(weights, pages) for _, _, weights, pages in observers.take()]
+
+
+def _observer_case():
+    generator = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(2, 500, 2, 64, generator=generator)
+    lengths = [120, 7, 260]  # 387 token slots out of 400 (slots 400-423 hold the page bounds)
+    kv_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    kv_indices = torch.randperm(400, generator=generator)[: kv_indptr[-1]].to(torch.int32)
+    query = torch.randn(3, 8, 64, generator=generator)
+    _, lse = gather_decode_attention(query, keys, values, torch.from_numpy(kv_indptr), kv_indices, 0.25)
+    row_pages = (400 + torch.arange(3 * 8)).view(3, 8).to(torch.int32)  # bounds: random rows past the tokens'
+    return kv_indptr, kv_indices, query, lse, keys, values, row_pages
+
+
+def test_observers_past_the_lane_limit_are_left_out_counted_and_the_others_unchanged():
+    """Past ``max_lanes`` a step's later observers get no observation (they keep their last choice),
+    the count says how many, and the first lanes' observations are the ones an unlimited step gives."""
+    kv_indptr, kv_indices, query, lse, keys, values, row_pages = _observer_case()
+    whole = _observed("cpu", [0, 2], kv_indptr, kv_indices, query, lse, keys, values, row_pages)
+    limited = _observed("cpu", [0, 2], kv_indptr, kv_indices, query, lse, keys, values, row_pages, max_lanes=1,
+                        left_out=1)
+    assert len(whole) == 2 and len(limited) == 1
+    np.testing.assert_allclose(limited[0][0], whole[0][0], rtol=1e-5, atol=1e-7)  # other shapes, other rounding
+    assert np.array_equal(limited[0][1], whole[0][1])
 
 
 @pytest.mark.cuda
@@ -328,17 +355,10 @@ def test_fine_observers_on_cuda_equal_the_cpu_path():
     vote kernels, the choice, the pinned readback behind an event) gives the CPU path's weights
     (each lane's 2 layers x 8 heads of softmax) and pages; its CPU twins are
     test_the_batched_token_weights_equal_a_softmax_per_request and tests/test_page_bounds.py."""
-    generator = torch.Generator().manual_seed(2)
-    keys, values = torch.randn(2, 500, 2, 64, generator=generator)
-    lengths = [120, 7, 300]
-    kv_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    kv_indices = torch.randperm(400, generator=generator)[: kv_indptr[-1]].to(torch.int32)
-    query = torch.randn(3, 8, 64, generator=generator)
-    _, lse = gather_decode_attention(query, keys, values, torch.from_numpy(kv_indptr), kv_indices, 0.25)
-    row_pages = (400 + torch.arange(3 * 8)).view(3, 8).to(torch.int32)  # bounds: random rows past the tokens'
+    kv_indptr, kv_indices, query, lse, keys, values, row_pages = _observer_case()
     on_cpu = _observed("cpu", [0, 2], kv_indptr, kv_indices, query, lse, keys, values, row_pages)
     on_cuda = _observed("cuda", [0, 2], kv_indptr, kv_indices, query, lse, keys, values, row_pages)
-    for (cpu_weights, cpu_pages), (cuda_weights, cuda_pages), size in zip(on_cpu, on_cuda, (120, 300)):
+    for (cpu_weights, cpu_pages), (cuda_weights, cuda_pages), size in zip(on_cpu, on_cuda, (120, 260)):
         assert len(cuda_weights) == size and abs(float(cpu_weights.sum()) - 16.0) < 1e-3
         np.testing.assert_allclose(cuda_weights, cpu_weights, rtol=1e-4, atol=1e-6)
         assert len(cpu_pages) == 2 and set(cpu_pages.tolist()) <= {1, 2, 3, 4, 5}

@@ -244,6 +244,7 @@ class ZoomRController:
             "page_bounds": {"slots": sum(self.page_slots.device_tokens(row) for row in self.page_slots.rows),
                             "commits_bulk": self.page_slots.commits_bulk,
                             "alloc_failures": self.page_slots.alloc_failures},
+            "fine_lanes_left_out": self.fine_observers.lanes_left_out,
             "host_tier": None if self.tiering is None else {
                 "capacity_tokens": self.tiering.host.capacity,
                 "used_tokens": self.tiering.host.num_used,

@@ -90,6 +90,7 @@ class FineObservers:
         self.saved_lse = torch.zeros(num_layers, max_lanes, num_heads, dtype=torch.float32, device=self.device)
         self.lane_index = torch.zeros(max_lanes, dtype=torch.int64, device=self.device)
         self.saving = 0  # the torch path's lanes to save this step (fixed shapes: all max_lanes)
+        self.lanes_left_out = 0  # observers past max_lanes in their step, so far (they keep their choice)
         self.scaling = 1.0
         self._step: Optional[_Step] = None
         self._readback: Optional[Tuple[Optional[torch.cuda.Event], List[torch.Tensor], List[FineLane], np.ndarray]]
@@ -103,6 +104,7 @@ class FineObservers:
         self._queue_readback()
         lanes = plan.fine_lanes[: self.max_lanes]
         self.saving = len(lanes)
+        self.lanes_left_out += len(plan.fine_lanes) - len(lanes)
         if self.fixed_shapes:
             self.lane_index.zero_()  # padding lanes copy batch row 0, which every graph has
         if not lanes:
