@@ -14,9 +14,9 @@ from zoomr_sglang.config import ZoomRConfig
 TINY = dict(sink=4, window=64, max_thought_tokens=48)
 
 
-def _state(steps: int, summary_tokens: int, resident_last: int, own_from: int = 16):
+def _state(steps: int, summary_tokens: int, resident_last: int, own_from: int = 16, bound_slots: int = 0):
     return SimpleNamespace(stats=SimpleNamespace(steps=steps, resident_last=resident_last),
-                           summary_tokens=summary_tokens, own_from=own_from)
+                           summary_tokens=summary_tokens, own_from=own_from, bound_slots=bound_slots)
 
 
 def test_bound_reserves_the_whole_working_set_and_observed_scales_it_by_sglangs_ratio():
@@ -54,6 +54,13 @@ def test_running_charge_follows_what_the_request_keeps():
     full = running_charge(config, _state(steps=1000, summary_tokens=0, resident_last=16 + 2 * working_set), 500, 1.0)
     prior = SUMMARY_SHARE_PRIOR * SUMMARY_PRIOR_TOKENS
     assert full.device == int(500 * prior / (1000 + SUMMARY_PRIOR_TOKENS)) and full.device + full.host == 500
+
+
+def test_a_request_with_page_bounds_is_charged_a_slot_per_page_it_will_complete():
+    config = ZoomRConfig(**TINY, admission="observed")
+    plain = running_charge(config, _state(steps=1000, summary_tokens=0, resident_last=300), 500, 0.5)
+    bounded = running_charge(config, _state(steps=1000, summary_tokens=0, resident_last=300, bound_slots=20), 500, 0.5)
+    assert bounded.device == plain.device + 32 and bounded.host == plain.host  # 500 tokens: 32 pages of 16
 
 
 @pytest.mark.parametrize("free, expected", [(10_000, [50, 50, 50]), (1_500, [50, 50 + 500, 50 + 1000]), (0, [1050] * 3)])
@@ -108,7 +115,7 @@ def _adder(mode: str, available: int, accepts_holes=lambda req: True):
 
 def _running_state():
     return SimpleNamespace(tiered=True, stats=SimpleNamespace(steps=300, resident_last=500), summary_tokens=30,
-                           own_from=16)
+                           own_from=16, bound_slots=0)
 
 
 def _req(rid: str, prompt: int, max_new_tokens: int, output: int = 0, row=None):

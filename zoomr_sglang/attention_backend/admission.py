@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zoomr_sglang.algo.page_bounds import PAGE_TOKENS
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.config import ZoomRConfig
 
@@ -63,11 +64,13 @@ def working_set_room(config: ZoomRConfig, resident_output: int, ratio: float) ->
 
 def running_charge(config: ZoomRConfig, state: RequestState, remaining: int, ratio: float) -> Charge:
     """A running request with ``remaining`` output tokens to write; ``ratio``: SGLang's
-    ``new_token_ratio``."""
+    ``new_token_ratio``. A request whose pages hold key bounds (``state.bound_slots``: the fine
+    levels) takes one more device slot per page it completes, whatever the tier moves."""
     share = summary_share(state)
     resident_output = max(state.stats.resident_last - state.own_from, 0)
     summaries = int(remaining * share)
-    return Charge(device=working_set_room(config, resident_output, ratio) + summaries,
+    bounds = -(-remaining // PAGE_TOKENS) if state.bound_slots else 0
+    return Charge(device=working_set_room(config, resident_output, ratio) + summaries + bounds,
                   host=remaining - summaries)
 
 
