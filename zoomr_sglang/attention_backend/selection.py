@@ -165,10 +165,11 @@ class DeviceSelection:
     def _commit_now(self, commits: torch.Tensor) -> None:
         """Add the keys of ``commits`` ``[n, 3]`` (row, position, entry; on the device) in every layer."""
         slots = self.req_to_token[commits[:, 0], commits[:, 1]].long()
+        entries = commits[:, 2].contiguous()  # once, not per layer
         count = torch.full((1,), len(commits), dtype=torch.int64, device=self.device)
         for layer in range(self.last_layer + 1):
             commit_keys(self.index_keys.sums[layer], self.index_keys.counts[layer], self.kv_pool.get_key_buffer(layer),
-                        slots, commits[:, 2], count)
+                        slots, entries, count)
         self.commits_bulk += len(commits)
 
     def _choose_voters(self, votes: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -222,13 +222,16 @@ def commit_keys(store_sums: torch.Tensor, store_counts: torch.Tensor, key_buffer
         store_sums: ``[n_entries, num_kv_heads, head_dim]`` float32 (one layer of the store);
             store_counts ``[n_entries]`` float32.
         key_buffer: ``[n_slots, num_kv_heads, head_dim]``, the layer's cached keys.
-        slots, entries: ``[n]`` int64; num_commits: ``[1]`` int64 on the device (Triton) or any
-            tensor whose value the caller already sliced ``slots``/``entries`` to (torch).
+        slots, entries: ``[n]`` int64 (views of any stride); num_commits: ``[1]`` int64 on the
+            device (Triton) or any tensor whose value the caller already sliced ``slots``/``entries``
+            to (torch).
     """
     if _use_triton(store_sums):
         n = slots.shape[0]
         if n == 0:
             return
+        # The kernel reads element i at base + i: a column of the load's [n, 3] commits is strided.
+        slots, entries = slots.contiguous(), entries.contiguous()
         width = key_buffer.shape[1] * key_buffer.shape[2]
         if key_buffer.stride(2) != 1 or key_buffer.stride(1) != key_buffer.shape[2] or store_sums.stride(1) != store_sums.shape[2]:
             raise ValueError("commit_keys needs each slot's keys and each entry's sums contiguous")
