@@ -71,10 +71,12 @@ class ZoomRConfig:
     # most; algo/fine_zoom.py) or "thoughts" (whole voted thoughts, as with summaries).
     implicit_zoom: str = "pages"
     # The budget of a zoomr request that has none (``budget`` 0) once its thoughts close without
-    # summaries (a model that writes none), as a share of the sequence, at most ZoomR's own bound;
-    # 0: none. Off by default: 0.5 under the default window kept less of the full cache's output
-    # than no budget on SmolLM2 (benchmarks/README.md, "A real pretrained model").
-    implicit_budget: float = 0
+    # summaries (a model that writes none), as a share of the sequence: at least its skeleton and
+    # window, at most ZoomR's own bound; 0: none (whole thoughts by their bodies' mean keys). On
+    # SmolLM2 0.35 kept the full cache's output as long as no budget did, with more of its attention
+    # mass, working sets of 0.38 of the sequence instead of 0.62, and less on the device; 0.5 kept
+    # more on the device for the same output (benchmarks/README.md, "A real pretrained model").
+    implicit_budget: float = 0.35
     # When zoomr's page and token levels read the decode queries: "step" (every bounded step: the
     # tokens kept are the ones the last step attended most) or "refresh" (at refresh points only, as
     # thought votes: the steps between observe nothing, so they need no eager step and no host pass
