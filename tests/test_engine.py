@@ -16,7 +16,10 @@ from engine_utils import IDENTITY_TOKENS, engine, generate, generate_whole_budge
 
 pytestmark = pytest.mark.engine
 
-SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48, self_check_interval=97)
+# ZoomR's own working set (whole thoughts): the random model's first thoughts often close without a
+# summary, which would give them the implicit budget's fine levels, whose page level a paged pool
+# lacks (so the tokens would depend on the page size); tests/test_fine_zoom.py serves those.
+SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48, self_check_interval=97, implicit_budget=0)
 # Holes are whole pages: with 16-token pages, the tiny model's ~30-token thoughts free about half.
 # What stays besides: sinks, prompt, window, the zoomed thoughts, the zoom cache and the summaries,
 # which this random model often leaves open until the 48-token cap (5 of them are 26% of one request).

@@ -17,7 +17,9 @@ from engine_utils import GREEDY, assert_idle_counts, engine, generate, generate_
 
 pytestmark = pytest.mark.engine
 
-SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48, vote="count")
+# Whole thoughts, as the tree inherits them (no implicit budget: the random model's first thoughts
+# often close without a summary, and the fine levels are tests/test_fine_zoom.py's).
+SMALL_BUDGET = dict(sink=4, window=64, max_thought_tokens=48, vote="count", implicit_budget=0)
 MESSAGE = [5, 6, 7, 8, 9, 10]  # the short new message of turn 2 (a tool result, say)
 
 
