@@ -14,7 +14,10 @@ from zoomr_sglang.algo.torch_attention import masked_decode_reference
 from zoomr_sglang.algo.segmentation import TokenRole
 from zoomr_sglang.config import ZoomRConfig
 
-SMALL = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=32, refresh_interval=16)
+# Thought votes, with or without summaries (implicit_budget 0: thoughts that close without one are
+# voted by their mean keys, not handed to the fine levels, which tests/test_fine_zoom.py checks).
+SMALL = ZoomRConfig(topk=2, num_thoughts=2, sink=4, window=8, max_thought_tokens=32, refresh_interval=16,
+                    implicit_budget=0)
 
 
 def _keep_mask(ranges, seq_len):
@@ -92,7 +95,7 @@ def test_a_vote_takes_effect_two_steps_later_and_picks_the_aligned_thought(vote)
     later), and the choice reaches the host and the working set two steps after the vote, not
     before (both vote modes)."""
     config = ZoomRConfig(topk=1, num_thoughts=1, sink=0, window=4, max_thought_tokens=64, refresh_interval=1000,
-                         vote=vote)
+                         vote=vote, implicit_budget=0)  # the thoughts have no summaries: voted by mean keys
     harness = Harness(config, num_layers=1, seed=5)
     harness.add_request(2)
     words = [TOKEN["a"]] * 5 + [TOKEN["."], TOKEN["\n\n"]]
