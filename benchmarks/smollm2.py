@@ -20,7 +20,10 @@ policy and budget through ``custom_params`` (``zoomr_policy``, ``zoomr_budget``,
    so every policy attends over the same trace, with ``zoomr_fidelity`` on: per layer, the share of
    dense attention probability mass the working set covers (``mass_coverage``) and the relative
    error of the attention output against dense (``rel_error``), means over decode steps, prompts
-   and layers (per-layer lists in the JSON file). ``resident_fraction`` is measured on this run, as in
+   and layers (per-layer lists in the JSON file), and ``forced_agreement``: the share of steps at which
+   the policy's own greedy choice (before forcing) is full's token, over every step of the trace,
+   not only up to the first divergence (a steadier measure than ``agreement``, whose mean over six
+   prompts moves by one prompt's divergence point). ``resident_fraction`` is measured on this run, as in
    ``benchmarks/accuracy.py``: each request's largest working set over its final sequence length,
    summed over prompts.
 
@@ -31,7 +34,8 @@ Progress goes to stderr; a table and, last, one JSON line go to stdout:
 with no ``ZOOMR_*`` variable (no budget, the host tier on), every request without ``custom_params``
 but fidelity; ``device_resident_fraction`` (every row) is each request's largest count of KV tokens
 on the device over its final length, from the free run, summed over prompts.
-``--out`` also writes the per-prompt details as JSON. ``--dry-run`` checks the arguments, prepares
+``--forced-only`` skips step 2 (``agreement``, ``equal_prefix_tokens``, ``free_resident_fraction`` and
+``device_resident_fraction`` are then null). ``--out`` also writes the per-prompt details as JSON. ``--dry-run`` checks the arguments, prepares
 the model and prints the plan without starting SGLang.
 
 ZoomR settings unless the environment says otherwise: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64
@@ -50,7 +54,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_setup  # noqa: E402  (before sglang: CPU engine set-up)
@@ -89,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="a converted model folder (default: prepare_smollm2())")
     parser.add_argument("--out", default=None, help="write the details as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; start no engine")
+    parser.add_argument("--forced-only", action="store_true",
+                        help="skip the free run: teacher-forced measures only (about half the time)")
     parser.add_argument("--defaults", action="store_true",
                         help="also run zoomr with no ZOOMR_* setting and no budget, in its own engine")
     args = parser.parse_args(argv)
@@ -124,7 +130,8 @@ def run_batch(engine, prompts: Sequence[List[int]], jobs: Sequence[dict], max_ne
             "temperature": 0, "ignore_eos": True, "max_new_tokens": max_new_tokens, "custom_params": params}})
     outputs = generate_all(engine, requests, custom_logit_processor=ForceTokens.to_str() if force else None,
                            concurrency=max(1, len(requests)), progress=progress)
-    results = [{"output_ids": ids, "counters": counters} for ids, counters in outputs]
+    results = [{"output_ids": out.output_ids, "counters": out.counters, "own_greedy": out.own_greedy}
+               for out in outputs]
     tokens = sum(len(r["output_ids"]) for r in results)
     log(f"  {label}: {tokens} tokens in {time.time() - started:.0f} s ({tokens / (time.time() - started):.1f} tokens/s)")
     return results
@@ -144,10 +151,10 @@ def start_engine(model: str, *, n_requests: int, prompts: Sequence[List[int]], m
         disable_radix_cache=True, enable_custom_logit_processor=True)
 
 
-def free_and_forced(engine, prompts, jobs, full_ids, max_new_tokens: int):
-    """Every job decoded freely, then teacher-forced on full's output with ``zoomr_fidelity``;
-    returns both as lists of ``(job, result)``."""
-    free = list(zip(jobs, run_batch(engine, prompts, jobs, max_new_tokens, "free")))
+def free_and_forced(engine, prompts, jobs, full_ids, max_new_tokens: int, *, free_run: bool = True):
+    """Every job decoded freely (unless not ``free_run``), then teacher-forced on full's output with
+    ``zoomr_fidelity``; returns both as lists of ``(job, result)``."""
+    free = list(zip(jobs, run_batch(engine, prompts, jobs, max_new_tokens, "free"))) if free_run else []
     forced_jobs = [{**job, "params": {**job["params"], "zoomr_fidelity": True}} for job in jobs]
     forced_out = run_batch(engine, prompts, forced_jobs, max_new_tokens, "forced", force=full_ids)
     for job, r in zip(forced_jobs, forced_out):
@@ -169,6 +176,15 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def forced_agreement(own_greedy: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
+    """Share of all positions (pooled over requests) at which the model's own choice under teacher
+    forcing, ``own_greedy[i][t]``, is the reference token ``reference[i][t]``."""
+    pairs = [(a, b) for chosen, ref in zip(own_greedy, reference) for a, b in zip(chosen, ref)]
+    if len(pairs) != sum(len(ref) for ref in reference):
+        raise RuntimeError("a forced request noted fewer own choices than it has output tokens")
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
 def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
     rows = []
     for spec in specs:
@@ -185,30 +201,36 @@ def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
         error_layers = [_mean([f["rel_error"][i] for f in fid]) for i in range(layers)]
         # Peak working set over the final length (forced: the same trace as full), as accuracy.py.
         dense = sum(r["counters"]["dense_last"] for r in forced_runs)
+        forced_refs = [full_ids[job["prompt"]] for job, _ in forced if job["spec"] == spec]
         rows.append({
             "policy": spec[0], "budget_fraction": spec[1], "budget_tokens": spec[2],
             "resident_fraction": sum(r["counters"]["attended_max"] for r in forced_runs) / dense,
-            "agreement": _mean([p / n for p, n in prefixes]),
-            "equal_prefix_tokens": _mean([p for p, _ in prefixes]),
+            "agreement": _mean([p / n for p, n in prefixes]) if free_runs else None,
+            "equal_prefix_tokens": _mean([p for p, _ in prefixes]) if free_runs else None,
+            "forced_agreement": forced_agreement([r["own_greedy"] or [] for r in forced_runs], forced_refs),
             "mass_coverage": _mean(mass_layers), "rel_error": _mean(error_layers),
             "free_resident_fraction": (sum(r["counters"]["attended_total"] for r in free_runs)
-                                       / sum(r["counters"]["dense_total"] for r in free_runs)),
+                                       / sum(r["counters"]["dense_total"] for r in free_runs)) if free_runs else None,
             "device_resident_fraction": (sum(r["counters"]["resident_max"] for r in free_runs)
-                                         / sum(r["counters"]["dense_last"] for r in free_runs)),
+                                         / sum(r["counters"]["dense_last"] for r in free_runs)) if free_runs else None,
             "mass_per_layer": mass_layers, "rel_error_per_layer": error_layers,
         })
     return rows
 
 
+def _cell(value: Optional[float], width: int, digits: int = 3) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def table(rows) -> str:
-    lines = [f"{'policy':<14} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} "
+    lines = [f"{'policy':<14} {'budget':>6} {'tokens':>6} {'resident':>8} {'agree':>6} {'prefix':>7} {'forced':>6} "
              f"{'mass':>6} {'rel.err':>7} {'min-layer mass':>14} {'on device':>9}",
-             "-" * 93]
+             "-" * 100]
     for r in rows:
         lines.append(f"{r['policy']:<14} {r['budget_fraction']:>6.2f} {r['budget_tokens']:>6} "
-                     f"{r['resident_fraction']:>8.3f} {r['agreement']:>6.3f} {r['equal_prefix_tokens']:>7.1f} "
-                     f"{r['mass_coverage']:>6.3f} {r['rel_error']:>7.3f} {min(r['mass_per_layer']):>14.3f} "
-                     f"{r['device_resident_fraction']:>9.3f}")
+                     f"{r['resident_fraction']:>8.3f} {_cell(r['agreement'], 6)} {_cell(r['equal_prefix_tokens'], 7, 1)} "
+                     f"{r['forced_agreement']:>6.3f} {r['mass_coverage']:>6.3f} {r['rel_error']:>7.3f} "
+                     f"{min(r['mass_per_layer']):>14.3f} {_cell(r['device_resident_fraction'], 9)}")
     return "\n".join(lines)
 
 
@@ -233,7 +255,7 @@ def main(argv=None) -> dict:
     est_seq = _mean([len(p) for p in prompts]) + args.max_new_tokens
     log(f"{MODEL} at {model}; {len(prompts)} prompts ({[len(p) for p in prompts]} tokens), "
         f"{args.max_new_tokens} new tokens; budgets ~{[round(f * est_seq) for f in args.budget_fractions]} "
-        f"tokens; {n_requests} free + {n_requests} forced requests; "
+        f"tokens; {0 if args.forced_only else n_requests} free + {n_requests} forced requests; "
         f"env {' '.join(f'{k}={os.environ[k]}' for k in sorted(os.environ) if k.startswith('ZOOMR_'))}")
     if args.dry_run:
         log("dry run: no engine started")
@@ -251,7 +273,8 @@ def main(argv=None) -> dict:
                  for policy in args.policy_list]
         jobs = [{"spec": spec, "prompt": i, "params": {"zoomr_policy": spec[0], "zoomr_budget": spec[2]}}
                 for spec in specs for i in range(len(prompts))]
-        free, forced = free_and_forced(engine, prompts, jobs, full_ids, args.max_new_tokens)
+        free, forced = free_and_forced(engine, prompts, jobs, full_ids, args.max_new_tokens,
+                                       free_run=not args.forced_only)
     finally:
         engine.shutdown()
     if args.defaults:
@@ -263,7 +286,8 @@ def main(argv=None) -> dict:
             spec = ("zoomr-defaults", 0.0, 0)
             specs.append(spec)
             jobs = [{"spec": spec, "prompt": i, "params": {}} for i in range(len(prompts))]
-            more_free, more_forced = free_and_forced(engine, prompts, jobs, full_ids, args.max_new_tokens)
+            more_free, more_forced = free_and_forced(engine, prompts, jobs, full_ids, args.max_new_tokens,
+                                                     free_run=not args.forced_only)
             free, forced = free + more_free, forced + more_forced
         finally:
             engine.shutdown()
@@ -284,7 +308,7 @@ def main(argv=None) -> dict:
                                    for job, r in free]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(details, indent=1) + "\n")
-    keys = ("policy", "budget_fraction", "resident_fraction", "agreement", "mass_coverage", "rel_error",
+    keys = ("policy", "budget_fraction", "resident_fraction", "agreement", "forced_agreement", "mass_coverage", "rel_error",
             "equal_prefix_tokens", "budget_tokens", "device_resident_fraction")
     result = {"model": MODEL, "n_prompts": len(prompts), "avg_output_tokens": avg_output,
               "results": [{k: r[k] for k in keys} for r in rows]}

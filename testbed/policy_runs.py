@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from testbed import program_trace as pt
 
@@ -66,13 +66,23 @@ def finished_counters(engine) -> Dict[str, dict]:
     return engine.get_server_info()["internal_states"][0]["zoomr"]["finished"]
 
 
+class Generated(NamedTuple):
+    """One request's output ids, its zoomr counters from the server info and, teacher-forced
+    (``testbed.forcing``), the token the model chose itself at each position (else None)."""
+
+    output_ids: List[int]
+    counters: dict
+    own_greedy: Optional[List[int]]
+
+
 def generate_all(engine, requests: Sequence[Dict[str, object]], *, custom_logit_processor: Optional[str] = None,
                  concurrency: int = 128,
-                 progress: Optional[Callable[[int], None]] = None) -> List[Tuple[List[int], dict]]:
+                 progress: Optional[Callable[[int], None]] = None) -> List[Generated]:
     """Every request (``engine.async_generate`` keyword arguments; ``sampling_params.custom_params``
     names its ``zoomr_policy`` and ``zoomr_budget``) concurrently, at most ``concurrency`` in flight;
-    ``progress(1)`` per finished one. Returns per request its output ids and its counters from the
-    server info, checked to be those of the policy and budget it asked for."""
+    ``progress(1)`` per finished one. The counters are checked to be those of the policy and budget
+    each request asked for."""
+    from testbed.forcing import OWN_GREEDY  # imports SGLang: not before the caller has set it up
 
     async def one(request: Dict[str, object], gate: asyncio.Semaphore):
         async with gate:
@@ -96,7 +106,7 @@ def generate_all(engine, requests: Sequence[Dict[str, object]], *, custom_logit_
         ran = {"zoomr_policy": counters["policy"], "zoomr_budget": counters["budget"]}
         if any(asked.get(key, value) != value for key, value in ran.items()):  # a key not asked: the server's default
             raise RuntimeError(f"request ran {ran}, asked {asked}")
-        results.append((list(out["output_ids"]), counters))
+        results.append(Generated(list(out["output_ids"]), counters, out["meta_info"].get(OWN_GREEDY)))
     return results
 
 
@@ -129,7 +139,7 @@ def run_specs(engine, tokenizer, problems: Sequence[pt.Problem], specs: Sequence
     outputs = generate_all(engine, requests, custom_logit_processor=processor, concurrency=concurrency,
                            progress=progress)
     results = []
-    for (spec, i), (ids, counters) in zip(jobs, outputs):
+    for (spec, i), (ids, counters, _) in zip(jobs, outputs):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         results.append(RunResult(spec, i, ids, text, pt.score(problems[i], text), counters["attended_total"],
                                  counters["dense_total"], counters["attended_max"], counters["dense_last"],

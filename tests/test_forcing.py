@@ -18,7 +18,7 @@ N = 48
 @pytest.mark.parametrize("engine_kwargs", [{}, dict(disable_overlap_schedule=True, chunked_prefill_size=16)],
                          ids=["overlap", "no-overlap-chunked"])
 def test_forced_output_is_the_forced_ids(engine_kwargs):
-    from testbed.forcing import ForceTokens
+    from testbed.forcing import OWN_GREEDY, ForceTokens
     from testbed.tiny_model import tiny_model_dir
 
     batch = prompts()[:3]
@@ -33,11 +33,23 @@ def test_forced_output_is_the_forced_ids(engine_kwargs):
             input_ids=batch + [batch[0]],
             sampling_params=[{**params, "custom_params": {"force_ids": ids}} for ids in forced] + [params],
             custom_logit_processor=[ForceTokens.to_str()] * len(batch) + [None])
+        # Forced on its own greedy output, the model's own choice is the forced token at every step.
+        own = eng.generate(input_ids=batch[0], custom_logit_processor=ForceTokens.to_str(),
+                           sampling_params={**params, "custom_params": {"force_ids": free[0]}})
         # Past the end of force_ids, decoding is free again.
         tail = eng.generate(input_ids=batch[1], custom_logit_processor=ForceTokens.to_str(),
                             sampling_params={**params, "custom_params": {"force_ids": forced[1][:10]}})
     got = [out["output_ids"] for out in outputs]
     assert got[:len(batch)] == forced
+    assert own["output_ids"] == free[0] and own["meta_info"][OWN_GREEDY] == free[0]
+    # Forced on other ids, the first choice is still free greedy's; later ones follow the forced
+    # prefix, so they part from free greedy's (which continues its own text).
+    for out, free_ids in zip(outputs[:len(batch)], free):
+        chosen = out["meta_info"][OWN_GREEDY]
+        assert len(chosen) == N and chosen[0] == free_ids[0]
+        assert chosen != free_ids
+    # The free request notes nothing (SGLang pads a key another request of its batch set with None).
+    assert not any(outputs[len(batch)]["meta_info"].get(OWN_GREEDY) or ())
     assert got[len(batch)] == free[0]
     for ids, free_ids in zip(forced, free):
         assert ids != free_ids
