@@ -34,9 +34,10 @@ Progress goes to stderr; a table and, last, one JSON line go to stdout:
 with no ``ZOOMR_*`` variable (no budget, the host tier on), every request without ``custom_params``
 but fidelity; ``device_resident_fraction`` (every row) is each request's largest count of KV tokens
 on the device over its final length, from the free run, summed over prompts.
-``--forced-only`` skips step 2 (``agreement``, ``equal_prefix_tokens``, ``free_resident_fraction`` and
-``device_resident_fraction`` are then null). ``--out`` also writes the per-prompt details as JSON. ``--dry-run`` checks the arguments, prepares
-the model and prints the plan without starting SGLang.
+``--forced-only`` skips step 2 (``agreement``, ``equal_prefix_tokens``, ``free_resident_fraction``
+and ``device_resident_fraction`` are then null). ``--out`` also writes the per-prompt details as
+JSON. ``--dry-run`` checks the arguments, prepares the model and prints the plan without starting
+SGLang.
 
 ZoomR settings unless the environment says otherwise: ``ZOOMR_SINK=4 ZOOMR_WINDOW=64
 ZOOMR_MAX_THOUGHT_TOKENS=256 ZOOMR_HOST_POOL_GB=1`` (the host tier on: zoomr's requests keep on the
@@ -179,10 +180,10 @@ def _mean(values: Sequence[float]) -> float:
 def forced_agreement(own_greedy: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
     """Share of all positions (pooled over requests) at which the model's own choice under teacher
     forcing, ``own_greedy[i][t]``, is the reference token ``reference[i][t]``."""
-    pairs = [(a, b) for chosen, ref in zip(own_greedy, reference) for a, b in zip(chosen, ref)]
-    if len(pairs) != sum(len(ref) for ref in reference):
-        raise RuntimeError("a forced request noted fewer own choices than it has output tokens")
-    return sum(a == b for a, b in pairs) / len(pairs)
+    if any(len(chosen) != len(ref) or None in chosen for chosen, ref in zip(own_greedy, reference)):
+        raise RuntimeError("a forced request did not note its own choice at every output position")
+    same = sum(a == b for chosen, ref in zip(own_greedy, reference) for a, b in zip(chosen, ref))
+    return same / sum(len(ref) for ref in reference)
 
 
 def summarize(specs, prompts, full_ids, free, forced) -> List[dict]:
