@@ -108,8 +108,7 @@ def batched_step(store, case, step, vote_fn, **extra):
     spans.append((len(ROWS), 0, 0))  # a padding range
     range_batch, range_start, range_length = torch.tensor(spans).T
     num_pages = torch.tensor(LENGTHS[step]) // PAGE_TOKENS
-    candidate = candidate_pages(range_batch, range_start, range_length, torch.zeros_like(num_pages), num_pages,
-                                MAX_PAGES)
+    candidate = candidate_pages(range_batch, range_start, range_length, num_pages, MAX_PAGES)
     rows, wanted = torch.tensor(ROWS), torch.tensor(WANTED)
     votes = torch.zeros(len(ROWS), MAX_PAGES)
     weights = torch.zeros_like(votes)
@@ -203,7 +202,7 @@ class CountingAllocator:
 
 
 def test_page_slots_bound_pages_in_order_wait_for_absent_keys_and_give_every_slot_back():
-    """Pages get slots as they complete, from the first votable page on; a page whose keys are not
+    """Pages get slots as they complete, from the first page on (the prompt's too); a page whose keys are not
     on the device waits (and the ones after it); the page the step's own token completes is
     committed in the layers, the earlier ones at the load; a short pool retries; the slots return."""
     case = fine_case(0)
@@ -214,25 +213,25 @@ def test_page_slots_bound_pages_in_order_wait_for_absent_keys_and_give_every_slo
     slots = PageBoundSlots(req_to_token=case["req_to_token"], kv_pool=kv_pool, allocator=allocator, num_layers=3)
     row = ROWS[2]
     new = []
-    assert slots.bound(row, 1, 3 * PAGE_TOKENS + 5, None, new) == 3  # pages 1, 2: before this step
-    assert [n.pages.tolist() for n in new] == [[1, 2]] and not new[0].in_step.any()
+    assert slots.bound(row, 3 * PAGE_TOKENS + 5, None, new) == 3  # pages 0, 1, 2: before this step
+    assert [n.pages.tolist() for n in new] == [[0, 1, 2]] and not new[0].in_step.any()
     absent = np.zeros(6 * PAGE_TOKENS, dtype=bool)
     absent[4 * PAGE_TOKENS + 3] = True  # page 4's keys are on the host: pages 4 and 5 wait
-    assert slots.bound(row, 1, 6 * PAGE_TOKENS, absent, new) == 4 and new[1].pages.tolist() == [3]
-    assert slots.bounds_end(row, 1) == 4 and slots.device_tokens(row) == 3 and slots.headroom(row) == 1
+    assert slots.bound(row, 6 * PAGE_TOKENS, absent, new) == 4 and new[1].pages.tolist() == [3]
+    assert slots.bounds_end(row) == 4 and slots.device_tokens(row) == 4 and slots.headroom(row) == 1
     slots.load(new, padded_bs=4)
     for layer in range(3):  # the slots hold each page's min and max keys, in every layer
-        for page in (1, 2, 3):
+        for page in (0, 1, 2, 3):
             page_keys = keys[layer, case["req_to_token"][row, page * PAGE_TOKENS:(page + 1) * PAGE_TOKENS].long()]
             slot = int(slots.row_pages[row, page])
             assert torch.equal(keys[layer, slot], page_keys.amin(dim=0))
             assert torch.equal(values[layer, slot], page_keys.amax(dim=0))
     new = []
-    assert slots.bound(row, 1, 6 * PAGE_TOKENS, None, new) == 6 and new[0].in_step.tolist() == [False, True]
+    assert slots.bound(row, 6 * PAGE_TOKENS, None, new) == 6 and new[0].in_step.tolist() == [False, True]
     slots.load(new, padded_bs=4)
     assert slots.active_commits == 1 and slots.step_commits[0, :2].tolist() == [row, 5]
     allocator.free_slots, spare = [], allocator.free_slots
-    assert slots.bound(row, 1, 7 * PAGE_TOKENS, None, []) == 6 and slots.alloc_failures == 1
+    assert slots.bound(row, 7 * PAGE_TOKENS, None, []) == 6 and slots.alloc_failures == 1
     allocator.free_slots = spare
     slots.release(row)
     assert len(allocator.free_slots) == free_at_start and slots.device_tokens(row) == 0

@@ -149,7 +149,7 @@ def test_fine_levels_summed_over_head_shards_rank_as_all_heads_do():
         observers = FineObservers(num_layers=layers, num_heads=len(range(8)[heads]), head_dim=16, max_lanes=1,
                                   kv_pool=kv_pool, page_slots=SimpleNamespace(row_pages=row_pages), device="cpu",
                                   vote_group=group)
-        lane = FineLane(0, SimpleNamespace(row=0), ranges, 0, pages, pages_wanted(64))
+        lane = FineLane(0, SimpleNamespace(row=0), ranges, pages, pages_wanted(64))
         observers.load(SimpleNamespace(fine_lanes=[lane], kv_indptr=kv_indptr))
         for layer in range(layers):
             query, key_buffer = queries[layer][heads][None], keys[layer][:, kv_heads]

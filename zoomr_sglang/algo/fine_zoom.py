@@ -2,9 +2,9 @@
 
 A model that writes no summaries indexes each thought by its body's mean key, which says little
 about which of its tokens a later step reads, and a paragraph is rarely worth its whole size in the
-budget. Under a budget, :class:`FineZoom` then fills what the skeleton (sinks, prompt, the open
-thought's first tokens, a recent window) leaves in two levels, each scored by the same decode
-queries:
+budget. Under a budget, :class:`FineZoom` then fills what the skeleton (sinks, the open thought's
+first tokens, a recent window) leaves in two levels, each scored by the same decode queries; the
+prompt is not kept whole but reached through the levels like the reasoning:
 
 * **pages** (coarse): every layer's query heads vote, by Quest's key bounds (the element-wise min
   and max key of each 16-token page), for the pages the working set does not cover; the most voted

@@ -48,14 +48,14 @@ def commit_page_bounds(lows: torch.Tensor, highs: torch.Tensor, key_buffer: torc
 
 
 def candidate_pages(range_batch: torch.Tensor, range_start: torch.Tensor, range_length: torch.Tensor,
-                    first_page: torch.Tensor, num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
-    """``[bs, max_pages]`` bool: each lane's pages from ``first_page`` to ``num_pages`` (those with
-    bounds) that the step's working set does not cover whole (the pages a vote ranks); once per
-    step, on the device, fixed shapes.
+                    num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
+    """``[bs, max_pages]`` bool: each lane's pages below ``num_pages`` (those with bounds) that the
+    step's working set does not cover whole (the pages a vote ranks); once per step, on the device,
+    fixed shapes.
 
     range_batch, range_start, range_length: ``[n_ranges]`` int64, each attended range's lane,
-    first position and length (a range of lane ``bs`` or more is padding); first_page, num_pages:
-    ``[bs]`` int64 (``num_pages`` 0: the lane does not vote).
+    first position and length (a range of lane ``bs`` or more is padding); num_pages: ``[bs]``
+    int64 (0: the lane does not vote).
     """
     bs = num_pages.shape[0]
     width = max_pages * PAGE_TOKENS
@@ -68,7 +68,7 @@ def candidate_pages(range_batch: torch.Tensor, range_start: torch.Tensor, range_
     edges.index_put_((lane, end), torch.full_like(end, -1, dtype=torch.int32), accumulate=True)
     covered = (edges[:bs, :width].cumsum(dim=1) > 0).reshape(bs, max_pages, PAGE_TOKENS).all(dim=2)
     page = torch.arange(max_pages, device=num_pages.device)[None, :]
-    return (page >= first_page[:, None]) & (page < num_pages[:, None]) & ~covered
+    return (page < num_pages[:, None]) & ~covered
 
 
 def page_upper_bounds(query: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor, row_pages: torch.Tensor,

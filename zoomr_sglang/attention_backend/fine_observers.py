@@ -111,7 +111,7 @@ class FineObservers:
             return
         batch_index = np.array([lane.batch_index for lane in lanes], dtype=np.int64)
         entries, lengths = lane_entries(plan.kv_indptr.numpy(), batch_index)
-        per_lane = np.array([(lane.state.row, lane.first_page, lane.num_pages, lane.pages_wanted) for lane in lanes],
+        per_lane = np.array([(lane.state.row, lane.num_pages, lane.pages_wanted) for lane in lanes],
                             dtype=np.int64)
         spans = np.concatenate([np.column_stack([np.full(len(lane.ranges), i), lane.ranges[:, 0],
                                                  lane.ranges[:, 1] - lane.ranges[:, 0]])
@@ -120,19 +120,19 @@ class FineObservers:
         packed = to_device(np.concatenate(parts), self.device)
         batch_d, lengths_d, per_lane_d, spans_d, entries_d = torch.split(packed, [len(p) for p in parts])
         self.lane_index[: len(lanes)] = batch_d
-        rows, first_page, num_pages, wanted = per_lane_d.view(4, -1)
-        n_lanes, max_pages = len(lanes), int(per_lane[:, 2].max())
+        rows, num_pages, wanted = per_lane_d.view(3, -1)
+        n_lanes, max_pages = len(lanes), int(per_lane[:, 1].max())
         dev = dict(device=self.device)
         self._step = _Step(
             lanes=lanes, sizes=lengths, lane_ids=torch.arange(n_lanes, **dev), entries=entries_d.view(entries.shape),
             valid=torch.arange(entries.shape[1], **dev)[None, :] < lengths_d[:, None],
             token_weights=torch.zeros(entries.shape, dtype=torch.float32, **dev),
             rows=rows, num_pages=num_pages, wanted=wanted,
-            candidate=candidate_pages(*spans_d.view(3, -1), first_page, num_pages, max_pages),
+            candidate=candidate_pages(*spans_d.view(3, -1), num_pages, max_pages),
             votes=torch.zeros(n_lanes, max_pages, dtype=torch.float32, **dev),
             page_weights=torch.zeros(n_lanes, max_pages, dtype=torch.float32, **dev),
             scratch=page_vote_scratch(n_lanes, self.num_heads, max_pages, self.device),
-            max_wanted=int(per_lane[:, 3].max()),
+            max_wanted=int(per_lane[:, 2].max()),
         )
 
     def after_attention(self, layer_id: int, query: torch.Tensor, log_normalizer: torch.Tensor,

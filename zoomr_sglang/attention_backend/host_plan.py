@@ -89,13 +89,12 @@ class HostPlan:
 @dataclass
 class FineLane:
     """A request whose fine levels observe this step: its batch index, state and working set
-    ``ranges [n, 2]``; its pages ``[first_page, num_pages)`` have bounds (the vote ranks those the
+    ``ranges [n, 2]``; its pages ``[0, num_pages)`` have bounds (the vote ranks those the
     working set leaves out) and it zooms into ``pages_wanted`` of them."""
 
     batch_index: int
     state: RequestState
     ranges: np.ndarray
-    first_page: int
     num_pages: int
     pages_wanted: int
 

@@ -35,10 +35,9 @@ NEVER = 1 << 40  # a page number past any sequence
 
 @dataclass
 class RowBounds:
-    """One request's bounded pages: ``first_page`` up to ``end``, their slots (device tensors, in page order)."""
+    """One request's bounded pages: its pages ``[0, end)``, their slots (device tensors, in page order)."""
 
-    first_page: int
-    end: int
+    end: int = 0
     slots: List[torch.Tensor] = field(default_factory=list)
 
 
@@ -78,15 +77,14 @@ class PageBoundSlots:
         self.commits_bulk = 0  # pages committed at a step's load (completed before it)
 
     # -- host (the planner) -------------------------------------------------------------------------
-    def bound(self, row: int, first_page: int, seq_len: int, absent: Optional[np.ndarray],
-              new_pages: List[NewPages]) -> int:
-        """Give slots to the pages of ``row`` completed at ``seq_len`` (the step's token included)
-        from ``first_page`` on (pages below it are never voted on) whose keys are on the device
-        (``absent``: bool ``[seq_len]`` of positions that are not, or None); appends them to
-        ``new_pages``. Returns the end of the row's bounded pages (its pages ``[first_page, end)``)."""
+    def bound(self, row: int, seq_len: int, absent: Optional[np.ndarray], new_pages: List[NewPages]) -> int:
+        """Give slots to the pages of ``row`` completed at ``seq_len`` (the step's token included),
+        the prompt's too, whose keys are on the device (``absent``: bool ``[seq_len]`` of positions
+        that are not, or None); appends them to ``new_pages``. Returns the end of the row's bounded
+        pages (its pages ``[0, end)``)."""
         record = self.rows.get(row)
         if record is None:
-            record = self.rows[row] = RowBounds(first_page, first_page)
+            record = self.rows[row] = RowBounds()
         complete = seq_len // PAGE_TOKENS
         if complete <= record.end or not self.enabled:
             return record.end
@@ -105,13 +103,13 @@ class PageBoundSlots:
         new_pages.append(NewPages(row, pages, slots, (pages + 1) * PAGE_TOKENS == seq_len))
         return record.end
 
-    def bounds_end(self, row: int, first_page: int) -> int:
+    def bounds_end(self, row: int) -> int:
         """Where the row's pages without bounds start (the fine levels want their keys on the
         device); on a paged pool, never (no page gets bounds there)."""
         if not self.enabled:
             return NEVER
         record = self.rows.get(row)
-        return first_page if record is None else record.end
+        return 0 if record is None else record.end
 
     def release(self, row: int) -> None:
         """The request in ``row`` left (or its state was dropped): its slots go back to SGLang."""
@@ -122,7 +120,7 @@ class PageBoundSlots:
     def device_tokens(self, row: int) -> int:
         """Slots the row holds for bounds (SGLang does not count them as the request's)."""
         record = self.rows.get(row)
-        return 0 if record is None else record.end - record.first_page
+        return 0 if record is None else record.end
 
     def headroom(self, row: int) -> int:
         """Slots the row's next step may take: one page a step, once it bounds pages."""

@@ -41,7 +41,6 @@ from zoomr_sglang.algo.index_keys import IndexKeyStore
 from zoomr_sglang.algo.policy_registry import policy_class
 from zoomr_sglang.algo.working_set import with_tail
 from zoomr_sglang.algo.fine_zoom import pages_wanted
-from zoomr_sglang.algo.page_bounds import PAGE_TOKENS
 from zoomr_sglang.attention_backend.host_plan import BatchRanges, FineLane, HostPlan, StepLists, request_block
 from zoomr_sglang.attention_backend.ingest import TokenIngest
 from zoomr_sglang.attention_backend.page_slots import PageBoundSlots
@@ -249,7 +248,7 @@ class StepPlanner:
         thoughts on the device): a new view only when its inputs changed otherwise than by the
         sequence length; a bounded step's observers and, zooming fine, its page bounds."""
         config = self.config
-        fine, first_page = bool(state.budget) and state.zooms_fine(), state.prompt_len // PAGE_TOKENS
+        fine = bool(state.budget) and state.zooms_fine()
         # A bounded step always makes a view: its set depends on more than the sequence length.
         steady = (not (state.budget or state.view_stale)
                   and (zoomed is state.view_zoomed or zoomed == state.view_zoomed))
@@ -262,7 +261,7 @@ class StepPlanner:
                 window_cap = seq_len - state.tier.last_hole_end() if state.budget else config.window
             view = state.view(seq_len, config, zoomed, window_cap)
             if fine:
-                view.bounds_end = self.page_slots.bounds_end(state.row, first_page)
+                view.bounds_end = self.page_slots.bounds_end(state.row)
             if state.tiered:  # what the policy may attend beyond whole thoughts, on the device
                 view.absent = self.tiering.bring_in_positions(state, state.policy.wanted_positions(view), seq_len)
             parts = state.policy.working_set_parts(view)
@@ -273,10 +272,9 @@ class StepPlanner:
             if watched is not None:
                 step.observers.append((batch_index, state, np.asarray(watched, dtype=np.int64).reshape(-1, 2)))
             if fine:
-                num_pages = self.page_slots.bound(state.row, first_page, seq_len, view.absent, step.new_pages)
-                state.bound_slots = num_pages - first_page
+                state.bound_slots = num_pages = self.page_slots.bound(state.row, seq_len, view.absent, step.new_pages)
                 if state.policy.observes_on_device(view):
-                    step.fine_lanes.append(FineLane(batch_index, state, ranges, first_page, num_pages,
+                    step.fine_lanes.append(FineLane(batch_index, state, ranges, num_pages,
                                                     pages_wanted(view.budget)))
         return parts
 
