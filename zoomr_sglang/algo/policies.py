@@ -187,7 +187,7 @@ class ZoomRPolicy(ThoughtPolicy):
         a window of at most a quarter of the budget (``first_window``) and the fine levels' stages
         (tokens, pages, tokens) in place of the thoughts. The prompt is not kept whole: its pages
         and tokens compete with the reasoning's (a 77-token prompt held a third of a 220-token
-        budget; on SmolLM2 letting the levels choose lost 144 steps of 6,144 instead of 205)."""
+        budget; on SmolLM2 letting the levels choose lost 145 steps of 6,144 instead of 205)."""
         ranking = super().rank_units(view)
         if not self.zooms_fine(view):
             return ranking
