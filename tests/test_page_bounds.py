@@ -202,9 +202,10 @@ class CountingAllocator:
 
 
 def test_page_slots_bound_pages_in_order_wait_for_absent_keys_and_give_every_slot_back():
-    """Pages get slots as they complete, from the first page on (the prompt's too); a page whose keys are not
-    on the device waits (and the ones after it); the page the step's own token completes is
-    committed in the layers, the earlier ones at the load; a short pool retries; the slots return."""
+    """Pages get slots as they complete, from the first page on (the prompt's too); a page whose
+    keys are not on the device waits (and the ones after it); the page the step's own token
+    completes is committed in the layers, the earlier ones at the load; a short pool retries; the
+    slots return."""
     case = fine_case(0)
     keys, values = case["keys"], case["values"]
     allocator = CountingAllocator(keys.shape[1])

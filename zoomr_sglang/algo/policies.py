@@ -183,17 +183,16 @@ class ZoomRPolicy(ThoughtPolicy):
         return zooms_fine(view.budget, view.zoom_pages, self._closed, self._summaries)
 
     def rank_units(self, view: StepView) -> Ranking:
-        """As the thought policies, or, zooming fine: the sinks and the open thought's first tokens,
-        a window of at most a quarter of the budget (``first_window``) and the fine levels' stages
-        (tokens, pages, tokens) in place of the thoughts. The prompt is not kept whole: its pages
-        and tokens compete with the reasoning's (a 77-token prompt held a third of a 220-token
-        budget; on SmolLM2 letting the levels choose lost 145 steps of 6,144 instead of 205)."""
+        """As the thought policies, or, zooming fine: the open thought's first tokens (the shared
+        fill adds the sinks), a window of at most a quarter of the budget (``first_window``) and the
+        fine levels' stages (tokens, pages, tokens) in place of the thoughts. The prompt is not kept
+        whole: its pages and tokens compete with the reasoning's (a 77-token prompt held a third of
+        a 220-token budget; on SmolLM2 letting the levels choose lost 145 steps of 6,144 instead of
+        205)."""
         ranking = super().rank_units(view)
         if not self.zooms_fine(view):
             return ranking
-        sinks = np.asarray([[0, min(view.sink, view.seq_len)]], dtype=np.int64)
-        return replace(ranking, keep=np.concatenate([sinks, open_thought_sink(view)]),
-                       window=first_window(ranking.window, view.budget),
+        return replace(ranking, keep=open_thought_sink(view), window=first_window(ranking.window, view.budget),
                        stages=self.fine.stages(view.seq_len, view.budget, view.absent))
 
     def wanted_positions(self, view: StepView) -> Optional[np.ndarray]:
