@@ -16,7 +16,7 @@ from zoomr_sglang.algo.page_scores import PageScorer
 from zoomr_sglang.algo.policies import StepView, ZoomRPolicy
 from zoomr_sglang.algo.policy_base import range_positions
 from zoomr_sglang.algo.segmentation import Thought
-from zoomr_sglang.algo.token_weights import accumulate_token_weights, lane_entries
+from zoomr_sglang.algo.token_weights import accumulate_token_weights, lane_entries, token_layer_weight
 from zoomr_sglang.algo.torch_attention import dense_attention_weights, gather_decode_attention
 from zoomr_sglang.algo.working_set import ranges_size
 from zoomr_sglang.config import ZoomRConfig
@@ -32,7 +32,7 @@ def reference_observation(attended, seq_len, keys, queries, wanted, scaling=1.0)
     """What the device hands back for one request at an observed step, by the per-request
     references: every layer's query heads vote with ``PageScorer`` for ``wanted`` of the pages (the
     prompt's too) that ``attended`` leaves out, and the float64 softmax over the working set,
-    summed over heads and layers. ``queries``: per layer ``[num_heads, head_dim]``; ``keys``:
+    summed over heads and over layers by :func:`token_layer_weight`. ``queries``: per layer ``[num_heads, head_dim]``; ``keys``:
     per layer ``[>= seq_len, num_kv_heads, head_dim]`` by position. Returns (weights, pages)."""
     complete = seq_len // PAGE_TOKENS
     covered = np.zeros(complete * PAGE_TOKENS, dtype=bool)
@@ -44,7 +44,8 @@ def reference_observation(attended, seq_len, keys, queries, wanted, scaling=1.0)
     weights = torch.zeros(len(positions), dtype=torch.float64)
     for layer, (layer_keys, query) in enumerate(zip(keys, queries)):
         scorer.observe(layer, query, layer_keys[: complete * PAGE_TOKENS])
-        weights += dense_attention_weights(query, layer_keys[torch.from_numpy(positions)], scaling).sum(dim=0)
+        weights += (dense_attention_weights(query, layer_keys[torch.from_numpy(positions)], scaling).sum(dim=0)
+                    * token_layer_weight(layer, len(keys)))
     return weights.float().numpy(), np.array(scorer.ranking(), dtype=np.int64)
 
 
@@ -96,13 +97,14 @@ def test_the_batched_token_weights_equal_a_softmax_per_request():
     assert no_size.tolist() == [0, 1] and padded.max() < kv_indptr[-1]
     valid = torch.arange(60)[None, :] < torch.from_numpy(sizes)[:, None]
     weights = torch.zeros(entries.shape)
-    # two layers with the same query (twice one layer's weights), gathering into fresh memory and into a buffer
-    for key_rows in (None, torch.empty(entries.size, num_kv_heads, head_dim)):
+    # two layers with the same query (one layer's weights times 1 + 1/2), gathering into fresh memory and into a buffer
+    for key_rows, layer_weight in ((None, 1.0), (torch.empty(entries.size, num_kv_heads, head_dim), 0.5)):
         accumulate_token_weights(query, lse, key_buffer, kv_indices, torch.from_numpy(lanes),
-                                 torch.from_numpy(entries), valid, weights, scaling, key_rows=key_rows)
+                                 torch.from_numpy(entries), valid, weights, scaling, key_rows=key_rows,
+                                 layer_weight=layer_weight)
     for lane, (batch_index, size) in enumerate(zip(lanes, sizes)):
         slots = kv_indices[kv_indptr[batch_index]:kv_indptr[batch_index + 1]].long()
-        reference = 2 * dense_attention_weights(query[batch_index], key_buffer[slots], scaling).sum(dim=0)
+        reference = 1.5 * dense_attention_weights(query[batch_index], key_buffer[slots], scaling).sum(dim=0)
         torch.testing.assert_close(weights[lane, :size].double(), reference, rtol=1e-5, atol=1e-6)
         assert bool((weights[lane, size:] == 0).all())
 
@@ -388,9 +390,9 @@ for (num_heads, num_kv_heads, head_dim), max_block in (((8, 2, 16), 64), ((6, 2,
     args = (torch.from_numpy(lanes), torch.from_numpy(entries),
             torch.arange(entries.shape[1])[None, :] < torch.from_numpy(sizes)[:, None])
     expected, got = torch.zeros(entries.shape), torch.zeros(entries.shape)
-    for _ in range(2):  # two layers add up
-        reference(query, lse, keys, kv_indices, *args, expected, 0.3)
-        tw.accumulate_token_weights(query, lse, keys, kv_indices, *args, got, 0.3)
+    for layer_weight in (1.0, 0.25):  # two layers add up, each weighed
+        reference(query, lse, keys, kv_indices, *args, expected, 0.3, layer_weight=layer_weight)
+        tw.accumulate_token_weights(query, lse, keys, kv_indices, *args, got, 0.3, layer_weight=layer_weight)
     out.append({"close": bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-6)),
                 "padding_zero": bool((got[~args[2]] == 0).all()), "nonzero": bool(expected.sum() > 0)})
 print(json.dumps(out))

@@ -12,8 +12,8 @@ whether or not a request observes). After the forward, before the next step is p
 may hand the step's slots to the host tier), :meth:`FineObservers.finish` runs eagerly, for all
 lanes at once, layer by layer over the kept queries and the KV the step attended:
 
-- the attention weights, ``exp(scaling * q . k - lse)`` summed over heads (one Triton launch a
-  layer on CUDA, ``kernels/token_weights.py``; the torch reference on the CPU, ``algo/token_weights.py``);
+- the attention weights, ``exp(scaling * q . k - lse)`` summed over heads, a layer's sum weighed
+  by ``(layer + 1) / num_layers`` (``token_layer_weight``; one Triton launch a layer on CUDA, ``kernels/token_weights.py``; the torch reference on the CPU, ``algo/token_weights.py``);
 - the query heads' votes for the candidate pages by Quest's bound over the pages' key bounds, which
   sit in KV slots (``page_slots.py``; ``kernels/page_votes.py``, ``algo/page_bounds.py``).
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from zoomr_sglang.algo.page_bounds import candidate_pages, select_pages
-from zoomr_sglang.algo.token_weights import lane_entries
+from zoomr_sglang.algo.token_weights import lane_entries, token_layer_weight
 from zoomr_sglang.attention_backend.host_plan import FineLane, HostPlan
 from zoomr_sglang.attention_backend.request_state import RequestState
 from zoomr_sglang.attention_backend.transfers import copy_to_host, to_device
@@ -162,7 +162,8 @@ class FineObservers:
             key_buffer = self.kv_pool.get_key_buffer(layer)
             key_rows = None if runs_triton(step.token_weights) else self._gather_buffer(step.entries, key_buffer)
             accumulate_token_weights(query, lse, key_buffer, kv_indices, step.lane_ids, step.entries, step.valid,
-                                     step.token_weights, self.scaling, key_rows=key_rows)
+                                     step.token_weights, self.scaling, key_rows=key_rows,
+                                     layer_weight=token_layer_weight(layer, self.num_layers))
             if step.votes.shape[1]:
                 accumulate_page_votes(query, key_buffer, self.kv_pool.get_value_buffer(layer),
                                       self.page_slots.row_pages, step.rows, step.num_pages, step.candidate,

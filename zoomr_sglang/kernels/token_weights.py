@@ -39,7 +39,7 @@ if triton is not None:
         entries, stride_el,  # [n_lanes, width] int64
         valid, stride_vl,  # [n_lanes, width] uint8
         weights, stride_wl,  # [n_lanes, width] float32
-        width, scaling,
+        width, scaling, layer_weight,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
         DIM_P2: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -66,14 +66,14 @@ if triton is not None:
             weight = tl.exp(score * scaling - normalizer[:, None])
             total += tl.sum(tl.where(g_ok[:, None] & ok[None, :], weight, 0.0), axis=0)
         target = weights + lane * stride_wl + w
-        tl.store(target, tl.load(target, mask=ok, other=0.0) + total, mask=ok)
+        tl.store(target, tl.load(target, mask=ok, other=0.0) + total * layer_weight, mask=ok)
 
 else:  # pragma: no cover
     _token_weight_kernel = None
 
 
 def accumulate_token_weights_triton(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
-                                    scaling: float) -> None:
+                                    scaling: float, layer_weight: float = 1.0) -> None:
     """Triton version of :func:`zoomr_sglang.algo.token_weights.accumulate_token_weights`. One
     launch, no host sync."""
     if not triton_available():
@@ -101,7 +101,7 @@ def accumulate_token_weights_triton(query, log_normalizer, key_buffer, kv_indice
         entries, entries.stride(0),
         valid.view(torch.uint8), valid.stride(0),
         weights, weights.stride(0),
-        width, scaling,
+        width, scaling, layer_weight,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, DIM_P2=dim_p2, BLOCK=block,
         num_warps=4,
     )
@@ -114,13 +114,13 @@ def runs_triton(weights: torch.Tensor) -> bool:
 
 
 def accumulate_token_weights(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
-                             scaling: float, key_rows: Optional[torch.Tensor] = None) -> None:
+                             scaling: float, key_rows: Optional[torch.Tensor] = None, layer_weight: float = 1.0) -> None:
     """Add one layer's token weights of every observing lane (the torch reference's arguments):
     the kernel where :func:`runs_triton`, the torch reference otherwise (``key_rows``, its gather
     buffer, only there)."""
     if runs_triton(weights):
         accumulate_token_weights_triton(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid,
-                                        weights, scaling)
+                                        weights, scaling, layer_weight)
     else:
         accumulate_token_weights_torch(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
-                                       scaling, key_rows=key_rows)
+                                       scaling, key_rows=key_rows, layer_weight=layer_weight)
