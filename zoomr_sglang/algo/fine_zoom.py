@@ -10,7 +10,8 @@ prompt is not kept whole but reached through the levels like the reasoning:
   and max key of each 16-token page), for the pages the working set does not cover; the most voted
   are zoomed into (a quarter of the budget, :data:`PAGE_SHARE`, is kept for them);
 * **tokens** (fine): of what the step attended, the tokens that drew the most attention, summed
-  over layers and query heads, stay for the next step; the rest of the budget goes to them.
+  over query heads and over layers (the late ones weighing more: ``token_weights.token_layer_weight``),
+  stay for the next step; the rest of the budget goes to them.
 
 So a page zoomed into on a bound's promise keeps only the tokens that proved to matter, and the
 next pages take the freed room. :meth:`FineZoom.stages` says this as ranked units for the shared
@@ -71,7 +72,7 @@ class FineZoom:
 
     def take(self, ranges: np.ndarray, weights: np.ndarray, pages: np.ndarray) -> None:
         """An observed step attended ``ranges`` ``[m, 2]``, gave their positions ``weights [n]``
-        (summed over layers and query heads, in position order) and its heads voted for ``pages
+        (summed over query heads and weighed layers, in position order) and its heads voted for ``pages
         [k]``: rank the tokens once, most attended first, ties to the lower position (positions
         without weight are not ranked), and keep the pages."""
         order = np.argsort(-weights, kind="stable")
