@@ -13,7 +13,8 @@ may hand the step's slots to the host tier), :meth:`FineObservers.finish` runs e
 lanes at once, layer by layer over the kept queries and the KV the step attended:
 
 - the attention weights, ``exp(scaling * q . k - lse)`` summed over heads, a layer's sum weighed
-  by ``(layer + 1) / num_layers`` (``token_layer_weight``; one Triton launch a layer on CUDA, ``kernels/token_weights.py``; the torch reference on the CPU, ``algo/token_weights.py``);
+  by ``(layer + 1) / num_layers`` (``token_layer_weight``; one Triton launch a layer on CUDA,
+  ``kernels/token_weights.py``; the torch reference on the CPU, ``algo/token_weights.py``);
 - the query heads' votes for the candidate pages by Quest's bound over the pages' key bounds, which
   sit in KV slots (``page_slots.py``; ``kernels/page_votes.py``, ``algo/page_bounds.py``).
 
