@@ -32,8 +32,9 @@ def reference_observation(attended, seq_len, keys, queries, wanted, scaling=1.0)
     """What the device hands back for one request at an observed step, by the per-request
     references: every layer's query heads vote with ``PageScorer`` for ``wanted`` of the pages (the
     prompt's too) that ``attended`` leaves out, and the float64 softmax over the working set,
-    summed over heads and over layers by :func:`token_layer_weight`. ``queries``: per layer ``[num_heads, head_dim]``; ``keys``:
-    per layer ``[>= seq_len, num_kv_heads, head_dim]`` by position. Returns (weights, pages)."""
+    summed over heads and over layers by :func:`token_layer_weight`. ``queries``: per layer
+    ``[num_heads, head_dim]``; ``keys``: per layer ``[>= seq_len, num_kv_heads, head_dim]`` by
+    position. Returns (weights, pages)."""
     complete = seq_len // PAGE_TOKENS
     covered = np.zeros(complete * PAGE_TOKENS, dtype=bool)
     positions = range_positions(attended)

@@ -263,9 +263,8 @@ class RequestState:
                 # Never less than the prompt, the open thought's head and the configured window
                 # (what a request attends before the levels take over): a share of a short
                 # sequence would leave the window a few tokens (SmolLM2 left the full cache's text
-                # at ~240 tokens of 1,024). Never
-                # more than ZoomR's own bound: the same working set's size as whole thoughts would
-                # take at long contexts, spent on pages and tokens.
+                # at ~240 tokens of 1,024). Never more than ZoomR's own bound: the same working
+                # set's size as whole thoughts would take at long contexts, spent on pages and tokens.
                 least = max(config.sink, self.prompt_len) + config.thought_sink + config.window
                 budget = min(step_budget(self.budget, seq_len, least), max(least, self.zoomr_bound))
             else:

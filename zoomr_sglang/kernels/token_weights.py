@@ -114,7 +114,8 @@ def runs_triton(weights: torch.Tensor) -> bool:
 
 
 def accumulate_token_weights(query, log_normalizer, key_buffer, kv_indices, lanes, entries, valid, weights,
-                             scaling: float, key_rows: Optional[torch.Tensor] = None, layer_weight: float = 1.0) -> None:
+                             scaling: float, key_rows: Optional[torch.Tensor] = None,
+                             layer_weight: float = 1.0) -> None:
     """Add one layer's token weights of every observing lane (the torch reference's arguments):
     the kernel where :func:`runs_triton`, the torch reference otherwise (``key_rows``, its gather
     buffer, only there)."""
